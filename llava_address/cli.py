@@ -1,0 +1,83 @@
+"""The `address-llava` console command: one subcommand per pipeline stage.
+
+Each subcommand is a module exposing `main(argv=None)`; modules are imported lazily so that
+`address-llava --help` stays fast and a stage's heavy dependencies load only when it runs.
+Run `address-llava <command> --help` for a stage's own options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Command:
+    target: str
+    """`package.module:function` called with the remaining argv."""
+    help: str
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def register_command(name: str, target: str, help: str) -> None:
+    """Adds a subcommand; a duplicate name is an error (registries refuse silent overrides)."""
+    if name in COMMANDS:
+        raise ValueError(f"command {name!r} is already registered (-> {COMMANDS[name].target})")
+    COMMANDS[name] = Command(target, help)
+
+
+# Stage 1: address data
+register_command("demo-city", "clip_stage.demo_city:main", "render the built-in demo city: synthetic street-view images + GPS")
+register_command("build-dataset", "clip_stage.build:main", "images with GPS + a street network -> image-address dataset")
+register_command("load-ial", "clip_stage.ial:main", "convert a published AddressCLIP dataset (Pitts-IAL / SF-IAL) to our format")
+register_command("dataset-summary", "clip_stage.dataset:summary_main", "print the summary of a built address dataset")
+# Stage 2: AddressCLIP
+register_command("caption", "clip_stage.caption:main", "fill the caption column with a BLIP captioning model")
+register_command("train-clip", "clip_stage.train:main", "fine-tune an open_clip model with the AddressCLIP losses")
+register_command("eval-clip", "clip_stage.evaluate:main", "SSA/SA top-1/top-5 of a CLIP model against a candidate address gallery")
+register_command("export-clip", "clip_stage.export_hf:main", "export an AddressCLIP checkpoint to Hugging Face CLIPVisionModel / CLIPModel")
+# Stage 3: conversations
+register_command("conversations", "conversations.build:main", "turn an address dataset into multi-turn LLaVA address Q&A")
+register_command("validate", "conversations.validate:main", "validate any LLaVA-format conversation file")
+register_command("conv-stats", "conversations.stats:main", "statistics of a LLaVA-format conversation file (text + PNG)")
+# Stage 4: LLaVA
+register_command("train-llava", "llava_address.train:main", "projector alignment / LoRA / QLoRA / full fine-tuning of LLaVA")
+register_command("merge", "llava_address.merge:main", "fold a LoRA checkpoint into a plain Hugging Face LLaVA directory")
+# Whole pipeline
+register_command("demo", "llava_address.pipeline:main", "run the whole pipeline on the built-in demo city")
+
+
+def _resolve(target: str):
+    module_name, func_name = target.split(":")
+    return getattr(importlib.import_module(module_name), func_name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="address-llava",
+        description="Street-address localisation with AddressCLIP and LLaVA. One subcommand per stage.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="commands:\n" + "\n".join(f"  {n:<16} {c.help}" for n, c in COMMANDS.items()),
+    )
+    parser.add_argument("command", choices=sorted(COMMANDS), metavar="command", help="one of the commands below")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="the command's own options (see `<command> --help`)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0
+    ns = parser.parse_args(argv[:1])
+    result = _resolve(COMMANDS[ns.command].target)(argv[1:])
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""The toolkit's skeleton: the console command, the shared dataset schema and the safe-path rules."""
+
+import subprocess
+import sys
+
+import pytest
+
+from clip_stage import schema
+from clip_stage.fsutil import UnsafePathError, atomic_dir, resolve_under_root
+from llava_address import cli
+
+
+def test_every_command_resolves_to_a_main_function():
+    for name, command in cli.COMMANDS.items():
+        func = cli._resolve(command.target)
+        assert callable(func), name
+
+
+def test_cli_help_lists_commands(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "build-dataset" in out and "train-clip" in out
+
+
+def test_console_script_installed():
+    out = subprocess.run([sys.executable, "-m", "llava_address.cli", "--help"], capture_output=True, text=True, check=True)
+    assert "address-llava" in out.stdout
+
+
+def test_duplicate_command_refused():
+    with pytest.raises(ValueError, match="already registered"):
+        cli.register_command("demo", "x:y", "dup")
+
+
+def test_address_styles_render_from_one_record():
+    a = schema.Address("Forbes Avenue", "Forbes Avenue/2", ("Craig Street", "Bellefield Avenue"), "Oakland", "Pittsburgh")
+    assert schema.render_address(a, "full") == "Forbes Avenue between Craig Street and Bellefield Avenue, Oakland, Pittsburgh"
+    assert schema.render_address(a, "canonical") == "Forbes Avenue, Oakland (Craig Street & Bellefield Avenue)"
+    assert schema.render_address(a, "intersection") == "Forbes Avenue & Craig Street, Oakland"
+    assert schema.render_address(a, "street") == "Forbes Avenue"
+    dead_end = schema.Address("Forbes Avenue", "Forbes Avenue/9", ("Craig Street",), "Oakland", "Pittsburgh")
+    assert schema.render_address(dead_end, "sub_street") == "Forbes Avenue near Craig Street"
+    with pytest.raises(KeyError, match="valid styles"):
+        schema.render_address(a, "nope")
+
+
+def test_toy_dataset_follows_schema(toy_dataset):
+    df = schema.read_records(toy_dataset)
+    assert set(df["split"]) == {"train", "test"}
+    assert df["sub_street"].nunique() == 9
+    test = schema.read_records(toy_dataset, "test")
+    assert set(test["sub_street"]) == set(df["sub_street"])
+    subs = schema.read_sub_streets(toy_dataset)
+    assert {s["sub_street"] for s in subs} == set(df["sub_street"])
+    assert schema.read_info(toy_dataset)["utm_epsg"] == 32635
+
+
+def test_resolve_under_root_refuses_escapes(tmp_path):
+    root = tmp_path / "images"
+    root.mkdir()
+    (root / "a.png").write_bytes(b"x")
+    assert resolve_under_root(root, "a.png") == (root / "a.png").resolve()
+    for bad in ("../secret.png", "/etc/passwd", "sub/../../x.png", ""):
+        with pytest.raises(UnsafePathError):
+            resolve_under_root(root, bad)
+    (tmp_path / "outside.png").write_bytes(b"x")
+    (root / "link.png").symlink_to(tmp_path / "outside.png")
+    with pytest.raises(UnsafePathError):
+        resolve_under_root(root, "link.png")
+
+
+def test_atomic_dir_keeps_old_folder_on_failure(tmp_path):
+    target = tmp_path / "ds"
+    with atomic_dir(target) as tmp:
+        (tmp / "f.txt").write_text("one")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as tmp:
+            (tmp / "f.txt").write_text("two")
+            raise RuntimeError("killed")
+    assert (target / "f.txt").read_text() == "one"
+    assert [p.name for p in tmp_path.iterdir()] == ["ds"]
