@@ -1,0 +1,277 @@
+"""CLIP models for AddressCLIP: creation by name, and the self-describing checkpoint folders train-clip writes.
+
+Any open_clip architecture can be used by name (`ViT-B-16`, `hf-hub:...`, `local-dir:...`) with a
+pretrained tag or a local weights file. Our own tiny shapes for tests and the demo are data, not code:
+JSON files in `clip_stage/model_configs/` registered once with `open_clip.add_model_config`
+(`addressclip-tiny`: ViT width 64, 2 layers, patch 8, 32 px; `addressclip-small`: width 128, 4 layers,
+64 px). Adding an architecture is adding a file.
+
+Checkpoint folder (written atomically by `save_checkpoint`, read by `load_checkpoint`):
+
+    <run>/checkpoints/step-000123/
+        model.safetensors     the open_clip state dict
+        clip_config.json      {"model_name", "pretrained", "model_config" (open_clip's dict),
+                               "train_config" (our TrainConfig as a dict), "step", "epoch", "format"}
+        training_state.pt     optimizer, scheduler, step, epoch, RNG, data position
+                              (tensors and primitives only: loads with torch.load(weights_only=True))
+    <run>/checkpoints/latest  text file naming the newest complete step folder
+    <run>/final/              the same layout (without training_state.pt) at the end of training
+
+`load_checkpoint` accepts a step folder, a `final/` folder or a run folder (final/ first, else latest).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from clip_stage.fsutil import atomic_dir, atomic_write_text
+
+MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "clip_config.json"
+STATE_FILE = "training_state.pt"
+LATEST_FILE = "latest"
+CHECKPOINT_FORMAT = 1
+
+_registered = False
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that is missing, incomplete, or does not fit the requested architecture."""
+
+
+@dataclass
+class ClipBundle:
+    """An open_clip model with everything needed to feed it."""
+
+    model: torch.nn.Module
+    """open_clip model created with output_dict=True (forward returns image_features, text_features, logit_scale)."""
+    preprocess_train: Callable
+    """PIL image -> tensor, with open_clip's training augmentation."""
+    preprocess_val: Callable
+    """PIL image -> tensor, deterministic."""
+    tokenizer: Callable
+    """list[str] -> LongTensor [N, context_length]."""
+    model_name: str
+    pretrained: str | None
+
+    @property
+    def model_config(self) -> dict:
+        return model_config(self.model_name)
+
+    @property
+    def image_size(self) -> int:
+        size = self.model_config["vision_cfg"]["image_size"]
+        return int(size if isinstance(size, int) else size[0])
+
+
+def _open_clip():
+    import open_clip
+
+    global _registered
+    if not _registered:
+        open_clip.add_model_config(MODEL_CONFIG_DIR)
+        _registered = True
+    return open_clip
+
+
+def list_clip_models() -> list[str]:
+    """Every architecture name create_clip accepts without a schema prefix (open_clip's + ours)."""
+    return list(_open_clip().list_models())
+
+
+def list_local_models() -> list[str]:
+    """Our own architectures (the JSON files in clip_stage/model_configs/)."""
+    return sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))
+
+
+def model_config(model_name: str) -> dict:
+    """open_clip's architecture dict for `model_name`; unknown names raise an error listing valid ones."""
+    cfg = _open_clip().get_model_config(model_name)
+    if cfg is None:
+        raise KeyError(
+            f"unknown CLIP architecture {model_name!r}; ours: {list_local_models()}; "
+            f"open_clip's: {list_clip_models()} (or 'hf-hub:org/repo', 'local-dir:/path')"
+        )
+    return cfg
+
+
+def _is_checkpoint_dir(path: str | Path) -> bool:
+    p = Path(path)
+    return p.is_dir() and ((p / CONFIG_FILE).exists() or (p / "final").is_dir() or (p / "checkpoints").is_dir())
+
+
+def create_clip(
+    model_name: str,
+    pretrained: str | None = None,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    **open_clip_kwargs: Any,
+) -> ClipBundle:
+    """Creates an open_clip model, its transforms and tokenizer.
+
+    `pretrained` is an open_clip tag (`openai`, `laion2b_s34b_b88k`, ...), a weights file, a checkpoint
+    folder written by train-clip (its architecture must equal `model_name`), or None (random init).
+    """
+    open_clip = _open_clip()
+    if ":" not in model_name:
+        model_config(model_name)  # clear error for unknown names
+    if pretrained is not None and _is_checkpoint_dir(pretrained):
+        bundle = load_checkpoint(pretrained, device=device, model_name=model_name)
+        return bundle
+    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+        model_name, pretrained=pretrained, device=device, precision=precision, output_dict=True, **open_clip_kwargs
+    )
+    tokenizer = open_clip.get_tokenizer(model_name)
+    return ClipBundle(model, preprocess_train, preprocess_val, tokenizer, model_name, pretrained)
+
+
+def _resolve_checkpoint_dir(path: str | Path) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such checkpoint folder")
+    if (p / CONFIG_FILE).exists():
+        return p
+    if (p / "final" / CONFIG_FILE).exists():
+        return p / "final"
+    ckdir = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+    latest = latest_checkpoint(ckdir)
+    if latest is not None:
+        return latest
+    raise CheckpointError(f"{p}: neither a checkpoint folder ({CONFIG_FILE} missing) nor a run folder with final/ or checkpoints/")
+
+
+def read_checkpoint_config(path: str | Path) -> dict:
+    """The clip_config.json of a checkpoint (step folder, final/ or run folder)."""
+    d = _resolve_checkpoint_dir(path)
+    return json.loads((d / CONFIG_FILE).read_text(encoding="utf-8"))
+
+
+def load_checkpoint(
+    path: str | Path, device: str | torch.device = "cpu", model_name: str | None = None
+) -> ClipBundle:
+    """Loads a checkpoint written by train-clip. With `model_name`, a different architecture is an error."""
+    d = _resolve_checkpoint_dir(path)
+    cfg = json.loads((d / CONFIG_FILE).read_text(encoding="utf-8"))
+    saved_name = cfg["model_name"]
+    if model_name is not None and model_name != saved_name and model_config(model_name) != cfg.get("model_config"):
+        raise CheckpointError(
+            f"{d} holds a {saved_name!r} model, not {model_name!r} "
+            f"(use --model {saved_name} or a checkpoint of {model_name})"
+        )
+    open_clip = _open_clip()
+    name = saved_name
+    if ":" not in saved_name and open_clip.get_model_config(saved_name) is None:
+        raise CheckpointError(f"{d}: architecture {saved_name!r} is not registered here; known: {list_local_models()}")
+    # open_clip warns "initialized randomly" for pretrained=None; the weights are loaded right after.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+            name, pretrained=None, device=device, output_dict=True
+        )
+    finally:
+        root.setLevel(level)
+    _load_weights_strict(model, d / WEIGHTS_FILE, d)
+    model.to(device)
+    tokenizer = open_clip.get_tokenizer(name)
+    return ClipBundle(model, preprocess_train, preprocess_val, tokenizer, name, str(d))
+
+
+def _load_weights_strict(model: torch.nn.Module, weights: Path, where: Path) -> None:
+    from safetensors.torch import load_file
+
+    if not weights.exists():
+        raise CheckpointError(f"{where}: {WEIGHTS_FILE} missing (incomplete checkpoint?)")
+    state = load_file(str(weights))
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or wrong:
+        detail = []
+        if wrong:
+            k = wrong[0]
+            detail.append(f"{len(wrong)} tensors of another shape (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
+        if missing:
+            detail.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            detail.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        raise CheckpointError(f"{where}: weights do not fit the architecture: " + "; ".join(detail))
+    model.load_state_dict(state, strict=True)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare module under DDP / accelerate / torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module"):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: torch.nn.Module,
+    model_name: str,
+    pretrained: str | None,
+    train_config: dict | None = None,
+    training_state: dict | None = None,
+    step: int | None = None,
+    epoch: int | None = None,
+) -> Path:
+    """Writes one checkpoint folder atomically (weights, config, optional training state)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in unwrap(model).state_dict().items()}
+    cfg = {
+        "format": CHECKPOINT_FORMAT,
+        "model_name": model_name,
+        "pretrained": pretrained,
+        "model_config": model_config(model_name),
+        "train_config": train_config or {},
+        "step": step,
+        "epoch": epoch,
+    }
+    with atomic_dir(path) as tmp:
+        save_file(state, str(tmp / WEIGHTS_FILE))
+        (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, default=str) + "\n", encoding="utf-8")
+        if training_state is not None:
+            torch.save(training_state, tmp / STATE_FILE)
+    return path
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def mark_latest(checkpoints_dir: str | Path, step_dir: str | Path) -> None:
+    """Points `<checkpoints_dir>/latest` at a complete step folder (atomic)."""
+    atomic_write_text(Path(checkpoints_dir) / LATEST_FILE, Path(step_dir).name + "\n")
+
+
+def latest_checkpoint(checkpoints_dir: str | Path) -> Path | None:
+    """The newest complete step folder: the `latest` pointer if valid, else the highest complete step."""
+    d = Path(checkpoints_dir)
+    if not d.is_dir():
+        return None
+    pointer = d / LATEST_FILE
+    if pointer.exists():
+        target = d / pointer.read_text(encoding="utf-8").strip()
+        if (target / CONFIG_FILE).exists() and (target / WEIGHTS_FILE).exists():
+            return target
+    steps = sorted(
+        (p for p in d.glob("step-*") if (p / CONFIG_FILE).exists() and (p / WEIGHTS_FILE).exists()),
+        key=lambda p: p.name,
+    )
+    return steps[-1] if steps else None
