@@ -1,0 +1,224 @@
+"""Evaluate a CLIP model on image address localisation: rank a gallery of candidate addresses per image.
+
+    address-llava eval-clip --checkpoint runs/clip --dataset data/demo --out runs/clip/eval
+    address-llava eval-clip --model addressclip-tiny --dataset data/demo --out runs/zero-shot/eval  # zero-shot
+    address-llava eval-clip --checkpoint runs/clip --dataset data/demo --style street --out runs/clip/eval-street
+    address-llava eval-clip --checkpoint runs/clip --dataset data/demo --candidates my_addresses.txt --out ...
+
+Each image of `--split` is scored by cosine similarity against every candidate text (the gallery: every
+distinct address of the city in `--style`, or a `--candidates` file; see `clip_stage.gallery`). Text
+embeddings are computed once per (weights, gallery) and cached in memory and under `--cache-dir`.
+Writes to `--out`:
+
+    metrics.json        SSA-1/5, SA-1/5, neighbourhood-1, median/mean distance error (m), gallery, model
+    predictions.jsonl   per image: image_id, truth, top-5 candidates with scores, rank of the right answer,
+                        distance error
+    map.png             right (green) and wrong (red) top-1 answers over the sub-street network
+
+Metric definitions for every gallery style are in `clip_stage.geo_metrics`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from clip_stage.fsutil import atomic_write_json, atomic_write_text, resolve_under_root
+from clip_stage.gallery import Gallery, GalleryEncoder, default_cache_dir, gallery_from_dataset, gallery_from_file
+from clip_stage.geo_metrics import candidate_geometries, score, sub_street_geometries_utm
+from clip_stage.schema import ADDRESS_STYLES, SPLITS, DatasetPaths, read_records
+
+METRICS_FILE = "metrics.json"
+PREDICTIONS_FILE = "predictions.jsonl"
+MAP_FILE = "map.png"
+TABLE_METRICS = ("SSA-1", "SSA-5", "SA-1", "SA-5", "neighbourhood-1", "median_distance_m")
+
+
+def primary_metric(gallery: Gallery) -> str:
+    """The metric a gallery can answer: SSA-1 for sub-street-level texts, SA-1 for street-level, else neighbourhood."""
+    d = gallery.describe()
+    n = max(d["num_candidates"], 1)
+    if d["single_sub_street"] >= 0.5 * n:
+        return "SSA-1"
+    if d["single_street"] >= 0.5 * n:
+        return "SA-1"
+    return "neighbourhood-1"
+
+
+@torch.no_grad()
+def encode_images(model, preprocess, image_root: Path, rel_paths: list[str], batch_size: int = 64,
+                  device: str | torch.device = "cpu") -> torch.Tensor:
+    """L2-normalised image embeddings [N, D] (float32, CPU)."""
+    from PIL import Image
+
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for i in range(0, len(rel_paths), batch_size):
+            batch = []
+            for rel in rel_paths[i:i + batch_size]:
+                with Image.open(resolve_under_root(image_root, rel)) as im:
+                    batch.append(preprocess(im.convert("RGB")))
+            out.append(model.encode_image(torch.stack(batch).to(device), normalize=True).float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+def evaluate(bundle, dataset_dir: str | Path, out_dir: str | Path | None = None, *, split: str = "test",
+             gallery: Gallery | None = None, style: str = "full", batch_size: int = 64,
+             encoder: GalleryEncoder | None = None, device: str | torch.device = "cpu", top_k: int = 5,
+             plot: bool = True, limit: int | None = None, model_key: str | None = None) -> dict:
+    """Evaluates `bundle` (clip_stage.model.ClipBundle) and returns the metrics; writes files when out_dir is set."""
+    dataset_dir = Path(dataset_dir)
+    df = read_records(dataset_dir, split)
+    if limit is not None:
+        df = df.iloc[:limit]
+    if df.empty:
+        raise ValueError(f"{dataset_dir}: split {split!r} has no images")
+    gallery = gallery if gallery is not None else gallery_from_dataset(dataset_dir, style)
+    encoder = encoder if encoder is not None else GalleryEncoder(None, device=device)
+    model = bundle.model.to(device)
+
+    text_emb = encoder(model, bundle.tokenizer, gallery.texts, model_key=model_key)
+    img_emb = encode_images(model, bundle.preprocess_val, DatasetPaths(dataset_dir).images, df["image"].tolist(),
+                            batch_size, device)
+    sims = img_emb @ text_emb.T
+    k = min(top_k, len(gallery))
+    top_scores, top_idx = sims.topk(k, dim=1)
+    top_scores, top_idx = top_scores.numpy(), top_idx.numpy()
+
+    geoms = sub_street_geometries_utm(dataset_dir)
+    cand_geoms = candidate_geometries(gallery, geoms)
+    truth = df[["image_id", "sub_street", "street", "neighbourhood", "utm_x", "utm_y"]].to_dict("records")
+    per_image, metrics = score(truth, top_idx, gallery, cand_geoms)
+    primary = primary_metric(gallery)
+    metrics.update({
+        "primary_metric": primary,
+        "split": split,
+        "num_candidates": len(gallery),
+        "gallery": gallery.describe(),
+        "model": {"model_name": bundle.model_name, "pretrained": bundle.pretrained},
+        "dataset": str(dataset_dir),
+        "cache": dict(encoder.stats),
+    })
+    if out_dir is None:
+        return metrics
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    truth_style = style if gallery.source.startswith("style:") else "full"
+    lines = []
+    for i, (t, r) in enumerate(zip(truth, per_image)):
+        row = df.iloc[i]
+        lines.append(json.dumps({
+            "image_id": str(t["image_id"]),
+            "truth": {"sub_street": t["sub_street"], "street": t["street"], "neighbourhood": t["neighbourhood"],
+                      "address": _render_truth(row, truth_style), "utm_x": float(t["utm_x"]), "utm_y": float(t["utm_y"])},
+            "top": [{"address": gallery.candidates[j].text, "score": float(s),
+                     "sub_streets": sorted(gallery.candidates[j].sub_streets)}
+                    for j, s in zip(top_idx[i], top_scores[i])],
+            **r,
+        }, ensure_ascii=False))
+    atomic_write_text(out_dir / PREDICTIONS_FILE, "\n".join(lines) + "\n")
+    atomic_write_json(out_dir / METRICS_FILE, metrics)
+    if plot:
+        from clip_stage.plots import plot_prediction_map
+
+        rank_key = {"SSA-1": "ssa_rank", "SA-1": "sa_rank"}.get(primary)
+        correct = np.array([(r[rank_key] == 0) if rank_key else r["neighbourhood_ok"] for r in per_image])
+        pts = df[["utm_x", "utm_y"]].to_numpy(dtype=float)
+        title = (f"{bundle.model_name} on {dataset_dir.name}/{split}, gallery {gallery.source} ({len(gallery)}): "
+                 f"{primary} {100 * metrics[primary]:.1f}%")
+        med = metrics["median_distance_m"]
+        if med is not None:
+            title += f", median error {med:.0f} m"
+        plot_prediction_map(out_dir / MAP_FILE, geoms, pts, correct, [cand_geoms[j] for j in top_idx[:, 0]],
+                            title=title, metric_name=primary)
+    return metrics
+
+
+def _render_truth(row, style: str) -> str:
+    from clip_stage.schema import Address, render_address
+
+    col = f"address_{style}"
+    return str(row[col]) if col in row.index else render_address(Address.from_row(row), style)
+
+
+def format_table(rows: dict[str, dict], metrics=TABLE_METRICS) -> str:
+    """Markdown table: one row per named metrics dict; accuracies in %, distances in m."""
+    head = "| model | " + " | ".join(metrics) + " |"
+    sep = "|---|" + "---:|" * len(metrics)
+    body = []
+    for name, m in rows.items():
+        cells = []
+        for key in metrics:
+            v = m.get(key)
+            if v is None or (isinstance(v, float) and math.isnan(v)):
+                cells.append("-")
+            elif key.endswith("_m"):
+                cells.append(f"{v:.0f}")
+            else:
+                cells.append(f"{100 * v:.1f}")
+        body.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join([head, sep, *body])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="address-llava eval-clip", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="train-clip run folder or checkpoint folder")
+    src.add_argument("--model", help="open_clip architecture name: evaluate it zero-shot (no fine-tuning)")
+    p.add_argument("--pretrained", default=None, help="with --model: open_clip pretrained tag or weights file")
+    p.add_argument("--dataset", required=True, help="address dataset folder (records.parquet, sub_streets.geojson)")
+    p.add_argument("--split", default="test", choices=SPLITS, help="split to evaluate")
+    p.add_argument("--style", default="full", choices=sorted(ADDRESS_STYLES),
+                   help="address style of the gallery texts (every distinct address of the city)")
+    p.add_argument("--candidates", default=None,
+                   help="candidate file instead of --style: one address per line, or JSONL with address + "
+                        "sub_street(s)/street/neighbourhood")
+    p.add_argument("--out", required=True, help="output folder (metrics.json, predictions.jsonl, map.png)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument("--text-batch-size", type=int, default=256, help="gallery texts per forward pass")
+    p.add_argument("--cache-dir", default=None, help=f"gallery embedding cache (default {default_cache_dir()})")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the on-disk gallery cache")
+    p.add_argument("--top-k", type=int, default=5, help="candidates kept per image in predictions.jsonl")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images of the split")
+    p.add_argument("--no-plot", action="store_true", help="skip map.png")
+    p.add_argument("--device", default="cpu", help="torch device")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.top_k < 1:
+        raise SystemExit("eval-clip: --top-k must be >= 1")
+    from clip_stage.model import create_clip, load_checkpoint
+
+    if args.checkpoint:
+        bundle = load_checkpoint(args.checkpoint, device=args.device)
+    else:
+        bundle = create_clip(args.model, pretrained=args.pretrained, device=args.device)
+    gallery = gallery_from_file(args.candidates, args.dataset) if args.candidates else gallery_from_dataset(args.dataset, args.style)
+    cache = None if args.no_cache else (args.cache_dir or default_cache_dir())
+    encoder = GalleryEncoder(cache, batch_size=args.text_batch_size, device=args.device)
+    m = evaluate(bundle, args.dataset, args.out, split=args.split, gallery=gallery, style=args.style,
+                 batch_size=args.batch_size, encoder=encoder, device=args.device, top_k=args.top_k,
+                 plot=not args.no_plot, limit=args.limit)
+    name = args.checkpoint or f"{args.model} (zero-shot)"
+    print(f"{m['num_images']} {args.split} images, {m['num_candidates']} candidates ({gallery.source})")
+    print(format_table({name: m}))
+    print(f"wrote {Path(args.out) / METRICS_FILE}, {PREDICTIONS_FILE}" + ("" if args.no_plot else f", {MAP_FILE}"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
