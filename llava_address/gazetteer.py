@@ -147,6 +147,10 @@ class StreetKey:
     """generic class ('street', 'road', ...) or '' when the name has none"""
 
 
+def _whole(words: Sequence[str]) -> str:
+    return fold_spelling("".join(words))
+
+
 def street_key(name_or_tokens: str | Sequence[str]) -> StreetKey:
     """The comparison key of a street name (or of a span of normalised words)."""
     words = tokens(name_or_tokens) if isinstance(name_or_tokens, str) else list(name_or_tokens)
@@ -266,6 +270,8 @@ class Gazetteer:
         for name, key, how in self._street_entries:
             self._street_exact.setdefault(key, []).append((name, how))
         self._stems = [key.stem for _, key, _ in self._street_entries]
+        # Whole folded names, for spans whose generic suffix is misspelt ("Aleksanterinktau").
+        self._wholes = [_whole(tokens(n)) for n, _, _ in self._street_entries]
         self._place_norms = [norm for _, _, norm, _ in self._place_entries]
         self._geom_cache: dict[str, object] = {}
 
@@ -356,6 +362,14 @@ class Gazetteer:
             s = self._score_street(key, entry_key, stem_score)
             if s >= self.threshold and (best is None or s > best[1]):
                 best = (name, s, "fuzzy" if how == "exact" else "alias")
+        if not key.kind:
+            whole = _whole(words)
+            if len(whole) >= 8:
+                for _, s, idx in process.extract(whole, self._wholes, scorer=fuzz.ratio, score_cutoff=self.threshold,
+                                                 limit=3):
+                    name, _, how = self._street_entries[idx]
+                    if best is None or s > best[1]:
+                        best = (name, float(s), "fuzzy" if how == "exact" else "alias")
         return best
 
     def _match_span_place(self, words: list[str]) -> tuple[str, str, float, str] | None:

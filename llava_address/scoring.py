@@ -39,7 +39,7 @@ from llava_address.gazetteer import EmbeddingMatcher, Gazetteer, ParsedAddress, 
 QUESTION_TYPES = ("full", "street", "cross", "neighbourhood", "yesno", "mc", "scene")
 # Names other writers may use for the same reference fields.
 _TYPE_KEYS = ("question_type", "type", "qtype", "kind")
-_TYPE_ALIASES = {"address": "full", "full_address": "full", "cross_streets": "cross", "between": "cross",
+_TYPE_ALIASES = {"address": "full", "full_address": "full", "place": "neighbourhood", "cross_streets": "cross", "between": "cross",
                  "neighborhood": "neighbourhood", "yes_no": "yesno", "verify": "yesno", "verification": "yesno",
                  "multiple_choice": "mc", "choice": "mc", "caption": "scene", "describe": "scene"}
 _EXPECTED_KEYS = ("expected", "yes_no", "yesno", "expected_yes", "answer_yes", "is_true", "label")
@@ -217,7 +217,10 @@ def eval_references(records: Iterable[dict], where: str = "") -> dict[str, dict]
         rid = str(r["id"])
         if rid in out:
             raise AnswersError(f"{where}duplicate id {rid!r}")
-        out[rid] = {"reference": r["reference"], "question": first_question(r), "image": r.get("image")}
+        ref = dict(r["reference"]) if isinstance(r["reference"], dict) else r["reference"]
+        if isinstance(ref, dict) and not any(ref.get(k) for k in _TYPE_KEYS) and r.get("question_type"):
+            ref["question_type"] = r["question_type"]  # the builder may keep the type beside the reference
+        out[rid] = {"reference": ref, "question": first_question(r), "image": r.get("image")}
     return out
 
 
@@ -290,8 +293,12 @@ class Scorer:
 
     def parse(self, answer: str) -> ParsedAddress:
         parsed = self.gazetteer.parse(answer)
-        if parsed.empty and self.embedder is not None:
-            parsed = self.embedder.parse(answer)
+        if parsed.street is None and self.embedder is not None:
+            emb = self.embedder.parse(answer)
+            if emb.street is not None:
+                # A neighbourhood the gazetteer did find is the answer's own word; keep it.
+                emb.neighbourhood = parsed.neighbourhood or emb.neighbourhood
+                parsed = emb
         return parsed
 
     def _point(self, rid: str, ref: Reference, image: str | None):

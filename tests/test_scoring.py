@@ -1,0 +1,194 @@
+"""Scoring answers against structured references: metrics, distances, unparseable and bad input."""
+
+import json
+
+import pytest
+
+from clip_stage.schema import Address, read_records, render_address
+from llava_address import scoring
+from llava_address.scoring import AnswersError, Scorer, parse_mc, parse_yes_no
+
+TYPES = ["full_address", "street", "cross_streets", "place", "yes_no", "multiple_choice"]
+
+
+def _eval_records(dataset):
+    """An evaluation split like the conversation builder's: one question per test image, with a reference."""
+    df = read_records(dataset, "test")
+    subs = sorted(df["sub_street"].unique())
+    out = []
+    for i, row in df.iterrows():
+        qtype = TYPES[i % len(TYPES)]
+        ref = {"street": row["street"], "sub_street": row["sub_street"], "cross_streets": list(row["cross_streets"]),
+               "neighbourhood": row["neighbourhood"], "city": row["city"], "image_id": row["image_id"]}
+        if qtype == "yes_no":
+            ref["expected"] = bool(i % 2)
+        if qtype == "multiple_choice":
+            others = [s for s in subs if s != row["sub_street"]][:3]
+            ref["options"] = [row["address_full"]] + [df[df["sub_street"] == s].iloc[0]["address_full"] for s in others]
+            ref["answer_letter"] = "A"
+        out.append({"id": f"{row['image_id']}-eval", "image": row["image"], "question_type": qtype,
+                    "conversations": [{"from": "human", "value": "<image>\nWhere is this?"},
+                                      {"from": "gpt", "value": row["address_full"]}],
+                    "reference": ref})
+    return out
+
+
+def _perfect_answer(rec):
+    ref, t = rec["reference"], rec["question_type"]
+    a = Address(ref["street"], ref["sub_street"], tuple(ref["cross_streets"]), ref["neighbourhood"], ref["city"])
+    return {
+        "full_address": f"This photo was taken on {render_address(a, 'full')}.",
+        "street": f"It's {ref['street']}.",
+        "cross_streets": f"Between {' and '.join(ref['cross_streets'])}.",
+        "place": f"{ref['neighbourhood']}, {ref['city']}",
+        "yes_no": "Yes, it is." if ref.get("expected") else "No, it is somewhere else.",
+        "multiple_choice": "A. " + ref.get("options", [""])[0],
+    }[t]
+
+
+def _wrong_answer(rec, gaz):
+    ref, t = rec["reference"], rec["question_type"]
+    other = next(s for s in gaz.sub_streets.values() if s.street != ref["street"] and s.neighbourhood != ref["neighbourhood"])
+    a = Address(other.street, other.id, other.cross_streets, other.neighbourhood, other.city)
+    return {
+        "full_address": render_address(a, "full"),
+        "street": other.street,
+        "cross_streets": f"between {other.cross_streets[0]} and Esplanadi",
+        "place": other.neighbourhood,
+        "yes_no": "No." if ref.get("expected") else "Yes.",
+        "multiple_choice": "(C)",
+    }[t]
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def scorer(toy_dataset):
+    return Scorer.from_dataset(toy_dataset)
+
+
+def test_perfect_answers_score_full_marks_with_small_distances(toy_dataset, scorer, tmp_path):
+    recs = _eval_records(toy_dataset)
+    ev = tmp_path / "eval.json"
+    ev.write_text(json.dumps(recs), encoding="utf-8")
+    ans = _write(tmp_path / "answers.jsonl", [{"id": r["id"], "question": "q", "answer": _perfect_answer(r),
+                                               "reference": r["reference"]} for r in recs])
+    report = scoring.score_files(toy_dataset, ans, ev, scorer=scorer)
+    assert report.n_missing == 0 and not report.unparseable
+    for name, m in report.metrics.items():
+        assert m["total"] > 0, name
+        assert m["correct"] == m["total"], (name, m)
+    # The toy photos lie within ~12 m of their sub-street's centre line.
+    assert report.distance["n"] == report.distance["total"] > 0
+    assert report.distance["median_m"] < 15
+
+
+def test_wrong_answers_score_zero_and_lie_far_away(toy_dataset, scorer):
+    recs = _eval_records(toy_dataset)
+    answers = [{"id": r["id"], "answer": _wrong_answer(r, scorer.gazetteer)} for r in recs]
+    report = scorer.score(answers, scoring.eval_references(recs))
+    for name, m in report.metrics.items():
+        assert m["correct"] == 0, (name, m)
+    assert report.distance["median_m"] > 100
+
+
+def test_unparseable_answers_are_wrong_and_listed(toy_dataset, scorer):
+    recs = _eval_records(toy_dataset)
+    answers = [{"id": r["id"], "answer": "I cannot tell from this picture, sorry."} for r in recs]
+    report = scorer.score(answers, scoring.eval_references(recs))
+    assert len(report.unparseable) == len(recs)
+    assert {u["id"] for u in report.unparseable} == {r["id"] for r in recs}
+    assert all(m["correct"] == 0 for m in report.metrics.values())
+    assert report.distance["n"] == 0 and report.distance["median_m"] is None
+
+
+def test_partial_answers_count_missing_and_unknown_ids_fail(toy_dataset, scorer):
+    recs = _eval_records(toy_dataset)
+    refs = scoring.eval_references(recs)
+    half = [{"id": r["id"], "answer": _perfect_answer(r)} for r in recs[: len(recs) // 2]]
+    report = scorer.score(half, refs)
+    assert report.n_answers == len(half) and report.n_missing == len(recs) - len(half)
+    assert report.missing_ids == sorted(r["id"] for r in recs[len(half):])
+    with pytest.raises(AnswersError, match="not in the evaluation split.*'nope'"):
+        scorer.score(half + [{"id": "nope", "answer": "x"}], refs)
+    with pytest.raises(AnswersError, match="answered twice"):
+        scorer.score(half + half[:1], refs)
+
+
+def test_answers_without_eval_split_use_their_own_references(toy_dataset, scorer, tmp_path):
+    recs = _eval_records(toy_dataset)[:6]
+    rows = [{"id": r["id"], "answer": _perfect_answer(r), "reference": {**r["reference"], "type": r["question_type"]}}
+            for r in recs]
+    report = scorer.score(rows)
+    assert report.n_eval == 6 and sum(report.by_type.values()) == 6
+    assert all(m["correct"] == m["total"] for m in report.metrics.values())
+    with pytest.raises(AnswersError, match="no reference"):
+        scorer.score([{"id": "x", "answer": "y"}])
+    bad = _write(tmp_path / "bad.jsonl", [{"id": "x", "answer": "y"}])
+    bad.write_text(bad.read_text() + "{not json\n", encoding="utf-8")
+    with pytest.raises(AnswersError, match=r"bad.jsonl:2: malformed JSON"):
+        scoring.read_jsonl(bad)
+
+
+def test_sub_street_needs_the_right_cross_streets(scorer):
+    ref = {"street": "Esplanadi", "sub_street": "Esplanadi/1", "cross_streets": ["Kaivokatu", "Fredrikinkatu"],
+           "neighbourhood": "Kamppi", "city": "Helsinki", "question_type": "full"}
+    refs = {"a": {"reference": ref}, "b": {"reference": ref}, "c": {"reference": ref}}
+    report = scorer.score([{"id": "a", "answer": "Esplanaden mellan Kaivogatan och Fredriksgatan"},
+                           {"id": "b", "answer": "Esplanadi between Mikonkatu and Kaivokatu, Kamppi"},
+                           {"id": "c", "answer": "The Esplanade"}], refs)
+    details = {d.id: d for d in report.details}
+    assert details["a"].correct == {"street_acc": True, "sub_street_acc": True, "neighbourhood_acc": False}
+    assert details["b"].correct["street_acc"] and not details["b"].correct["sub_street_acc"]
+    assert details["c"].parsed["sub_street"] is None and details["c"].distance_m is not None
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Yes, this is Esplanadi.", True), ("No.", False), ("It isn't on that street.", False),
+    ("Correct!", True), ("Ei, se on Bulevardi.", False), ("Maybe Esplanadi.", None)])
+def test_parse_yes_no(text, expected):
+    assert parse_yes_no(text) is expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("B", "B"), ("(C) Esplanadi", "C"), ("The answer is D.", "D"), ("A. Bulevardi", "A"),
+    ("A street in Kamppi, option b", "B"), ("Esplanadi between Kaivokatu and Fredrikinkatu", "B"),
+    ("No idea", None)])
+def test_parse_mc(scorer, text, expected):
+    options = ["Bulevardi between Mikonkatu and Kaivokatu", "Esplanadi between Kaivokatu and Fredrikinkatu",
+               "Aleksanterinkatu near Annankatu", "Bulevardi near Annankatu"]
+    assert parse_mc(text, options, scorer.gazetteer) == expected
+
+
+def test_embedding_fallback_parses_what_the_gazetteer_cannot(toy_dataset):
+    from tests.test_gazetteer import _trigram_embed
+
+    ref = {"street": "Bulevardi", "sub_street": "Bulevardi/2", "cross_streets": ["Fredrikinkatu", "Annankatu"],
+           "neighbourhood": "Kamppi", "city": "Helsinki", "question_type": "full"}
+    # Misspelt beyond the fuzzy threshold everywhere, but close in the (stand-in) embedding space.
+    answer = "Bulevardy betwen Fredrikinkadu and Annankadu, Kamppi district"
+    plain = Scorer.from_dataset(toy_dataset, threshold=99).score([{"id": "a", "answer": answer, "reference": ref}])
+    assert plain.details[0].unparseable and plain.details[0].correct["neighbourhood_acc"]
+    emb = Scorer.from_dataset(toy_dataset, threshold=99, embed=_trigram_embed, min_similarity=0.3)
+    d = emb.score([{"id": "a", "answer": answer, "reference": ref}]).details[0]
+    assert d.parsed["method"] == "embedding" and d.correct["sub_street_acc"] and d.correct["neighbourhood_acc"]
+
+
+def test_score_cli_writes_report(toy_dataset, tmp_path, capsys):
+    recs = _eval_records(toy_dataset)
+    ev = tmp_path / "eval.jsonl"
+    _write(ev, recs)
+    ans = _write(tmp_path / "answers.jsonl", [{"id": r["id"], "question": "q", "answer": _perfect_answer(r)}
+                                              for r in recs[:-3]] + [{"id": recs[-1]["id"], "answer": "dunno"}])
+    aliases = tmp_path / "aliases.json"
+    aliases.write_text(json.dumps({"Kampen": "Kamppi"}), encoding="utf-8")
+    assert scoring.main(["--dataset", str(toy_dataset), "--answers", str(ans), "--eval", str(ev), "--aliases",
+                         str(aliases), "--out", str(tmp_path / "r.json"), "--details", str(tmp_path / "d.jsonl")]) == 0
+    out = capsys.readouterr().out
+    assert "street_acc" in out and "unparseable (1)" in out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["n_missing"] == 2 and report["unparseable"][0]["id"] == recs[-1]["id"]
+    assert len((tmp_path / "d.jsonl").read_text().splitlines()) == len(recs) - 2
