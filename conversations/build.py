@@ -1,0 +1,370 @@
+"""Build multi-turn address Q&A conversations (LLaVA format) from an address dataset.
+
+    address-llava conversations --dataset DATA --out CONV [--seed 0] [--formats llava,messages,hf-disk]
+
+Training images (split `train`) become conversations of 2-4 question/answer pairs whose types are drawn,
+without repetition, from full address, street, cross streets, neighbourhood/city, yes/no verification,
+multiple choice and scene description (weights configurable). Evaluation images (split `test`) get one
+question each, asked with a training or a held-out phrasing, and a `reference` with the structured
+address, the question type and the expected answer, for scoring. Yes/no answers are balanced over each
+output file; negatives are nearby streets and sibling sub-streets. The output is deterministic per seed.
+
+Writes, atomically (the folder appears complete or not at all):
+
+    CONV/train.json        LLaVA JSON array: id, image (relative to DATA/images), conversations, turn_types
+    CONV/eval.json         the same, one question per image, plus question_type and reference
+    CONV/build_info.json   configuration, image root, counts, question-type and yes/no counts
+    (+ train.jsonl/eval.jsonl, *_messages.json, *_messages_trl.json, hf/ as chosen by --formats)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import random
+import sys
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from clip_stage.fsutil import atomic_dir, atomic_write_json
+from clip_stage.schema import Address, DatasetPaths, read_records, render_address
+
+from conversations import formats
+from conversations.config import BuildConfig, add_dataclass_arguments, config_from_args
+from conversations.neighbours import Neighbourhood, build_neighbourhood
+from conversations.templates import QUESTION_TYPES, fill, get_question_type, usable
+
+log = logging.getLogger("conversations.build")
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+REFERENCE_KEYS = ("image_id", "question_type", "phrasing", "street", "sub_street", "cross_streets", "neighbourhood",
+                  "city", "address", "expected_answer", "candidate", "candidate_level", "candidate_sub_street",
+                  "choices", "correct_choice", "lat", "lon", "utm_x", "utm_y")
+
+
+def make_rng(seed: int, *keys) -> random.Random:
+    """An RNG that depends only on the seed and the keys (not on Python's salted str hash or on order)."""
+    digest = hashlib.sha256("\x1f".join(map(str, (seed, *keys))).encode("utf-8")).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+def caption_sentence(caption: str) -> str:
+    text = " ".join(str(caption or "").split())
+    if not text:
+        return ""
+    text = text[0].upper() + text[1:]
+    return text if text[-1] in ".!?" else text + "."
+
+
+@dataclass(frozen=True)
+class Sample:
+    """What the builder needs of one image."""
+
+    image_id: str
+    image: str
+    address: Address
+    caption: str
+    position: tuple[float, float, float, float]  # lat, lon, utm_x, utm_y
+
+
+class ConversationBuilder:
+    """Renders turns for samples; all randomness comes from `make_rng(seed, ...)`."""
+
+    def __init__(self, config: BuildConfig, hood: Neighbourhood):
+        self.config = config
+        self.hood = hood
+
+    # --- the address values answers are filled with ---
+    def values(self, a: Address) -> dict[str, str]:
+        between = ""
+        if len(a.cross_streets) >= 2:
+            between = f"between {a.cross_streets[0]} and {a.cross_streets[1]}"
+        elif a.cross_streets:
+            between = f"near {a.cross_streets[0]}"
+        return {
+            "full": render_address(a, self.config.address_style),
+            "street": a.street,
+            "segment": render_address(a, "sub_street"),
+            "between": between,
+            "neighbourhood": a.neighbourhood,
+            "city": a.city,
+            "place": ", ".join(p for p in (a.neighbourhood, a.city) if p),
+        }
+
+    # --- hard negatives ---
+    def street_negatives(self, a: Address) -> list[tuple[str, str]]:
+        """(street name, sub-street id) of the nearest sub-streets of other streets, one per name."""
+        seen, out = set(), []
+        for sid in self.hood.nearby.get(a.sub_street, ()):
+            name = self.hood.addresses[sid].street
+            if name != a.street and name not in seen:
+                seen.add(name)
+                out.append((name, sid))
+        return out[: self.config.negative_pool]
+
+    def sibling_negatives(self, a: Address) -> list[tuple[str, str]]:
+        """(sub-street text, id) of the nearest other sub-streets of the same street, distinct texts."""
+        own = render_address(a, "sub_street")
+        seen, out = {own}, []
+        for sid in self.hood.siblings.get(a.sub_street, ()):
+            text = render_address(self.hood.addresses[sid], "sub_street")
+            if text not in seen:
+                seen.add(text)
+                out.append((text, sid))
+        return out[: self.config.negative_pool]
+
+    def mc_distractors(self, a: Address) -> list[str]:
+        own = render_address(a, self.config.address_style)
+        seen, out = {own}, []
+        for sid in (*self.hood.nearby.get(a.sub_street, ()), *self.hood.siblings.get(a.sub_street, ())):
+            text = render_address(self.hood.addresses[sid], self.config.address_style)
+            if text not in seen:
+                seen.add(text)
+                out.append(text)
+        return out[: self.config.mc_pool]
+
+    def available_types(self, s: Sample, weights: dict[str, float]) -> dict[str, float]:
+        a = s.address
+        ok = {
+            "full_address": True,
+            "street": True,
+            "cross_streets": bool(a.cross_streets),
+            "place": bool(a.neighbourhood),
+            "yes_no": bool(self.street_negatives(a) or self.sibling_negatives(a)),
+            "multiple_choice": bool(self.mc_distractors(a)),
+            "caption": bool(caption_sentence(s.caption)),
+        }
+        return {t: w for t, w in weights.items() if w > 0 and ok.get(t, True)}
+
+    def plan(self, s: Sample, weights: dict[str, float], rng: random.Random, n_turns: int) -> list[str]:
+        """Question types of one conversation: weighted sampling without replacement."""
+        avail = self.available_types(s, weights)
+        types: list[str] = []
+        while avail and len(types) < n_turns:
+            names = sorted(avail)
+            pick = rng.choices(names, weights=[avail[n] for n in names])[0]
+            types.append(pick)
+            del avail[pick]
+        return types
+
+    # --- one turn ---
+    def render(self, qtype: str, s: Sample, rng: random.Random, held_out: bool, yes: bool | None = None):
+        """(question, answer, reference extras) of one turn."""
+        qt = get_question_type(qtype)
+        a = s.address
+        values = self.values(a)
+        question_tpl = rng.choice(qt.held_out if held_out else qt.questions)
+        extra: dict = {}
+        answers = qt.answers
+        qvalues: dict[str, str] = {}
+        if qtype == "yes_no":
+            if yes:
+                level = "sub_street" if a.cross_streets and rng.random() < self.config.sub_street_prob else "street"
+                candidate, cand_id = (values["segment"] if level == "sub_street" else a.street), a.sub_street
+                answers = qt.answers_yes
+            else:
+                options = {"sub_street": self.sibling_negatives(a), "street": self.street_negatives(a)}
+                levels = [lvl for lvl in ("sub_street", "street") if options[lvl]]
+                if len(levels) == 2:
+                    level = "sub_street" if rng.random() < self.config.sub_street_prob else "street"
+                else:
+                    level = levels[0]
+                candidate, cand_id = rng.choice(options[level])
+                answers = qt.answers_no
+            qvalues["candidate"] = values["candidate"] = candidate
+            extra = {"expected_answer": "yes" if yes else "no", "candidate": candidate, "candidate_level": level,
+                     "candidate_sub_street": cand_id}
+        elif qtype == "multiple_choice":
+            pool = self.mc_distractors(a)
+            k = min(self.config.mc_choices - 1, len(pool))
+            choices = [values["full"], *rng.sample(pool, k)]
+            rng.shuffle(choices)
+            i = choices.index(values["full"])
+            qvalues["choices"] = "\n".join(f"{LETTERS[j]}. {c}" for j, c in enumerate(choices))
+            values.update(letter=LETTERS[i], choice=values["full"])
+            extra = {"expected_answer": LETTERS[i], "choices": choices, "correct_choice": values["full"]}
+        elif qtype == "caption":
+            values["caption"] = caption_sentence(s.caption)
+        answer_tpl = rng.choice(usable(answers, values))
+        return fill(question_tpl, qvalues), fill(answer_tpl, values), extra
+
+    def conversation(self, s: Sample, types: list[str], rng: random.Random, held_out: bool,
+                     yes_answers: list[bool]) -> tuple[list[dict], list[dict]]:
+        turns, extras = [], []
+        yes_iter = iter(yes_answers)
+        for j, qtype in enumerate(types):
+            q, ans, extra = self.render(qtype, s, rng, held_out, next(yes_iter) if qtype == "yes_no" else None)
+            turns.append({"from": "human", "value": f"{formats.IMAGE_TOKEN}\n{q}" if j == 0 else q})
+            turns.append({"from": "gpt", "value": ans})
+            extras.append(extra)
+        return turns, extras
+
+
+def balanced_answers(n: int, rng: random.Random) -> list[bool]:
+    """n yes/no answers, half each (the odd one decided by the RNG), shuffled."""
+    answers = [True] * (n // 2) + [False] * (n // 2)
+    if n % 2:
+        answers.append(rng.random() < 0.5)
+    rng.shuffle(answers)
+    return answers
+
+
+def samples_of(df: pd.DataFrame) -> list[Sample]:
+    return [Sample(str(r["image_id"]), str(r["image"]), Address.from_row(r), str(r.get("caption") or ""),
+                   (float(r["lat"]), float(r["lon"]), float(r["utm_x"]), float(r["utm_y"])))
+            for r in df.to_dict("records")]
+
+
+def build_train(builder: ConversationBuilder, samples: list[Sample]) -> tuple[list[dict], int]:
+    """Training conversations, and the number of images that had no usable question type."""
+    cfg = builder.config
+    plans, skipped = [], 0
+    for s in samples:
+        for k in range(cfg.conversations_per_image):
+            rng = make_rng(cfg.seed, "plan", "train", s.image_id, k)
+            types = builder.plan(s, cfg.weights, rng, rng.randint(cfg.min_turns, cfg.max_turns))
+            if types:
+                plans.append((s, k, types))
+            elif k == 0:
+                skipped += 1
+    n_yes_no = sum(t.count("yes_no") for _, _, t in plans)
+    yes = iter(balanced_answers(n_yes_no, make_rng(cfg.seed, "yes_no", "train")))
+    out = []
+    for s, k, types in plans:
+        rng = make_rng(cfg.seed, "render", "train", s.image_id, k)
+        turns, _ = builder.conversation(s, types, rng, False, [next(yes) for t in types if t == "yes_no"])
+        rid = s.image_id if cfg.conversations_per_image == 1 else f"{s.image_id}-{k}"
+        out.append({"id": rid, "image": s.image, "conversations": turns, "turn_types": types})
+    return out, skipped
+
+
+def _expected_text(values: dict[str, str], qtype: str) -> str:
+    """The address text a correct answer to an open question names (yes/no and MC override it)."""
+    key = {"street": "street", "cross_streets": "segment", "place": "place"}.get(qtype, "full")
+    return values[key]
+
+
+def build_eval(builder: ConversationBuilder, samples: list[Sample]) -> tuple[list[dict], int]:
+    """One question per evaluation image with its structured reference."""
+    cfg = builder.config
+    plans, skipped = [], 0
+    for s in samples:
+        rng = make_rng(cfg.seed, "plan", "eval", s.image_id)
+        types = builder.plan(s, cfg.eval_weights, rng, 1)
+        if types:
+            plans.append((s, types, rng.random() < cfg.eval_held_out_prob))
+        else:
+            skipped += 1
+    yes = iter(balanced_answers(sum(t == ["yes_no"] for _, t, _ in plans), make_rng(cfg.seed, "yes_no", "eval")))
+    out = []
+    for s, types, held_out in plans:
+        rng = make_rng(cfg.seed, "render", "eval", s.image_id)
+        turns, (extra,) = builder.conversation(s, types, rng, held_out, [next(yes)] if types == ["yes_no"] else [])
+        a = s.address
+        ref = dict.fromkeys(REFERENCE_KEYS, "")
+        ref.update(image_id=s.image_id, question_type=types[0], phrasing="held_out" if held_out else "seen",
+                   street=a.street, sub_street=a.sub_street, cross_streets=list(a.cross_streets),
+                   neighbourhood=a.neighbourhood, city=a.city, address=render_address(a, cfg.address_style),
+                   expected_answer=_expected_text(builder.values(a), types[0]),
+                   choices=[], lat=s.position[0], lon=s.position[1], utm_x=s.position[2], utm_y=s.position[3])
+        ref.update(extra)
+        out.append({"id": s.image_id, "image": s.image, "conversations": turns, "question_type": types[0],
+                    "reference": ref})
+    return out, skipped
+
+
+def summarise(records: list[dict]) -> dict:
+    types, yes_no = Counter(), Counter()
+    for rec in records:
+        rec_types = rec.get("turn_types") or [rec["question_type"]]
+        types.update(rec_types)
+        for t, turn in zip(rec_types, rec["conversations"][1::2]):
+            if t == "yes_no":
+                yes_no["yes" if turn["value"].startswith("Yes") else "no"] += 1
+    return {"records": len(records), "turns": sum(len(r["conversations"]) // 2 for r in records),
+            "question_types": dict(sorted(types.items())), "yes_no": dict(sorted(yes_no.items()))}
+
+
+def build(config: BuildConfig) -> dict:
+    """Builds and writes everything; returns the build info."""
+    paths = DatasetPaths(config.dataset)
+    records = read_records(config.dataset)
+    if records["image_id"].duplicated().any():
+        dup = records.loc[records["image_id"].duplicated(), "image_id"].iloc[0]
+        raise ValueError(f"{paths.records}: image_id {dup!r} occurs more than once")
+    builder = ConversationBuilder(config, build_neighbourhood(records, config.dataset))
+
+    def split_samples(splits):
+        df = records[records["split"].isin(splits)]
+        return samples_of(df.head(config.limit) if config.limit else df)
+
+    train_samples, eval_samples = split_samples(config.train_split_list), split_samples(config.eval_split_list)
+    if not train_samples and not eval_samples:
+        raise ValueError(f"{paths.records}: no images in splits {config.train_splits} / {config.eval_splits}")
+    train, train_skipped = build_train(builder, train_samples)
+    evaluation, eval_skipped = build_eval(builder, eval_samples)
+    for name, n in (("training", train_skipped), ("evaluation", eval_skipped)):
+        if n:
+            log.warning("%d %s images had no question type available under the weights and were skipped", n, name)
+
+    info = {
+        "dataset": str(Path(config.dataset).resolve()),
+        "image_root": str(paths.images.resolve()),
+        "config": asdict(config),
+        "train": {**summarise(train), "images": len(train_samples), "skipped_images": train_skipped},
+        "eval": {**summarise(evaluation), "images": len(eval_samples), "skipped_images": eval_skipped},
+        "files": {},
+    }
+    fmt = config.format_list
+    with atomic_dir(config.out, overwrite=config.overwrite) as tmp:
+        for name, recs in (("train", train), ("eval", evaluation)):
+            if "llava" in fmt:
+                formats.write_json_array(tmp / f"{name}.json", recs)
+                info["files"][f"{name}"] = f"{name}.json"
+            if "jsonl" in fmt:
+                formats.write_jsonl(tmp / f"{name}.jsonl", recs)
+                info["files"][f"{name}_jsonl"] = f"{name}.jsonl"
+            if "messages" in fmt:
+                formats.write_json_array(tmp / f"{name}_messages.json", (formats.to_messages(r) for r in recs))
+                info["files"][f"{name}_messages"] = f"{name}_messages.json"
+            if "messages-trl" in fmt:
+                formats.write_json_array(tmp / f"{name}_messages_trl.json", (formats.to_messages(r, "trl") for r in recs))
+                info["files"][f"{name}_messages_trl"] = f"{name}_messages_trl.json"
+        for kind in ("disk", "parquet"):
+            if f"hf-{kind}" in fmt:
+                formats.export_hf(tmp / "hf" if kind == "disk" else tmp / "hf_parquet", {"train": train, "eval": evaluation}, kind)
+                info["files"][f"hf_{kind}"] = "hf" if kind == "disk" else "hf_parquet"
+        atomic_write_json(tmp / "build_info.json", info)
+    return info
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="address-llava conversations", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML file of options (flags override it)")
+    add_dataclass_arguments(parser, BuildConfig)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    ns = build_parser().parse_args(argv)
+    try:
+        config = config_from_args(BuildConfig, ns, ns.config)
+        info = build(config)
+    except (ValueError, FileExistsError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for split in ("train", "eval"):
+        s = info[split]
+        print(f"{split}: {s['records']} conversations, {s['turns']} turns from {s['images']} images; "
+              f"types {s['question_types']}; yes/no {s['yes_no']}")
+    print(f"wrote {config.out} ({', '.join(info['files'].values())}); image root {info['image_root']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

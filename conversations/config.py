@@ -1,0 +1,209 @@
+"""Typed configuration of the conversation builder, and flags generated from it.
+
+Each dataclass field's one-line docstring becomes its `--help`; `--config file.yaml` supplies values that
+flags then override. Checks live in `__post_init__`; parsed values (weights, split lists) are derived
+read-only properties, the config itself is frozen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import textwrap
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+from clip_stage.schema import ADDRESS_STYLES, SPLITS
+
+from conversations.templates import QUESTION_TYPES
+
+DEFAULT_TYPE_WEIGHTS = "full_address=3,street=2,cross_streets=1.5,place=1.5,yes_no=2,multiple_choice=1.5,caption=1"
+DEFAULT_EVAL_TYPE_WEIGHTS = "full_address=2,street=1,cross_streets=1,place=1,yes_no=1,multiple_choice=1"
+FORMATS = ("llava", "jsonl", "messages", "messages-trl", "hf-disk", "hf-parquet")
+
+
+def parse_weights(text: str, what: str) -> dict[str, float]:
+    """'a=1,b=2.5' -> {'a': 1.0, 'b': 2.5}; unknown question types and negative weights are errors."""
+    weights: dict[str, float] = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep:
+            raise ValueError(f"{what}: {item!r} is not name=weight")
+        if name not in QUESTION_TYPES:
+            raise ValueError(f"{what}: unknown question type {name!r}; valid types: {sorted(QUESTION_TYPES)}")
+        if name in weights:
+            raise ValueError(f"{what}: {name!r} given twice")
+        try:
+            w = float(value)
+        except ValueError:
+            raise ValueError(f"{what}: weight of {name!r} is not a number: {value!r}") from None
+        if not w >= 0:
+            raise ValueError(f"{what}: weight of {name!r} must be >= 0, got {value}")
+        weights[name] = w
+    if not any(weights.values()):
+        raise ValueError(f"{what}: at least one question type needs a positive weight")
+    return weights
+
+
+def _split_list(text: str, what: str) -> tuple[str, ...]:
+    items = tuple(s.strip() for s in text.split(",") if s.strip())
+    bad = [s for s in items if s not in SPLITS]
+    if bad or not items:
+        raise ValueError(f"{what}: {text!r}: splits must be a comma list of {SPLITS}")
+    return items
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    dataset: str = ""
+    """address dataset folder (records.parquet, sub_streets.geojson, images/)"""
+    out: str = ""
+    """output folder: train.json, eval.json, build_info.json (+ other --formats)"""
+    seed: int = 0
+    """random seed; the same seed and dataset give byte-identical output"""
+    min_turns: int = 2
+    """fewest question/answer pairs in a training conversation"""
+    max_turns: int = 4
+    """most question/answer pairs in a training conversation (capped by the types available)"""
+    type_weights: str = DEFAULT_TYPE_WEIGHTS
+    """relative probability of each question type in training conversations (name=weight,...)"""
+    eval_type_weights: str = DEFAULT_EVAL_TYPE_WEIGHTS
+    """relative probability of each question type for the single evaluation question"""
+    eval_held_out_prob: float = 0.5
+    """probability that an evaluation question uses a held-out phrasing (never seen in training)"""
+    conversations_per_image: int = 1
+    """training conversations generated per training image"""
+    mc_choices: int = 4
+    """candidate addresses in a multiple-choice question (fewer when the city has fewer sub-streets)"""
+    mc_pool: int = 8
+    """distractors are drawn from this many nearest distinct addresses"""
+    sub_street_prob: float = 0.5
+    """probability that a yes/no question names a sub-street (negatives: siblings) rather than a street"""
+    negative_pool: int = 3
+    """a yes/no negative is drawn from this many nearest candidates"""
+    address_style: str = "full"
+    """address style of answers and multiple-choice options (see clip_stage.schema.ADDRESS_STYLES)"""
+    train_splits: str = "train"
+    """dataset splits that become training conversations (comma list)"""
+    eval_splits: str = "test"
+    """dataset splits that become evaluation questions (comma list)"""
+    formats: str = "llava"
+    """outputs to write (comma list): llava (JSON array), jsonl, messages (LLaMA-Factory), messages-trl, hf-disk, hf-parquet"""
+    limit: int = 0
+    """use at most this many images per split (0: all); for quick demos"""
+    overwrite: bool = False
+    """replace an existing output folder"""
+
+    def __post_init__(self):
+        if not self.dataset:
+            raise ValueError("--dataset is required")
+        if not self.out:
+            raise ValueError("--out is required")
+        if self.min_turns < 1 or self.max_turns < self.min_turns:
+            raise ValueError(f"need 1 <= min_turns <= max_turns, got {self.min_turns}, {self.max_turns}")
+        if self.conversations_per_image < 1:
+            raise ValueError("conversations_per_image must be >= 1")
+        if self.mc_choices < 2 or self.mc_choices > 26:
+            raise ValueError(f"mc_choices must be in 2..26, got {self.mc_choices}")
+        if self.mc_pool < self.mc_choices - 1:
+            raise ValueError(f"mc_pool ({self.mc_pool}) must be >= mc_choices - 1 ({self.mc_choices - 1})")
+        if not 0.0 <= self.sub_street_prob <= 1.0:
+            raise ValueError(f"sub_street_prob must be in [0, 1], got {self.sub_street_prob}")
+        if not 0.0 <= self.eval_held_out_prob <= 1.0:
+            raise ValueError(f"eval_held_out_prob must be in [0, 1], got {self.eval_held_out_prob}")
+        if self.negative_pool < 1:
+            raise ValueError("negative_pool must be >= 1")
+        if self.address_style not in ADDRESS_STYLES:
+            raise ValueError(f"unknown address style {self.address_style!r}; valid styles: {sorted(ADDRESS_STYLES)}")
+        if self.limit < 0:
+            raise ValueError("limit must be >= 0")
+        bad = [f for f in self.format_list if f not in FORMATS]
+        if bad or not self.format_list:
+            raise ValueError(f"unknown formats {bad}; valid: {FORMATS}")
+        if "llava" not in self.format_list and "jsonl" not in self.format_list:
+            raise ValueError("formats must include llava or jsonl (the files validate and the trainer read)")
+        self.weights, self.eval_weights  # noqa: B018 -- parse now so that bad values fail at startup
+        if set(self.train_split_list) & set(self.eval_split_list):
+            raise ValueError(f"a split cannot feed both training and evaluation: {self.train_splits} / {self.eval_splits}")
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return parse_weights(self.type_weights, "type_weights")
+
+    @property
+    def eval_weights(self) -> dict[str, float]:
+        return parse_weights(self.eval_type_weights, "eval_type_weights")
+
+    @property
+    def train_split_list(self) -> tuple[str, ...]:
+        return _split_list(self.train_splits, "train_splits")
+
+    @property
+    def eval_split_list(self) -> tuple[str, ...]:
+        return _split_list(self.eval_splits, "eval_splits")
+
+    @property
+    def format_list(self) -> tuple[str, ...]:
+        return tuple(s.strip() for s in self.formats.split(",") if s.strip())
+
+
+def field_docs(cls) -> dict[str, str]:
+    """The docstring written under each dataclass field (attribute docstrings are not kept at runtime)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = docs.get(f.name, "") + (f" (default: {f.default})" if f.default not in ("", False) else "")
+        kind = hints[f.name]
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, type=kind, default=None, help=help_text.replace("%", "%%"))
+
+
+def config_from_args(cls, ns: argparse.Namespace, yaml_path: str | None = None):
+    """Dataclass defaults < YAML file < explicit flags."""
+    values: dict = {}
+    if yaml_path:
+        import yaml
+
+        path = Path(yaml_path)
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise ValueError(f"{path}: config file not found") from None
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: malformed YAML ({e})") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping of option: value")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(k.replace("-", "_") for k in loaded) - names)
+        if unknown:
+            raise ValueError(f"{path}: unknown options {unknown}; valid: {sorted(names)}")
+        for k, v in loaded.items():
+            # YAML may write weights as a mapping and lists as sequences
+            if isinstance(v, dict):
+                v = ",".join(f"{a}={b}" for a, b in v.items())
+            elif isinstance(v, (list, tuple)):
+                v = ",".join(str(x) for x in v)
+            values[k.replace("-", "_")] = v
+    for f in dataclasses.fields(cls):
+        v = getattr(ns, f.name, None)
+        if v is not None:
+            values[f.name] = v
+    return cls(**values)

@@ -1,0 +1,226 @@
+"""Validate any LLaVA-format conversation file (ours or anyone's), streamed in bounded memory.
+
+    address-llava validate FILE [FILE ...] --image-root DATA/images [--max-problems 50]
+
+Accepts a top-level JSON array (LLaVA's own files) or JSON lines. Checks, per record: it is an object;
+`id`, `image` and `conversations` are present and non-empty; turns are objects with `from` and `value`,
+roles alternate human/gpt starting with human and ending with gpt; every `value` is non-empty text;
+`<image>` occurs exactly once, in the first human turn; the image path is relative, does not escape the
+root (`..`, absolute paths, symlinks pointing out) and is an existing file. Every problem is printed as
+`FILE: record INDEX (id=ID): FIELD: message`; a summary line per file follows; the exit status is 1 when
+any problem was found, 2 on usage errors. `--no-image-check` skips the file-system checks (structure only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from clip_stage.fsutil import UnsafePathError, resolve_under_root
+
+from conversations.formats import IMAGE_TOKEN, iter_records
+
+ROLES = ("human", "gpt")
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: str
+    index: int
+    id: str
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"record {self.index}" if self.index >= 0 else "file"
+        return f"{self.path}: {where} (id={self.id}): {self.field}: {self.message}"
+
+
+def _id_text(rec) -> str:
+    if isinstance(rec, dict) and "id" in rec:
+        return repr(rec["id"]) if isinstance(rec["id"], str) else str(rec["id"])
+    return "?"
+
+
+def check_record(rec, image_root: Path | None, allow_text_only: bool = False) -> Iterator[tuple[str, str]]:
+    """(field, message) for every problem of one record."""
+    if not isinstance(rec, dict):
+        yield "record", f"must be a JSON object, got {type(rec).__name__}"
+        return
+    rid = rec.get("id")
+    if "id" not in rec:
+        yield "id", "missing"
+    elif isinstance(rid, bool) or not isinstance(rid, (str, int)):
+        yield "id", f"must be a string or integer, got {type(rid).__name__}"
+    elif isinstance(rid, str) and not rid.strip():
+        yield "id", "empty"
+
+    has_image = "image" in rec
+    if not has_image:
+        if not allow_text_only:
+            yield "image", "missing (pass --allow-text-only for text-only records)"
+    else:
+        image = rec["image"]
+        if not isinstance(image, str):
+            yield "image", f"must be a string path, got {type(image).__name__}"
+        elif not image.strip():
+            yield "image", "empty"
+        elif image_root is not None:
+            try:
+                full = resolve_under_root(image_root, image)
+            except UnsafePathError as e:
+                yield "image", str(e)
+            else:
+                if not full.is_file():
+                    yield "image", f"{image!r} does not exist under the image root {image_root}"
+
+    if "conversations" not in rec:
+        yield "conversations", "missing"
+        return
+    conv = rec["conversations"]
+    if not isinstance(conv, list):
+        yield "conversations", f"must be a list, got {type(conv).__name__}"
+        return
+    if not conv:
+        yield "conversations", "empty"
+        return
+    n_tokens, first_human_tokens = 0, 0
+    for t, turn in enumerate(conv):
+        where = f"conversations[{t}]"
+        if not isinstance(turn, dict):
+            yield where, f"must be an object, got {type(turn).__name__}"
+            continue
+        role = turn.get("from")
+        if "from" not in turn:
+            yield f"{where}.from", "missing"
+        elif role not in ROLES:
+            yield f"{where}.from", f"must be 'human' or 'gpt', got {role!r}"
+        elif role != ROLES[t % 2]:
+            yield f"{where}.from", f"roles must alternate starting with human: expected {ROLES[t % 2]!r}, got {role!r}"
+        if "value" not in turn:
+            yield f"{where}.value", "missing"
+            continue
+        value = turn["value"]
+        if not isinstance(value, str):
+            yield f"{where}.value", f"must be a string, got {type(value).__name__}"
+            continue
+        if not value.replace(IMAGE_TOKEN, "").strip():
+            yield f"{where}.value", "empty"
+        count = value.count(IMAGE_TOKEN)
+        n_tokens += count
+        if t == 0:
+            first_human_tokens = count
+        elif count:
+            yield f"{where}.value", f"{IMAGE_TOKEN} may appear only in the first human turn"
+    if len(conv) % 2:
+        yield "conversations", f"last turn (conversations[{len(conv) - 1}]) is not a gpt answer"
+    if has_image:
+        if first_human_tokens != 1:
+            yield "conversations[0].value", f"must contain {IMAGE_TOKEN} exactly once (found {first_human_tokens})"
+    elif n_tokens:
+        yield "conversations", f"{IMAGE_TOKEN} in a record without an image"
+
+
+@dataclass
+class Report:
+    path: str
+    records: int = 0
+    bad_records: int = 0
+    problems: int = 0
+    fatal: bool = False
+    shown: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.problems == 0
+
+    def summary(self) -> str:
+        state = "OK" if self.ok else "FAILED"
+        tail = "; reading stopped at a malformed part of the file" if self.fatal else ""
+        return (f"{self.path}: {state}: {self.records} records read, {self.problems} problems "
+                f"in {self.bad_records} records{tail}")
+
+
+def validate_file(path: str | os.PathLike, image_root: str | os.PathLike | None, allow_text_only: bool = False,
+                  on_problem=None, keep: int = 0) -> Report:
+    """Streams `path`, calling `on_problem(Problem)` for each problem; keeps the first `keep` in the report."""
+    path = str(path)
+    root = Path(image_root) if image_root is not None else None
+    report = Report(path)
+
+    def emit(p: Problem) -> None:
+        report.problems += 1
+        if len(report.shown) < keep:
+            report.shown.append(p)
+        if on_problem:
+            on_problem(p)
+
+    if not Path(path).is_file():
+        emit(Problem(path, -1, "?", "file", "not found"))
+        return report
+    for item in iter_records(path):
+        if item.error:
+            emit(Problem(path, item.index, "?", "json", item.error.removeprefix(f"{path}: ")))
+            report.bad_records += 1
+            if item.fatal:
+                report.fatal = True
+                break
+            report.records += 1
+            continue
+        report.records += 1
+        bad = False
+        for fld, msg in check_record(item.value, root, allow_text_only):
+            emit(Problem(path, item.index, _id_text(item.value), fld, msg))
+            bad = True
+        report.bad_records += bad
+    if report.records == 0 and not report.problems:
+        emit(Problem(path, -1, "?", "file", "holds no records"))
+    return report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="address-llava validate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("files", nargs="+", help="LLaVA JSON (array) or JSON lines files")
+    p.add_argument("--image-root", help="folder the `image` paths are relative to (required unless --no-image-check)")
+    p.add_argument("--no-image-check", action="store_true", help="skip the image path and existence checks")
+    p.add_argument("--allow-text-only", action="store_true",
+                   help="accept records without `image` (then they must not contain <image>), as in LLaVA's mix665k")
+    p.add_argument("--max-problems", type=int, default=50,
+                   help="print at most this many problems per file (all are counted; 0: print all)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.image_root is None and not args.no_image_check:
+        print("error: --image-root is required (or pass --no-image-check)", file=sys.stderr)
+        return 2
+    if args.image_root is not None and not Path(args.image_root).is_dir():
+        print(f"error: image root {args.image_root} is not a folder", file=sys.stderr)
+        return 2
+    root = None if args.no_image_check else args.image_root
+    failed = False
+    for path in args.files:
+        printed = 0
+
+        def show(p: Problem) -> None:
+            nonlocal printed
+            if args.max_problems <= 0 or printed < args.max_problems:
+                print(p)
+            printed += 1
+
+        report = validate_file(path, root, args.allow_text_only, on_problem=show)
+        if args.max_problems > 0 and printed > args.max_problems:
+            print(f"{path}: ... {printed - args.max_problems} more problems not shown")
+        print(report.summary() + ("" if root else " (images not checked)"))
+        failed |= not report.ok
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
