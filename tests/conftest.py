@@ -25,4 +25,16 @@ def toy_dataset(tmp_path_factory):
 
 # --- conversations fixtures (issue 4) ---
 
+
+@pytest.fixture(scope="session")
+def toy_conversations(toy_dataset, tmp_path_factory):
+    """Conversations built from `toy_dataset` (seed 0): train.json, eval.json (LLaVA), *.jsonl, *_messages.json,
+    build_info.json; images are under `toy_dataset / "images"`. Read-only."""
+    from conversations.build import main
+
+    out = tmp_path_factory.mktemp("conv") / "conversations"
+    assert main(["--dataset", str(toy_dataset), "--out", str(out), "--formats", "llava,jsonl,messages"]) == 0
+    return out
+
+
 # --- llava_address fixtures (issue 5) ---
