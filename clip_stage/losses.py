@@ -10,8 +10,14 @@
 
 Across processes (world_size > 1) features are all-gathered the way open_clip's `ClipLoss` does it:
 the gathered copies carry no gradient except the local shard, which is put back into its slot with its
-autograd graph. Every rank then computes the same global loss, and the gradient of rank r w.r.t. its own
-features equals the rows of the full-batch gradient; DDP averages the parameter gradients across ranks.
+autograd graph. Every rank then computes the same global loss. One deliberate difference: the local
+shard's gradient is scaled by world_size. DDP *averages* parameter gradients over ranks; each rank holds
+only its shard's share of the feature gradients but the *full* gradient of the logit scale, so plain
+averaging (open_clip's default) gives the towers 1/world_size of the global-batch gradient and the logit
+scale all of it. With the scaling, every parameter receives exactly the gradient a single process would
+compute on the concatenated batch (so N processes x batch B train like 1 process x batch N*B, and
+gradient clipping means the same at any world size). `gather_with_grad=True` gets the same result
+through the all_gather backward (a sum over ranks).
 
 Used by `clip_stage.train`; `python -m pytest tests/test_clip_losses.py` checks both paths.
 """
@@ -57,13 +63,27 @@ def geo_target_fn(name: str) -> Callable[[torch.Tensor, float], torch.Tensor]:
 
 # --- gathering ---------------------------------------------------------------------------------------
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by a constant in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.scale, None
+
+
 def gather_features(
     *tensors: torch.Tensor, rank: int = 0, world_size: int = 1, gather_with_grad: bool = False
 ) -> tuple[torch.Tensor, ...]:
     """All-gathers each tensor along dim 0 (equal shard sizes), keeping the local shard's gradient.
 
     With `gather_with_grad`, gradients flow through every shard (torch.distributed.nn.all_gather);
-    by default only through the local one, like open_clip's default.
+    by default only through the local one (like open_clip's default), scaled by world_size so that
+    DDP's gradient averaging yields the global-batch gradient.
     """
     if world_size <= 1:
         return tensors
@@ -74,7 +94,7 @@ def gather_features(
         else:
             parts = [torch.zeros_like(t) for _ in range(world_size)]
             dist.all_gather(parts, t.detach().contiguous())
-            parts[rank] = t  # the local shard keeps its autograd graph
+            parts[rank] = _ScaleGrad.apply(t, float(world_size))  # local shard keeps its graph (see module doc)
             out.append(torch.cat(parts, dim=0))
     return tuple(out)
 

@@ -108,16 +108,19 @@ def _worker(rank: int, world: int, init_file: str, out_file: str):
     try:
         img, txt, sem, coords = _batch(n=8)
         shard = slice(rank * 4, (rank + 1) * 4)
-        li, lt, ls = (t[shard].clone().requires_grad_(True) for t in (img, txt, sem))
-        loss_fn = AddressClipLoss(1.0, 0.2, 0.8, rank=rank, world_size=world)
-        out = loss_fn(li, lt, torch.tensor(20.0, dtype=torch.float64), ls, coords[shard])
-        out["loss"].backward()
-        torch.save({"terms": {k: v.detach() for k, v in out.items()}, "grads": (li.grad, lt.grad, ls.grad)}, out_file)
+        res = {}
+        for with_grad in (False, True):
+            li, lt, ls = (t[shard].clone().requires_grad_(True) for t in (img, txt, sem))
+            loss_fn = AddressClipLoss(1.0, 0.2, 0.8, rank=rank, world_size=world, gather_with_grad=with_grad)
+            out = loss_fn(li, lt, torch.tensor(20.0, dtype=torch.float64), ls, coords[shard])
+            out["loss"].backward()
+            res[with_grad] = {"terms": {k: v.detach() for k, v in out.items()}, "grads": (li.grad, lt.grad, ls.grad)}
+        torch.save(res, out_file)
     finally:
         dist.destroy_process_group()
 
 
-def test_gathered_loss_equals_full_batch_loss_and_local_grads_are_its_rows(tmp_path):
+def test_gathered_loss_equals_full_batch_loss_and_grads_match_after_ddp_averaging(tmp_path):
     import torch.multiprocessing as mp
 
     world = 2
@@ -135,11 +138,12 @@ def test_gathered_loss_equals_full_batch_loss_and_local_grads_are_its_rows(tmp_p
         t.requires_grad_(True)
     full = AddressClipLoss(1.0, 0.2, 0.8)(img, txt, torch.tensor(20.0, dtype=torch.float64), sem, coords)
     full["loss"].backward()
-    for r in range(world):
-        res = torch.load(tmp_path / f"out-{r}.pt", weights_only=True)
+    for r, with_grad in [(r, g) for r in range(world) for g in (False, True)]:
+        res = torch.load(tmp_path / f"out-{r}.pt", weights_only=True)[with_grad]
         for k, v in full.items():
             assert torch.allclose(res["terms"][k], v.detach(), atol=1e-10), (r, k)
         shard = slice(r * 4, (r + 1) * 4)
-        # each rank's gradient w.r.t. its own features equals those rows of the full-batch gradient
+        # each rank's gradient w.r.t. its own features is world_size x those rows of the full-batch
+        # gradient, so that DDP's average over ranks gives exactly the single-process gradient
         for got, want in zip(res["grads"], (img.grad, txt.grad, sem.grad)):
-            assert got is not None and torch.allclose(got, want[shard], atol=1e-10)
+            assert got is not None and torch.allclose(got, world * want[shard], atol=1e-10)

@@ -1,0 +1,282 @@
+"""Typed configuration of AddressCLIP training, grouped by concern (model, data, loss, optimisation, run).
+
+Each field's docstring becomes its `--help` text; `build_parser` turns the dataclasses into argparse
+options (`--field-name`) and `parse_config` builds the frozen `TrainConfig` back, optionally starting
+from a YAML/JSON file (`--config recipe.yaml`, flags override it). Checks live in `__post_init__`; never
+mutate a parsed config: derive with `dataclasses.replace`.
+
+Defaults are the paper's recipe (OpenAI CLIP ViT-B/16, AdamW lr 2.4e-5 -> 2.4e-8 cosine, betas
+0.9/0.98, wd 0.2, batch 32 per device, 100 epochs, loss weights 1 / 0.2 / 0.8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import json
+import textwrap
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """Which CLIP to fine-tune."""
+
+    model: str = "ViT-B-16"
+    """open_clip architecture name (see `list_clip_models()`; ours: addressclip-tiny, addressclip-small)."""
+    pretrained: str | None = "openai"
+    """open_clip pretrained tag, weights file, or a train-clip checkpoint folder; 'none' for random init."""
+    grad_checkpointing: bool = False
+    """Recompute activations in the backward pass (open_clip set_grad_checkpointing): less memory, slower."""
+    precision: str = "auto"
+    """Mixed precision: auto (bf16 on a GPU that supports it, else fp32), fp32, bf16, fp16 (CUDA only)."""
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r}; valid: {PRECISIONS}")
+        if self.pretrained is not None and self.pretrained.lower() == "none":
+            object.__setattr__(self, "pretrained", None)
+
+
+@dataclass(frozen=True)
+class DataArgs:
+    """The image-address dataset (clip_stage.schema layout) and how it is turned into text."""
+
+    dataset: str = ""
+    """Dataset folder (records.parquet + images/)."""
+    split: str = "train"
+    """Split to train on."""
+    address_style: str = "full"
+    """Address text style (clip_stage.schema.ADDRESS_STYLES: full, canonical, street, sub_street, neighbourhood, intersection)."""
+    semantic_template: str = "{caption}. {address}"
+    """Text of the semantic term: caption first, address appended."""
+    augment: bool = True
+    """Use open_clip's training augmentation (random resized crop); else the deterministic val transform."""
+    num_workers: int = 2
+    """DataLoader worker processes (0: load in the training process)."""
+
+    def __post_init__(self):
+        if not self.dataset:
+            raise ValueError("--dataset is required (a dataset folder written by build-dataset / demo-city)")
+        if "{caption}" not in self.semantic_template or "{address}" not in self.semantic_template:
+            raise ValueError("--semantic-template must contain {caption} and {address}")
+        if self.num_workers < 0:
+            raise ValueError("--num-workers must be >= 0")
+
+
+@dataclass(frozen=True)
+class LossArgs:
+    """total = a * address + b * semantic + c * geo."""
+
+    address_weight: float = 1.0
+    """a: image-address contrastive weight."""
+    semantic_weight: float = 0.2
+    """b: image-"caption + address" contrastive weight (needs a filled caption column)."""
+    geo_weight: float | None = None
+    """c: image-geography matching weight. Unset: 0.8 if the dataset has coordinates, else off with a warning; an explicit value > 0 without coordinates is an error."""
+    geo_target: str = "linear"
+    """Distance -> target similarity mapping (clip_stage.losses.GEO_TARGETS: linear 1-D/2, exp exp(-D/tau), signed 1-D)."""
+    geo_tau: float = 0.5
+    """Scale of the 'exp' geo target."""
+    gather_with_grad: bool = False
+    """Back-propagate through all ranks' gathered features (default: local shard only, as open_clip)."""
+
+    def __post_init__(self):
+        from clip_stage.losses import geo_target_fn
+
+        geo_target_fn(self.geo_target)
+        for name in ("address_weight", "semantic_weight", "geo_weight"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
+
+
+DEFAULT_GEO_WEIGHT = 0.8
+
+
+@dataclass(frozen=True)
+class OptimArgs:
+    """AdamW with linear warm-up and a cosine decay."""
+
+    lr: float = 2.4e-5
+    """Peak learning rate."""
+    min_lr: float = 2.4e-8
+    """Final learning rate of the cosine schedule."""
+    warmup_steps: int | None = None
+    """Linear warm-up steps (unset: 2% of the total steps)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.98
+    """AdamW beta2."""
+    eps: float = 1e-6
+    """AdamW epsilon."""
+    weight_decay: float = 0.2
+    """Decoupled weight decay (not applied to gains, biases and the logit scale)."""
+    batch_size: int = 32
+    """Images per device per step (global batch = batch_size x processes)."""
+    epochs: int = 100
+    """Passes over the training split."""
+    max_steps: int | None = None
+    """Cap on total optimiser steps (the schedule is planned over this many)."""
+    grad_clip: float | None = None
+    """Clip the gradient norm to this value (unset: no clipping)."""
+    seed: int = 0
+    """Seed of initialisation, data order and augmentation."""
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.epochs < 1:
+            raise ValueError("--batch-size and --epochs must be >= 1")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError("need 0 <= --min-lr <= --lr")
+
+
+@dataclass(frozen=True)
+class RunArgs:
+    """Outputs, checkpoints, logging."""
+
+    output_dir: str = "runs/addressclip"
+    """Run folder: checkpoints/, final/, tensorboard/, train_log.jsonl, run_summary.json."""
+    save_every: int = 1000
+    """Write a checkpoint every N steps (and always at the end)."""
+    keep_checkpoints: int = 2
+    """Step checkpoints kept on disk (older ones are deleted)."""
+    resume: bool = False
+    """Continue from the newest complete checkpoint in output_dir/checkpoints (fresh start if none)."""
+    stop_at_step: int | None = None
+    """Checkpoint and exit once this global step is reached, without changing the schedule (time-sliced jobs)."""
+    log_every: int = 10
+    """Steps between log lines / TensorBoard points."""
+    tensorboard: bool = True
+    """Write TensorBoard event files under output_dir/tensorboard."""
+    progress: bool = True
+    """Show a tqdm progress bar (rank 0)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: DataArgs = field(default_factory=lambda: DataArgs(dataset="-"))
+    loss: LossArgs = field(default_factory=LossArgs)
+    optim: OptimArgs = field(default_factory=OptimArgs)
+    run: RunArgs = field(default_factory=RunArgs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        return cls(**{g: GROUPS[g](**d.get(g, {})) for g in GROUPS})
+
+
+GROUPS: dict[str, type] = {"model": ModelArgs, "data": DataArgs, "loss": LossArgs, "optim": OptimArgs, "run": RunArgs}
+
+
+# --- dataclass <-> argparse ------------------------------------------------------------------------
+
+def field_docs(cls) -> dict[str, str]:
+    """The attribute docstrings (string literal under each field) of a dataclass."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+                docs[node.target.id] = " ".join(nxt.value.value.split()).replace("%", "%%")
+    return docs
+
+
+def _base_type(tp) -> type:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) is Literal:
+        return type(typing.get_args(tp)[0])
+    if args:
+        return _base_type(args[0])
+    return tp
+
+
+def _str2bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {s!r}")
+
+
+def _optional(kind):
+    def parse(s: str):
+        return None if s.lower() in ("none", "null", "") else kind(s)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def build_parser(prog: str = "train-clip", description: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="YAML/JSON file of {group: {field: value}} or flat {field: value}; flags override it")
+    for group, cls in GROUPS.items():
+        g = parser.add_argument_group(group, cls.__doc__)
+        docs = field_docs(cls)
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            base = _base_type(tp)
+            flag = "--" + f.name.replace("_", "-")
+            default = f.default if f.default is not dataclasses.MISSING else None
+            nullable = type(None) in typing.get_args(tp)
+            kind = _str2bool if base is bool else base
+            if nullable:
+                kind = _optional(kind)
+            if base is bool:
+                g.add_argument(flag, dest=f"{group}.{f.name}", type=kind, nargs="?", const=True, metavar="BOOL",
+                               default=argparse.SUPPRESS, help=f"{docs.get(f.name, '')} (default: {default})")
+                g.add_argument("--no-" + f.name.replace("_", "-"), dest=f"{group}.{f.name}", action="store_false",
+                               default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+            else:
+                g.add_argument(flag, dest=f"{group}.{f.name}", type=kind, default=argparse.SUPPRESS,
+                               metavar=base.__name__.upper(), help=f"{docs.get(f.name, '')} (default: {default})")
+    return parser
+
+
+def _load_file(path: str) -> dict[str, dict[str, Any]]:
+    text = Path(path).read_text(encoding="utf-8")
+    if path.endswith(".json"):
+        raw = json.loads(text)
+    else:
+        import yaml
+
+        raw = yaml.safe_load(text) or {}
+    out: dict[str, dict[str, Any]] = {g: {} for g in GROUPS}
+    by_field = {f.name: g for g, cls in GROUPS.items() for f in dataclasses.fields(cls)}
+    for key, value in raw.items():
+        if key in GROUPS and isinstance(value, dict):
+            out[key].update(value)
+        elif key.replace("-", "_") in by_field:
+            out[by_field[key.replace("-", "_")]][key.replace("-", "_")] = value
+        else:
+            raise ValueError(f"{path}: unknown option {key!r}")
+    return out
+
+
+def parse_config(argv: list[str] | None = None, prog: str = "train-clip", description: str | None = None) -> TrainConfig:
+    parser = build_parser(prog, description)
+    ns = vars(parser.parse_args(argv))
+    values: dict[str, dict[str, Any]] = {g: {} for g in GROUPS}
+    if ns.get("config"):
+        values = _load_file(ns["config"])
+    for key, value in ns.items():
+        if "." in key:
+            group, name = key.split(".", 1)
+            values[group][name] = value
+    try:
+        return TrainConfig(**{g: cls(**values[g]) for g, cls in GROUPS.items()})
+    except (TypeError, ValueError, KeyError) as e:
+        parser.error(str(e))
+        raise  # unreachable
