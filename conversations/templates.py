@@ -37,7 +37,7 @@ def placeholders(template: str) -> set[str]:
 def _normalise(template: str) -> str:
     """Lower-cased wording with placeholders and punctuation folded, to compare phrasings."""
     text = re.sub(r"\{[a-z_]+\}", "{}", template.lower())
-    return re.sub(r"[^a-z{} ]+", "", re.sub(r"\s+", " ", text)).strip()
+    return re.sub(r"[^a-z0-9{} ]+", "", re.sub(r"\s+", " ", text)).strip()
 
 
 def template_regex(template: str) -> re.Pattern:
