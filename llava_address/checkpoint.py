@@ -1,18 +1,19 @@
 """Self-describing, atomic training checkpoints of the LLaVA stage, and loading them back.
 
-Every checkpoint `train-llava` writes (not only the last) is a folder that stands on its own:
+Every checkpoint `train-llava` writes (not only the last) is a folder that stands on its own. The model
+part is llava_address.model.save_checkpoint's layout (shared with `merge` and chat); training adds two
+entries for `--resume`:
 
     checkpoint-000120/
-      config.json             format tag + model / trainables / data / train args + the recipe text
-      adapter/                peft LoRA adapter (adapter_config.json, adapter_model.safetensors); LoRA runs only
-      trainables.safetensors  every trained parameter that is not LoRA (projector; the LLM in a full
-                              fine-tune; the tower if it trained), under the plain LLaVA parameter names
-      processor/              tokenizer + image processor of the run
-      trainer_state.json      step, epoch and data position (for --resume)
-      state/                  accelerate save_state: optimizer, scheduler, RNG, DeepSpeed shards (for --resume)
+      adapter_config.json, adapter_model.safetensors   peft LoRA adapter (+ projector via modules_to_save)
+      non_lora_trainables.safetensors                  other trained parameters (and the projector), plain names
+      llava_args.json                                  ModelArgs + TrainablesArgs + data/train args + recipe text
+      llava_config.json, processor files               the model config and the run's processor
+      trainer_state.json                               step, epoch, data position, world size, accumulation
+      state/                                           accelerate save_state: optimizer, scheduler, RNG, DeepSpeed shards
 
-`load_checkpoint(folder)` rebuilds the base model from the stored ModelArgs (or a given base), loads
-`trainables.safetensors` and the adapter: no training code and no `state/` needed.
+`load_checkpoint(folder)` (= model.load_for_inference) rebuilds the base model from the stored ModelArgs
+and applies the trained weights: no training code and no `state/` needed.
 
 The folder appears atomically (clip_stage.fsutil.atomic_dir, written by rank 0): a run killed while saving
 leaves the previous checkpoints and no half-written one. Under DeepSpeed ZeRO-3 every process holds a
@@ -23,7 +24,6 @@ collectively, in chunks) before rank 0 writes them: the adapter is never the emp
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -34,27 +34,7 @@ import torch
 
 from clip_stage.fsutil import atomic_dir, atomic_write_json
 
-FORMAT = "llava_address.checkpoint/1"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-_LORA_MARKERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
-
-
-# --------------------------------------------------------------------------------------------
-# names
-# --------------------------------------------------------------------------------------------
-
-
-def is_lora_name(name: str) -> bool:
-    return any(f".{m}." in name or name.startswith(f"{m}.") for m in _LORA_MARKERS)
-
-
-def base_name(name: str) -> str:
-    """A parameter name of a (peft-wrapped) model as the plain LlavaForConditionalGeneration names it."""
-    if name.startswith("base_model.model."):
-        name = name[len("base_model.model."):]
-    name = re.sub(r"\.modules_to_save\.[^.]+\.", ".", name)
-    name = name.replace(".base_layer.", ".")
-    return name
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
@@ -76,12 +56,16 @@ def checkpoint_name(step: int) -> str:
 
 
 def gather_trainable_state(model: torch.nn.Module, is_main: bool, chunk: int = 64) -> dict[str, torch.Tensor]:
-    """{full name: CPU tensor} of every trainable parameter of the unwrapped model; {} on other ranks.
+    """{full name: CPU tensor} of every trainable parameter (and the projector) of the unwrapped model on
+    rank 0; {} on other ranks.
 
     Collective under ZeRO-3 (every rank must call it): partitioned parameters are all-gathered in
     chunks of `chunk` tensors, copied on rank 0, and released again.
     """
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    from llava_address.model import component_of
+
+    # The projector always goes into a checkpoint (it may be freshly initialised even when frozen).
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad or component_of(n) == "projector"]
     out: dict[str, torch.Tensor] = {}
     partitioned = any(hasattr(p, "ds_id") for _, p in named)
     if not partitioned:
@@ -103,13 +87,6 @@ def gather_trainable_state(model: torch.nn.Module, is_main: bool, chunk: int = 6
     return out
 
 
-def split_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(LoRA tensors under their peft names, other trainables under plain LLaVA names)."""
-    lora = {n: t for n, t in state.items() if is_lora_name(n)}
-    rest = {base_name(n): t for n, t in state.items() if not is_lora_name(n)}
-    return lora, rest
-
-
 # --------------------------------------------------------------------------------------------
 # saving
 # --------------------------------------------------------------------------------------------
@@ -121,13 +98,16 @@ def save_checkpoint(
     accelerator,
     model: torch.nn.Module,
     processor: Any,
+    model_args,
+    trainables,
     config: dict[str, Any],
     trainer_state: dict[str, Any],
     save_training_state: bool = True,
 ) -> Path:
     """Writes one checkpoint folder atomically. Collective: every process must call it.
 
-    model: the prepared (wrapped) model; config: JSON-able run description stored in config.json;
+    model: the prepared (wrapped) model; model_args / trainables: the run's ModelArgs / TrainablesArgs;
+    config: JSON-able rest of the run (data, train, recipe) stored in llava_args.json;
     trainer_state: step / epoch / data position stored in trainer_state.json.
     """
     from safetensors.torch import save_file
@@ -146,21 +126,14 @@ def save_checkpoint(
         accelerator.save_state(str(staging / "state"), safe_serialization=True)
     accelerator.wait_for_everyone()
     if is_main:
-        lora, rest = split_state(state)
-        if not state:
+        from llava_address.model import save_checkpoint as save_model_part
+
+        if not any(p.requires_grad for p in unwrapped.parameters()):
             raise RuntimeError("nothing to save: the model has no trainable parameters")
         with atomic_dir(path) as tmp:
-            if lora:
-                if not hasattr(unwrapped, "peft_config"):
-                    raise RuntimeError("LoRA parameters found but the model is not a peft model")
-                # state_dict= keeps peft from reading model.state_dict(), which is empty under ZeRO-3.
-                unwrapped.save_pretrained(str(tmp / "adapter"), state_dict=state, safe_serialization=True)
-            if rest:
-                save_file(rest, str(tmp / "trainables.safetensors"), metadata={"format": FORMAT})
-            if processor is not None:
-                processor.save_pretrained(str(tmp / "processor"))
-            atomic_write_json(tmp / "config.json", {"format": FORMAT, **config})
-            atomic_write_json(tmp / "trainer_state.json", trainer_state)
+            # state_dict= keeps peft from reading model.state_dict(), which is empty under ZeRO-3.
+            counts = save_model_part(unwrapped, processor, tmp, model_args, trainables, state_dict=state, extra=config)
+            atomic_write_json(tmp / "trainer_state.json", {**trainer_state, "saved_tensors": counts})
             if save_training_state:
                 os.replace(staging / "state", tmp / "state")
         shutil.rmtree(staging, ignore_errors=True)
@@ -184,17 +157,6 @@ def prune_checkpoints(output_dir: str | os.PathLike, keep: int | None) -> list[P
 # --------------------------------------------------------------------------------------------
 
 
-def read_config(path: str | os.PathLike) -> dict[str, Any]:
-    path = Path(path)
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{path} is not a train-llava checkpoint (no config.json)")
-    cfg = json.loads(cfg_file.read_text())
-    if cfg.get("format") != FORMAT:
-        raise ValueError(f"{path}: unknown checkpoint format {cfg.get('format')!r} (expected {FORMAT!r})")
-    return cfg
-
-
 def resolve_resume(resume: str, output_dir: str | os.PathLike) -> Path | None:
     """The checkpoint folder `--resume` names; 'latest' is the newest in output_dir (None if there is none)."""
     if resume == "latest":
@@ -206,44 +168,8 @@ def resolve_resume(resume: str, output_dir: str | os.PathLike) -> Path | None:
     return path
 
 
-def load_trainables_into(model: torch.nn.Module, path: str | os.PathLike) -> list[str]:
-    """Copies trainables.safetensors of a checkpoint into a plain (not peft-wrapped) LLaVA; returns the names."""
-    from safetensors.torch import load_file
+def load_checkpoint(path: str | os.PathLike, base=None, **model_overrides):
+    """(model, processor) of a checkpoint folder in eval mode: base model + trained weights + adapter."""
+    from llava_address.model import load_for_inference
 
-    file = Path(path) / "trainables.safetensors"
-    if not file.is_file():
-        return []
-    sd = load_file(str(file))
-    missing_in_model = sorted(set(sd) - set(model.state_dict()))
-    if missing_in_model:
-        raise KeyError(f"{file}: parameters the model does not have: {missing_in_model[:5]}")
-    model.load_state_dict(sd, strict=False)
-    return sorted(sd)
-
-
-def load_checkpoint(path: str | os.PathLike, model_args=None, *, is_trainable: bool = False):
-    """(model, processor, config) of a checkpoint folder: base model + trainables + adapter.
-
-    model_args: a ModelArgs to build the base from instead of the stored one (e.g. another path to the
-    same base weights). The model is in eval mode unless `is_trainable`.
-    """
-    from llava_address.config import ModelArgs
-    from llava_address.model import build_llava
-    from llava_address.train_args import from_plain
-
-    path = Path(path)
-    cfg = read_config(path)
-    if model_args is None:
-        model_args = from_plain(ModelArgs, cfg["model"])
-    model, processor = build_llava(model_args)
-    load_trainables_into(model, path)
-    if (path / "adapter").is_dir():
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(path / "adapter"), is_trainable=is_trainable)
-    if (path / "processor").is_dir():
-        from transformers import AutoProcessor
-
-        processor = AutoProcessor.from_pretrained(str(path / "processor"))
-    model.train(is_trainable)
-    return model, processor, cfg
+    return load_for_inference(base, path, **model_overrides)

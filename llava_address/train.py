@@ -1,0 +1,416 @@
+"""`train-llava`: projector alignment, LoRA, QLoRA and full fine-tuning of LLaVA, driven by accelerate.
+
+One process, DDP or DeepSpeed ZeRO-2/3 (with or without CPU offload): the launcher decides, the code is
+the same. The optimizer (torch AdamW with a separate projector learning rate) and the schedule (linear
+warm-up then cosine/linear/constant) are always ours: the DeepSpeed configs in ds_configs/ have no
+`optimizer` or `scheduler` section, and their "auto" values are filled from the recipe here.
+
+    python -m llava_address.train --recipe address_lora --data-path convs.json --output-dir runs/lora
+    accelerate launch --config_file ds_configs/accelerate_zero3.yaml -m llava_address.train --recipe ...
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m llava_address.train ...  # CPU
+
+Each optimizer step: gradient accumulation (global batch = per-device x processes x accumulation),
+clipping, one scheduler step. Rank 0 shows a tqdm bar and logs loss, learning rates, tokens/s and memory
+to TensorBoard (<output>/tb) and <output>/metrics.jsonl. Checkpoints: see llava_address.checkpoint.
+`--resume` restores model, optimizer, scheduler, RNG and the position in the data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llava_address.checkpoint import (
+    checkpoint_name,
+    list_checkpoints,
+    prune_checkpoints,
+    resolve_resume,
+    save_checkpoint,
+)
+from llava_address.config import DataArgs, ModelArgs, TrainablesArgs
+from llava_address.train_args import ConfigGroup, TrainArgs, parse_config, to_plain
+
+GROUPS = [
+    ConfigGroup("model", ModelArgs),
+    ConfigGroup("trainables", TrainablesArgs),
+    ConfigGroup("data", DataArgs),
+    ConfigGroup("train", TrainArgs),
+]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one run is made of (what every checkpoint's config.json stores)."""
+
+    model: ModelArgs
+    trainables: TrainablesArgs
+    data: DataArgs
+    train: TrainArgs
+    recipe: str | None = None
+    """path of the YAML recipe the run started from (its text is stored too)"""
+
+    def to_json(self) -> dict[str, Any]:
+        recipe_text = Path(self.recipe).read_text() if self.recipe and Path(self.recipe).is_file() else None
+        return {
+            "model": to_plain(self.model),
+            "trainables": to_plain(self.trainables),
+            "data": to_plain(self.data),
+            "train": to_plain(self.train),
+            "recipe": self.recipe,
+            "recipe_text": recipe_text,
+        }
+
+
+def parse_args(argv: list[str] | None = None) -> RunConfig:
+    instances, _, recipe = parse_config(GROUPS, argv, prog="train-llava", description=__doc__.split("\n\n")[0])
+    if instances["data"].data_path is None:
+        raise SystemExit("train-llava: --data-path is required (LLaVA-format conversations)")
+    return RunConfig(instances["model"], instances["trainables"], instances["data"], instances["train"], recipe)
+
+
+@dataclass
+class TrainResult:
+    """What `train` returns (rank 0 has the metrics; every rank has the model)."""
+
+    model: torch.nn.Module
+    """the unwrapped trained model"""
+    processor: Any
+    global_step: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    """the metrics rows logged by this process (rank 0)"""
+    checkpoints: list[Path] = field(default_factory=list)
+    world_size: int = 1
+    stopped_early: bool = False
+
+
+# --------------------------------------------------------------------------------------------
+# pieces
+# --------------------------------------------------------------------------------------------
+
+
+def make_accelerator(args: TrainArgs, accumulation: int | None = None):
+    """An Accelerator whose process group works on CPU too (gloo) and that logs to TensorBoard."""
+    from accelerate import Accelerator, InitProcessGroupKwargs
+    from accelerate.utils import ProjectConfiguration
+
+    handlers = []
+    if not torch.cuda.is_available():
+        # accelerate + DeepSpeed on CPU otherwise believes it has one process (gather crashes).
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    log_with = "tensorboard" if args.report_to == "tensorboard" else None
+    return Accelerator(
+        gradient_accumulation_steps=accumulation or 1,
+        mixed_precision=args.mixed_precision,
+        log_with=log_with,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(Path(args.output_dir) / "tb")),
+        kwargs_handlers=handlers,
+    )
+
+
+def world_size_from_env() -> int:
+    """The number of processes the launcher started (before any process group exists)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def fill_deepspeed_auto(accelerator, model, args: TrainArgs) -> None:
+    """Fills the DeepSpeed "auto" values accelerate cannot (LLaVA's config has no top-level hidden_size),
+    and the clipping norm from the recipe (accelerate would otherwise put 1.0)."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    ds = plugin.deepspeed_config
+    text_cfg = getattr(model.config, "text_config", model.config)
+    h = int(getattr(text_cfg, "hidden_size"))
+    zero = ds.setdefault("zero_optimization", {})
+    for key, value in {
+        "reduce_bucket_size": h * h,
+        "stage3_prefetch_bucket_size": int(0.9 * h * h),
+        "stage3_param_persistence_threshold": 10 * h,
+    }.items():
+        if zero.get(key) == "auto":
+            zero[key] = value
+    if ds.get("gradient_clipping", "auto") == "auto":
+        ds["gradient_clipping"] = float(args.max_grad_norm)
+    for section in ("optimizer", "scheduler"):
+        if section in ds:
+            raise ValueError(
+                f"the DeepSpeed config has a {section!r} section: it would replace the recipe's; remove it "
+                "(the ds_configs/ files have none)"
+            )
+
+
+def param_groups(model: torch.nn.Module, args: TrainArgs) -> list[dict[str, Any]]:
+    """AdamW groups: LLM/LoRA, projector and vision tower at their own learning rates; no decay on
+    biases and norms. Empty groups are left out."""
+    buckets: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        part = "projector" if "multi_modal_projector" in name else "vision" if "vision_tower" in name else "llm"
+        decay = p.ndim >= 2 and "norm" not in name.lower()
+        buckets.setdefault((part, decay), []).append(p)
+    lrs = {
+        "llm": args.learning_rate,
+        "projector": args.projector_lr or args.learning_rate,
+        "vision": args.vision_lr or args.learning_rate,
+    }
+    groups = []
+    for part in ("llm", "projector", "vision"):
+        for decay in (True, False):
+            params = buckets.get((part, decay))
+            if params:
+                groups.append({
+                    "params": params, "lr": lrs[part], "weight_decay": args.weight_decay if decay else 0.0,
+                    "name": f"{part}{'' if decay else '_no_decay'}",
+                })
+    if not groups:
+        raise ValueError("no trainable parameters")
+    return groups
+
+
+def make_scheduler(optimizer, args: TrainArgs, total_steps: int):
+    from transformers import get_scheduler
+
+    warmup = math.ceil(args.warmup_ratio * total_steps)
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[args.lr_scheduler]
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak accelerator memory (CUDA) or peak resident memory of this process (CPU), in MiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def build_model(cfg: RunConfig):
+    """(model, processor, trainables summary) through llava_address.model."""
+    from llava_address import model as model_lib
+
+    model, processor = model_lib.build_llava(cfg.model)
+    result = model_lib.apply_trainables(model, cfg.trainables)
+    if isinstance(result, tuple):  # (model, summary)
+        model, summary = result
+    elif isinstance(result, torch.nn.Module):
+        model, summary = result, None
+    else:
+        summary = result
+    return model, processor, summary
+
+
+def build_dataset(cfg: RunConfig, processor, model):
+    from llava_address import data as data_lib
+
+    return data_lib.build_dataset(cfg.data, processor, model.config)
+
+
+def build_dataloader(dataset, cfg: RunConfig, world_size: int, processor):
+    from llava_address import data as data_lib
+
+    return data_lib.build_dataloader(
+        dataset, cfg.data, batch_size=cfg.train.per_device_batch_size, world_size=world_size,
+        seed=cfg.train.seed, num_workers=cfg.train.num_workers, processor=processor,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# the loop
+# --------------------------------------------------------------------------------------------
+
+
+def train(cfg: RunConfig) -> TrainResult:
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    args = cfg.train
+    out = Path(args.output_dir)
+    world = world_size_from_env()
+    accumulation = args.accumulation_for(world)
+    accelerator = make_accelerator(args, accumulation)
+    if accelerator.num_processes != world:
+        raise RuntimeError(f"launcher said {world} processes, accelerate sees {accelerator.num_processes}")
+    is_main = accelerator.is_main_process
+    set_seed(args.seed)
+
+    model, processor, summary = build_model(cfg)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    # bitsandbytes trap: an eval-mode no-grad forward repacks 4-bit weights without a backward.
+    model.train()
+
+    dataset = build_dataset(cfg, processor, model)
+    loader = build_dataloader(dataset, cfg, world, processor)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, args), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+    )
+    fill_deepspeed_auto(accelerator, model, args)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    micro_per_epoch = len(loader)
+    total_steps = args.total_steps(micro_per_epoch, accumulation)
+    # Made after prepare, on the optimizer that really steps (DeepSpeed may swap in its own CPU Adam).
+    scheduler = make_scheduler(optimizer, args, total_steps)
+    accelerator.register_for_checkpointing(scheduler)
+
+    global_step, epoch, batches_done = 0, 0, 0
+    resume_from = resolve_resume(args.resume, out) if args.resume else None
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from / "state"))
+        st = json.loads((resume_from / "trainer_state.json").read_text())
+        global_step, epoch, batches_done = st["global_step"], st["epoch"], st["batches_done_in_epoch"]
+        if st["world_size"] != accelerator.num_processes or st["accumulation"] != accumulation:
+            raise ValueError(
+                f"{resume_from} was written with {st['world_size']} processes x {st['accumulation']} accumulation; "
+                f"resuming needs the same (now {accelerator.num_processes} x {accumulation})"
+            )
+
+    run_json = cfg.to_json()
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        accelerator.print(
+            f"train-llava: {accelerator.num_processes} process(es), {accelerator.distributed_type}, "
+            f"accumulation {accumulation}, {total_steps} optimizer steps, trainables: {summary}"
+        )
+    if args.report_to == "tensorboard":
+        flat = {f"{s}.{k}": (v if isinstance(v, (int, float, str, bool)) else str(v))
+                for s in ("model", "trainables", "data", "train") for k, v in run_json[s].items()}
+        accelerator.init_trackers("train_llava", config=flat)
+
+    history: list[dict[str, Any]] = []
+    checkpoints: list[Path] = []
+    metrics_file = out / "metrics.jsonl"
+    bar = tqdm(total=total_steps, initial=global_step, desc="train-llava", disable=not (is_main and args.progress_bar))
+    window_loss, window_micro, window_tokens = 0.0, 0, 0
+    t_window = time.perf_counter()
+    stopped_early = False
+
+    def save(step: int) -> None:
+        path = out / checkpoint_name(step)
+        state = {
+            "global_step": step, "epoch": epoch_now, "batches_done_in_epoch": batches_now,
+            "total_steps": total_steps, "world_size": accelerator.num_processes, "accumulation": accumulation,
+            "micro_batches_per_epoch": micro_per_epoch,
+        }
+        extra = {k: v for k, v in run_json.items() if k not in ("model", "trainables")}
+        save_checkpoint(path, accelerator=accelerator, model=model, processor=processor, model_args=cfg.model,
+                        trainables=cfg.trainables, config={**extra, "trainables_summary": _jsonable(summary)},
+                        trainer_state=state)
+        checkpoints.append(path)
+        if is_main:
+            prune_checkpoints(out, args.save_total_limit)
+
+    model.train()
+    done = global_step >= total_steps
+    epoch_now, batches_now = epoch, batches_done
+    while not done:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        it = accelerator.skip_first_batches(loader, batches_done) if batches_done else loader
+        batches_now = batches_done
+        for batch in it:
+            with accelerator.accumulate(model):
+                outputs = model(**batch)
+                loss = outputs.loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            batches_now += 1
+            window_loss += loss.detach().float().item()
+            window_micro += 1
+            window_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            global_step += 1
+            epoch_now = epoch
+            bar.update(1)
+            if global_step % args.log_every == 0 or global_step == total_steps:
+                stats = torch.tensor([window_loss, window_micro, window_tokens], dtype=torch.float64,
+                                     device=accelerator.device)
+                stats = accelerator.reduce(stats, reduction="sum")
+                elapsed = time.perf_counter() - t_window
+                row = {
+                    "step": global_step,
+                    "epoch": epoch + batches_now / micro_per_epoch,
+                    "loss": float(stats[0] / max(stats[1], 1)),
+                    "tokens_per_s": float(stats[2] / max(elapsed, 1e-9)),
+                    "memory_mb": peak_memory_mb(accelerator.device),
+                }
+                for g in optimizer.param_groups:
+                    row[f"lr/{g.get('name', 'group')}"] = float(g["lr"])
+                if is_main:
+                    history.append(row)
+                    with open(metrics_file, "a", encoding="utf-8") as f:
+                        f.write(json.dumps(row) + "\n")
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+                accelerator.log({k: v for k, v in row.items() if k != "step"}, step=global_step)
+                window_loss, window_micro, window_tokens = 0.0, 0, 0
+                t_window = time.perf_counter()
+            if args.stop_after_steps is not None and global_step >= args.stop_after_steps and global_step < total_steps:
+                if args.save_every and global_step % args.save_every == 0:
+                    save(global_step)
+                stopped_early = True
+                done = True
+                break
+            if global_step >= total_steps:
+                done = True
+                break
+            if args.save_every and global_step % args.save_every == 0:
+                save(global_step)
+        if done:
+            break
+        epoch += 1
+        batches_done = 0
+        epoch_now, batches_now = epoch, 0
+    bar.close()
+    final = checkpoint_name(global_step)
+    already = (checkpoints and checkpoints[-1].name == final) or (resume_from is not None and resume_from.name == final)
+    if not stopped_early and global_step > 0 and not already:
+        save(global_step)
+    accelerator.end_training()
+    return TrainResult(
+        model=accelerator.unwrap_model(model), processor=processor, global_step=global_step, history=history,
+        checkpoints=checkpoints, world_size=accelerator.num_processes, stopped_early=stopped_early,
+    )
+
+
+def _jsonable(obj: Any) -> Any:
+    try:
+        json.dumps(obj)
+        return obj
+    except TypeError:
+        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            return _jsonable(dataclasses.asdict(obj))
+        if isinstance(obj, dict):
+            return {str(k): _jsonable(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [_jsonable(v) for v in obj]
+        return str(obj)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    result = train(cfg)
+    if result.model is not None and int(os.environ.get("RANK", "0")) == 0:
+        last = result.checkpoints[-1] if result.checkpoints else None
+        print(json.dumps({"global_step": result.global_step, "world_size": result.world_size,
+                          "last_checkpoint": str(last) if last else None,
+                          "stopped_early": result.stopped_early}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
