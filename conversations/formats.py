@@ -87,7 +87,9 @@ def _array_items(f, path: str, chunk_size: int, max_record_chars: int) -> Iterat
                 except json.JSONDecodeError as e:
                     if eof or len(buf) - pos > max_record_chars:
                         too_big = not eof
+                        truncated = eof and (e.pos >= len(buf.rstrip(_WS)) or e.msg.startswith("Unterminated"))
                         msg = (f"record longer than {max_record_chars} characters or malformed" if too_big
+                               else f"unexpected end of file inside record {index} ({e.msg})" if truncated
                                else f"invalid JSON ({e.msg})")
                         yield Item(index, error=f"{path}: {msg} at {where(e.pos)}", fatal=True)
                         return
