@@ -82,7 +82,8 @@ def _image_processor(image_size: int, mean=CLIP_MEAN, std=CLIP_STD):
                               image_mean=list(mean), image_std=list(std))
 
 
-def build_tiny_vision_tower(out_dir: str | os.PathLike | None = None, seed: int = 0, **overrides):
+def build_tiny_vision_tower(out_dir: str | os.PathLike | None = None, seed: int = 0, image_mean=CLIP_MEAN,
+                            image_std=CLIP_STD, **overrides):
     """A tiny CLIPVisionModel + CLIPImageProcessor (the layout of an AddressCLIP export), optionally saved.
 
     `overrides` change the tiny vision config (e.g. hidden_size=48, image_size=48, patch_size=12) to
@@ -95,7 +96,7 @@ def build_tiny_vision_tower(out_dir: str | os.PathLike | None = None, seed: int 
     vcfg.update(overrides)
     torch.manual_seed(seed)
     tower = CLIPVisionModel(CLIPVisionConfig(**vcfg))
-    ip = _image_processor(vcfg["image_size"])
+    ip = _image_processor(vcfg["image_size"], image_mean, image_std)
     if out_dir is not None:
         tower.save_pretrained(str(out_dir))
         ip.save_pretrained(str(out_dir))
@@ -171,3 +172,36 @@ def demo_texts(n: int = 200) -> list[str]:
         lines.append(f"USER: {questions[i % len(questions)]} ASSISTANT: {a} & {b}, {areas[i % len(areas)]}. "
                      f"Photo {i} shows a street view of {a} near {b}.")
     return lines
+
+
+def write_toy_llava_data(out_dir: str | os.PathLike, n: int = 12, seed: int = 0, turns: int = 2) -> Path:
+    """Writes `train.json` (LLaVA format, `n` records) and `images/` (small solid-colour PNGs of varied sizes).
+
+    Each record's colour decides its address, so a tiny model can learn the mapping. Returns `out_dir`.
+    """
+    import random
+
+    from PIL import Image
+
+    from clip_stage.fsutil import atomic_write_json
+
+    rng = random.Random(seed)
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    places = [((200, 30, 30), "Main Street & Oak Avenue, Downtown"), ((30, 200, 30), "Broadway & West 72nd Street, "
+              "Upper West Side"), ((30, 30, 200), "Mannerheimintie & Aleksanterinkatu, Kluuvi")]
+    follow_ups = [("Which neighbourhood is this?", lambda a: a.split(", ")[-1] + "."),
+                  ("What street is this?", lambda a: a.split(" & ")[0] + ".")]
+    records = []
+    for i in range(n):
+        colour, address = places[i % len(places)]
+        w, h = rng.choice([(40, 30), (30, 40), (32, 32), (64, 20)])
+        rel = f"images/{i:04d}.png"
+        Image.new("RGB", (w, h), colour).save(out / rel)
+        conv = [{"from": "human", "value": "<image>\nWhere was this photo taken?"},
+                {"from": "gpt", "value": f"{address}."}]
+        for q, answer in follow_ups[: max(0, turns - 1)]:
+            conv += [{"from": "human", "value": q}, {"from": "gpt", "value": answer(address)}]
+        records.append({"id": f"toy-{i:04d}", "image": rel, "conversations": conv})
+    atomic_write_json(out / "train.json", records)
+    return out

@@ -38,3 +38,37 @@ def toy_conversations(toy_dataset, tmp_path_factory):
 
 
 # --- llava_address fixtures (issue 5) ---
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory):
+    """A tiny LLaVA-1.5 checkpoint folder (model + processor + sentencepiece tokenizer, safetensors), built from
+    llava_address/model_configs/tiny-llava.json with seed 0: load it with
+    `build_llava(ModelArgs(model_name_or_path=str(tiny_llava_dir)))`. 32 px images, 16 image tokens. Read-only."""
+    from llava_address.tiny import build_tiny_llava, demo_texts, train_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny_llava")
+    tok = train_tokenizer(demo_texts(), root / "tokenizer")
+    build_tiny_llava(tok, seed=0, out_dir=root / "model")
+    return root / "model"
+
+
+@pytest.fixture(scope="session")
+def tiny_vision_tower_dir(tmp_path_factory):
+    """A tiny CLIPVisionModel + CLIPImageProcessor folder (the AddressCLIP export layout) whose shape differs from
+    `tiny_llava_dir`'s tower: hidden 48, 48 px images, patch 12 (still 16 patches), mean 0.5 / std 0.25. Read-only."""
+    from llava_address.tiny import build_tiny_vision_tower
+
+    out = tmp_path_factory.mktemp("tiny_tower") / "tower"
+    build_tiny_vision_tower(out, seed=1, hidden_size=48, intermediate_size=96, image_size=48, patch_size=12,
+                            image_mean=[0.5, 0.5, 0.5], image_std=[0.25, 0.25, 0.25])
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_data(tmp_path_factory):
+    """A LLaVA-format conversation file (`train.json`, 12 records, 2-turn address Q&A, one image each) beside an
+    `images/` folder of small solid-colour PNGs of varied sizes. Returns the data folder. Read-only."""
+    from llava_address.tiny import write_toy_llava_data
+
+    return write_toy_llava_data(tmp_path_factory.mktemp("tiny_llava_data") / "data", n=12, seed=0)

@@ -1,0 +1,369 @@
+"""LLaVA-format conversation data -> model batches: dataset, image loading, collate, length-grouped sampler.
+
+Reads any LLaVA-format file (a JSON list or JSONL of `{"id", "image", "conversations": [{"from", "value"}]}`,
+as written by `address-llava conversations` or LLaVA's own data). Every record's text is tokenised once at
+start-up (fast; gives exact lengths for length-grouped batching, and every malformed record is reported
+before training starts, by id). Images load lazily in `__getitem__`, from paths relative to an image root
+that they cannot escape, padded to a square with the processor's mean colour as LLaVA-1.5 does
+(`image_aspect_ratio pad`), then run through the processor's image processor.
+
+    ds = LlavaDataset.from_args(DataArgs(data_path=...), processor, num_image_tokens(model.config))
+    sampler = LengthGroupedSampler(ds.lengths, ds.has_image, batch_size=4, seed=0)
+    loader = DataLoader(ds, batch_size=4, sampler=sampler, collate_fn=LlavaCollator(tokenizer.pad_token_id))
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from clip_stage.fsutil import UnsafePathError, resolve_under_root
+from llava_address.config import DataArgs
+from llava_address.prompting import IGNORE_INDEX, ConversationError, encode_conversation
+
+log = logging.getLogger(__name__)
+
+
+class RecordError(ValueError):
+    """A malformed record or a record whose image cannot be used (the message names the record)."""
+
+
+# --- reading ---------------------------------------------------------------------------------------
+
+def load_llava_records(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Records of a LLaVA JSON list or JSONL file (format detected from the content, not the suffix)."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if not stripped:
+        raise RecordError(f"{path} is empty")
+    if stripped[0] == "[":
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise RecordError(f"{path}: invalid JSON: {e}") from e
+    else:
+        records = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise RecordError(f"{path}:{lineno}: invalid JSON line: {e}") from e
+    if not isinstance(records, list):
+        raise RecordError(f"{path}: expected a list of records, got {type(records).__name__}")
+    return records
+
+
+def record_images(record: dict[str, Any], record_id: Any) -> list[str]:
+    """The record's image paths (LLaVA allows one path or a list; none for text-only records)."""
+    image = record.get("image")
+    if image is None:
+        return []
+    if isinstance(image, str):
+        return [image]
+    if isinstance(image, list) and all(isinstance(x, str) for x in image):
+        return list(image)
+    raise RecordError(f"record {record_id!r}: `image` must be a path or a list of paths, got {image!r}")
+
+
+# --- images ----------------------------------------------------------------------------------------
+
+def expand_to_square(image, background: tuple[int, ...]):
+    """Pads a PIL image to a centred square with `background` (LLaVA-1.5's expand2square)."""
+    from PIL import Image
+
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    out = Image.new(image.mode, (side, side), background)
+    out.paste(image, ((side - w) // 2, (side - h) // 2))
+    return out
+
+
+def mean_colour(image_processor) -> tuple[int, int, int]:
+    return tuple(int(round(x * 255)) for x in image_processor.image_mean)
+
+
+def load_image(root: str | os.PathLike, relative: str, record_id: Any):
+    """An RGB PIL image under `root`; RecordError naming the record for unsafe paths and unreadable files."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        path = resolve_under_root(root, relative)
+    except UnsafePathError as e:
+        raise RecordError(f"record {record_id!r}: {e}") from e
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except FileNotFoundError as e:
+        raise RecordError(f"record {record_id!r}: image {relative!r} not found under {root}") from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise RecordError(f"record {record_id!r}: image {relative!r} is corrupt or unreadable: {e}") from e
+
+
+# --- dataset ---------------------------------------------------------------------------------------
+
+class LlavaDataset(Dataset):
+    """Items: {"input_ids", "labels" (LongTensor [L]), "pixel_values" (FloatTensor [n_images, 3, H, W] or None),
+    "id"}. `lengths[i]` is the exact token count of item i (image tokens included); `has_image[i]` its modality.
+    """
+
+    def __init__(self, records: Sequence[dict[str, Any]], processor, num_image_tokens: int, *,
+                 image_root: str | os.PathLike | None, image_aspect_ratio: str = "pad", max_length: int = 2048,
+                 template: str = "vicuna_v1", image_token_id: int | None = None, source: str = "records"):
+        if image_aspect_ratio not in ("pad", "resize"):
+            raise ValueError("image_aspect_ratio must be 'pad' or 'resize'")
+        self.records = list(records)
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.image_processor = getattr(processor, "image_processor", None)
+        self.num_image_tokens = num_image_tokens
+        self.image_root = Path(image_root) if image_root is not None else None
+        self.image_aspect_ratio = image_aspect_ratio
+        self.max_length = max_length
+        self.template = template
+        self.image_token_id = image_token_id
+        self.ids: list[Any] = []
+        self.lengths: list[int] = []
+        self.has_image: list[bool] = []
+        problems = []
+        for i, rec in enumerate(self.records):
+            rid = rec.get("id", f"#{i}") if isinstance(rec, dict) else f"#{i}"
+            try:
+                enc, images = self._encode(i, rec)
+            except (RecordError, ConversationError) as e:
+                problems.append(str(e))
+                continue
+            self.ids.append(rid)
+            self.lengths.append(len(enc.input_ids))
+            self.has_image.append(bool(images))
+        if problems:
+            shown = "\n  ".join(problems[:10])
+            more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+            raise RecordError(f"{source}: {len(problems)} of {len(self.records)} records are invalid:\n  {shown}{more}")
+        if any(self.has_image) and (self.image_root is None or self.image_processor is None):
+            raise ValueError("records have images: give an image_root and a processor with an image processor")
+        n_trunc = sum(1 for n in self.lengths if n >= max_length)
+        if n_trunc:
+            log.warning("%s: %d of %d records truncated to %d tokens", source, n_trunc, len(self), max_length)
+
+    @classmethod
+    def from_file(cls, data_path: str | os.PathLike, processor, num_image_tokens: int,
+                  image_root: str | os.PathLike | None = None, **kwargs) -> "LlavaDataset":
+        """Reads a LLaVA JSON/JSONL file; image paths are relative to `image_root` (default: the file's folder)."""
+        data_path = Path(data_path)
+        root = Path(image_root) if image_root is not None else data_path.parent
+        return cls(load_llava_records(data_path), processor, num_image_tokens, image_root=root,
+                   source=str(data_path), **kwargs)
+
+    @classmethod
+    def from_args(cls, args: DataArgs, processor, num_image_tokens: int, **kwargs) -> "LlavaDataset":
+        if args.data_path is None:
+            raise ValueError("DataArgs.data_path is required")
+        return cls.from_file(args.data_path, processor, num_image_tokens, image_root=args.image_root,
+                             image_aspect_ratio=args.image_aspect_ratio, max_length=args.model_max_length,
+                             template=args.template, **kwargs)
+
+    def _encode(self, index: int, rec: Any):
+        if not isinstance(rec, dict):
+            raise RecordError(f"record #{index}: expected an object, got {type(rec).__name__}")
+        rid = rec.get("id", f"#{index}")
+        conv = rec.get("conversations")
+        if not isinstance(conv, list) or not conv:
+            raise RecordError(f"record {rid!r}: `conversations` must be a non-empty list")
+        images = record_images(rec, rid)
+        if conv and isinstance(conv[-1], dict) and str(conv[-1].get("from", conv[-1].get("role"))).lower() in ("human", "user"):
+            raise RecordError(f"record {rid!r}: the conversation ends with a user message (nothing to learn)")
+        enc = encode_conversation(conv, self.tokenizer, self.num_image_tokens, num_images=len(images),
+                                  image_token_id=self.image_token_id, template=self.template,
+                                  max_length=self.max_length, record_id=rid)
+        return enc, images
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def load_pixel_values(self, images: Sequence[str], record_id: Any) -> torch.Tensor:
+        pil = [load_image(self.image_root, rel, record_id) for rel in images]
+        if self.image_aspect_ratio == "pad":
+            bg = mean_colour(self.image_processor)
+            pil = [expand_to_square(im, bg) for im in pil]
+        return self.image_processor(images=pil, return_tensors="pt")["pixel_values"]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        rec = self.records[index]
+        enc, images = self._encode(index, rec)
+        rid = self.ids[index]
+        pixel_values = self.load_pixel_values(images, rid) if images else None
+        return {"input_ids": torch.tensor(enc.input_ids, dtype=torch.long),
+                "labels": torch.tensor(enc.labels, dtype=torch.long),
+                "pixel_values": pixel_values, "id": rid}
+
+    def verify_images(self) -> None:
+        """Opens every image now (instead of lazily during training); RecordError lists the unusable ones."""
+        problems = []
+        for rid, rec in zip(self.ids, self.records):
+            for rel in record_images(rec, rid):
+                try:
+                    load_image(self.image_root, rel, rid)
+                except RecordError as e:
+                    problems.append(str(e))
+        if problems:
+            raise RecordError(f"{len(problems)} unusable image(s):\n  " + "\n  ".join(problems[:10]))
+
+
+# --- batching --------------------------------------------------------------------------------------
+
+class LlavaCollator:
+    """Right-pads a list of dataset items into model inputs.
+
+    Returns input_ids / labels (pad: -100) / attention_mask [B, L] and, when any item has images,
+    pixel_values [total_images, 3, H, W] in item order (the model fills image tokens in that order).
+    `ids` (record ids) are returned only with `keep_ids=True`, since models reject unknown kwargs.
+    """
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None, keep_ids: bool = False):
+        if pad_token_id is None:
+            raise ValueError("the tokenizer needs a pad token")
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.keep_ids = keep_ids
+
+    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        longest = max(len(it["input_ids"]) for it in items)
+        if self.pad_to_multiple_of:
+            m = self.pad_to_multiple_of
+            longest = (longest + m - 1) // m * m
+        b = len(items)
+        input_ids = torch.full((b, longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((b, longest), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((b, longest), dtype=torch.long)
+        for i, it in enumerate(items):
+            n = len(it["input_ids"])
+            input_ids[i, :n] = it["input_ids"]
+            labels[i, :n] = it["labels"]
+            attention_mask[i, :n] = 1
+        batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        pixels = [it["pixel_values"] for it in items if it.get("pixel_values") is not None]
+        if pixels:
+            batch["pixel_values"] = torch.cat(pixels, dim=0)
+        if self.keep_ids:
+            batch["ids"] = [it.get("id") for it in items]
+        return batch
+
+
+def length_grouped_indices(lengths: Sequence[int], has_image: Sequence[bool] | None, batch_size: int,
+                           generator: torch.Generator, megabatch_mult: int = 50) -> list[int]:
+    """A permutation in which every run of `batch_size` indices has similar lengths and one modality.
+
+    Like LLaVA's group_by_modality_length / HF's LengthGroupedSampler: per modality (image / text-only),
+    shuffle, cut into megabatches of `megabatch_mult * batch_size`, sort each by length (longest first) and cut
+    it into batches; then shuffle the full batches, keep the longest batch first (an out-of-memory shows up at
+    step 1) and put the incomplete leftovers of both modalities together at the end.
+    """
+    if batch_size <= 0:
+        raise ValueError("batch_size must be positive")
+    n = len(lengths)
+    modality = list(has_image) if has_image is not None else [True] * n
+    groups = [[i for i in range(n) if modality[i]], [i for i in range(n) if not modality[i]]]
+    full: list[list[int]] = []
+    leftover: list[int] = []
+    mega = megabatch_mult * batch_size
+    for group in groups:
+        if not group:
+            continue
+        perm = [group[j] for j in torch.randperm(len(group), generator=generator).tolist()]
+        for s in range(0, len(perm), mega):
+            chunk = sorted(perm[s:s + mega], key=lambda i: -lengths[i])
+            for b in range(0, len(chunk), batch_size):
+                batch = chunk[b:b + batch_size]
+                (full.append(batch) if len(batch) == batch_size else leftover.extend(batch))
+    order = torch.randperm(len(full), generator=generator).tolist()
+    full = [full[j] for j in order]
+    if full:
+        longest = max(range(len(full)), key=lambda j: max(lengths[i] for i in full[j]))
+        full[0], full[longest] = full[longest], full[0]
+    leftover.sort(key=lambda i: -lengths[i])
+    return [i for batch in full for i in batch] + leftover
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """Sampler yielding `length_grouped_indices`; deterministic in (seed, epoch): call `set_epoch` each epoch.
+
+    Give the per-device batch size: with accelerate, consecutive batches go to different ranks and all come
+    from the same megabatch, so every rank sees similar lengths at a step.
+    """
+
+    def __init__(self, lengths: Sequence[int], has_image: Sequence[bool] | None, batch_size: int, seed: int = 0,
+                 megabatch_mult: int = 50):
+        self.lengths = list(lengths)
+        self.has_image = list(has_image) if has_image is not None else None
+        self.batch_size = batch_size
+        self.seed = seed
+        self.megabatch_mult = megabatch_mult
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(length_grouped_indices(self.lengths, self.has_image, self.batch_size, g, self.megabatch_mult))
+
+
+# --- entry points used by train-llava ----------------------------------------------------------------
+
+def build_dataset(args: DataArgs, processor, model_config, **kwargs) -> LlavaDataset:
+    """The training dataset of `args`, with the image-token count of `model_config` (a LlavaConfig)."""
+    from llava_address.model import num_image_tokens
+
+    return LlavaDataset.from_args(args, processor, num_image_tokens(model_config),
+                                  image_token_id=model_config.image_token_id, **kwargs)
+
+
+def build_dataloader(dataset: LlavaDataset, args: DataArgs, batch_size: int, world_size: int = 1, seed: int = 0,
+                     num_workers: int = 0, processor=None, pad_to_multiple_of: int | None = None):
+    """DataLoader with the collator and, when `args.group_by_length`, the length-grouped sampler.
+
+    batch_size is per device; `world_size` is accepted for symmetry (accelerate shards the batches).
+    The loader is deterministic in (seed, epoch): call `set_epoch` (accelerate's prepared loader forwards it).
+    """
+    from torch.utils.data import DataLoader, RandomSampler
+
+    tokenizer = getattr(processor, "tokenizer", processor) if processor is not None else dataset.tokenizer
+    collate = LlavaCollator(tokenizer.pad_token_id, pad_to_multiple_of=pad_to_multiple_of)
+    if args.group_by_length:
+        sampler = LengthGroupedSampler(dataset.lengths, dataset.has_image, batch_size=batch_size, seed=seed)
+    else:
+        sampler = _EpochRandomSampler(len(dataset), seed)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=num_workers,
+                      drop_last=False, persistent_workers=num_workers > 0)
+
+
+class _EpochRandomSampler(Sampler[int]):
+    """A shuffling sampler deterministic in (seed, epoch), so a resumed run sees the same order."""
+
+    def __init__(self, n: int, seed: int = 0):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
