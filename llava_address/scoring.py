@@ -42,8 +42,10 @@ _TYPE_KEYS = ("question_type", "type", "qtype", "kind")
 _TYPE_ALIASES = {"address": "full", "full_address": "full", "place": "neighbourhood", "cross_streets": "cross", "between": "cross",
                  "neighborhood": "neighbourhood", "yes_no": "yesno", "verify": "yesno", "verification": "yesno",
                  "multiple_choice": "mc", "choice": "mc", "caption": "scene", "describe": "scene"}
-_EXPECTED_KEYS = ("expected", "yes_no", "yesno", "expected_yes", "answer_yes", "is_true", "label")
-_LETTER_KEYS = ("mc_letter", "letter", "answer_letter", "correct_letter", "correct", "mc_answer", "choice")
+# `expected_answer` (the conversation builder's name) holds 'yes'/'no', a letter or an address text,
+# so it is read by question type.
+_EXPECTED_KEYS = ("expected", "expected_answer", "yes_no", "yesno", "expected_yes", "answer_yes", "is_true", "label")
+_LETTER_KEYS = ("mc_letter", "expected_answer", "letter", "answer_letter", "correct_letter", "correct", "mc_answer")
 _OPTIONS_KEYS = ("options", "choices", "candidates")
 
 METRICS: dict[str, tuple[str, ...]] = {
@@ -84,12 +86,16 @@ class Reference:
         qtype = _TYPE_ALIASES.get(qtype, qtype)
         if qtype not in QUESTION_TYPES:
             raise AnswersError(f"{where}unknown question type {qtype!r}; valid: {QUESTION_TYPES}")
-        expected = next((d[k] for k in _EXPECTED_KEYS if k in d and d[k] is not None), None)
-        if isinstance(expected, str):
-            expected = {"yes": True, "true": True, "no": False, "false": False}.get(expected.strip().lower())
-        letter = next((str(d[k]).strip().upper() for k in _LETTER_KEYS if d.get(k) not in (None, "")), None)
-        if letter is not None and not re.fullmatch(r"[A-Z]", letter):
-            letter = letter.strip("()").upper()[:1] or None
+        expected = letter = None
+        if qtype == "yesno":
+            expected = next((d[k] for k in _EXPECTED_KEYS if k in d and d[k] not in (None, "")), None)
+            if isinstance(expected, str):
+                expected = {"yes": True, "true": True, "no": False, "false": False}.get(expected.strip().lower())
+        elif qtype == "mc":
+            letter = next((str(d[k]).strip().strip("().").upper() for k in _LETTER_KEYS if d.get(k) not in (None, "")),
+                          None)
+            if letter is not None and not re.fullmatch(r"[A-Z]", letter):
+                raise AnswersError(f"{where}multiple-choice reference letter {letter!r} is not a single letter")
         options = next((d[k] for k in _OPTIONS_KEYS if d.get(k)), ())
         if isinstance(options, dict):
             options = tuple(v for _, v in sorted(options.items()))

@@ -192,3 +192,28 @@ def test_score_cli_writes_report(toy_dataset, tmp_path, capsys):
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["n_missing"] == 2 and report["unparseable"][0]["id"] == recs[-1]["id"]
     assert len((tmp_path / "d.jsonl").read_text().splitlines()) == len(recs) - 2
+
+
+@pytest.fixture(scope="module")
+def built_eval(toy_dataset, tmp_path_factory):
+    """The conversation builder's own evaluation split of the toy dataset."""
+    from conversations.build import main as build_main
+
+    out = tmp_path_factory.mktemp("conv") / "conv"
+    build_main(["--dataset", str(toy_dataset), "--out", str(out)])
+    return out / "eval.json"
+
+
+def test_the_builders_reference_answers_score_full_marks(toy_dataset, scorer, built_eval):
+    recs = json.loads(built_eval.read_text())
+    refs = scoring.eval_references(recs)
+    right = scorer.score([{"id": r["id"], "answer": r["conversations"][1]["value"]} for r in recs], refs)
+    scored = [m for m in right.metrics.values() if m["total"]]
+    assert len(scored) >= 5 and all(m["correct"] == m["total"] for m in scored)
+    assert not right.unparseable
+    # Each answer given to a record a third of the split away (another street: the split is sorted by street).
+    k = len(recs) // 3
+    shifted = scorer.score([{"id": r["id"], "answer": recs[(i + k) % len(recs)]["conversations"][1]["value"]}
+                            for i, r in enumerate(recs)], refs)
+    assert shifted.metrics["street_acc"]["correct"] == 0 and shifted.metrics["sub_street_acc"]["correct"] == 0
+    assert sum(m["correct"] for m in shifted.metrics.values()) < sum(m["correct"] for m in right.metrics.values()) / 2

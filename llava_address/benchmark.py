@@ -1,0 +1,403 @@
+"""Benchmark: several systems answer the same evaluation split and are scored the same way.
+
+    address-llava benchmark --dataset DATA --eval eval.json --out runs/bench \
+        --system ours=llava:runs/llava-merged \
+        --system base=llava:llava-hf/llava-1.5-7b-hf \
+        --system addressclip=clip:runs/clip \
+        --system qwen=hf:Qwen/Qwen2-VL-2B-Instruct \
+        --system gpt-4o=jsonl:answers/gpt-4o.jsonl
+
+A system is `NAME=KIND:TARGET[,key=value...]`; the kinds are a registry (`SYSTEM_KINDS`, `--list-kinds`):
+
+- llava: a LLaVA folder or hub id (merged, or the untuned base); `adapter=CKPT` applies a train-llava
+  checkpoint. Prompts are the training template (`llava_address.prompting`), batched with the KV cache.
+- clip: AddressCLIP retrieval: a train-clip checkpoint (or `model=NAME` + `pretrained=TAG` for open_clip);
+  the answer is the top-1 address of the city's gallery (`style=full` by default). Multiple-choice
+  questions are answered by ranking the options listed in the question; yes/no questions are not
+  answerable by retrieval and show as "-".
+- hf: any vision-language model transformers' `pipeline("image-text-to-text")` runs (hub id or folder),
+  prompted with the question alone through the model's own chat template.
+- jsonl: answers produced elsewhere (closed APIs), `{"id", "answer"}` per line, scored as they are.
+
+Every generated answer file (`OUT/answers/NAME.jsonl`) is resumable: rerunning skips answered ids. A
+system that fails (missing weights, a missing image) is reported with its error while the others are
+still scored; the command then exits non-zero. Outputs: `OUT/benchmark.md` (table), `OUT/benchmark.json`
+(all reports), `OUT/benchmark.png` (bar chart).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from llava_address.infer import InferenceInputError, eval_items, llava_answer_batch, load_generator, run_answers
+from llava_address.scoring import METRICS, Scorer, eval_references, read_jsonl, read_records_file
+
+log = logging.getLogger(__name__)
+
+ADDRESS_TYPES = frozenset({"full", "street", "cross", "neighbourhood", "scene"})
+ALL_TYPES = ADDRESS_TYPES | {"yesno", "mc"}
+METRIC_LABELS = {"street_acc": "street", "sub_street_acc": "sub-street", "cross_acc": "cross streets",
+                 "neighbourhood_acc": "neighbourhood", "yesno_acc": "yes/no", "mc_acc": "multiple choice"}
+
+
+class BenchmarkError(ValueError):
+    """A malformed system spec, an unknown kind, a duplicate system name."""
+
+
+@dataclass(frozen=True)
+class SystemSpec:
+    name: str
+    kind: str
+    target: str
+    options: dict[str, str] = field(default_factory=dict)
+
+    def __hash__(self):
+        return hash((self.name, self.kind, self.target))
+
+
+def parse_system_spec(text: str) -> SystemSpec:
+    """'NAME=KIND:TARGET[,key=value...]' -> SystemSpec."""
+    m = re.fullmatch(r"([A-Za-z0-9_.+-]+)=([a-z_]+):(.*)", text.strip())
+    if not m:
+        raise BenchmarkError(f"system {text!r}: expected NAME=KIND:TARGET[,key=value...] "
+                             f"(e.g. ours=llava:runs/merged); kinds: {sorted(SYSTEM_KINDS)}")
+    name, kind, rest = m.groups()
+    get_system_kind(kind)
+    target, *opts = rest.split(",")
+    options = {}
+    for o in opts:
+        if "=" not in o:
+            raise BenchmarkError(f"system {name!r}: option {o!r} is not key=value")
+        k, v = o.split("=", 1)
+        options[k.strip()] = v.strip()
+    return SystemSpec(name, kind, target.strip(), options)
+
+
+@dataclass
+class RunContext:
+    dataset: Path
+    device: str = "cpu"
+    dtype: str = "auto"
+    max_new_tokens: int = 64
+    batch_size: int = 8
+
+
+@dataclass
+class System:
+    """A loaded system: answers (questions, PIL images) batches; `supports` are the question types it can answer."""
+
+    answer_batch: Callable[[list[str], list], list[str]]
+    supports: frozenset[str] = ALL_TYPES
+
+
+@dataclass(frozen=True)
+class SystemKind:
+    name: str
+    help: str
+    load: Callable[[SystemSpec, RunContext], System] | None
+    """None: the answers are imported, not generated"""
+    supports: frozenset[str] = ALL_TYPES
+
+
+SYSTEM_KINDS: dict[str, SystemKind] = {}
+
+
+def register_system_kind(kind: SystemKind) -> None:
+    if kind.name in SYSTEM_KINDS:
+        raise ValueError(f"system kind {kind.name!r} is already registered")
+    SYSTEM_KINDS[kind.name] = kind
+
+
+def get_system_kind(name: str) -> SystemKind:
+    try:
+        return SYSTEM_KINDS[name]
+    except KeyError:
+        raise BenchmarkError(f"unknown system kind {name!r}; valid kinds: {sorted(SYSTEM_KINDS)}") from None
+
+
+def _check_options(spec: SystemSpec, allowed: Sequence[str]) -> None:
+    bad = sorted(set(spec.options) - set(allowed))
+    if bad:
+        raise BenchmarkError(f"system {spec.name!r} ({spec.kind}): unknown option(s) {bad}; valid: {sorted(allowed)}")
+
+
+# --- llava ---------------------------------------------------------------------------------------------
+
+def _load_llava(spec: SystemSpec, ctx: RunContext) -> System:
+    _check_options(spec, ("adapter", "max_new_tokens", "pad_to_square"))
+    gen = load_generator(spec.target or None, spec.options.get("adapter"), ctx.device, ctx.dtype)
+    gen.pad_to_square = spec.options.get("pad_to_square", "true").lower() != "false"
+    return System(llava_answer_batch(gen, int(spec.options.get("max_new_tokens", ctx.max_new_tokens))))
+
+
+register_system_kind(SystemKind("llava", "LLaVA folder/hub id (merged or base), adapter=train-llava checkpoint",
+                                _load_llava))
+
+
+# --- AddressCLIP retrieval -----------------------------------------------------------------------------
+
+_CHOICE_LINE = re.compile(r"^\s*\(?([A-H])[\.\):]\s*(.+?)\s*$")
+
+
+def choices_in_question(question: str) -> list[tuple[str, str]]:
+    """[(letter, text)] of the options a multiple-choice question lists one per line ('A. ...', '(B) ...')."""
+    return [(m.group(1), m.group(2)) for m in map(_CHOICE_LINE.match, question.splitlines()) if m]
+
+
+def clip_retrieval(bundle, gallery_texts: list[str], text_embeddings, device: str = "cpu"):
+    """answer_batch for a CLIP model: top-1 gallery address, or the best-ranked listed option for MC."""
+    import torch
+
+    @torch.no_grad()
+    def answer_batch(questions: list[str], images: list) -> list[str]:
+        model = bundle.model.eval()
+        pix = torch.stack([bundle.preprocess_val(im) for im in images]).to(device)
+        img = model.encode_image(pix, normalize=True).float().cpu()
+        answers = []
+        for q, e in zip(questions, img):
+            choices = choices_in_question(q)
+            if len(choices) >= 2:
+                from clip_stage.gallery import encode_texts
+
+                t = encode_texts(model, bundle.tokenizer, [c for _, c in choices], device=device)
+                best = int(torch.argmax(t @ e))
+                answers.append(f"{choices[best][0]}. {choices[best][1]}")
+            else:
+                answers.append(gallery_texts[int(torch.argmax(text_embeddings @ e))])
+        return answers
+
+    return answer_batch
+
+
+def _load_clip(spec: SystemSpec, ctx: RunContext) -> System:
+    from clip_stage.gallery import GalleryEncoder, gallery_from_dataset
+    from clip_stage.model import create_clip, load_checkpoint
+
+    _check_options(spec, ("model", "pretrained", "style"))
+    if spec.target:
+        bundle = load_checkpoint(spec.target, device=ctx.device)
+    elif spec.options.get("model"):
+        bundle = create_clip(spec.options["model"], spec.options.get("pretrained"), device=ctx.device)
+    else:
+        raise BenchmarkError(f"system {spec.name!r}: give a train-clip checkpoint, or model=NAME[,pretrained=TAG]")
+    gallery = gallery_from_dataset(ctx.dataset, spec.options.get("style", "full"))
+    emb = GalleryEncoder(None, device=ctx.device)(bundle.model, bundle.tokenizer, gallery.texts)
+    return System(clip_retrieval(bundle, gallery.texts, emb, ctx.device), ADDRESS_TYPES | {"mc"})
+
+
+register_system_kind(SystemKind("clip", "AddressCLIP retrieval: train-clip checkpoint (or model=,pretrained=); "
+                                        "top-1 gallery address", _load_clip, ADDRESS_TYPES | {"mc"}))
+
+
+# --- any HF image-text-to-text model -------------------------------------------------------------------
+
+def hf_pipeline_answer_batch(pipe, max_new_tokens: int = 64):
+    def answer_batch(questions: list[str], images: list) -> list[str]:
+        messages = [[{"role": "user", "content": [{"type": "image", "image": im}, {"type": "text", "text": q}]}]
+                    for q, im in zip(questions, images)]
+        outs = pipe(text=messages, max_new_tokens=max_new_tokens, return_full_text=False, batch_size=len(messages))
+        answers = []
+        for o in outs:
+            o = o[0] if isinstance(o, list) else o
+            text = o["generated_text"]
+            if isinstance(text, list):  # a chat transcript: take the assistant's reply
+                text = text[-1]["content"] if text else ""
+            answers.append(str(text).strip())
+        return answers
+
+    return answer_batch
+
+
+def _load_hf(spec: SystemSpec, ctx: RunContext) -> System:
+    from transformers import pipeline
+
+    _check_options(spec, ("max_new_tokens", "trust_remote_code"))
+    if not spec.target:
+        raise BenchmarkError(f"system {spec.name!r}: give a hub id or model folder")
+    try:
+        pipe = pipeline("image-text-to-text", model=spec.target, device=ctx.device,
+                        dtype="auto" if ctx.dtype == "auto" else ctx.dtype,
+                        trust_remote_code=spec.options.get("trust_remote_code", "false").lower() == "true")
+    except (OSError, ValueError) as e:
+        raise InferenceInputError(f"cannot load {spec.target} as an image-text-to-text pipeline: {e}") from e
+    return System(hf_pipeline_answer_batch(pipe, int(spec.options.get("max_new_tokens", ctx.max_new_tokens))))
+
+
+register_system_kind(SystemKind("hf", "any transformers image-text-to-text model (hub id or folder)", _load_hf))
+register_system_kind(SystemKind("jsonl", "imported answers JSONL (closed models): id, answer", None))
+
+
+# --- running, scoring, reporting -----------------------------------------------------------------------
+
+def run_benchmark(specs: Sequence[SystemSpec], dataset: str | Path, eval_file: str | Path, out_dir: str | Path,
+                  image_root: str | Path | None = None, ctx: RunContext | None = None, scorer: Scorer | None = None,
+                  limit: int | None = None, progress: bool = True) -> dict[str, dict]:
+    """Answers (where needed) and scores every system; returns name -> result, failures included."""
+    names = [s.name for s in specs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise BenchmarkError(f"duplicate system names {dup}")
+    dataset = Path(dataset)
+    out_dir = Path(out_dir)
+    image_root = Path(image_root) if image_root is not None else dataset / "images"
+    ctx = ctx or RunContext(dataset)
+    items = eval_items(eval_file, limit)
+    references = eval_references(read_records_file(eval_file), where=f"{eval_file}: ")
+    if limit is not None:
+        references = {it.id: references[it.id] for it in items}
+    scorer = scorer or Scorer.from_dataset(dataset)
+    results: dict[str, dict] = {}
+    for spec in specs:
+        kind = get_system_kind(spec.kind)
+        res: dict[str, Any] = {"kind": spec.kind, "target": spec.target, "supports": sorted(kind.supports)}
+        try:
+            if kind.load is None:
+                answers_path = Path(spec.target)
+                rows = read_jsonl(answers_path)
+            else:
+                answers_path = out_dir / "answers" / f"{spec.name}.jsonl"
+                system = kind.load(spec, ctx)
+                res["supports"] = sorted(system.supports)
+                res["counts"] = run_answers(system.answer_batch, items, image_root, answers_path, ctx.batch_size,
+                                            progress)
+                rows = read_jsonl(answers_path)
+            report = scorer.score(rows, references, source=str(answers_path))
+            res.update(answers=str(answers_path), report=report.to_dict())
+        except Exception as e:  # one failing system must not lose the others' results
+            log.error("system %s failed: %s", spec.name, e)
+            res["error"] = f"{type(e).__name__}: {e}"
+            res["traceback"] = traceback.format_exc(limit=5)
+        results[spec.name] = res
+    write_outputs(results, out_dir)
+    return results
+
+
+def _supported_metric(res: dict, metric: str) -> bool:
+    return bool(set(METRICS[metric]) & set(res.get("supports", ALL_TYPES)))
+
+
+def markdown_table(results: dict[str, dict]) -> str:
+    head = ["system", "kind", *METRIC_LABELS.values(), "median error", "answered", "unparseable"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, res in results.items():
+        if "error" in res:
+            lines.append(f"| {name} | {res['kind']} | " + " | ".join(["failed"] + [""] * (len(head) - 3))
+                         + " |")
+            continue
+        r = res["report"]
+        cells = []
+        for m in METRIC_LABELS:
+            v = r["metrics"][m]
+            if not _supported_metric(res, m) or v["value"] is None:
+                cells.append("-")
+            else:
+                cells.append(f"{100 * v['value']:.1f}% ({v['correct']}/{v['total']})")
+        med = r["distance"]["median_m"]
+        cells.append("-" if med is None else f"{med:.0f} m ({r['distance']['n']})")
+        cells.append(f"{r['n_answers']}/{r['n_eval']}")
+        cells.append(str(len(r["unparseable"])))
+        lines.append(f"| {name} | {res['kind']} | " + " | ".join(cells) + " |")
+    failures = [f"- {n}: {r['error']}" for n, r in results.items() if "error" in r]
+    if failures:
+        lines += ["", "Failed systems:", *failures]
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(results: dict[str, dict], path: str | Path, title: str = "Address benchmark") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    ok = {n: r for n, r in results.items() if "error" not in r}
+    metrics = [m for m in METRIC_LABELS if any(r["report"]["metrics"][m]["total"] for r in ok.values())]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(metrics) + 2), 4.2), dpi=110)
+    width = 0.8 / max(len(ok), 1)
+    x = np.arange(len(metrics))
+    for i, (name, r) in enumerate(ok.items()):
+        vals = [100 * r["report"]["metrics"][m]["value"]
+                if _supported_metric(r, m) and r["report"]["metrics"][m]["value"] is not None else np.nan
+                for m in metrics]
+        bars = ax.bar(x + (i - (len(ok) - 1) / 2) * width, np.nan_to_num(vals, nan=0.0), width, label=name)
+        for b, v in zip(bars, vals):
+            ax.annotate("-" if np.isnan(v) else f"{v:.0f}", (b.get_x() + b.get_width() / 2, b.get_height()),
+                        ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(x, [METRIC_LABELS[m] for m in metrics])
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    if ok:
+        ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_outputs(results: dict[str, dict], out_dir: str | Path) -> None:
+    from clip_stage.fsutil import atomic_write_json, atomic_write_text
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "benchmark.md", markdown_table(results))
+    atomic_write_json(out_dir / "benchmark.json", results)
+    tmp = out_dir / ".benchmark.png.tmp.png"
+    bar_chart(results, tmp)
+    tmp.replace(out_dir / "benchmark.png")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    kinds = "\n".join(f"  {k.name:<6} {k.help}" for k in SYSTEM_KINDS.values())
+    p = argparse.ArgumentParser(prog="address-llava benchmark", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=f"system kinds:\n{kinds}")
+    p.add_argument("--dataset", help="address dataset folder (gazetteer, geometry, photo positions)")
+    p.add_argument("--eval", help="evaluation split (JSON list or JSONL with 'reference')")
+    p.add_argument("--image-root", default=None, help="image root of the split (default: DATASET/images)")
+    p.add_argument("--out", help="output folder (answers/, benchmark.md, benchmark.json, benchmark.png)")
+    p.add_argument("--system", action="append", default=[], metavar="NAME=KIND:TARGET[,k=v]",
+                   help="a system to evaluate (repeat)")
+    p.add_argument("--batch-size", type=int, default=8, help="questions per batch")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit")
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--limit", type=int, default=None, help="only the first N questions of the split")
+    p.add_argument("--aliases", default=None, help="JSON {alias: canonical name} for the scorer's gazetteer")
+    p.add_argument("--list-kinds", action="store_true", help="list the system kinds and exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.list_kinds:
+        for k in SYSTEM_KINDS.values():
+            print(f"{k.name:<6} {k.help}")
+        return 0
+    missing = [f for f in ("dataset", "eval", "out") if getattr(args, f) is None]
+    if missing or not args.system:
+        raise SystemExit(f"benchmark needs --dataset, --eval, --out and at least one --system "
+                         f"(missing: {missing + ([] if args.system else ['--system'])})")
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    specs = [parse_system_spec(s) for s in args.system]
+    ctx = RunContext(Path(args.dataset), device, args.dtype, args.max_new_tokens, args.batch_size)
+    scorer = Scorer.from_dataset(args.dataset, aliases=args.aliases)
+    results = run_benchmark(specs, args.dataset, args.eval, args.out, args.image_root, ctx, scorer, args.limit)
+    print(markdown_table(results))
+    print(f"wrote {Path(args.out) / 'benchmark.md'}, benchmark.json, benchmark.png")
+    return 1 if any("error" in r for r in results.values()) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

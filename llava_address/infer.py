@@ -1,0 +1,313 @@
+"""Batch inference: answers of a LLaVA model for an evaluation split, written as scoreable JSONL.
+
+    address-llava infer --model MERGED_OR_BASE [--adapter CKPT] --eval eval.json --image-root DATA/images \
+        --out answers.jsonl [--batch-size 8] [--max-new-tokens 64]
+
+Each evaluation record (LLaVA format with a "reference", see `conversations`) gives one question: its first
+human turn. Prompts are rendered by `llava_address.prompting` (the Vicuna v1 template of training),
+left-padded, and generated greedily in batches with the KV cache. Output lines are
+`{"id", "question", "answer", "reference", "image"}`; `llava_address.scoring` reads them.
+
+Resumable: ids already in the output are skipped; each batch is appended in one write and fsynced, and a
+torn last line left by a killed run is cut off on the next start, so the file always holds whole batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+log = logging.getLogger(__name__)
+
+
+# --- images and prompts --------------------------------------------------------------------------------
+
+class InferenceInputError(ValueError):
+    """A missing or unreadable image, a model folder that cannot be loaded, a malformed evaluation file."""
+
+
+def open_image(path: str | os.PathLike):
+    """An RGB PIL image, or a clear error naming the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise InferenceInputError(f"image {path} not found")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise InferenceInputError(f"{path}: not a readable image ({e})") from None
+
+
+def expand_to_square(image, background: Sequence[float]):
+    """LLaVA-1.5's pad-to-square: the image centred on a square of the processor's mean colour."""
+    from PIL import Image
+
+    w, h = image.size
+    if w == h:
+        return image
+    fill = tuple(int(round(c * 255)) for c in background)
+    side = max(w, h)
+    out = Image.new(image.mode, (side, side), fill)
+    out.paste(image, ((side - w) // 2, (side - h) // 2))
+    return out
+
+
+def num_image_tokens(config) -> int:
+    """Image-token ids per `<image>`: the tower's patch grid, plus the CLS token with the 'full' strategy."""
+    from llava_address.model import num_image_tokens as shared  # the LLaVA stage's definition
+
+    return int(shared(config))
+
+
+def user_turn(question: str, with_image: bool) -> dict:
+    question = question.replace("<image>", "").strip()
+    return {"from": "human", "value": f"<image>\n{question}" if with_image else question}
+
+
+@dataclass
+class Generator:
+    """A loaded LLaVA model + processor with the one prompt rendering of training (`prompting`)."""
+
+    model: Any
+    processor: Any
+    template: str = "vicuna_v1"
+    pad_to_square: bool = True
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    def pixel_values(self, images: Sequence) -> Any:
+        ip = self.processor.image_processor
+        if self.pad_to_square:
+            images = [expand_to_square(im, ip.image_mean) for im in images]
+        pv = ip(images=list(images), return_tensors="pt")["pixel_values"]
+        dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())
+        return pv.to(self.device, dtype=dtype)
+
+    def prompt_ids(self, conversation: list[dict]) -> list[int]:
+        from llava_address.prompting import generation_prompt
+
+        return generation_prompt(conversation, self.tokenizer, num_image_tokens(self.model.config),
+                                 num_images=1, image_token_id=self.model.config.image_token_id,
+                                 template=self.template)
+
+    def batch_inputs(self, conversations: Sequence[list[dict]], images: Sequence) -> dict:
+        """Left-padded input ids + attention mask + pixel values (left padding: generation appends at the right)."""
+        import torch
+
+        ids = [self.prompt_ids(c) for c in conversations]
+        width = max(len(x) for x in ids)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for i, x in enumerate(ids):
+            input_ids[i, width - len(x):] = torch.tensor(x)
+            mask[i, width - len(x):] = 1
+        return {"input_ids": input_ids.to(self.device), "attention_mask": mask.to(self.device),
+                "pixel_values": self.pixel_values(images)}
+
+    def generation_kwargs(self, max_new_tokens: int) -> dict:
+        tok = self.tokenizer
+        return {"max_new_tokens": max_new_tokens, "do_sample": False, "use_cache": True,
+                "eos_token_id": tok.eos_token_id,
+                "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id}
+
+    def generate(self, conversations: Sequence[list[dict]], images: Sequence, max_new_tokens: int = 64) -> list[str]:
+        """Greedy answers, one per (conversation ending with a user turn, image)."""
+        import torch
+
+        inputs = self.batch_inputs(conversations, images)
+        with torch.inference_mode():
+            out = self.model.generate(**inputs, **self.generation_kwargs(max_new_tokens))
+        new = out[:, inputs["input_ids"].shape[1]:]
+        return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+
+def load_generator(model_path: str | os.PathLike | None, adapter: str | os.PathLike | None = None,
+                   device: str = "auto", dtype: str = "auto", merge: bool = True) -> Generator:
+    """A merged/base LLaVA (folder or hub id), or a `train-llava` checkpoint on its base, ready to generate.
+
+    model_path: LLaVA folder or hub id; with `adapter`, it replaces the base stored in the checkpoint
+        (None: the checkpoint's own base). adapter: a `train-llava` checkpoint folder (LoRA adapter +
+        projector + config); its LoRA is merged for generation speed unless `merge=False`.
+    """
+    import torch
+
+    from llava_address.config import ModelArgs
+    from llava_address.model import build_llava, load_for_inference
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if model_path is None and adapter is None:
+        raise InferenceInputError("give a model (folder or hub id) and/or an adapter checkpoint")
+    if model_path is not None and Path(model_path).exists() and not (Path(model_path) / "config.json").is_file():
+        raise InferenceInputError(f"{model_path}: not a model folder (no config.json)")
+    if adapter is not None and not Path(adapter).is_dir():
+        raise InferenceInputError(f"adapter checkpoint {adapter}: not a folder")
+    try:
+        if adapter is not None:
+            model, processor = load_for_inference(None if model_path is None else str(model_path), adapter,
+                                                  torch_dtype=dtype)
+            if merge and hasattr(model, "merge_and_unload"):
+                model = model.merge_and_unload()
+        else:
+            model, processor = build_llava(ModelArgs(model_name_or_path=str(model_path), torch_dtype=dtype))
+    except (OSError, ValueError, KeyError) as e:
+        raise InferenceInputError(f"cannot load the model from {model_path or adapter}"
+                                  + (f" with adapter {adapter}" if adapter and model_path else "") + f": {e}") from e
+    model.to(device).eval()
+    return Generator(model, processor)
+
+
+# --- resumable output ----------------------------------------------------------------------------------
+
+def read_done_ids(path: str | os.PathLike) -> set[str]:
+    """Ids already answered in `path`; a torn last line (a killed write) is cut off the file."""
+    path = Path(path)
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    good_end = data.rfind(b"\n") + 1
+    done: set[str] = set()
+    for n, line in enumerate(data[:good_end].splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            done.add(str(json.loads(line)["id"]))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise InferenceInputError(f"{path}:{n}: not an answers line; refusing to append to it") from None
+    if good_end < len(data):
+        log.warning("%s: dropping a torn last line (%d bytes) from an interrupted run", path, len(data) - good_end)
+        with path.open("r+b") as f:
+            f.truncate(good_end)
+    return done
+
+
+def append_lines(path: str | os.PathLike, rows: Iterable[dict]) -> None:
+    """Appends rows as JSONL in one write, fsynced: a batch is in the file whole or (at worst) torn last."""
+    payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+    if not payload:
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, payload)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- evaluation items ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class EvalItem:
+    id: str
+    image: str
+    question: str
+    reference: dict | None
+
+
+def eval_items(path: str | os.PathLike, limit: int | None = None) -> list[EvalItem]:
+    """One item per evaluation record: its first human turn as the question."""
+    from llava_address.scoring import first_question, read_records_file
+
+    items = []
+    for i, r in enumerate(read_records_file(path)):
+        if "id" not in r or not r.get("image"):
+            raise InferenceInputError(f"{path}: record {i} lacks an id or an image")
+        q = first_question(r)
+        if not q:
+            raise InferenceInputError(f"{path}: record {i} (id {r['id']}) has no question")
+        items.append(EvalItem(str(r["id"]), str(r["image"]), q, r.get("reference")))
+        if limit is not None and len(items) >= limit:
+            break
+    return items
+
+
+def run_answers(answer_batch, items: Sequence[EvalItem], image_root: str | os.PathLike, out: str | os.PathLike,
+                batch_size: int = 8, progress: bool = True) -> dict:
+    """Answers every item not yet in `out`, batch by batch, with `answer_batch(questions, images) -> answers`.
+
+    Shared by `infer` and every system of `benchmark`. Returns counts {'total', 'skipped', 'answered'}.
+    """
+    from clip_stage.fsutil import UnsafePathError, resolve_under_root
+
+    done = read_done_ids(out)
+    todo = [it for it in items if it.id not in done]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(todo), desc=f"answering -> {Path(out).name}", unit="q")
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start:start + batch_size]
+        images = []
+        for it in batch:
+            try:
+                images.append(open_image(resolve_under_root(image_root, it.image)))
+            except (UnsafePathError, InferenceInputError) as e:
+                raise InferenceInputError(f"id {it.id}: {e} (answers so far are kept in {out})") from None
+        answers = answer_batch([it.question for it in batch], images)
+        if len(answers) != len(batch):
+            raise RuntimeError(f"got {len(answers)} answers for a batch of {len(batch)}")
+        append_lines(out, ({"id": it.id, "question": it.question, "answer": a, "reference": it.reference,
+                            "image": it.image} for it, a in zip(batch, answers)))
+        if bar is not None:
+            bar.update(len(batch))
+    if bar is not None:
+        bar.close()
+    return {"total": len(items), "skipped": len(items) - len(todo), "answered": len(todo)}
+
+
+def llava_answer_batch(gen: Generator, max_new_tokens: int = 64):
+    def answer_batch(questions: list[str], images: list) -> list[str]:
+        return gen.generate([[user_turn(q, True)] for q in questions], images, max_new_tokens)
+
+    return answer_batch
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="address-llava infer", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="merged LLaVA folder, base LLaVA folder or hub id (with --adapter: "
+                                                 "replaces the checkpoint's stored base)")
+    p.add_argument("--adapter", default=None, help="train-llava checkpoint folder (LoRA + projector) to apply")
+    p.add_argument("--eval", required=True, help="evaluation split (JSON list or JSONL of LLaVA records)")
+    p.add_argument("--image-root", required=True, help="folder the records' image paths are relative to")
+    p.add_argument("--out", required=True, help="answers JSONL (appended to; ids already there are skipped)")
+    p.add_argument("--batch-size", type=int, default=8, help="questions per generate() call")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit in tokens")
+    p.add_argument("--limit", type=int, default=None, help="answer only the first N records")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="weights dtype")
+    p.add_argument("--no-pad-to-square", action="store_true", help="resize/crop like the processor instead of "
+                                                                   "LLaVA-1.5's pad-to-square")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.batch_size < 1:
+        raise SystemExit("--batch-size must be at least 1")
+    items = eval_items(args.eval, args.limit)
+    gen = load_generator(args.model, args.adapter, args.device, args.dtype)
+    gen.pad_to_square = not args.no_pad_to_square
+    counts = run_answers(llava_answer_batch(gen, args.max_new_tokens), items, args.image_root, args.out,
+                         args.batch_size)
+    print(f"{counts['answered']} answered, {counts['skipped']} already in {args.out}, {counts['total']} in the split")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
