@@ -25,8 +25,11 @@ Output: a dataset folder in the layout of `clip_stage.schema`:
 - `images` is a symlink to the image root (default) or a copy of the kept images (`--images copy`);
 - `sub_streets.geojson` has one line per sub-street along the principal axis of its images' points
   (the release has no street geometry);
-- bad rows (malformed entry, unparseable address, no or bad coordinates, missing image, duplicate)
-  go to `rejects.jsonl` with their reason; a malformed JSON or CSV file is an error naming the file.
+- bad rows go to `rejects.jsonl` ({source, row, field, reason, detail}) with the builder's reason names:
+  malformed_row (not [caption, verbose, canonical]), bad_address (no street in the canonical address),
+  missing_gps / bad_gps / gps_out_of_range (coordinates absent, NaN, unparseable, outside any UTM zone),
+  unsafe_path, image_not_found, corrupt_image (with --verify-images), duplicate_path (listed twice);
+  a malformed JSON or CSV file is an error naming the file, and nothing is written.
 """
 
 from __future__ import annotations
@@ -247,15 +250,18 @@ def _locate(root: Path, key: str) -> tuple[str | None, str, str]:
             return rel, "", ""
     if unsafe:
         return None, "unsafe_path", unsafe
-    return None, "missing_image", f"{key} not found under the image root {root}"
+    return None, "image_not_found", f"{key} not found under the image root {root}"
 
 
 # --- conversion -------------------------------------------------------------------------------------
 
 @dataclass
 class _Reject:
+    """One dropped annotation entry (same keys as the dataset builder's rejects, plus `source`)."""
+
     source: str
     row: str
+    field: str
     reason: str
     detail: str = ""
 
@@ -298,13 +304,13 @@ def load_ial(annotations: list[str | Path], coords_csv: str | Path, image_root: 
         for key, entry in read_annotations(f).items():
             src = str(f)
             if not (isinstance(entry, (list, tuple)) and len(entry) == 3 and all(isinstance(v, str) for v in entry)):
-                rejects.append(_Reject(src, key, "malformed_entry", f"expected [caption, verbose address, canonical address], got {json.dumps(entry)[:200]}"))
+                rejects.append(_Reject(src, key, "entry", "malformed_row", f"expected [caption, verbose address, canonical address], got {json.dumps(entry)[:200]}"))
                 continue
             caption, verbose, canonical = (v.strip() for v in entry)
             try:
                 street, cross, neighbourhood = parse_canonical(canonical)
             except ValueError as e:
-                rejects.append(_Reject(src, key, "bad_address", str(e)))
+                rejects.append(_Reject(src, key, "canonical_address", "bad_address", str(e)))
                 continue
             nk = _norm(key)
             c = coords.get(nk)
@@ -313,32 +319,32 @@ def load_ial(annotations: list[str | Path], coords_csv: str | Path, image_root: 
                 if len(cands) == 1:
                     c = coords[cands[0]]
                 elif len(cands) > 1:
-                    rejects.append(_Reject(src, key, "no_coordinates", f"base name matches {len(cands)} rows of {coords_csv}: {cands[:3]}"))
+                    rejects.append(_Reject(src, key, "coords", "missing_gps", f"base name matches {len(cands)} rows of {coords_csv}: {cands[:3]}"))
                     continue
             if c is None:
-                rejects.append(_Reject(src, key, "no_coordinates", f"not in {coords_csv}"))
+                rejects.append(_Reject(src, key, "coords", "missing_gps", f"not in {coords_csv}"))
                 continue
             if isinstance(c, str):
-                rejects.append(_Reject(src, key, "bad_coordinates", c))
+                rejects.append(_Reject(src, key, "coords", "bad_gps", c))
                 continue
             east, north = c
             if not (math.isfinite(east) and math.isfinite(north)):
-                rejects.append(_Reject(src, key, "bad_coordinates", f"easting/northing {east}, {north} are not finite"))
+                rejects.append(_Reject(src, key, "coords", "missing_gps", f"easting/northing {east}, {north} are not finite"))
                 continue
             if not (100_000 <= east <= 900_000 and 0 <= north <= 10_000_000):
-                rejects.append(_Reject(src, key, "bad_coordinates", f"easting/northing {east}, {north} are outside any UTM zone"))
+                rejects.append(_Reject(src, key, "coords", "gps_out_of_range", f"easting/northing {east}, {north} are outside any UTM zone"))
                 continue
             rel, reason, why = _locate(image_root, key)
             if rel is None:
-                rejects.append(_Reject(src, key, reason, why))
+                rejects.append(_Reject(src, key, "image", reason, why))
                 continue
             if cfg.verify_images:
                 why = _unreadable(image_root / rel)
                 if why:
-                    rejects.append(_Reject(src, key, "unreadable_image", why))
+                    rejects.append(_Reject(src, key, "image", "corrupt_image", why))
                     continue
             if rel in seen:
-                rejects.append(_Reject(src, key, "duplicate", f"image already listed in {seen[rel]}"))
+                rejects.append(_Reject(src, key, "image", "duplicate_path", f"image already listed in {seen[rel]}"))
                 continue
             seen[rel] = src
             rows.append({"image": rel, "utm_x": east, "utm_y": north, "street": street, "cross_streets": list(cross),

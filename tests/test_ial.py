@@ -122,6 +122,7 @@ def test_bad_rows_are_rejected_with_reasons(tmp_path):
         "Pitts-IAL/002/no_coords.jpg": ["cap", "verbose", "Forbes Avenue & Craig Street, Oakland"],
         "Pitts-IAL/002/nan_coords.jpg": ["cap", "verbose", "Forbes Avenue & Craig Street, Oakland"],
         "Pitts-IAL/002/text_coords.jpg": ["cap", "verbose", "Forbes Avenue & Craig Street, Oakland"],
+        "Pitts-IAL/002/far.jpg": ["cap", "verbose", "Forbes Avenue & Craig Street, Oakland"],
         "Pitts-IAL/002/missing_image.jpg": ["cap", "verbose", "Forbes Avenue & Craig Street, Oakland"],
         "Pitts-IAL/../../escape/x.jpg": ["cap", "verbose", "Forbes Avenue & Craig Street, Oakland"],
         # the same image listed twice (under another spelling of its path): kept once
@@ -130,22 +131,25 @@ def test_bad_rows_are_rejected_with_reasons(tmp_path):
     ann, coords, image_root = _write_release(
         tmp_path, extra_train=extra,
         extra_coords=("nan_coords.jpg,nan,nan", "text_coords.jpg,east,4480000", "missing_image.jpg,585000,4477000",
-                      "x.jpg,585000,4477000"),
+                      "x.jpg,585000,4477000", "far.jpg,40.44,-79.95"),
     )
     out = tmp_path / "dataset"
     report = ial.load_ial([ann / "train.json", ann / "test.json"], coords, image_root, out, _cfg())
     rejects = [json.loads(line) for line in (out / schema.REJECTS_FILE).read_text().splitlines()]
     reasons = {r["row"].rsplit("/", 1)[1]: r["reason"] for r in rejects}
     assert reasons == {
-        "malformed.jpg": "malformed_entry", "not_a_list.jpg": "malformed_entry", "no_street.jpg": "bad_address",
-        "no_coords.jpg": "no_coordinates", "nan_coords.jpg": "bad_coordinates", "text_coords.jpg": "bad_coordinates",
-        "missing_image.jpg": "missing_image", "x.jpg": "unsafe_path", "000001_pitch1_yaw1.jpg": "duplicate",
+        "malformed.jpg": "malformed_row", "not_a_list.jpg": "malformed_row", "no_street.jpg": "bad_address",
+        "no_coords.jpg": "missing_gps", "nan_coords.jpg": "missing_gps", "text_coords.jpg": "bad_gps",
+        "far.jpg": "gps_out_of_range", "missing_image.jpg": "image_not_found", "x.jpg": "unsafe_path",
+        "000001_pitch1_yaw1.jpg": "duplicate_path",
     }
     assert all(r["source"].endswith("train.json") for r in rejects)
+    fields = {r["row"].rsplit("/", 1)[1]: r["field"] for r in rejects}
+    assert fields["text_coords.jpg"] == "coords" and fields["missing_image.jpg"] == "image" and fields["malformed.jpg"] == "entry"
     text_row = next(r for r in rejects if r["row"].endswith("text_coords.jpg"))
     assert "coords.csv: line" in text_row["detail"] and "'east'" in text_row["detail"]
-    assert report["kept"] == 5 and report["rejected_total"] == len(rejects) == 9
-    assert report["rejected"]["malformed_entry"] == 2
+    assert report["kept"] == 5 and report["rejected_total"] == len(rejects) == 10
+    assert report["rejected"]["malformed_row"] == 2
     assert json.loads((out / schema.REPORT_FILE).read_text())["rejected"] == report["rejected"]
 
 
@@ -164,7 +168,7 @@ def test_unreadable_image_rejected_when_verifying(tmp_path):
     ann, coords, image_root = _write_release(tmp_path)
     (image_root / GOOD[0][0].split("/", 1)[1]).write_bytes(b"not a jpeg")
     report = ial.load_ial([ann], coords, image_root, tmp_path / "d", _cfg(verify_images=True))
-    assert report["rejected"] == {"unreadable_image": 1} and report["kept"] == 4
+    assert report["rejected"] == {"corrupt_image": 1} and report["kept"] == 4
 
 
 def test_malformed_json_file_is_a_clear_error_and_writes_nothing(tmp_path):
