@@ -1,0 +1,227 @@
+"""Street-network loading: OSM XML / PBF, GraphML (osmnx style), GeoJSON, the Helsinki extract, bad files.
+
+Also home of the tiny hand-made "toy town" network used by the geocoder, sub-street and builder tests:
+local metres around central Helsinki (EPSG:32635), written as .osm XML, GeoJSON or GraphML.
+
+    Main Street      y = 0,   x 0..600 (dead ends at both ends)
+    First Avenue     x = 100, y -200..200
+    Second Avenue    x = 300, y -200..200
+    Close Lane       x = 315, y 0..150   (15 m from Second Avenue: a too-close intersection)
+    Third Avenue     x = 500, y -200..200
+    Garden Path      y = 40,  x 0..600 (highway=footway: not a street by default)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import networkx as nx
+import numpy as np
+import pytest
+from pyproj import Transformer
+
+from clip_stage.network import (
+    DEFAULT_HIGHWAYS,
+    NetworkFileError,
+    StreetNetwork,
+    Way,
+    helsinki_pbf_path,
+    load_street_network,
+)
+
+ORIGIN = (385000.0, 6672000.0)
+EPSG = 32635
+_TO_WGS = Transformer.from_crs(EPSG, 4326, always_xy=True)
+
+TOY_WAYS = [
+    ("Main Street", "residential", [(0, 0), (100, 0), (300, 0), (315, 0), (500, 0), (600, 0)]),
+    ("First Avenue", "secondary", [(100, -200), (100, 0), (100, 200)]),
+    ("Second Avenue", "tertiary", [(300, -200), (300, 0), (300, 200)]),
+    ("Close Lane", "residential", [(315, 0), (315, 150)]),
+    ("Third Avenue", "primary", [(500, -200), (500, 0), (500, 200)]),
+    ("Garden Path", "footway", [(0, 40), (600, 40)]),
+]
+TOY_PLACES = [("Westside", "suburb", 100, 100), ("Eastside", "suburb", 500, 100), ("Toytown", "city", 300, 300)]
+
+
+def lonlat(x, y):
+    """Local toy-town metres -> (lon, lat)."""
+    lon, lat = _TO_WGS.transform(ORIGIN[0] + np.asarray(x, dtype=float), ORIGIN[1] + np.asarray(y, dtype=float))
+    return lon, lat
+
+
+def utm(x, y):
+    return ORIGIN[0] + np.asarray(x, dtype=float), ORIGIN[1] + np.asarray(y, dtype=float)
+
+
+def write_osm(path: Path, ways=TOY_WAYS, places=TOY_PLACES) -> Path:
+    """OSM XML with shared nodes where ways meet (as in real OSM data)."""
+    node_ids: dict[tuple, int] = {}
+    nodes, way_xml = [], []
+    for name, hw, pts in ways:
+        refs = []
+        for p in pts:
+            if p not in node_ids:
+                node_ids[p] = len(node_ids) + 1
+                lon, lat = lonlat(*p)
+                nodes.append(f'  <node id="{node_ids[p]}" version="1" lat="{lat:.8f}" lon="{lon:.8f}"/>')
+            refs.append(node_ids[p])
+        wid = 1000 + len(way_xml)
+        nds = "".join(f'<nd ref="{r}"/>' for r in refs)
+        way_xml.append(f'  <way id="{wid}" version="1">{nds}<tag k="highway" v="{hw}"/><tag k="name" v="{name}"/></way>')
+    for k, (name, kind, x, y) in enumerate(places):
+        lon, lat = lonlat(x, y)
+        nodes.append(
+            f'  <node id="{9000 + k}" version="1" lat="{lat:.8f}" lon="{lon:.8f}">'
+            f'<tag k="place" v="{kind}"/><tag k="name" v="{name}"/></node>'
+        )
+    # an unnamed road must be ignored
+    lon0, lat0 = lonlat(0, -100)
+    lon1, lat1 = lonlat(50, -100)
+    nodes += [f'  <node id="8001" version="1" lat="{lat0:.8f}" lon="{lon0:.8f}"/>',
+              f'  <node id="8002" version="1" lat="{lat1:.8f}" lon="{lon1:.8f}"/>']
+    way_xml.append('  <way id="7001" version="1"><nd ref="8001"/><nd ref="8002"/><tag k="highway" v="residential"/></way>')
+    path.write_text('<?xml version="1.0" encoding="UTF-8"?>\n<osm version="0.6" generator="test">\n'
+                    + "\n".join(nodes + way_xml) + "\n</osm>\n", encoding="utf-8")
+    return path
+
+
+def write_geojson(path: Path, ways=TOY_WAYS, places=TOY_PLACES) -> Path:
+    feats = []
+    for name, hw, pts in ways:
+        lon, lat = lonlat([p[0] for p in pts], [p[1] for p in pts])
+        feats.append({"type": "Feature", "properties": {"name": name, "highway": hw},
+                      "geometry": {"type": "LineString", "coordinates": np.stack([lon, lat], 1).tolist()}})
+    for name, kind, x, y in places:
+        lon, lat = lonlat(x, y)
+        feats.append({"type": "Feature", "properties": {"name": name, "place": kind},
+                      "geometry": {"type": "Point", "coordinates": [float(lon), float(lat)]}})
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": feats}), encoding="utf-8")
+    return path
+
+
+def write_graphml(path: Path, ways=TOY_WAYS) -> Path:
+    """osmnx-style GraphML: node x/y, edges with name/highway and (on multi-vertex edges) WKT geometry,
+    both directions of every street, one name stored as a list repr as osmnx does after simplification."""
+    g = nx.MultiDiGraph()
+    ids: dict[tuple, str] = {}
+
+    def node(p):
+        if p not in ids:
+            ids[p] = str(len(ids))
+            lon, lat = lonlat(*p)
+            g.add_node(ids[p], x=float(lon), y=float(lat))
+        return ids[p]
+
+    for k, (name, hw, pts) in enumerate(ways):
+        u, v = node(pts[0]), node(pts[-1])
+        lon, lat = lonlat([p[0] for p in pts], [p[1] for p in pts])
+        attrs = {"name": str([name, "Alias"]) if k == 1 else name, "highway": hw}
+        if len(pts) > 2:
+            attrs["geometry"] = "LINESTRING (" + ", ".join(f"{a:.8f} {b:.8f}" for a, b in zip(lon, lat)) + ")"
+        g.add_edge(u, v, **attrs)
+        rev = dict(attrs)
+        if "geometry" in rev:
+            rev["geometry"] = "LINESTRING (" + ", ".join(f"{a:.8f} {b:.8f}" for a, b in zip(lon[::-1], lat[::-1])) + ")"
+        g.add_edge(v, u, **rev)
+    nx.write_graphml(g, path)
+    return path
+
+
+@pytest.fixture
+def toy_osm(tmp_path):
+    return write_osm(tmp_path / "toy.osm")
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def test_osm_xml_named_streets_only_and_places(toy_osm):
+    net = load_street_network(toy_osm)
+    assert net.street_names() == sorted(["Main Street", "First Avenue", "Second Avenue", "Close Lane", "Third Avenue"])
+    assert {p.name: p.kind for p in net.places} == {"Westside": "suburb", "Eastside": "suburb", "Toytown": "city"}
+    assert net.city_name() == "Toytown"
+    assert net.utm_epsg == EPSG
+    main = next(w for w in net.ways if w.name == "Main Street")
+    assert main.highway == "residential" and main.coords.shape == (6, 2)
+    x, y = net.to_utm(main.coords[:, 0], main.coords[:, 1])
+    np.testing.assert_allclose(x - ORIGIN[0], [0, 100, 300, 315, 500, 600], atol=0.01)
+    np.testing.assert_allclose(y - ORIGIN[1], 0, atol=0.01)
+    lon, lat = net.to_wgs84(x, y)
+    np.testing.assert_allclose(np.stack([lon, lat], 1), main.coords, atol=1e-9)
+
+
+def test_highway_classes_are_configurable(toy_osm):
+    assert "footway" not in DEFAULT_HIGHWAYS
+    with_paths = load_street_network(toy_osm, highway_classes=DEFAULT_HIGHWAYS | {"footway"})
+    assert "Garden Path" in with_paths.street_names()
+    only_primary = load_street_network(toy_osm, highway_classes={"primary"})
+    assert only_primary.street_names() == ["Third Avenue"]
+    assert "Garden Path" in load_street_network(toy_osm, highway_classes=None).street_names()
+
+
+def test_geojson_and_graphml_give_the_same_streets(tmp_path, toy_osm):
+    osm = load_street_network(toy_osm)
+    gj = load_street_network(write_geojson(tmp_path / "toy.geojson"))
+    gm = load_street_network(write_graphml(tmp_path / "toy.graphml"))
+    assert gj.street_names() == osm.street_names() == gm.street_names()
+    assert gj.city_name() == "Toytown" and gm.places == []
+    # osmnx stores both directions: one way per street is kept; the list-valued name keeps its first name
+    assert sorted(w.name for w in gm.ways) == sorted(w.name for w in osm.ways)
+    first = next(w for w in gm.ways if w.name == "First Avenue")
+    assert first.coords.shape == (3, 2)  # the WKT geometry, not just the end nodes
+    close = next(w for w in gm.ways if w.name == "Close Lane")
+    assert close.coords.shape == (2, 2)  # no geometry attribute: straight between node x/y
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("broken.osm.pbf", b"\x00\x01not a pbf at all" * 10, "cannot read as OSM"),
+        ("broken.osm", b"<osm><node id=", "cannot read as OSM"),
+        ("broken.geojson", b"{not json", "cannot read as GeoJSON"),
+        ("notfc.geojson", b'{"type": "Point"}', "not a GeoJSON FeatureCollection"),
+        ("broken.graphml", b"<graphml><graph", "cannot read as GraphML"),
+        ("streets.shp", b"whatever", "unknown street-network format"),
+        ("empty.geojson", b'{"type": "FeatureCollection", "features": []}', "no named road ways"),
+        ("projected.geojson",
+         b'{"type":"FeatureCollection","features":[{"type":"Feature","properties":{"name":"A"},'
+         b'"geometry":{"type":"LineString","coordinates":[[385000,6672000],[385100,6672000]]}}]}',
+         "outside lon/lat range"),
+    ],
+)
+def test_bad_network_file_is_a_clear_error_naming_it(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(NetworkFileError, match=message) as e:
+        load_street_network(path)
+    assert str(path) in str(e.value)
+
+
+def test_missing_network_file(tmp_path):
+    with pytest.raises(NetworkFileError, match="not found") as e:
+        load_street_network(tmp_path / "nope.osm.pbf")
+    assert "nope.osm.pbf" in str(e.value)
+
+
+def test_from_ways_requires_ways():
+    with pytest.raises(NetworkFileError):
+        StreetNetwork.from_ways([])
+    net = StreetNetwork.from_ways([Way("A", "", np.array([[-122.4, 37.7], [-122.39, 37.7]]))])
+    assert net.utm_epsg == 32610  # San Francisco: UTM 10N
+
+
+def test_helsinki_extract():
+    path = helsinki_pbf_path()
+    assert path.name == "Helsinki.osm.pbf" and path.is_file()
+    net = load_street_network(path)
+    names = net.street_names()
+    assert len(names) > 50
+    assert {"Mannerheimintie", "Aleksanterinkatu", "Bulevardi"} <= set(names)
+    assert net.city_name() == "Helsinki"
+    assert net.utm_epsg == 32635
+    assert all(w.highway in DEFAULT_HIGHWAYS for w in net.ways)
+    assert any(p.kind == "suburb" for p in net.places)
+    lon0, lat0, lon1, lat1 = net.bounds()
+    assert 24.9 < lon0 < lon1 < 25.0 and 60.1 < lat0 < lat1 < 60.2
