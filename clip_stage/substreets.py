@@ -13,7 +13,8 @@ The paper's construction, offline and in UTM metres:
 4. each image point goes to the nearest piece of its own (geocoded) street; a sub-street with fewer
    than `min_points` images is merged into a touching neighbour on the same street (paper: 5);
 5. labels: "X between A and B" (cross streets in order along the street), "X near A" (a dead end or
-   one cross street), ids "X/0", "X/1", ... in order along the street; neighbourhood from a zone
+   one cross street), ids "X/0", "X/1", ... in order along the street (west to east, or south to
+   north for a north-south street); neighbourhood from a zone
    layer (GeoJSON polygons) or the nearest OSM place node (suburb / quarter / neighbourhood).
 
     part = partition_sub_streets(network, x, y, street_names, SubStreetConfig(), city="Helsinki")
@@ -129,8 +130,8 @@ def _principal_axis(lines: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         return c, np.array([1.0, 0.0])
     _, _, vt = np.linalg.svd(pts - c, full_matrices=False)
     v = vt[0]
-    # a fixed sign convention (pointing east, or north for a north-south street) so ids are stable
-    if v[0] < -1e-9 or (abs(v[0]) <= 1e-9 and v[1] < 0):
+    # a fixed sign convention so ids are stable: west -> east, or south -> north for a north-south street
+    if (v[0] < 0) if abs(v[0]) >= abs(v[1]) else (v[1] < 0):
         v = -v
     return c, v
 

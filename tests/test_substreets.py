@@ -1,0 +1,182 @@
+"""Sub-street partition: intersections split streets, the close-intersection drop, the merge rule, labels."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+from shapely.geometry import LineString
+
+from clip_stage.geocode import ReverseGeocoder
+from clip_stage.network import helsinki_pbf_path, load_street_network
+from clip_stage.schema import address_columns
+from clip_stage.substreets import SubStreetConfig, load_zones, partition_sub_streets, split_streets, sub_streets_geojson
+from tests.test_network import TOY_WAYS, lonlat, utm, write_geojson, write_osm
+
+MAIN_X = {0: [20, 40, 60, 80, 90], 1: [150, 170, 200, 230, 250], 2: [350, 380, 400, 420, 450], 3: [520, 540, 560, 570, 580]}
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    return load_street_network(write_osm(tmp_path_factory.mktemp("net") / "toy.osm"))
+
+
+def _main_points(per_piece: dict[int, list[float]]):
+    xs = [x for k in sorted(per_piece) for x in per_piece[k]]
+    ys = [(-1) ** i * 3.0 for i in range(len(xs))]
+    x, y = utm(xs, ys)
+    return x, y, np.array(["Main Street"] * len(xs), dtype=object)
+
+
+def _pieces(pieces, street):
+    return sorted((round(p.geom.length, 1), p.start, p.end) for p in pieces if p.street == street)
+
+
+def test_intersections_split_streets_and_close_ones_are_dropped(toy):
+    pieces, stats = split_streets(toy, SubStreetConfig())
+    # Second Avenue (x=300) and Close Lane (x=315) are 15 m apart: one split point at their mean
+    assert _pieces(pieces, "Main Street") == sorted([
+        (100, "", "First Avenue"), (207.5, "First Avenue", "Second Avenue"),
+        (192.5, "Second Avenue", "Third Avenue"), (100, "Third Avenue", ""),
+    ])
+    assert stats["dropped_intersections"] == 1
+    # a crossing at the very end of a street is that end's cross street, not a split
+    assert _pieces(pieces, "Close Lane") == [(150, "Main Street", "")]
+    assert _pieces(pieces, "First Avenue") == [(200, "", "Main Street"), (200, "Main Street", "")]
+
+    fine, stats = split_streets(toy, SubStreetConfig(min_intersection_gap_m=5))
+    assert stats["dropped_intersections"] == 0
+    assert (15, "Second Avenue", "Close Lane") in _pieces(fine, "Main Street")
+    assert len(_pieces(fine, "Main Street")) == 5
+
+
+def test_points_get_the_right_sub_street_and_labels(toy):
+    x, y, streets = _main_points(MAIN_X)
+    part = partition_sub_streets(toy, x, y, streets, SubStreetConfig(), city="Toytown")
+    subs = part.sub_streets
+    assert [s.sub_street for s in subs] == [f"Main Street/{k}" for k in range(4)]  # west to east
+    assert [s.cross_streets for s in subs] == [
+        ("First Avenue",), ("First Avenue", "Second Avenue"), ("Second Avenue", "Third Avenue"), ("Third Avenue",),
+    ]
+    assert [address_columns(s.address())["address_full"] for s in subs] == [
+        "Main Street near First Avenue, Westside, Toytown",
+        "Main Street between First Avenue and Second Avenue, Westside, Toytown",
+        "Main Street between Second Avenue and Third Avenue, Eastside, Toytown",
+        "Main Street near Third Avenue, Eastside, Toytown",
+    ]
+    assert list(part.point_sub) == [k for k in range(4) for _ in MAIN_X[k]]
+    assert [s.n_points for s in subs] == [5, 5, 5, 5]
+
+
+def test_small_sub_streets_merge_into_a_neighbour(toy):
+    pts = {**MAIN_X, 0: [30, 60]}  # only 2 images west of First Avenue
+    x, y, streets = _main_points(pts)
+    part = partition_sub_streets(toy, x, y, streets, SubStreetConfig(min_points=5))
+    subs = part.sub_streets
+    assert len(subs) == 3 and part.stats["small_merges"] == 1
+    # merged across First Avenue: the dead end + the block up to Second Avenue
+    assert subs[0].cross_streets == ("Second Avenue",) and subs[0].n_points == 7
+    assert subs[0].geometry.length == pytest.approx(100 + 207.5, abs=0.1)
+    assert list(part.point_sub) == [0] * 7 + [1] * 5 + [2] * 5
+    assert sum(s.n_points for s in subs) == len(x)
+    # with min_points=1 nothing is merged
+    part1 = partition_sub_streets(toy, x, y, streets, SubStreetConfig(min_points=1))
+    assert len(part1.sub_streets) == 4 and part1.stats["small_merges"] == 0
+
+
+def test_streets_without_points_and_rejected_points(toy):
+    x, y, streets = _main_points(MAIN_X)
+    streets[0] = ""  # a rejected point: not assigned
+    part = partition_sub_streets(toy, x, y, streets, SubStreetConfig(min_points=1))
+    assert part.point_sub[0] == -1 and (part.point_sub[1:] >= 0).all()
+    assert {s.street for s in part.sub_streets} == {"Main Street"}  # streets with no image are no class
+
+
+def test_dual_carriageway_and_same_labels_make_one_sub_street(tmp_path):
+    ways = [
+        ("Boulevard", "primary", [(0, 0), (400, 0)]),
+        ("Boulevard", "primary", [(0, 10), (400, 10)]),
+        ("West Road", "residential", [(50, -100), (50, 100)]),
+        ("North Road", "residential", [(200, -100), (200, 100)]),
+        ("East Road", "residential", [(350, -100), (350, 100)]),
+    ]
+    net = load_street_network(write_geojson(tmp_path / "dual.geojson", ways, []))
+    xs = [20, 30, 100, 120, 150, 170, 250, 270, 300, 320, 380, 390]
+    ys = [0, 10] * 6
+    x, y = utm(xs, ys)
+    part = partition_sub_streets(net, x, y, np.array(["Boulevard"] * 12, dtype=object), SubStreetConfig(min_points=1))
+    subs = part.sub_streets
+    assert [s.cross_streets for s in subs] == [
+        ("West Road",), ("West Road", "North Road"), ("North Road", "East Road"), ("East Road",),
+    ]
+    assert [s.n_points for s in subs] == [2, 4, 4, 2]  # both carriageways' images in one sub-street
+    assert subs[1].geometry.geom_type == "MultiLineString" and len(subs[1].geometry.geoms) == 2
+    # North Road crosses only Boulevard: both sides read "North Road near Boulevard" -> one class
+    xn, yn = utm([200, 200, 200, 200], [-60, -40, 40, 60])
+    part = partition_sub_streets(net, xn, yn, np.array(["North Road"] * 4, dtype=object), SubStreetConfig(min_points=1))
+    assert [(s.sub_street, s.cross_streets, s.n_points) for s in part.sub_streets] == [("North Road/0", ("Boulevard",), 4)]
+
+
+def test_neighbourhood_from_a_zone_layer(toy, tmp_path):
+    lon, lat = lonlat([-50, 300, 300, -50, -50], [-300, -300, 300, 300, -300])
+    zones = {"type": "FeatureCollection", "features": [{
+        "type": "Feature", "properties": {"name": "Old Town"},
+        "geometry": {"type": "Polygon", "coordinates": [np.stack([lon, lat], 1).tolist()]}}]}
+    path = tmp_path / "zones.geojson"
+    path.write_text(json.dumps(zones), encoding="utf-8")
+    x, y, streets = _main_points(MAIN_X)
+    part = partition_sub_streets(toy, x, y, streets, SubStreetConfig(), zones=load_zones(path, toy))
+    # inside the polygon: its name; outside: the nearest OSM place node
+    assert [s.neighbourhood for s in part.sub_streets] == ["Old Town", "Old Town", "Eastside", "Eastside"]
+
+
+def test_geojson_output_is_wgs84_with_address_properties(toy):
+    x, y, streets = _main_points(MAIN_X)
+    part = partition_sub_streets(toy, x, y, streets, SubStreetConfig(), city="Toytown")
+    fc = sub_streets_geojson(part, toy)
+    assert len(fc["features"]) == 4
+    f = fc["features"][1]
+    assert f["properties"]["sub_street"] == "Main Street/1"
+    assert f["properties"]["address_sub_street"] == "Main Street between First Avenue and Second Avenue"
+    coords = np.array(f["geometry"]["coordinates"])
+    lon, lat = lonlat([100, 307.5], [0, 0])
+    np.testing.assert_allclose(coords[[0, -1]], np.stack([lon, lat], 1), atol=1e-6)
+
+
+def test_helsinki_partition_is_consistent():
+    net = load_street_network(helsinki_pbf_path())
+    geocoder = ReverseGeocoder(net)
+    rng = np.random.default_rng(0)
+    xs, ys = [], []
+    for line in geocoder.lines_utm:
+        ls = LineString(line)
+        for d in np.arange(5, ls.length, 12.0):
+            p = ls.interpolate(d)
+            xs.append(p.x + rng.normal(0, 3))
+            ys.append(p.y + rng.normal(0, 3))
+    x, y = np.array(xs), np.array(ys)
+    geo = geocoder.geocode_xy(x, y)
+    cfg = SubStreetConfig()
+    part = partition_sub_streets(net, x, y, geo.street, cfg, city="Helsinki")
+    subs = part.sub_streets
+    assert 100 < len(subs) < 300
+    assert ((part.point_sub >= 0) == geo.ok).all()  # every geocoded point has a sub-street
+    ids = [s.sub_street for s in subs]
+    assert len(set(ids)) == len(ids)
+    labels = [address_columns(s.address())["address_full"] for s in subs]
+    assert len(set(labels)) == len(labels)  # no two classes with the same address text
+    per_street = Counter(s.street for s in subs)
+    for s in subs:
+        assert s.street not in s.cross_streets and 0 <= len(s.cross_streets) <= 2
+        assert s.sub_street.startswith(s.street + "/")
+        assert s.n_points >= cfg.min_points or per_street[s.street] == 1
+        assert s.neighbourhood and s.city == "Helsinki"
+    # every point's street is its sub-street's street
+    names = np.array([s.street for s in subs], dtype=object)
+    ok = part.point_sub >= 0
+    assert (names[part.point_sub[ok]] == geo.street[ok]).all()
+    assert np.bincount(part.point_sub[ok], minlength=len(subs)).tolist() == [s.n_points for s in subs]
+    assert sum(len(s.cross_streets) == 2 for s in subs) > len(subs) / 2
+    assert TOY_WAYS  # the toy network module is importable alongside
