@@ -227,6 +227,9 @@ def _load_hf(spec: SystemSpec, ctx: RunContext) -> System:
                         trust_remote_code=spec.options.get("trust_remote_code", "false").lower() == "true")
     except (OSError, ValueError) as e:
         raise InferenceInputError(f"cannot load {spec.target} as an image-text-to-text pipeline: {e}") from e
+    tok = getattr(getattr(pipe, "processor", None), "tokenizer", None) or getattr(pipe, "tokenizer", None)
+    if tok is not None:
+        tok.padding_side = "left"  # batched generation appends on the right
     return System(hf_pipeline_answer_batch(pipe, int(spec.options.get("max_new_tokens", ctx.max_new_tokens))))
 
 
@@ -302,7 +305,8 @@ def markdown_table(results: dict[str, dict]) -> str:
         med = r["distance"]["median_m"]
         cells.append("-" if med is None else f"{med:.0f} m ({r['distance']['n']})")
         cells.append(f"{r['n_answers']}/{r['n_eval']}")
-        cells.append(str(len(r["unparseable"])))
+        supported = set(res.get("supports", ALL_TYPES))
+        cells.append(str(sum(1 for u in r["unparseable"] if u["question_type"] in supported)))
         lines.append(f"| {name} | {res['kind']} | " + " | ".join(cells) + " |")
     failures = [f"- {n}: {r['error']}" for n, r in results.items() if "error" in r]
     if failures:
@@ -336,7 +340,7 @@ def bar_chart(results: dict[str, dict], path: str | Path, title: str = "Address 
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
     if ok:
-        ax.legend(fontsize=8, loc="upper right")
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=min(len(ok), 6), frameon=False)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -1,0 +1,163 @@
+"""Batch inference (batched = one by one, resumable, bad input) and the benchmark over several systems."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from llava_address import benchmark, infer
+
+# A Vicuna-style chat template so transformers' image-text-to-text pipeline can prompt the tiny model.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}USER: {% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %} "
+    "{% else %}ASSISTANT: {{ m['content'] if m['content'] is string else m['content'][0]['text'] }}</s>"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_llava(tmp_path_factory):
+    """A random tiny LLaVA folder (model + processor with a chat template), loadable like a real one."""
+    from llava_address.tiny import build_tiny_llava, demo_texts, train_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny-llava")
+    tok = train_tokenizer(demo_texts(), root / "tok")
+    _, processor = build_tiny_llava(tok, out_dir=root / "llava")
+    processor.chat_template = CHAT_TEMPLATE
+    processor.save_pretrained(root / "llava")
+    return root / "llava"
+
+
+@pytest.fixture(scope="module")
+def eval_split(toy_dataset, tmp_path_factory):
+    from conversations.build import main as build_main
+
+    out = tmp_path_factory.mktemp("conv") / "conv"
+    build_main(["--dataset", str(toy_dataset), "--out", str(out)])
+    return out / "eval.json"
+
+
+def _images(n):
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (32, 24 + 6 * i, 3), dtype=np.uint8)) for i in range(n)]
+
+
+def test_batched_left_padded_generation_equals_one_by_one(tiny_llava):
+    gen = infer.load_generator(tiny_llava, device="cpu")
+    questions = ["Where was this photo taken?", "What street is this?", "Which neighbourhood is this, exactly? Tell me."]
+    convs = [[infer.user_turn(q, True)] for q in questions]
+    ids = [gen.prompt_ids(c) for c in convs]
+    assert len({len(x) for x in ids}) > 1  # the batch really needs padding
+    image_id = gen.model.config.image_token_id
+    assert all(x.count(image_id) == infer.num_image_tokens(gen.model.config) for x in ids)
+    inputs = gen.batch_inputs(convs, _images(3))
+    assert (inputs["attention_mask"][:, -1] == 1).all() and (inputs["attention_mask"][:, 0] == 0).any()  # left pad
+    batched = gen.generate(convs, _images(3), max_new_tokens=10)
+    single = [gen.generate([c], [im], max_new_tokens=10)[0] for c, im in zip(convs, _images(3))]
+    assert batched == single
+    assert any(batched)
+
+
+def test_expand_to_square_pads_with_the_mean_colour():
+    im = Image.new("RGB", (40, 20), (255, 0, 0))
+    sq = infer.expand_to_square(im, [0.5, 0.5, 0.5])
+    assert sq.size == (40, 40)
+    assert sq.getpixel((0, 0)) == (128, 128, 128) and sq.getpixel((20, 20)) == (255, 0, 0)
+
+
+def test_infer_cli_is_resumable_and_keeps_partial_results(tiny_llava, toy_dataset, eval_split, tmp_path):
+    out = tmp_path / "answers.jsonl"
+    common = ["--model", str(tiny_llava), "--eval", str(eval_split), "--image-root", str(toy_dataset / "images"),
+              "--out", str(out), "--batch-size", "3", "--max-new-tokens", "4", "--device", "cpu"]
+    assert infer.main(common + ["--limit", "5"]) == 0
+    first = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(first) == 5 and all(set(r) >= {"id", "question", "answer", "reference"} for r in first)
+    assert first[0]["reference"]["sub_street"] and "<image>" not in first[0]["question"]
+    with out.open("a") as f:
+        f.write('{"id": "torn-wri')  # a run killed in the middle of a write
+    assert infer.main(common + ["--limit", "9"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows[:5]] == [r["id"] for r in first]  # kept, not regenerated
+    assert len(rows) == 9 and len({r["id"] for r in rows}) == 9
+
+    # A missing image stops the run with a clear error naming the record; finished batches stay.
+    recs = json.loads(eval_split.read_text())[:7]
+    recs[5]["image"] = "nowhere/missing.png"
+    bad_eval = tmp_path / "bad_eval.json"
+    bad_eval.write_text(json.dumps(recs))
+    out2 = tmp_path / "answers2.jsonl"
+    with pytest.raises(infer.InferenceInputError, match=f"id {recs[5]['id']}.*not found"):
+        infer.main(["--model", str(tiny_llava), "--eval", str(bad_eval), "--image-root", str(toy_dataset / "images"),
+                    "--out", str(out2), "--batch-size", "3", "--max-new-tokens", "2", "--device", "cpu"])
+    assert len(out2.read_text().splitlines()) == 3
+
+
+def test_unloadable_models_and_foreign_output_files_are_clear_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(infer.InferenceInputError, match="no config.json"):
+        infer.load_generator(tmp_path / "empty", device="cpu")
+    with pytest.raises(infer.InferenceInputError, match="not a folder"):
+        infer.load_generator(None, tmp_path / "nope", device="cpu")
+    foreign = tmp_path / "foreign.jsonl"
+    foreign.write_text("hello\n")
+    with pytest.raises(infer.InferenceInputError, match="refusing to append"):
+        infer.read_done_ids(foreign)
+
+
+def test_system_specs_and_kind_registry():
+    spec = benchmark.parse_system_spec("ours=llava:runs/merged,adapter=runs/ckpt,max_new_tokens=32")
+    assert (spec.name, spec.kind, spec.target, spec.options) == (
+        "ours", "llava", "runs/merged", {"adapter": "runs/ckpt", "max_new_tokens": "32"})
+    with pytest.raises(benchmark.BenchmarkError, match="valid kinds: .*'clip'.*'hf'.*'jsonl'.*'llava'"):
+        benchmark.parse_system_spec("x=gpt:foo")
+    with pytest.raises(benchmark.BenchmarkError, match="NAME=KIND:TARGET"):
+        benchmark.parse_system_spec("just-a-path")
+    with pytest.raises(ValueError, match="already registered"):
+        benchmark.register_system_kind(benchmark.SystemKind("llava", "dup", None))
+    assert benchmark.choices_in_question("Which one?\nA. Esplanadi\nB. Bulevardi\nAnswer with the letter.") == [
+        ("A", "Esplanadi"), ("B", "Bulevardi")]
+
+
+def test_benchmark_scores_every_system_and_reports_failures(tiny_llava, toy_dataset, eval_split, tmp_path):
+    recs = json.loads(eval_split.read_text())[:8]
+    small_eval = tmp_path / "eval.json"
+    small_eval.write_text(json.dumps(recs))
+    # A "closed model" that answers exactly what the builder expects.
+    imported = tmp_path / "closed.jsonl"
+    imported.write_text("".join(json.dumps({"id": r["id"], "answer": r["conversations"][1]["value"]}) + "\n"
+                                for r in recs))
+    out = tmp_path / "bench"
+    argv = ["--dataset", str(toy_dataset), "--eval", str(small_eval), "--out", str(out), "--device", "cpu",
+            "--batch-size", "4", "--max-new-tokens", "4",
+            "--system", f"ours=llava:{tiny_llava}",
+            "--system", "addressclip=clip:,model=addressclip-tiny",
+            "--system", f"hf-model=hf:{tiny_llava}",
+            "--system", f"closed=jsonl:{imported}",
+            "--system", f"broken=llava:{tmp_path / 'no-such-model'}"]
+    assert benchmark.main(argv) == 1  # one system failed
+    results = json.loads((out / "benchmark.json").read_text())
+    assert set(results) == {"ours", "addressclip", "hf-model", "closed", "broken"}
+    assert "error" in results["broken"] and "no-such-model" in results["broken"]["error"]
+    closed = results["closed"]["report"]
+    assert all(m["correct"] == m["total"] for m in closed["metrics"].values())
+    for name in ("ours", "addressclip", "hf-model"):
+        assert results[name]["report"]["n_answers"] == len(recs)
+        assert len((out / "answers" / f"{name}.jsonl").read_text().splitlines()) == len(recs)
+    # Retrieval always names a gallery address: its address answers all parse.
+    clip = results["addressclip"]["report"]
+    assert not [u for u in clip["unparseable"] if u["question_type"] in ("full", "street", "cross", "neighbourhood")]
+    table = (out / "benchmark.md").read_text()
+    assert table.count("\n| ") >= 5 and "| broken | llava | failed" in table and "100.0%" in table
+    png = out / "benchmark.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and Image.open(png).size[0] > 400
+
+    # Rerunning answers nothing new (resumable) and gives the same scores.
+    shutil.rmtree(out / "answers" / "hf-model.jsonl", ignore_errors=True)
+    again = benchmark.run_benchmark([benchmark.parse_system_spec(f"ours=llava:{tiny_llava}")], toy_dataset,
+                                    small_eval, out, ctx=benchmark.RunContext(toy_dataset, "cpu", max_new_tokens=4),
+                                    progress=False)
+    assert again["ours"]["counts"] == {"total": len(recs), "skipped": len(recs), "answered": 0}
+    assert again["ours"]["report"]["metrics"] == results["ours"]["report"]["metrics"]
