@@ -76,9 +76,17 @@ class ConversationBuilder:
     def __init__(self, config: BuildConfig, hood: Neighbourhood):
         self.config = config
         self.hood = hood
+        # per-address results: many images share one sub-street, and rendering dominates the build time
+        self._cache: dict[tuple[str, Address], object] = {}
+
+    def _cached(self, kind: str, a: Address, compute):
+        key = (kind, a)
+        if key not in self._cache:
+            self._cache[key] = compute(a)
+        return self._cache[key]
 
     # --- the address values answers are filled with ---
-    def values(self, a: Address) -> dict[str, str]:
+    def _values(self, a: Address) -> dict[str, str]:
         between = ""
         if len(a.cross_streets) >= 2:
             between = f"between {a.cross_streets[0]} and {a.cross_streets[1]}"
@@ -95,7 +103,7 @@ class ConversationBuilder:
         }
 
     # --- hard negatives ---
-    def street_negatives(self, a: Address) -> list[tuple[str, str]]:
+    def _street_negatives(self, a: Address) -> list[tuple[str, str]]:
         """(street name, sub-street id) of the nearest sub-streets of other streets, one per name."""
         seen, out = set(), []
         for sid in self.hood.nearby.get(a.sub_street, ()):
@@ -105,7 +113,7 @@ class ConversationBuilder:
                 out.append((name, sid))
         return out[: self.config.negative_pool]
 
-    def sibling_negatives(self, a: Address) -> list[tuple[str, str]]:
+    def _sibling_negatives(self, a: Address) -> list[tuple[str, str]]:
         """(sub-street text, id) of the nearest other sub-streets of the same street, distinct texts."""
         own = render_address(a, "sub_street")
         seen, out = {own}, []
@@ -116,7 +124,7 @@ class ConversationBuilder:
                 out.append((text, sid))
         return out[: self.config.negative_pool]
 
-    def mc_distractors(self, a: Address) -> list[str]:
+    def _mc_distractors(self, a: Address) -> list[str]:
         own = render_address(a, self.config.address_style)
         seen, out = {own}, []
         for sid in (*self.hood.nearby.get(a.sub_street, ()), *self.hood.siblings.get(a.sub_street, ())):
@@ -125,6 +133,18 @@ class ConversationBuilder:
                 seen.add(text)
                 out.append(text)
         return out[: self.config.mc_pool]
+
+    def values(self, a: Address) -> dict[str, str]:
+        return dict(self._cached("values", a, self._values))  # a copy: callers add turn-specific values
+
+    def street_negatives(self, a: Address) -> list[tuple[str, str]]:
+        return self._cached("street", a, self._street_negatives)
+
+    def sibling_negatives(self, a: Address) -> list[tuple[str, str]]:
+        return self._cached("sibling", a, self._sibling_negatives)
+
+    def mc_distractors(self, a: Address) -> list[str]:
+        return self._cached("mc", a, self._mc_distractors)
 
     def available_types(self, s: Sample, weights: dict[str, float]) -> dict[str, float]:
         a = s.address
@@ -213,19 +233,24 @@ def balanced_answers(n: int, rng: random.Random) -> list[bool]:
 
 
 def samples_of(df: pd.DataFrame) -> list[Sample]:
-    return [Sample(str(r["image_id"]), str(r["image"]), Address.from_row(r), str(r.get("caption") or ""),
-                   (float(r["lat"]), float(r["lon"]), float(r["utm_x"]), float(r["utm_y"])))
-            for r in df.to_dict("records")]
+    # one Address per sub-street (rows of a sub-street share it), built from column lists: fast on 1M rows
+    addresses: dict[str, Address] = {}
+    for r in df.drop_duplicates("sub_street").to_dict("records"):
+        addresses[str(r["sub_street"])] = Address.from_row(r)
+    cols = [df[c].tolist() for c in ("image_id", "image", "sub_street", "caption", "lat", "lon", "utm_x", "utm_y")]
+    return [Sample(str(i), str(im), addresses[str(sub)], str(cap or ""), (float(la), float(lo), float(x), float(y)))
+            for i, im, sub, cap, la, lo, x, y in zip(*cols)]
 
 
 def build_train(builder: ConversationBuilder, samples: list[Sample]) -> tuple[list[dict], int]:
     """Training conversations, and the number of images that had no usable question type."""
     cfg = builder.config
     plans, skipped = [], 0
+    weights = cfg.weights
     for s in samples:
         for k in range(cfg.conversations_per_image):
             rng = make_rng(cfg.seed, "plan", "train", s.image_id, k)
-            types = builder.plan(s, cfg.weights, rng, rng.randint(cfg.min_turns, cfg.max_turns))
+            types = builder.plan(s, weights, rng, rng.randint(cfg.min_turns, cfg.max_turns))
             if types:
                 plans.append((s, k, types))
             elif k == 0:
@@ -251,9 +276,10 @@ def build_eval(builder: ConversationBuilder, samples: list[Sample]) -> tuple[lis
     """One question per evaluation image with its structured reference."""
     cfg = builder.config
     plans, skipped = [], 0
+    weights = cfg.eval_weights
     for s in samples:
         rng = make_rng(cfg.seed, "plan", "eval", s.image_id)
-        types = builder.plan(s, cfg.eval_weights, rng, 1)
+        types = builder.plan(s, weights, rng, 1)
         if types:
             plans.append((s, types, rng.random() < cfg.eval_held_out_prob))
         else:
@@ -288,13 +314,39 @@ def summarise(records: list[dict]) -> dict:
             "question_types": dict(sorted(types.items())), "yes_no": dict(sorted(yes_no.items()))}
 
 
+def check_records(records: pd.DataFrame, path) -> None:
+    """Refuses rows the builder cannot use, naming the file, row index, image id and field."""
+    for col in ("image_id", "image", "street", "sub_street", "split"):
+        empty = records[col].isna() | (records[col].astype(str).str.strip() == "")
+        if empty.any():
+            i = int(empty.to_numpy().nonzero()[0][0])
+            raise ValueError(f"{path}: record {i} (image_id={records['image_id'].iloc[i]!r}): field {col!r} is empty")
+    for col in ("lat", "lon", "utm_x", "utm_y"):
+        bad = ~pd.to_numeric(records[col], errors="coerce").notna()
+        if bad.any():
+            i = int(bad.to_numpy().nonzero()[0][0])
+            raise ValueError(f"{path}: record {i} (image_id={records['image_id'].iloc[i]!r}): field {col!r} "
+                             f"is not a number: {records[col].iloc[i]!r}")
+    dup = records["image_id"].duplicated()
+    if dup.any():
+        i = int(dup.to_numpy().nonzero()[0][0])
+        raise ValueError(f"{path}: record {i} (image_id={records['image_id'].iloc[i]!r}): field 'image_id' "
+                         "occurs more than once")
+    # every row of a sub-street must carry the same address (the builder renders it once per sub-street)
+    first = records.drop_duplicates("sub_street").set_index("sub_street")["address_full"]
+    differs = records["address_full"].to_numpy() != first.loc[records["sub_street"]].to_numpy()
+    if differs.any():
+        i = int(differs.nonzero()[0][0])
+        raise ValueError(f"{path}: record {i} (image_id={records['image_id'].iloc[i]!r}): field 'address_full' "
+                         f"{records['address_full'].iloc[i]!r} differs from other rows of sub-street "
+                         f"{records['sub_street'].iloc[i]!r} ({first.loc[records['sub_street'].iloc[i]]!r})")
+
+
 def build(config: BuildConfig) -> dict:
     """Builds and writes everything; returns the build info."""
     paths = DatasetPaths(config.dataset)
     records = read_records(config.dataset)
-    if records["image_id"].duplicated().any():
-        dup = records.loc[records["image_id"].duplicated(), "image_id"].iloc[0]
-        raise ValueError(f"{paths.records}: image_id {dup!r} occurs more than once")
+    check_records(records, paths.records)
     builder = ConversationBuilder(config, build_neighbourhood(records, config.dataset))
 
     def split_samples(splits):
@@ -338,6 +390,8 @@ def build(config: BuildConfig) -> dict:
                 formats.export_hf(tmp / "hf" if kind == "disk" else tmp / "hf_parquet", {"train": train, "eval": evaluation}, kind)
                 info["files"][f"hf_{kind}"] = "hf" if kind == "disk" else "hf_parquet"
         atomic_write_json(tmp / "build_info.json", info)
+        for p in (tmp, *tmp.rglob("*")):  # mkdtemp/mkstemp create owner-only files; outputs are shared
+            p.chmod(0o755 if p.is_dir() else 0o644)
     return info
 
 

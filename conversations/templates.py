@@ -17,6 +17,7 @@ in a file that carries no `turn_types`). Run `python -m conversations.templates`
 
 from __future__ import annotations
 
+import functools
 import re
 import string
 from dataclasses import dataclass
@@ -30,8 +31,9 @@ ANSWER_FIELDS = frozenset({"full", "street", "segment", "between", "neighbourhoo
 REFUSAL_WORDS = ("cannot", "can't", "unable", "sorry", "impossible", "not possible", "no way to")
 
 
-def placeholders(template: str) -> set[str]:
-    return {name for _, name, _, _ in string.Formatter().parse(template) if name}
+@functools.lru_cache(maxsize=4096)
+def placeholders(template: str) -> frozenset[str]:
+    return frozenset({name for _, name, _, _ in string.Formatter().parse(template) if name})
 
 
 def _normalise(template: str) -> str:

@@ -258,3 +258,20 @@ def test_existing_output_and_missing_dataset(toy_dataset, toy_conversations, tmp
     assert "exists" in capsys.readouterr().err
     assert _build(tmp_path / "nothing", tmp_path / "x") == 2
     assert "records.parquet: not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda df: df.loc.__setitem__((5, "street"), " "), "record 5 (image_id='0-0-005'): field 'street' is empty"),
+    (lambda df: df.loc.__setitem__((7, "image_id"), "0-0-000"), "record 7 (image_id='0-0-000'): field 'image_id' occurs"),
+    (lambda df: df.loc.__setitem__((9, "utm_x"), float("nan")), "record 9 (image_id='0-0-009'): field 'utm_x' is not a number"),
+    (lambda df: df.loc.__setitem__((3, "address_full"), "Elsewhere"), "record 3 (image_id='0-0-003'): field 'address_full'"),
+])
+def test_bad_dataset_rows_are_named(toy_dataset, tmp_path, capsys, corrupt, message):
+    copy = tmp_path / "ds"
+    shutil.copytree(toy_dataset, copy, ignore=shutil.ignore_patterns("images"))
+    df = read_records(copy)
+    corrupt(df)
+    df.to_parquet(copy / "records.parquet", index=False)
+    assert _build(copy, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert str(copy / "records.parquet") in err and message in err, err
