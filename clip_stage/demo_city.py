@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -182,6 +183,7 @@ _WINDOWS = list(WINDOW_COLOURS)
 _ROADS = list(ROAD_SURFACES)
 
 
+@functools.lru_cache(maxsize=4096)
 def _street_style(seed: int, street: str) -> dict:
     r = np.random.default_rng([seed, _h("street", street)])
     trees = r.choice(["none", "left", "right", "both"], p=[0.3, 0.2, 0.2, 0.3])
@@ -206,6 +208,7 @@ def _street_style(seed: int, street: str) -> dict:
     }
 
 
+@functools.lru_cache(maxsize=16384)
 def _block_variation(seed: int, block: str) -> dict:
     r = np.random.default_rng([seed, _h("block", block)])
     return {
@@ -298,9 +301,18 @@ def _encode(arr: np.ndarray, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def _render_task(task: tuple) -> None:
-    path, scene, size, fmt = task
-    Path(path).write_bytes(_encode(render_scene(scene, size), fmt))
+@functools.lru_cache(maxsize=8)
+def _field_for(seed: int, ox: float, oy: float) -> "_Field":
+    return _Field(seed, np.array([ox, oy]))
+
+
+def _image_task(task: tuple) -> str:
+    """Composes one picture's scene, renders it to `path` (unless None) and returns its caption."""
+    seed, origin, i, street, block, x, y, s, lateral, path, size, fmt = task
+    scene = _scene(seed, i, street, block, np.array([x, y]), s, lateral, _field_for(seed, *origin))
+    if path is not None:
+        Path(path).write_bytes(_encode(render_scene(scene, size), fmt))
+    return caption_scene(scene)
 
 
 # --- the generator ---------------------------------------------------------------------------------
@@ -338,19 +350,32 @@ def generate_demo_city(out_dir: str | Path, cfg: DemoCityConfig = DemoCityConfig
     bad_rows = sorted(rng.choice(n, size=n_bad, replace=False).tolist()) if n_bad else []
     bad_kind = {i: BAD_KINDS[k % len(BAD_KINDS)] for k, i in enumerate(bad_rows)}
     good_rows = [i for i in range(n) if i not in bad_kind]
-    field = _Field(cfg.seed, xy.mean(0))
+    origin = (float(xy[:, 0].mean()), float(xy[:, 1].mean()))
     ext = cfg.image_format
+    workers = cfg.workers or min(2, os.cpu_count() or 1)
 
-    rows, truth, tasks, post = [], [], [], []
     with atomic_dir(out_dir) as tmp:
         images = tmp / "images"
         images.mkdir()
+        tasks = []
         for i in range(n):
-            image_id = f"{i:06d}"
-            rel = f"{image_id}.{ext}"
-            scene = _scene(cfg.seed, i, seg.street[e[i]], seg.block[e[i]], xy[i], s_along[i], lateral[i], field)
-            caption = caption_scene(scene)
-            la, lo = f"{lat[i]:.7f}", f"{lon[i]:.7f}"
+            kind = bad_kind.get(i, "")
+            # bad rows still get a scene (a caption); only their image file is spoilt, copied or left out
+            path = None if kind in ("corrupt_image", "missing_image", "duplicate") else str(images / f"{i:06d}.{ext}")
+            tasks.append((cfg.seed, origin, i, seg.street[e[i]], seg.block[e[i]], float(xy[i, 0]), float(xy[i, 1]),
+                          float(s_along[i]), float(lateral[i]), path, cfg.image_size, ext))
+        t1 = time.perf_counter()
+        if workers > 1 and n > 64:
+            with mp.get_context("fork" if os.name == "posix" else "spawn").Pool(workers) as pool:
+                captions = list(pool.imap(_image_task, tasks, chunksize=32))
+        else:
+            captions = [_image_task(task) for task in tasks]
+        t_render = time.perf_counter() - t1
+
+        rows, truth = [], []
+        for i in range(n):
+            rel = f"{i:06d}.{ext}"
+            la, lo, caption = f"{lat[i]:.7f}", f"{lon[i]:.7f}", captions[i]
             kind = bad_kind.get(i, "")
             if kind == "nan_gps":
                 la = "nan"
@@ -358,32 +383,15 @@ def generate_demo_city(out_dir: str | Path, cfg: DemoCityConfig = DemoCityConfig
                 la = "123.4567890"
             elif kind == "far_from_street":
                 la = f"{lat[i] + 0.05:.7f}"  # about 5.5 km north of where it was taken, off the map
-            if kind == "duplicate":
-                # the same picture filed twice: a byte-identical copy of a good row's image, with its GPS
-                src = good_rows[_h("dup", cfg.seed, i) % len(good_rows)]
-                post.append((rel, f"{src:06d}.{ext}"))
-                la, lo = f"{lat[src]:.7f}", f"{lon[src]:.7f}"
-                caption = rows[src]["caption"] if src < i else caption_scene(
-                    _scene(cfg.seed, src, seg.street[e[src]], seg.block[e[src]], xy[src], s_along[src], lateral[src], field))
             elif kind == "corrupt_image":
                 (images / rel).write_bytes(b"\x89PNG\r\n\x1a\n truncated, not an image " + bytes(range(32)))
-            elif kind != "missing_image":
-                tasks.append((str(images / rel), scene, cfg.image_size, ext))
-            rows.append({"image_id": image_id, "image": rel, "lat": la, "lon": lo, "caption": caption})
-            truth.append({"image_id": image_id, "street": seg.street[e[i]], "block": seg.block[e[i]], "bad": kind})
-
-        workers = cfg.workers or min(2, os.cpu_count() or 1)
-        t1 = time.perf_counter()
-        if workers > 1 and len(tasks) > 64:
-            with mp.get_context("spawn" if os.name == "nt" else "fork").Pool(workers) as pool:
-                for _ in pool.imap_unordered(_render_task, tasks, chunksize=32):
-                    pass
-        else:
-            for t in tasks:
-                _render_task(t)
-        for dst, src in post:
-            (images / dst).write_bytes((images / src).read_bytes())
-        t_render = time.perf_counter() - t1
+            elif kind == "duplicate":
+                # the same picture filed twice: a byte-identical copy of a good row's image, with its GPS and caption
+                src = good_rows[_h("dup", cfg.seed, i) % len(good_rows)]
+                (images / rel).write_bytes((images / f"{src:06d}.{ext}").read_bytes())
+                la, lo, caption = f"{lat[src]:.7f}", f"{lon[src]:.7f}", captions[src]
+            rows.append({"image_id": f"{i:06d}", "image": rel, "lat": la, "lon": lo, "caption": caption})
+            truth.append({"image_id": f"{i:06d}", "street": seg.street[e[i]], "block": seg.block[e[i]], "bad": kind})
 
         _write_csv(tmp / GPS_FILE, GPS_COLUMNS, rows)
         _write_csv(tmp / TRUTH_FILE, ("image_id", "street", "block", "bad"), truth)

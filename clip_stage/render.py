@@ -16,6 +16,7 @@ Used by `clip_stage.demo_city`; nothing here knows about maps.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -140,6 +141,7 @@ def _rotation(yaw: float, pitch: float) -> np.ndarray:
     return ry @ rx
 
 
+@functools.lru_cache(maxsize=1024)
 def _building_table(f: Facade) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(f.building_seed)
     heights = np.clip(np.round(f.floors + rng.normal(0, 0.9, TABLE)), 1, 12) * FLOOR_H + 0.6
@@ -253,10 +255,9 @@ def render_scene(sc: Scene, size: int) -> np.ndarray:
 
     _paint_sprites(img, sc, R, f, size)
 
-    img = img * sc.brightness * np.asarray(sc.tint)
-    img = img * 255.0
+    img = (img * (255.0 * sc.brightness * np.asarray(sc.tint))).astype(np.float32)
     if sc.noise > 0:
-        img += np.random.default_rng(sc.noise_seed).normal(0, sc.noise, img.shape)
+        img += np.random.default_rng(sc.noise_seed).standard_normal(img.shape, dtype=np.float32) * np.float32(sc.noise)
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
