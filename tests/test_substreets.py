@@ -13,7 +13,7 @@ from clip_stage.geocode import ReverseGeocoder
 from clip_stage.network import helsinki_pbf_path, load_street_network
 from clip_stage.schema import address_columns
 from clip_stage.substreets import SubStreetConfig, load_zones, partition_sub_streets, split_streets, sub_streets_geojson
-from tests.test_network import TOY_WAYS, lonlat, utm, write_geojson, write_osm
+from tests.test_network import lonlat, utm, write_geojson, write_osm
 
 MAIN_X = {0: [20, 40, 60, 80, 90], 1: [150, 170, 200, 230, 250], 2: [350, 380, 400, 420, 450], 3: [520, 540, 560, 570, 580]}
 
@@ -179,4 +179,3 @@ def test_helsinki_partition_is_consistent():
     assert (names[part.point_sub[ok]] == geo.street[ok]).all()
     assert np.bincount(part.point_sub[ok], minlength=len(subs)).tolist() == [s.n_points for s in subs]
     assert sum(len(s.cross_streets) == 2 for s in subs) > len(subs) / 2
-    assert TOY_WAYS  # the toy network module is importable alongside
