@@ -104,8 +104,11 @@ class ConversationBuilder:
 
     # --- hard negatives ---
     def _street_negatives(self, a: Address) -> list[tuple[str, str]]:
-        """(street name, sub-street id) of the nearest sub-streets of other streets, one per name."""
-        seen, out = set(), []
+        """(street name, sub-street id) of the nearest sub-streets of other streets, one per name.
+
+        The sub-street's own cross streets are left out: a photo near the corner may show them too, so
+        "No, this is not <cross street>" would be a doubtful label."""
+        seen, out = set(a.cross_streets), []
         for sid in self.hood.nearby.get(a.sub_street, ()):
             name = self.hood.addresses[sid].street
             if name != a.street and name not in seen:

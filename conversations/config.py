@@ -168,7 +168,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
     docs = field_docs(cls)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        help_text = docs.get(f.name, "") + (f" (default: {f.default})" if f.default not in ("", False) else "")
+        help_text = docs.get(f.name, "") + (f" (default: {f.default})" if f.default is not False and f.default != "" else "")
         kind = hints[f.name]
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)

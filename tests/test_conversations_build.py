@@ -123,6 +123,7 @@ def test_yes_no_negatives_are_nearby_or_siblings(toy_dataset, yes_no_heavy, reco
         neg = hood.addresses[ref["candidate_sub_street"]]
         if ref["candidate_level"] == "street":
             assert ref["candidate"] == neg.street != ref["street"]
+            assert ref["candidate"] not in ref["cross_streets"]  # a corner may show its cross street
             assert ref["candidate_sub_street"] in hood.nearby[ref["sub_street"]][:8]
         else:
             assert neg.street == ref["street"] and ref["candidate_sub_street"] in hood.siblings[ref["sub_street"]]
@@ -275,3 +276,19 @@ def test_bad_dataset_rows_are_named(toy_dataset, tmp_path, capsys, corrupt, mess
     assert _build(copy, tmp_path / "out") == 2
     err = capsys.readouterr().err
     assert str(copy / "records.parquet") in err and message in err, err
+
+
+def test_own_cross_streets_are_not_street_negatives():
+    from clip_stage.schema import Address
+    from conversations.build import BuildConfig, ConversationBuilder
+    from conversations.neighbours import Neighbourhood
+
+    a = Address("Main", "Main/0", ("Cross",), "Centre", "Town")
+    cross = Address("Cross", "Cross/0", ("Main",), "Centre", "Town")
+    far = Address("Far", "Far/0", (), "Centre", "Town")
+    hood = Neighbourhood({x.sub_street: x for x in (a, cross, far)},
+                         nearby={"Main/0": ("Cross/0", "Far/0"), "Cross/0": ("Main/0", "Far/0"), "Far/0": ("Main/0",)},
+                         siblings={"Main/0": (), "Cross/0": (), "Far/0": ()})
+    builder = ConversationBuilder(BuildConfig(dataset="d", out="o"), hood)
+    assert builder.street_negatives(a) == [("Far", "Far/0")]
+    assert builder.street_negatives(far) == [("Main", "Main/0")]
