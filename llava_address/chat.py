@@ -1,0 +1,212 @@
+"""Chat with a LLaVA model about one photo: in the terminal (streamed tokens) or from Python.
+
+    address-llava chat --model runs/llava-merged --image photo.jpg                 # multi-turn
+    address-llava chat --model runs/llava-merged --image photo.jpg --question "Where was this taken?"
+    address-llava chat --adapter runs/llava/checkpoint-200 --image photo.jpg       # base + LoRA checkpoint
+
+In a notebook:
+
+    from llava_address.chat import answer
+    reply = answer("photo.jpg", "Where was this photo taken?", model="runs/llava-merged")
+    follow = answer("photo.jpg", "Which neighbourhood?", history=[("Where was this photo taken?", reply)],
+                    model="runs/llava-merged")
+
+Prompts are rendered by `llava_address.prompting` with the template of training (Vicuna v1); the image
+is attached to the first user turn only, as in training. Terminal commands: /reset (forget the
+conversation), /image PATH (another photo, new conversation), /quit (or Ctrl-D).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence, TextIO
+
+from llava_address.infer import Generator, InferenceInputError, load_generator, open_image, user_turn
+
+History = Sequence[tuple[str, str]]
+
+
+def conversation(question: str, history: History = ()) -> list[dict]:
+    """LLaVA-format messages: the history's (question, answer) pairs, then `question`; image in turn one."""
+    msgs: list[dict] = []
+    for i, (q, a) in enumerate(history):
+        msgs.append(user_turn(q, with_image=i == 0))
+        msgs.append({"from": "gpt", "value": a})
+    msgs.append(user_turn(question, with_image=not history))
+    return msgs
+
+
+def _recording_streamer(tokenizer):
+    """A TextIteratorStreamer that also keeps the generated ids, so the final answer is decoded in one piece
+    (identical to batch generation) while the terminal shows text as it comes."""
+    from transformers import TextIteratorStreamer
+
+    class RecordingStreamer(TextIteratorStreamer):
+        def __init__(self):
+            super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+            self.ids: list[int] = []
+            self._seen_prompt = False
+
+        def put(self, value):
+            if not self._seen_prompt:  # generate() first sends the prompt
+                self._seen_prompt = True
+            else:
+                self.ids.extend(int(x) for x in value.reshape(-1).tolist())
+            super().put(value)
+
+    return RecordingStreamer()
+
+
+def stream_answer(gen: Generator, image, question: str, history: History = (), max_new_tokens: int = 256):
+    """Yields the answer's text as it is generated, then returns the whole answer (StopIteration.value).
+
+    Generation runs in a thread feeding a TextIteratorStreamer; errors are re-raised here.
+    """
+    import torch
+
+    inputs = gen.batch_inputs([conversation(question, history)], [image])
+    streamer = _recording_streamer(gen.tokenizer)
+    errors: list[BaseException] = []
+
+    def run():
+        try:
+            with torch.inference_mode():
+                gen.model.generate(**inputs, **gen.generation_kwargs(max_new_tokens), streamer=streamer)
+        except BaseException as e:  # re-raised in the caller's thread
+            errors.append(e)
+            streamer.end()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    yield from streamer
+    thread.join()
+    if errors:
+        raise errors[0]
+    return gen.tokenizer.decode(streamer.ids, skip_special_tokens=True).strip()
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_generator(model: str | None, adapter: str | None, device: str, dtype: str) -> Generator:
+    return load_generator(model, adapter, device, dtype)
+
+
+def _as_image(image):
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    return open_image(image)
+
+
+def answer(image, question: str, history: History | None = None, *, model: str | Generator | None = None,
+           adapter: str | None = None, device: str = "auto", dtype: str = "auto", max_new_tokens: int = 256,
+           stream: TextIO | None = None) -> str:
+    """The model's answer to `question` about `image` (a path or PIL image), after `history`.
+
+    model: a loaded `Generator`, or a LLaVA folder / hub id (loaded once and cached); adapter: a
+    train-llava checkpoint. history: earlier (question, answer) pairs about the same image.
+    stream: a text stream (e.g. sys.stdout) that receives the tokens as they are generated.
+    """
+    if not question or not question.strip():
+        raise ValueError("empty question")
+    gen = model if isinstance(model, Generator) else _cached_generator(
+        None if model is None else str(model), None if adapter is None else str(adapter), device, dtype)
+    img = _as_image(image)
+    chunks = stream_answer(gen, img, question, tuple(history or ()), max_new_tokens)
+    while True:
+        try:
+            piece = next(chunks)
+        except StopIteration as done:
+            return done.value
+        if stream is not None:
+            stream.write(piece)
+            stream.flush()
+
+
+@dataclass
+class ChatSession:
+    """A multi-turn conversation about one image."""
+
+    generator: Generator
+    image: object
+    history: list[tuple[str, str]] = field(default_factory=list)
+    max_new_tokens: int = 256
+
+    def ask(self, question: str, stream: TextIO | None = None) -> str:
+        reply = answer(self.image, question, self.history, model=self.generator, max_new_tokens=self.max_new_tokens,
+                       stream=stream)
+        self.history.append((question, reply))
+        return reply
+
+
+def repl(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
+    """The terminal loop; returns the number of answers given."""
+    n = 0
+    stdout.write("Ask about the photo. /reset, /image PATH, /quit.\n")
+    while True:
+        stdout.write("you> ")
+        stdout.flush()
+        line = stdin.readline()
+        if not line:  # EOF
+            stdout.write("\n")
+            return n
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            return n
+        if line == "/reset":
+            session.history.clear()
+            stdout.write("(conversation cleared)\n")
+            continue
+        if line.startswith("/image"):
+            path = line[len("/image"):].strip()
+            try:
+                session.image = open_image(path)
+            except InferenceInputError as e:
+                stdout.write(f"error: {e}\n")
+                continue
+            session.history.clear()
+            stdout.write(f"(new image {path}; conversation cleared)\n")
+            continue
+        stdout.write("assistant> ")
+        session.ask(line, stream=stdout)
+        stdout.write("\n")
+        n += 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="address-llava chat", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="merged or base LLaVA folder / hub id (with --adapter: the base)")
+    p.add_argument("--adapter", default=None, help="train-llava checkpoint folder (LoRA + projector)")
+    p.add_argument("--image", required=True, help="the photo to talk about")
+    p.add_argument("--question", default=None, help="ask one question, print the answer and exit")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit in tokens")
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    return p
+
+
+def main(argv: list[str] | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    if args.model is None and args.adapter is None:
+        raise SystemExit("give --model and/or --adapter")
+    image = open_image(args.image)  # fail on a bad image before loading the model
+    gen = load_generator(args.model, args.adapter, args.device, args.dtype)
+    session = ChatSession(gen, image, max_new_tokens=args.max_new_tokens)
+    if args.question is not None:
+        session.ask(args.question, stream=stdout)
+        stdout.write("\n")
+        return 0
+    repl(session, stdin, stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
