@@ -235,11 +235,17 @@ def test_geo_split_holds_out_whole_tiles():
         SplitConfig(val_fraction=0.5, test_fraction=0.6)
 
 
-def test_geo_split_through_the_command(tmp_path):
+def test_geo_split_through_the_console_command_and_a_config_file(tmp_path):
+    from llava_address.cli import main as cli_main
+
     images, table, network, *_ = make_inputs(tmp_path)
     out = tmp_path / "geo"
-    assert main(_argv(images, table, network, out, "--split", "geo", "--tile-size-m", "150", "--test-fraction", "0.3",
-                      "--val-fraction", "0", "--image-mode", "copy")) == 0
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("split:\n  split: geo\n  tile_size_m: 150\n  test_fraction: 0.5\nbuild:\n  image_mode: copy\n")
+    argv = _argv(images, table, network, out, "--config", str(recipe), "--test-fraction", "0.3", "--val-fraction", "0")
+    assert cli_main(["build-dataset", *argv]) == 0
+    info = read_info(out)["config"]
+    assert info["split"] == {"split": "geo", "tile_size_m": 150.0, "test_fraction": 0.3, "val_fraction": 0.0, "seed": 0}
     df = read_records(out)
     tile = list(zip(np.floor(df["utm_x"] / 150), np.floor(df["utm_y"] / 150)))
     mixed = pd.DataFrame({"tile": tile, "split": df["split"]}).groupby("tile")["split"].nunique()
