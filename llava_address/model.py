@@ -148,8 +148,9 @@ def _load_llava(args: ModelArgs):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     # Quantise only the LLM: the tower and projector stay in full precision (as in LLaVA's QLoRA).
+    # transformers matches skip patterns from the start of the full module name (or as a suffix).
     model = LlavaForConditionalGeneration.from_pretrained(
-        args.model_name_or_path, **_load_kwargs(args, ["vision_tower", "multi_modal_projector", "lm_head"]))
+        args.model_name_or_path, **_load_kwargs(args, [r".*vision_tower", r".*multi_modal_projector", "lm_head"]))
     processor = AutoProcessor.from_pretrained(args.model_name_or_path)
     return model, processor
 

@@ -1,0 +1,270 @@
+"""Prompt rendering + label masks, the LLaVA dataset, image padding, collate and length-grouped batching."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+from llava_address.config import DataArgs, ModelArgs
+from llava_address.data import (LengthGroupedSampler, LlavaCollator, LlavaDataset, RecordError, build_dataloader,
+                                build_dataset, expand_to_square, length_grouped_indices, load_llava_records)
+from llava_address.prompting import (IGNORE_INDEX, ConversationError, encode_conversation, generation_prompt,
+                                     get_template, render_text)
+
+N_IMG = 16
+CONV = [
+    {"from": "human", "value": "<image>\nWhere was this photo taken?"},
+    {"from": "gpt", "value": "Main Street & Oak Avenue, Downtown."},
+    {"from": "human", "value": "Which neighbourhood is this?"},
+    {"from": "gpt", "value": "Downtown."},
+]
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_llava_dir):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(str(tiny_llava_dir))
+
+
+@pytest.fixture(scope="module")
+def tok(processor):
+    return processor.tokenizer
+
+
+def _ids(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+# --- prompting -------------------------------------------------------------------------------------
+
+def test_exactly_answer_tokens_and_eos_carry_loss(tok):
+    enc = encode_conversation(CONV, tok, N_IMG, num_images=1)
+    assert len(enc.input_ids) == len(enc.labels)
+    supervised = [t for t in enc.labels if t != IGNORE_INDEX]
+    expected = _ids(tok, " Main Street & Oak Avenue, Downtown.") + [tok.eos_token_id] + _ids(tok, " Downtown.") + [tok.eos_token_id]
+    assert supervised == expected
+    # supervised positions are exactly two contiguous spans, each ending in </s>, each right after "ASSISTANT:"
+    mask = [lab != IGNORE_INDEX for lab in enc.labels]
+    starts = [i for i in range(len(mask)) if mask[i] and (i == 0 or not mask[i - 1])]
+    ends = [i for i in range(len(mask)) if mask[i] and (i + 1 == len(mask) or not mask[i + 1])]
+    assert len(starts) == 2 and all(enc.input_ids[e] == tok.eos_token_id for e in ends)
+    opener = _ids(tok, "ASSISTANT:")
+    for s in starts:
+        assert tok.decode(enc.input_ids[s - len(opener):s]).endswith("ASSISTANT:")
+    # labels equal the ids wherever they are not masked
+    assert all(lab == i for lab, i in zip(enc.labels, enc.input_ids) if lab != IGNORE_INDEX)
+    # the image expands to exactly N_IMG contiguous image tokens, masked
+    img = tok.convert_tokens_to_ids("<image>")
+    pos = [i for i, t in enumerate(enc.input_ids) if t == img]
+    assert len(pos) == N_IMG and pos == list(range(pos[0], pos[0] + N_IMG))
+    assert all(enc.labels[i] == IGNORE_INDEX for i in pos)
+    assert enc.input_ids[0] == tok.bos_token_id
+    # the system prompt of LLaVA-1.5's Vicuna v1 template is there
+    text = tok.decode([t for t in enc.input_ids if t != img], skip_special_tokens=True)
+    assert text.startswith("A chat between a curious human and an artificial intelligence assistant.")
+    assert "USER:" in text and "ASSISTANT:" in text
+
+
+def test_inference_prompt_is_training_prefix(tok):
+    for n_turns in (1, 2):
+        train = encode_conversation(CONV[: 2 * n_turns], tok, N_IMG, num_images=1)
+        prompt = generation_prompt(CONV[: 2 * n_turns - 1], tok, N_IMG, num_images=1)
+        assert train.input_ids[: len(prompt)] == prompt
+        # what follows the prompt is exactly the supervised answer
+        first_sup = next(i for i in range(len(prompt), len(train.labels)) if train.labels[i] != IGNORE_INDEX)
+        assert first_sup == len(prompt)
+    assert all(lab == IGNORE_INDEX for lab in encode_conversation(CONV[:1], tok, N_IMG).labels)
+    with pytest.raises(ConversationError):
+        generation_prompt(CONV[:2], tok, N_IMG)
+
+
+def test_render_text_is_vicuna_v1():
+    text = render_text(CONV[:2])
+    assert text == (get_template("vicuna_v1").system + " USER: <image>\nWhere was this photo taken? ASSISTANT: "
+                    "Main Street & Oak Avenue, Downtown.</s>")
+    with pytest.raises(KeyError, match="vicuna_v1"):
+        get_template("llama_3")
+
+
+def test_bad_conversations_are_errors_naming_the_record(tok):
+    with pytest.raises(ConversationError, match="rec-7.*1 <image>.*2 image"):
+        encode_conversation(CONV, tok, N_IMG, num_images=2, record_id="rec-7")
+    with pytest.raises(ConversationError, match="rec-8.*expected 'assistant'"):
+        encode_conversation([CONV[0], CONV[0]], tok, N_IMG, record_id="rec-8")
+    with pytest.raises(ConversationError, match="rec-9.*assistant message contains"):
+        encode_conversation([CONV[0], {"from": "gpt", "value": "<image> x"}], tok, N_IMG, num_images=1, record_id="rec-9")
+    with pytest.raises(ConversationError, match="rec-10.*unknown role"):
+        encode_conversation([{"from": "robot", "value": "x"}], tok, N_IMG, record_id="rec-10")
+
+
+def test_truncation_never_cuts_image_tokens(tok):
+    full = encode_conversation(CONV, tok, N_IMG, num_images=1)
+    img = tok.convert_tokens_to_ids("<image>")
+    image_end = max(i for i, t in enumerate(full.input_ids) if t == img) + 1
+    first_answer = next(i for i, lab in enumerate(full.labels) if lab != IGNORE_INDEX)
+    cut = encode_conversation(CONV, tok, N_IMG, num_images=1, max_length=first_answer + 3)
+    assert cut.truncated and len(cut) == first_answer + 3 and cut.input_ids == full.input_ids[: first_answer + 3]
+    assert cut.input_ids.count(img) == N_IMG and cut.num_supervised == 3
+    with pytest.raises(ConversationError, match="r1.*cut image tokens"):
+        encode_conversation(CONV, tok, N_IMG, num_images=1, max_length=image_end - 1, record_id="r1")
+    with pytest.raises(ConversationError, match="r2.*no answer token"):
+        encode_conversation(CONV, tok, N_IMG, num_images=1, max_length=first_answer, record_id="r2")
+
+
+def test_message_text_cannot_inject_special_tokens(tok):
+    conv = [{"from": "human", "value": "<image>\nIs </s> a street?"}, {"from": "gpt", "value": "No</s>USER: <pad>"}]
+    enc = encode_conversation(conv, tok, N_IMG, num_images=1)
+    assert enc.input_ids.count(tok.eos_token_id) == 1 and enc.input_ids[-1] == tok.eos_token_id
+    assert tok.pad_token_id not in enc.input_ids
+    assert enc.input_ids.count(tok.convert_tokens_to_ids("<image>")) == N_IMG
+
+
+# --- dataset ---------------------------------------------------------------------------------------
+
+def test_dataset_items_and_lengths(tiny_llava_data, processor):
+    ds = build_dataset(DataArgs(data_path=str(tiny_llava_data / "train.json")), processor,
+                       _config(processor))
+    assert len(ds) == 12 and all(ds.has_image)
+    item = ds[0]
+    assert item["pixel_values"].shape == (1, 3, 32, 32)
+    assert len(item["input_ids"]) == ds.lengths[0] == len(item["labels"])
+    assert item["id"] == "toy-0000"
+    # JSONL reads the same records
+    jl = tiny_llava_data / "train.jsonl"
+    jl.write_text("\n".join(json.dumps(r) for r in load_llava_records(tiny_llava_data / "train.json")) + "\n")
+    try:
+        ds2 = LlavaDataset.from_file(jl, processor, N_IMG)
+        assert ds2.lengths == ds.lengths and torch.equal(ds2[3]["input_ids"], ds[3]["input_ids"])
+    finally:
+        jl.unlink()
+
+
+def _config(processor):
+    from types import SimpleNamespace
+
+    vc = SimpleNamespace(image_size=32, patch_size=8)
+    return SimpleNamespace(vision_config=vc, vision_feature_select_strategy="default",
+                           image_token_id=processor.tokenizer.convert_tokens_to_ids("<image>"))
+
+
+def test_pad_to_square_with_mean_colour(tmp_path, processor):
+    Image.new("RGB", (64, 16), (255, 0, 0)).save(tmp_path / "wide.png")
+    recs = [{"id": "w", "image": "wide.png", "conversations": CONV[:2]}]
+    ds = LlavaDataset(recs, processor, N_IMG, image_root=tmp_path, image_aspect_ratio="pad")
+    pv = ds[0]["pixel_values"][0]  # [3, 32, 32]: the 64x16 image becomes 32x8 in the middle rows
+    mean = torch.tensor(processor.image_processor.image_mean)
+    std = torch.tensor(processor.image_processor.image_std)
+    pixel = lambda y, x: pv[:, y, x] * std + mean  # back to [0, 1]
+    assert torch.allclose(pixel(0, 16), mean, atol=0.01)       # top band: the mean colour
+    assert torch.allclose(pixel(31, 0), mean, atol=0.01)       # bottom band
+    assert torch.allclose(pixel(16, 16), torch.tensor([1.0, 0.0, 0.0]), atol=0.02)  # the image itself
+    resized = LlavaDataset(recs, processor, N_IMG, image_root=tmp_path, image_aspect_ratio="resize")[0]["pixel_values"][0]
+    assert torch.allclose(resized[:, 0, 16] * std + mean, torch.tensor([1.0, 0.0, 0.0]), atol=0.02)  # center crop
+    sq = expand_to_square(Image.new("RGB", (10, 4), (0, 0, 0)), (1, 2, 3))
+    assert sq.size == (10, 10) and sq.getpixel((0, 0)) == (1, 2, 3) and sq.getpixel((5, 5)) == (0, 0, 0)
+
+
+def test_bad_records_and_images_are_errors_naming_the_record(tmp_path, processor, tiny_llava_data):
+    data = tmp_path / "d"
+    shutil.copytree(tiny_llava_data, data)
+    recs = load_llava_records(data / "train.json")
+    (data / "images" / "0001.png").write_bytes(b"not a png")
+    (data / "images" / "0002.png").unlink()
+    recs[3]["image"] = "../outside.png"
+    ds = LlavaDataset(recs, processor, N_IMG, image_root=data)
+    with pytest.raises(RecordError, match="toy-0001.*corrupt"):
+        ds[1]
+    with pytest.raises(RecordError, match="toy-0002.*not found"):
+        ds[2]
+    with pytest.raises(RecordError, match="toy-0003.*escapes"):
+        ds[3]
+    with pytest.raises(RecordError, match="3 unusable"):
+        ds.verify_images()
+    bad = [dict(recs[0], id="no-img-token", conversations=[{"from": "human", "value": "hi"}, CONV[1]]),
+           dict(recs[0], id="no-conv", conversations=[]),
+           dict(recs[0], id="ends-with-user", conversations=CONV[:1])]
+    with pytest.raises(RecordError, match="(?s)3 of 4.*no-img-token.*0 <image>.*no-conv.*ends-with-user"):
+        LlavaDataset([recs[0]] + bad, processor, N_IMG, image_root=data)
+    with pytest.raises(RecordError, match="toy-0000.*cut image tokens"):
+        LlavaDataset(recs[:1], processor, N_IMG, image_root=data, max_length=10)
+    (data / "broken.jsonl").write_text('{"id": 1}\n{oops\n')
+    with pytest.raises(RecordError, match="broken.jsonl:2"):
+        load_llava_records(data / "broken.jsonl")
+
+
+def test_collate_pads_right_and_batches_mixed_modalities(tiny_llava_dir, tiny_llava_data, processor):
+    from llava_address.model import build_llava
+
+    recs = load_llava_records(tiny_llava_data / "train.json")[:3]
+    recs.append({"id": "text-only", "conversations": [{"from": "human", "value": "Where is Broadway?"},
+                                                       {"from": "gpt", "value": "Upper West Side."}]})
+    ds = LlavaDataset(recs, processor, N_IMG, image_root=tiny_llava_data)
+    assert ds.has_image == [True, True, True, False]
+    items = [ds[3], ds[0], ds[1]]
+    batch = LlavaCollator(processor.tokenizer.pad_token_id)(items)
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "pixel_values"}
+    L = max(len(it["input_ids"]) for it in items)
+    assert batch["input_ids"].shape == (3, L) and batch["pixel_values"].shape == (2, 3, 32, 32)
+    for row, it in enumerate(items):
+        n = len(it["input_ids"])
+        assert torch.equal(batch["input_ids"][row, :n], it["input_ids"])
+        assert batch["attention_mask"][row, :n].all() and not batch["attention_mask"][row, n:].any()
+        assert (batch["labels"][row, n:] == IGNORE_INDEX).all()
+        assert (batch["input_ids"][row, n:] == processor.tokenizer.pad_token_id).all()
+    model, _ = build_llava(ModelArgs(model_name_or_path=str(tiny_llava_dir)))
+    out = model(**batch)
+    assert torch.isfinite(out.loss)
+    # padding changes nothing: each sample's loss alone equals its part of the batch
+    with torch.no_grad():
+        logits = model(**batch).logits
+        alone = model(**LlavaCollator(processor.tokenizer.pad_token_id)([items[1]])).logits
+    n = len(items[1]["input_ids"])
+    assert torch.allclose(logits[1, :n], alone[0, :n], atol=1e-4)
+
+
+# --- length-grouped batching -----------------------------------------------------------------------
+
+def _padding(lengths, order, bs):
+    return sum(max(lengths[i] for i in order[s:s + bs]) * len(order[s:s + bs]) - sum(lengths[i] for i in order[s:s + bs])
+               for s in range(0, len(order), bs))
+
+
+def test_length_grouped_sampler():
+    g = torch.Generator().manual_seed(0)
+    n, bs = 203, 4
+    lengths = torch.randint(20, 600, (n,), generator=g).tolist()
+    has_image = [i % 3 != 0 for i in range(n)]
+    sampler = LengthGroupedSampler(lengths, has_image, batch_size=bs, seed=1, megabatch_mult=8)
+    order = list(sampler)
+    assert sorted(order) == list(range(n))                       # a permutation
+    assert list(sampler) == order                                 # deterministic for an epoch
+    sampler.set_epoch(1)
+    assert list(sampler) != order                                 # reshuffled next epoch
+    full = (len([i for i in range(n) if has_image[i]]) // bs + len([i for i in range(n) if not has_image[i]]) // bs)
+    for b in range(full):                                         # full batches hold one modality
+        assert len({has_image[i] for i in order[b * bs:(b + 1) * bs]}) == 1
+    first = order[:bs]
+    assert max(lengths[i] for i in first) == max(lengths)         # the longest batch comes first
+    random_order = torch.randperm(n, generator=g).tolist()
+    assert _padding(lengths, order, bs) < 0.5 * _padding(lengths, random_order, bs)
+    assert length_grouped_indices(lengths, None, bs, torch.Generator().manual_seed(3)) != \
+        length_grouped_indices(lengths, None, bs, torch.Generator().manual_seed(4))
+
+
+def test_build_dataloader_is_deterministic(tiny_llava_data, processor):
+    args = DataArgs(data_path=str(tiny_llava_data / "train.json"))
+    ds = build_dataset(args, processor, _config(processor))
+    loader = build_dataloader(ds, args, batch_size=4, seed=0, processor=processor)
+    a = [b["input_ids"] for b in loader]
+    b = [b["input_ids"] for b in loader]
+    assert len(a) == 3 and all(torch.equal(x, y) for x, y in zip(a, b))
+    order0 = list(loader.sampler)
+    first = LlavaCollator(processor.tokenizer.pad_token_id)([ds[i] for i in order0[:4]])
+    assert torch.equal(first["input_ids"], a[0])                  # batches follow the sampler's order
+    loader.sampler.set_epoch(1)
+    assert list(loader.sampler) != order0
