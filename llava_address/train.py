@@ -103,8 +103,13 @@ def make_accelerator(args: TrainArgs, accumulation: int | None = None):
     from accelerate import Accelerator, InitProcessGroupKwargs
     from accelerate.utils import ProjectConfiguration
 
+    from accelerate.state import AcceleratorState, GradientState
+
+    # A fresh state per run: tests and notebooks call train() several times in one process.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
     handlers = []
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and world_size_from_env() > 1:
         # accelerate + DeepSpeed on CPU otherwise believes it has one process (gather crashes).
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
     log_with = "tensorboard" if args.report_to == "tensorboard" else None
@@ -208,18 +213,48 @@ def build_model(cfg: RunConfig):
     return model, processor, summary
 
 
+class EpochShuffleSampler(torch.utils.data.Sampler[int]):
+    """A random permutation that depends only on (seed, epoch): resumable without saving sampler state."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+
 def build_dataset(cfg: RunConfig, processor, model):
-    from llava_address import data as data_lib
+    from llava_address.data import LlavaDataset
+    from llava_address.model import num_image_tokens
 
-    return data_lib.build_dataset(cfg.data, processor, model.config)
+    config = model.config
+    return LlavaDataset.from_args(cfg.data, processor, num_image_tokens(config),
+                                  image_token_id=getattr(config, "image_token_id", None))
 
 
-def build_dataloader(dataset, cfg: RunConfig, world_size: int, processor):
-    from llava_address import data as data_lib
+def build_dataloader(dataset, cfg: RunConfig, processor) -> torch.utils.data.DataLoader:
+    """Per-process batches; accelerate shards them (consecutive batches go to different ranks)."""
+    from llava_address.data import LengthGroupedSampler, LlavaCollator
 
-    return data_lib.build_dataloader(
-        dataset, cfg.data, batch_size=cfg.train.per_device_batch_size, world_size=world_size,
-        seed=cfg.train.seed, num_workers=cfg.train.num_workers, processor=processor,
+    bs = cfg.train.per_device_batch_size
+    if cfg.data.group_by_length:
+        sampler = LengthGroupedSampler(dataset.lengths, dataset.has_image, batch_size=bs, seed=cfg.train.seed)
+    else:
+        sampler = EpochShuffleSampler(len(dataset), cfg.train.seed)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=bs, sampler=sampler, collate_fn=LlavaCollator(tokenizer.pad_token_id),
+        num_workers=cfg.train.num_workers, drop_last=False,
+        # Its own generator: starting an epoch's iterator must not draw from the global RNG, or a resumed
+        # run's dropout masks would be shifted by one draw against the uninterrupted run's.
+        generator=torch.Generator().manual_seed(cfg.train.seed),
     )
 
 
@@ -244,13 +279,17 @@ def train(cfg: RunConfig) -> TrainResult:
 
     model, processor, summary = build_model(cfg)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Non-reentrant checkpointing needs no input grads (the embeddings are frozen under LoRA).
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     # bitsandbytes trap: an eval-mode no-grad forward repacks 4-bit weights without a backward.
     model.train()
 
     dataset = build_dataset(cfg, processor, model)
-    loader = build_dataloader(dataset, cfg, world, processor)
+    loader = build_dataloader(dataset, cfg, processor)
     optimizer = torch.optim.AdamW(
         param_groups(model, args), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
         eps=args.adam_epsilon,
@@ -333,6 +372,8 @@ def train(cfg: RunConfig) -> TrainResult:
             window_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
             if not accelerator.sync_gradients:
                 continue
+            # The learning rates this step used (logged below), before the schedule moves on.
+            step_lrs = {f"lr/{g.get('name', i)}": float(g["lr"]) for i, g in enumerate(optimizer.param_groups)}
             scheduler.step()
             global_step += 1
             epoch_now = epoch
@@ -349,13 +390,12 @@ def train(cfg: RunConfig) -> TrainResult:
                     "tokens_per_s": float(stats[2] / max(elapsed, 1e-9)),
                     "memory_mb": peak_memory_mb(accelerator.device),
                 }
-                for g in optimizer.param_groups:
-                    row[f"lr/{g.get('name', 'group')}"] = float(g["lr"])
+                row.update(step_lrs)
                 if is_main:
                     history.append(row)
                     with open(metrics_file, "a", encoding="utf-8") as f:
                         f.write(json.dumps(row) + "\n")
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{next(iter(step_lrs.values())):.2e}")
                 accelerator.log({k: v for k, v in row.items() if k != "step"}, step=global_step)
                 window_loss, window_micro, window_tokens = 0.0, 0, 0
                 t_window = time.perf_counter()
@@ -370,6 +410,7 @@ def train(cfg: RunConfig) -> TrainResult:
                 break
             if args.save_every and global_step % args.save_every == 0:
                 save(global_step)
+                t_window = time.perf_counter()  # tokens/s measures training, not saving
         if done:
             break
         epoch += 1
