@@ -73,7 +73,7 @@ def check_processor(config, processor) -> None:
     problems = []
     if (h, w) != (vc.image_size, vc.image_size):
         problems.append(f"processor output {h}x{w} != vision tower image_size {vc.image_size}")
-    if getattr(processor, "patch_size", vc.patch_size) != vc.patch_size:
+    if getattr(processor, "patch_size", None) not in (None, vc.patch_size):
         problems.append(f"processor patch_size {processor.patch_size} != tower patch_size {vc.patch_size}")
     strategy = getattr(processor, "vision_feature_select_strategy", None)
     if strategy is not None and strategy != config.vision_feature_select_strategy:

@@ -1,0 +1,83 @@
+"""`address-llava merge`: a LoRA checkpoint folds into a plain HF LLaVA folder that stock transformers loads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from llava_address.config import ModelArgs, TrainablesArgs
+from llava_address.merge import main
+from llava_address.model import apply_trainables, build_llava, load_for_inference, num_image_tokens, save_checkpoint
+from llava_address.prompting import encode_conversation
+
+CONV = [{"from": "human", "value": "<image>\nWhere was this photo taken?"},
+        {"from": "gpt", "value": "Broadway & West 72nd Street, Upper West Side."}]
+
+
+def _trained_checkpoint(path, margs, targs):
+    model, processor = build_llava(margs)
+    model, _ = apply_trainables(model, targs)
+    enc = encode_conversation(CONV, processor.tokenizer, num_image_tokens(model.config), num_images=1)
+    pv = processor.image_processor(images=[Image.new("RGB", (30, 40), (30, 200, 30))], return_tensors="pt")["pixel_values"]
+    ids = torch.tensor([enc.input_ids])
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        model(input_ids=ids, pixel_values=pv, labels=torch.tensor([enc.labels])).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    save_checkpoint(model, processor, path, margs, targs)
+    return ids, pv
+
+
+def test_merged_folder_loads_in_stock_transformers_with_adapter_logits(tiny_llava_dir, tmp_path):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    margs = ModelArgs(model_name_or_path=str(tiny_llava_dir))
+    ids, pv = _trained_checkpoint(tmp_path / "ck", margs, TrainablesArgs(lora_r=8, lora_alpha=16))
+    assert main(["--checkpoint", str(tmp_path / "ck"), "--out", str(tmp_path / "merged"), "--check"]) == 0
+    files = {p.name for p in (tmp_path / "merged").iterdir()}
+    assert "model.safetensors" in files and "config.json" in files and "processor_config.json" in files
+    assert not any(f.startswith("adapter") for f in files)
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["model_type"] == "llava"
+    # stock transformers, no peft, no toolkit code
+    merged = LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "merged")).eval()
+    processor = AutoProcessor.from_pretrained(str(tmp_path / "merged"))
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    adapter_model, _ = load_for_inference(None, tmp_path / "ck")
+    with torch.no_grad():
+        want = adapter_model(input_ids=ids, pixel_values=pv).logits
+        got = merged(input_ids=ids, pixel_values=pv).logits
+        base = build_llava(margs)[0].eval()(input_ids=ids, pixel_values=pv).logits
+    assert torch.allclose(got, want, atol=1e-4)
+    assert not torch.allclose(got, base, atol=1e-3)   # the LoRA and projector really were folded in
+    out = processor(images=Image.new("RGB", (32, 32)), text="USER: <image>\nWhere? ASSISTANT:", return_tensors="pt")
+    assert int((out["input_ids"] == merged.config.image_token_id).sum()) == 16
+    gen = merged.generate(**out, max_new_tokens=3, do_sample=False)
+    assert gen.shape[1] == out["input_ids"].shape[1] + 3 or gen[0, -1] == processor.tokenizer.eos_token_id
+
+
+def test_merge_swapped_tower_projector_alignment(tiny_llava_dir, tiny_vision_tower_dir, tmp_path):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    margs = ModelArgs(model_name_or_path=str(tiny_llava_dir), vision_tower=str(tiny_vision_tower_dir))
+    ids, pv = _trained_checkpoint(tmp_path / "ck", margs, TrainablesArgs(llm="frozen"))
+    assert main(["--checkpoint", str(tmp_path / "ck"), "--out", str(tmp_path / "merged")]) == 0
+    merged = LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "merged")).eval()
+    processor = AutoProcessor.from_pretrained(str(tmp_path / "merged"))
+    assert merged.config.vision_config.hidden_size == 48 and processor.image_processor.crop_size["height"] == 48
+    assert list(processor.image_processor.image_mean) == [0.5, 0.5, 0.5]
+    trained, _ = load_for_inference(None, tmp_path / "ck")
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids, pixel_values=pv).logits,
+                              trained(input_ids=ids, pixel_values=pv).logits, atol=1e-5)
+
+
+def test_merge_refuses_non_checkpoint(tmp_path, tiny_llava_dir):
+    with pytest.raises(FileNotFoundError, match="not a LLaVA training checkpoint"):
+        main(["--checkpoint", str(tiny_llava_dir), "--out", str(tmp_path / "m")])
+    assert main(["--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "m")]) == 2
+    assert not (tmp_path / "m").exists()
