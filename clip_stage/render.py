@@ -250,7 +250,7 @@ def render_scene(sc: Scene, size: int) -> np.ndarray:
         img[wire] = 0.12
 
     # haze: far things fade into the horizon colour
-    fog = np.exp(-np.where(np.isfinite(depth), depth, 1e9) / sc.haze)[..., None]
+    fog = np.where(np.isfinite(depth), np.exp(-np.where(np.isfinite(depth), depth, 0.0) / sc.haze), 1.0)[..., None]  # the sky keeps its gradient
     img = img * fog + np.asarray(sc.sky_bottom) * (1 - fog)
 
     _paint_sprites(img, sc, R, f, size)
