@@ -2,7 +2,8 @@
 
 Every later address step (reverse geocoding, sub-street partition, the demo city) starts from a
 `StreetNetwork`: a list of named road `Way`s (WGS84 polylines), a list of named `Place` nodes
-(suburb / neighbourhood / quarter / city ...) and the UTM zone chosen from the network's centroid.
+(suburb / neighbourhood / quarter / city ...), named `Area`s (place polygons and administrative
+boundaries, where the data has them) and the UTM zone chosen from the network's centroid.
 
     net = load_street_network("city.osm.pbf")            # or .osm, .graphml, .geojson/.json
     x, y = net.to_utm(lons, lats)                          # metres, vectorised
@@ -39,6 +40,10 @@ PLACE_KINDS: frozenset[str] = frozenset(
      "city_block", "isolated_dwelling"}
 )  # fmt: skip
 
+# place=* values kept as Area polygons; administrative boundaries are kept as kind "admin<level>".
+AREA_PLACE_KINDS: frozenset[str] = frozenset({"city", "town", "village", "borough", "suburb", "quarter", "neighbourhood"})
+MIN_ADMIN_LEVEL = 7  # municipality parts and finer (admin_level 7-11)
+
 NETWORK_SUFFIXES = (".osm", ".osm.pbf", ".pbf", ".osm.xml", ".xml", ".graphml", ".geojson", ".json")
 
 
@@ -65,6 +70,15 @@ class Place:
     lat: float
 
 
+@dataclass(frozen=True)
+class Area:
+    """A named area: a place polygon (kind = the place value) or an admin boundary (kind "admin10" ...)."""
+
+    name: str
+    kind: str
+    polygon: object = field(compare=False)  # shapely Polygon / MultiPolygon, WGS84 lon/lat
+
+
 def utm_epsg_for(lon: float, lat: float) -> int:
     """EPSG code of the WGS84 UTM zone containing (lon, lat): 326zz north, 327zz south."""
     zone = int(np.floor((float(lon) + 180.0) / 6.0)) % 60 + 1
@@ -79,15 +93,19 @@ class StreetNetwork:
     places: list[Place]
     utm_epsg: int  # chosen from the network's centroid
     source: str = ""  # the file it was read from ("" if built in memory)
+    areas: list[Area] = field(default_factory=list)  # named place / admin-boundary polygons, if any
 
     @classmethod
-    def from_ways(cls, ways: list[Way], places: list[Place] | None = None, source: str = "") -> "StreetNetwork":
+    def from_ways(
+        cls, ways: list[Way], places: list[Place] | None = None, source: str = "", areas: list[Area] | None = None
+    ) -> "StreetNetwork":
         """Builds a network choosing the UTM zone from the ways' centroid."""
         if not ways:
             raise NetworkFileError(f"{source or 'street network'}: no named road ways")
         allc = np.concatenate([w.coords for w in ways])
         lon, lat = float(np.mean(allc[:, 0])), float(np.mean(allc[:, 1]))
-        return cls(ways=list(ways), places=list(places or []), utm_epsg=utm_epsg_for(lon, lat), source=source)
+        return cls(ways=list(ways), places=list(places or []), utm_epsg=utm_epsg_for(lon, lat), source=source,
+                   areas=list(areas or []))
 
     @cached_property
     def _fwd(self):
@@ -191,15 +209,49 @@ def _keep_highway(highway, classes: frozenset[str] | None) -> str | None:
     return None
 
 
-def _read_osm(path: Path, classes: frozenset[str] | None) -> tuple[list[Way], list[Place]]:
+def _area_kind(tags) -> str | None:
+    place = tags.get("place")
+    if place in AREA_PLACE_KINDS:
+        return place
+    if tags.get("boundary") == "administrative":
+        try:
+            level = int(tags.get("admin_level", ""))
+        except ValueError:
+            return None
+        return f"admin{level}" if level >= MIN_ADMIN_LEVEL else None
+    return None
+
+
+def _area_polygon(area):
+    from shapely.geometry import MultiPolygon, Polygon
+
+    polys = []
+    for outer in area.outer_rings():
+        shell = [(n.lon, n.lat) for n in outer]
+        holes = [[(n.lon, n.lat) for n in inner] for inner in area.inner_rings(outer)]
+        if len(shell) >= 4:
+            polys.append(Polygon(shell, [h for h in holes if len(h) >= 4]))
+    if not polys:
+        return None
+    return polys[0] if len(polys) == 1 else MultiPolygon(polys)
+
+
+def _read_osm(path: Path, classes: frozenset[str] | None) -> tuple[list[Way], list[Place], list[Area]]:
     import osmium
 
     ways: list[Way] = []
     places: list[Place] = []
+    areas: list[Area] = []
     try:
-        fp = osmium.FileProcessor(str(path)).with_locations()
+        fp = osmium.FileProcessor(str(path)).with_locations().with_areas()
         for obj in fp:
-            if obj.is_node():
+            if obj.is_area():
+                kind, name = _area_kind(obj.tags), obj.tags.get("name")
+                if kind and name:
+                    poly = _area_polygon(obj)
+                    if poly is not None and poly.is_valid:
+                        areas.append(Area(name, kind, poly))
+            elif obj.is_node():
                 kind = obj.tags.get("place")
                 name = obj.tags.get("name")
                 if kind in PLACE_KINDS and name and obj.location.valid():
@@ -217,7 +269,7 @@ def _read_osm(path: Path, classes: frozenset[str] | None) -> tuple[list[Way], li
                     ways.append(Way(name, hw_kept, np.asarray(pts, dtype=np.float64)))
     except (RuntimeError, ValueError, OSError) as e:
         raise NetworkFileError(f"{path}: cannot read as OSM data ({e})") from None
-    return ways, places
+    return ways, places, areas
 
 
 def _read_graphml(path: Path, classes: frozenset[str] | None) -> tuple[list[Way], list[Place]]:
@@ -258,10 +310,12 @@ def _read_graphml(path: Path, classes: frozenset[str] | None) -> tuple[list[Way]
             continue
         seen.add(key)
         ways.append(Way(name, hw, coords))
-    return ways, []
+    return ways, [], []
 
 
-def _read_geojson(path: Path, classes: frozenset[str] | None) -> tuple[list[Way], list[Place]]:
+def _read_geojson(path: Path, classes: frozenset[str] | None) -> tuple[list[Way], list[Place], list[Area]]:
+    from shapely.geometry import shape
+
     try:
         fc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -272,6 +326,7 @@ def _read_geojson(path: Path, classes: frozenset[str] | None) -> tuple[list[Way]
         raise NetworkFileError(f"{path}: not a GeoJSON FeatureCollection (no 'features' list)")
     ways: list[Way] = []
     places: list[Place] = []
+    areas: list[Area] = []
     for i, feat in enumerate(fc["features"]):
         try:
             props = feat.get("properties") or {}
@@ -285,6 +340,13 @@ def _read_geojson(path: Path, classes: frozenset[str] | None) -> tuple[list[Way]
                 if kind:
                     lon, lat = geom["coordinates"][:2]
                     places.append(Place(name, kind, float(lon), float(lat)))
+                continue
+            if gtype in ("Polygon", "MultiPolygon"):
+                kind = str(props.get("place") or "") or (
+                    f"admin{props['admin_level']}" if props.get("boundary") == "administrative" and "admin_level" in props else ""
+                )
+                if kind:
+                    areas.append(Area(name, kind, shape(geom)))
                 continue
             if gtype not in ("LineString", "MultiLineString"):
                 continue
@@ -300,7 +362,7 @@ def _read_geojson(path: Path, classes: frozenset[str] | None) -> tuple[list[Way]
                     ways.append(Way(name, hw, coords[:, :2].copy()))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise NetworkFileError(f"{path}: feature {i}: bad geometry ({e})") from None
-    return ways, places
+    return ways, places, areas
 
 
 def _check_coords(path: Path, ways: Iterable[Way]) -> None:
@@ -327,11 +389,11 @@ def load_street_network(
         raise NetworkFileError(f"{path}: not a file")
     name = path.name.lower()
     if name.endswith((".osm", ".pbf", ".xml", ".osm.bz2", ".osm.gz")):
-        ways, places = _read_osm(path, classes)
+        ways, places, areas = _read_osm(path, classes)
     elif name.endswith(".graphml"):
-        ways, places = _read_graphml(path, classes)
+        ways, places, areas = _read_graphml(path, classes)
     elif name.endswith((".geojson", ".json")):
-        ways, places = _read_geojson(path, classes)
+        ways, places, areas = _read_geojson(path, classes)
     else:
         raise NetworkFileError(f"{path}: unknown street-network format; expected one of {NETWORK_SUFFIXES}")
     if not ways:
@@ -340,4 +402,4 @@ def load_street_network(
             f"({'any' if classes is None else sorted(classes)})"
         )
     _check_coords(path, ways)
-    return StreetNetwork.from_ways(ways, places, source=str(path))
+    return StreetNetwork.from_ways(ways, places, source=str(path), areas=areas)

@@ -50,8 +50,8 @@ class SubStreetConfig:
     """Streets closer than this count as touching / crossing (metres)."""
     merge_max_gap_m: float = 100.0
     """A small sub-street with no touching neighbour is merged only into one of its street within this distance (metres)."""
-    neighbourhood_kinds: str = "neighbourhood,quarter,suburb"
-    """OSM place=* kinds used as neighbourhood names, comma-separated (nearest node wins)."""
+    neighbourhood_kinds: str = "neighbourhood,quarter,suburb,admin10,admin9"
+    """OSM place=* kinds (and adminN boundary levels) used as neighbourhoods, comma-separated: the smallest area containing the sub-street wins, else the nearest place node."""
     neighbourhood_max_distance_m: float = 3000.0
     """Place nodes farther than this from a sub-street are not used as its neighbourhood (metres)."""
     zone_name_property: str = "name"
@@ -404,18 +404,32 @@ def load_zones(path: str | Path, network: StreetNetwork, name_property: str = "n
     return polys, names
 
 
+def _in_polygons(points_xy: np.ndarray, polys: list, names: list[str], out: list[str]) -> None:
+    """Fills empty entries of `out` with the name of the smallest polygon containing the point."""
+    tree = shapely.STRtree(polys)
+    pi, zi = tree.query(shapely.points(points_xy), predicate="within")
+    area = shapely.area(np.array(polys, dtype=object))
+    best: dict[int, int] = {}
+    for p, z in zip(pi.tolist(), zi.tolist()):
+        if not out[p] and (p not in best or area[z] < area[best[p]]):
+            best[p] = z
+    for p, z in best.items():
+        out[p] = names[z]
+
+
 def _neighbourhoods(points_xy: np.ndarray, network: StreetNetwork, cfg: SubStreetConfig, zones=None) -> list[str]:
+    """Zone layer first, then the network's place / boundary areas, then the nearest place node."""
     n = len(points_xy)
     out = [""] * n
     if n == 0:
         return out
     if zones is not None:
-        polys, names = zones
-        tree = shapely.STRtree(polys)
-        pi, zi = tree.query(shapely.points(points_xy), predicate="within")
-        for p, z in sorted(zip(pi.tolist(), zi.tolist()), reverse=True):
-            out[p] = names[z]  # the lowest-numbered zone wins where zones overlap
+        _in_polygons(points_xy, *zones, out)
     kinds = set(cfg.kinds)
+    areas = [a for a in network.areas if a.kind in kinds]
+    if areas:
+        to_utm = lambda xy: np.stack(network.to_utm(xy[:, 0], xy[:, 1]), axis=1)  # noqa: E731
+        _in_polygons(points_xy, [shapely.transform(a.polygon, to_utm) for a in areas], [a.name for a in areas], out)
     places = [p for p in network.places if p.kind in kinds]
     if places:
         px, py = network.to_utm([p.lon for p in places], [p.lat for p in places])

@@ -55,11 +55,17 @@ def utm(x, y):
     return ORIGIN[0] + np.asarray(x, dtype=float), ORIGIN[1] + np.asarray(y, dtype=float)
 
 
-def write_osm(path: Path, ways=TOY_WAYS, places=TOY_PLACES) -> Path:
-    """OSM XML with shared nodes where ways meet (as in real OSM data)."""
+HARBOUR = [(450, -50), (650, -50), (650, 50), (450, 50), (450, -50)]  # a place=neighbourhood polygon
+
+
+def write_osm(path: Path, ways=TOY_WAYS, places=TOY_PLACES, areas=()) -> Path:
+    """OSM XML with shared nodes where ways meet (as in real OSM data).
+
+    `areas`: (name, {tag: value}, closed ring of points) written as closed ways (OSM areas)."""
     node_ids: dict[tuple, int] = {}
     nodes, way_xml = [], []
-    for name, hw, pts in ways:
+    items = [(name, {"highway": hw}, pts) for name, hw, pts in ways] + [(n, dict(t), pts) for n, t, pts in areas]
+    for name, tags, pts in items:
         refs = []
         for p in pts:
             if p not in node_ids:
@@ -69,7 +75,8 @@ def write_osm(path: Path, ways=TOY_WAYS, places=TOY_PLACES) -> Path:
             refs.append(node_ids[p])
         wid = 1000 + len(way_xml)
         nds = "".join(f'<nd ref="{r}"/>' for r in refs)
-        way_xml.append(f'  <way id="{wid}" version="1">{nds}<tag k="highway" v="{hw}"/><tag k="name" v="{name}"/></way>')
+        tag_xml = "".join(f'<tag k="{k}" v="{v}"/>' for k, v in {**tags, "name": name}.items())
+        way_xml.append(f'  <way id="{wid}" version="1">{nds}{tag_xml}</way>')
     for k, (name, kind, x, y) in enumerate(places):
         lon, lat = lonlat(x, y)
         nodes.append(
@@ -150,6 +157,21 @@ def test_osm_xml_named_streets_only_and_places(toy_osm):
     np.testing.assert_allclose(y - ORIGIN[1], 0, atol=0.01)
     lon, lat = net.to_wgs84(x, y)
     np.testing.assert_allclose(np.stack([lon, lat], 1), main.coords, atol=1e-9)
+
+
+def test_place_and_boundary_areas(tmp_path):
+    ring = [(0, -150), (200, -150), (200, -100), (0, -100), (0, -150)]
+    net = load_street_network(write_osm(tmp_path / "areas.osm", areas=[
+        ("Harbour", {"place": "neighbourhood"}, HARBOUR),
+        ("Ward 7", {"boundary": "administrative", "admin_level": "10"}, ring),
+        ("Block 9", {"place": "city_block"}, ring),  # not a neighbourhood-like area
+    ]))
+    assert sorted((a.name, a.kind) for a in net.areas) == [("Harbour", "neighbourhood"), ("Ward 7", "admin10")]
+    harbour = next(a for a in net.areas if a.name == "Harbour")
+    from shapely.geometry import Point
+
+    assert harbour.polygon.contains(Point(*lonlat(550, 0))) and not harbour.polygon.contains(Point(*lonlat(300, 0)))
+    assert "Harbour" not in net.street_names()  # an area is not a street
 
 
 def test_highway_classes_are_configurable(toy_osm):

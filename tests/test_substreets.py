@@ -13,7 +13,7 @@ from clip_stage.geocode import ReverseGeocoder
 from clip_stage.network import helsinki_pbf_path, load_street_network
 from clip_stage.schema import address_columns
 from clip_stage.substreets import SubStreetConfig, load_zones, partition_sub_streets, split_streets, sub_streets_geojson
-from tests.test_network import lonlat, utm, write_geojson, write_osm
+from tests.test_network import HARBOUR, lonlat, utm, write_geojson, write_osm
 
 MAIN_X = {0: [20, 40, 60, 80, 90], 1: [150, 170, 200, 230, 250], 2: [350, 380, 400, 420, 450], 3: [520, 540, 560, 570, 580]}
 
@@ -130,6 +130,16 @@ def test_neighbourhood_from_a_zone_layer(toy, tmp_path):
     part = partition_sub_streets(toy, x, y, streets, SubStreetConfig(), zones=load_zones(path, toy))
     # inside the polygon: its name; outside: the nearest OSM place node
     assert [s.neighbourhood for s in part.sub_streets] == ["Old Town", "Old Town", "Eastside", "Eastside"]
+
+
+def test_neighbourhood_from_osm_place_areas(tmp_path):
+    net = load_street_network(write_osm(tmp_path / "harbour.osm", areas=[("Harbour", {"place": "neighbourhood"}, HARBOUR)]))
+    x, y, streets = _main_points(MAIN_X)
+    part = partition_sub_streets(net, x, y, streets, SubStreetConfig())
+    # Main Street/3 (x 500..600) lies in the Harbour polygon, whose node-less area beats the nearest node
+    assert [s.neighbourhood for s in part.sub_streets] == ["Westside", "Westside", "Eastside", "Harbour"]
+    part = partition_sub_streets(net, x, y, streets, SubStreetConfig(neighbourhood_kinds="suburb"))
+    assert part.sub_streets[3].neighbourhood == "Eastside"
 
 
 def test_geojson_output_is_wgs84_with_address_properties(toy):
