@@ -328,10 +328,12 @@ def build_dataset(
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
 
-    def lap(name: str, since: list[float] = [t0]) -> None:  # noqa: B006 - a tiny running clock
+    clock = [t0]
+
+    def lap(name: str) -> None:
         now = time.perf_counter()
-        timings[name] = round(now - since[0], 3)
-        since[0] = now
+        timings[name] = round(now - clock[0], 3)
+        clock[0] = now
 
     if not args.images or not args.gps or not args.out:
         raise ValueError("build-dataset needs --images, --gps and --out")
@@ -598,6 +600,9 @@ def main(argv: list[str] | None = None) -> int:
         report = build_dataset(*cfgs, progress=not ns.quiet)
     except (NetworkFileError, GpsTableError, ZoneFileError, FileNotFoundError, FileExistsError, ValueError, OSError) as e:
         parser.exit(2, f"build-dataset: error: {e}\n")
+    if report["kept"] == 0:
+        print(f"build-dataset: warning: no image was kept ({report['input_rows']} rows; see "
+              f"{DatasetPaths(cfgs[0].out).rejects})", file=sys.stderr)
     if not ns.quiet:
         rej = ", ".join(f"{k} {v}" for k, v in report["rejected"].items()) or "none"
         print(
