@@ -19,25 +19,28 @@ CHAT_TEMPLATE = (
 
 
 @pytest.fixture(scope="module")
-def tiny_llava(tmp_path_factory):
-    """A random tiny LLaVA folder (model + processor with a chat template), loadable like a real one."""
-    from llava_address.tiny import build_tiny_llava, demo_texts, train_tokenizer
-
-    root = tmp_path_factory.mktemp("tiny-llava")
-    tok = train_tokenizer(demo_texts(), root / "tok")
-    _, processor = build_tiny_llava(tok, out_dir=root / "llava")
-    processor.chat_template = CHAT_TEMPLATE
-    processor.save_pretrained(root / "llava")
-    return root / "llava"
+def tiny_llava(tiny_llava_dir):
+    """The session's tiny LLaVA folder (conftest, read-only)."""
+    return tiny_llava_dir
 
 
 @pytest.fixture(scope="module")
-def eval_split(toy_dataset, tmp_path_factory):
-    from conversations.build import main as build_main
+def tiny_llava_with_template(tiny_llava_dir, tmp_path_factory):
+    """A copy of the tiny LLaVA whose processor has a chat template, as hub models have for the pipeline."""
+    from transformers import AutoProcessor
 
-    out = tmp_path_factory.mktemp("conv") / "conv"
-    build_main(["--dataset", str(toy_dataset), "--out", str(out)])
-    return out / "eval.json"
+    out = tmp_path_factory.mktemp("tiny-llava-chat") / "llava"
+    shutil.copytree(tiny_llava_dir, out)
+    processor = AutoProcessor.from_pretrained(out)
+    processor.chat_template = CHAT_TEMPLATE
+    processor.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def eval_split(toy_conversations):
+    """The conversation builder's evaluation split of the toy dataset (conftest)."""
+    return toy_conversations / "eval.json"
 
 
 def _images(n):
@@ -121,7 +124,8 @@ def test_system_specs_and_kind_registry():
         ("A", "Esplanadi"), ("B", "Bulevardi")]
 
 
-def test_benchmark_scores_every_system_and_reports_failures(tiny_llava, toy_dataset, eval_split, tmp_path):
+def test_benchmark_scores_every_system_and_reports_failures(tiny_llava, tiny_llava_with_template, toy_dataset,
+                                                           eval_split, tmp_path):
     recs = json.loads(eval_split.read_text())[:8]
     small_eval = tmp_path / "eval.json"
     small_eval.write_text(json.dumps(recs))
@@ -134,7 +138,7 @@ def test_benchmark_scores_every_system_and_reports_failures(tiny_llava, toy_data
             "--batch-size", "4", "--max-new-tokens", "4",
             "--system", f"ours=llava:{tiny_llava}",
             "--system", "addressclip=clip:,model=addressclip-tiny",
-            "--system", f"hf-model=hf:{tiny_llava}",
+            "--system", f"hf-model=hf:{tiny_llava_with_template}",
             "--system", f"closed=jsonl:{imported}",
             "--system", f"broken=llava:{tmp_path / 'no-such-model'}"]
     assert benchmark.main(argv) == 1  # one system failed

@@ -7,12 +7,11 @@ import pytest
 from PIL import Image
 
 from llava_address import chat, infer
-from tests.test_benchmark import tiny_llava  # noqa: F401  (module-scoped fixture)
 
 
 @pytest.fixture(scope="module")
-def gen(tiny_llava):  # noqa: F811
-    return infer.load_generator(tiny_llava, device="cpu")
+def gen(tiny_llava_dir):
+    return infer.load_generator(tiny_llava_dir, device="cpu")
 
 
 @pytest.fixture()
@@ -61,9 +60,9 @@ def test_bad_input_is_a_clear_error(gen, tmp_path):
         chat.answer(tmp_path / "text.jpg", "  ", model=gen)
 
 
-def test_chat_command_one_shot_and_multi_turn(tiny_llava, photo):  # noqa: F811
+def test_chat_command_one_shot_and_multi_turn(tiny_llava_dir, photo):
     out = io.StringIO()
-    assert chat.main(["--model", str(tiny_llava), "--image", str(photo), "--question", "Where was this photo taken?",
+    assert chat.main(["--model", str(tiny_llava_dir), "--image", str(photo), "--question", "Where was this photo taken?",
                       "--max-new-tokens", "6", "--device", "cpu"], stdout=out) == 0
     one_shot = out.getvalue().strip()
     assert one_shot
@@ -71,7 +70,7 @@ def test_chat_command_one_shot_and_multi_turn(tiny_llava, photo):  # noqa: F811
     stdin = io.StringIO("Where was this photo taken?\n/reset\nWhere was this photo taken?\nAnd the street?\n"
                         "/image /no/such/file.png\n/quit\n")
     out = io.StringIO()
-    assert chat.main(["--model", str(tiny_llava), "--image", str(photo), "--max-new-tokens", "6", "--device", "cpu"],
+    assert chat.main(["--model", str(tiny_llava_dir), "--image", str(photo), "--max-new-tokens", "6", "--device", "cpu"],
                      stdin=stdin, stdout=out) == 0
     text = out.getvalue()
     replies = [line.split("assistant> ", 1)[1] for line in text.splitlines() if "assistant> " in line]

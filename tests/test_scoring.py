@@ -195,13 +195,9 @@ def test_score_cli_writes_report(toy_dataset, tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def built_eval(toy_dataset, tmp_path_factory):
-    """The conversation builder's own evaluation split of the toy dataset."""
-    from conversations.build import main as build_main
-
-    out = tmp_path_factory.mktemp("conv") / "conv"
-    build_main(["--dataset", str(toy_dataset), "--out", str(out)])
-    return out / "eval.json"
+def built_eval(toy_conversations):
+    """The conversation builder's own evaluation split of the toy dataset (conftest)."""
+    return toy_conversations / "eval.json"
 
 
 def test_the_builders_reference_answers_score_full_marks(toy_dataset, scorer, built_eval):

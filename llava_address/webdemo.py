@@ -1,0 +1,278 @@
+"""A small web demo: upload a street photo, see AddressCLIP's top-5 addresses on a map of the city, and
+chat with the LLaVA model about it.
+
+    address-llava web-demo --dataset runs/demo/dataset --clip runs/demo/clip --model runs/demo/llava-merged
+    # then open http://127.0.0.1:7860
+
+Either model may be left out (its panel says so). The server binds to 127.0.0.1 unless `--host` says
+otherwise; uploads are limited in bytes (`--max-upload-mb`) and image side (`--max-side`), and anything
+that is not a JPEG/PNG/WebP/BMP image is rejected before it reaches a model. Built with Gradio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
+
+
+class UploadError(ValueError):
+    """An upload that is not an acceptable image."""
+
+
+@dataclass(frozen=True)
+class UploadLimits:
+    max_bytes: int = 10 * 1024 * 1024
+    """largest accepted file"""
+    max_side: int = 4096
+    """largest accepted width or height, in pixels"""
+    min_side: int = 8
+    """smallest accepted width or height"""
+    formats: tuple[str, ...] = ALLOWED_FORMATS
+    """accepted PIL formats"""
+
+    def __post_init__(self):
+        if self.max_bytes <= 0 or self.max_side <= 0 or not 0 < self.min_side <= self.max_side:
+            raise ValueError("upload limits must be positive and min_side <= max_side")
+
+
+def load_upload(path: str | os.PathLike | None, limits: UploadLimits = UploadLimits()):
+    """The uploaded file as an RGB PIL image, or UploadError saying why it is refused.
+
+    Sizes are checked from the header before the pixels are decoded, so an oversized image (or a
+    decompression bomb) is never decoded.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if path is None:
+        raise UploadError("no image uploaded")
+    path = Path(path)
+    if not path.is_file():
+        raise UploadError("the upload is missing")
+    size = path.stat().st_size
+    if size > limits.max_bytes:
+        raise UploadError(f"the file is {size / 2**20:.1f} MB; the limit is {limits.max_bytes / 2**20:.1f} MB")
+    try:
+        with Image.open(path) as im:
+            fmt, (w, h) = im.format, im.size
+            if fmt not in limits.formats:
+                raise UploadError(f"{fmt or 'unknown'} files are not accepted; upload one of {', '.join(limits.formats)}")
+            if max(w, h) > limits.max_side or min(w, h) < limits.min_side:
+                raise UploadError(f"the image is {w}x{h} pixels; sides must be {limits.min_side}-{limits.max_side}")
+            im.verify()
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except UploadError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise UploadError(f"not a readable image ({type(e).__name__})") from None
+
+
+class AddressRanker:
+    """AddressCLIP over the city's address gallery: top-k addresses of a photo, with their sub-streets."""
+
+    def __init__(self, bundle, dataset_dir: str | os.PathLike, style: str = "full", device: str = "cpu"):
+        from clip_stage.gallery import GalleryEncoder, gallery_from_dataset
+
+        self.bundle = bundle
+        self.device = device
+        self.gallery = gallery_from_dataset(dataset_dir, style)
+        self.text_emb = GalleryEncoder(None, device=device)(bundle.model, bundle.tokenizer, self.gallery.texts)
+
+    @classmethod
+    def from_args(cls, checkpoint: str | None, model: str | None, pretrained: str | None, dataset_dir, device="cpu"):
+        from clip_stage.model import create_clip, load_checkpoint
+
+        bundle = load_checkpoint(checkpoint, device=device) if checkpoint else create_clip(model, pretrained, device=device)
+        return cls(bundle, dataset_dir, device=device)
+
+    def top_k(self, image, k: int = 5) -> list[dict]:
+        import torch
+
+        with torch.no_grad():
+            model = self.bundle.model.eval()
+            pix = self.bundle.preprocess_val(image).unsqueeze(0).to(self.device)
+            emb = model.encode_image(pix, normalize=True).float().cpu()[0]
+            sims = self.text_emb @ emb
+            scale = float(model.logit_scale.exp()) if hasattr(model, "logit_scale") else 100.0
+            probs = torch.softmax(sims * scale, dim=0)
+            order = torch.argsort(sims, descending=True)[:k].tolist()
+        return [{"rank": r + 1, "address": self.gallery.candidates[i].text, "similarity": round(float(sims[i]), 4),
+                 "probability": round(float(probs[i]), 4), "sub_streets": sorted(self.gallery.candidates[i].sub_streets)}
+                for r, i in enumerate(order)]
+
+
+def city_map(gazetteer, top: list[dict], title: str = ""):
+    """A matplotlib figure of the city's sub-streets (UTM metres) with the top addresses highlighted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 5), dpi=100)
+
+    def draw(geom, **kw):
+        for line in getattr(geom, "geoms", [geom]):
+            xs, ys = line.xy
+            ax.plot(xs, ys, **kw)
+
+    for s in gazetteer.sub_streets.values():
+        if s.geometry_utm is not None:
+            draw(s.geometry_utm, color="#bbbbbb", lw=1)
+    colours = ["#d62728", "#ff7f0e", "#2ca02c", "#1f77b4", "#9467bd"]
+    for t in reversed(top):
+        c = colours[(t["rank"] - 1) % len(colours)]
+        for sid in t["sub_streets"]:
+            g = gazetteer.sub_streets[sid].geometry_utm if sid in gazetteer.sub_streets else None
+            if g is None:
+                continue
+            draw(g, color=c, lw=4 if t["rank"] == 1 else 2.5)
+            p = g.interpolate(0.5, normalized=True)
+            ax.annotate(str(t["rank"]), (p.x, p.y), color=c, fontsize=10, fontweight="bold", ha="center", va="bottom")
+    ax.set_aspect("equal")
+    ax.set_xlabel("UTM easting (m)")
+    ax.set_ylabel("UTM northing (m)")
+    ax.set_title(title or "AddressCLIP top-5", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+@dataclass
+class Demo:
+    """The demo's state-free handlers (the Gradio app calls these; tests call them directly)."""
+
+    ranker: AddressRanker | None
+    generator: Any | None
+    gazetteer: Any | None
+    limits: UploadLimits = UploadLimits()
+    max_new_tokens: int = 128
+
+    def on_upload(self, path):
+        """(top-5 table rows, map figure, cleared chat) for an uploaded photo."""
+        import gradio as gr
+
+        try:
+            image = load_upload(path, self.limits)
+        except UploadError as e:
+            raise gr.Error(str(e)) from None
+        if self.ranker is None:
+            return [["-", "no AddressCLIP model loaded", "", ""]], None, []
+        top = self.ranker.top_k(image, 5)
+        rows = [[t["rank"], t["address"], t["similarity"], t["probability"]] for t in top]
+        fig = city_map(self.gazetteer, top) if self.gazetteer is not None else None
+        return rows, fig, []
+
+    def on_ask(self, path, message: str, history: list | None):
+        """The chat history (messages) with the user's message and the model's answer appended."""
+        import gradio as gr
+
+        from llava_address.chat import answer
+
+        history = list(history or [])
+        if not message or not message.strip():
+            raise gr.Error("type a question")
+        if self.generator is None:
+            raise gr.Error("no LLaVA model loaded")
+        try:
+            image = load_upload(path, self.limits)
+        except UploadError as e:
+            raise gr.Error(str(e)) from None
+        pairs, pending = [], None
+        for m in history:
+            role, content = m["role"], m["content"]
+            text = content if isinstance(content, str) else " ".join(
+                c.get("text", "") for c in content if isinstance(c, dict)) if isinstance(content, list) else str(content)
+            if role == "user":
+                pending = text
+            elif role == "assistant" and pending is not None:
+                pairs.append((pending, text))
+                pending = None
+        reply = answer(image, message, pairs, model=self.generator, max_new_tokens=self.max_new_tokens)
+        return history + [{"role": "user", "content": message}, {"role": "assistant", "content": reply}], ""
+
+    def build(self):
+        import gradio as gr
+
+        with gr.Blocks(title="Where was this photo taken?") as app:
+            gr.Markdown("## Where was this photo taken?\nUpload a street photo: AddressCLIP ranks the city's "
+                        "addresses, and you can ask the LLaVA model about it.")
+            with gr.Row():
+                with gr.Column():
+                    photo = gr.Image(type="filepath", sources=["upload"], label="photo")
+                    table = gr.Dataframe(headers=["rank", "address", "similarity", "probability"],
+                                         label="AddressCLIP top-5", interactive=False)
+                with gr.Column():
+                    plot = gr.Plot(label="map")
+            chatbot = gr.Chatbot(label="chat", height=300)
+            with gr.Row():
+                box = gr.Textbox(placeholder="Where was this photo taken?", show_label=False, scale=4)
+                ask = gr.Button("Ask", scale=1)
+            photo.upload(self.on_upload, inputs=photo, outputs=[table, plot, chatbot], api_name="rank")
+            ask.click(self.on_ask, inputs=[photo, box, chatbot], outputs=[chatbot, box], api_name="ask")
+            box.submit(self.on_ask, inputs=[photo, box, chatbot], outputs=[chatbot, box])
+        return app
+
+
+def launch(demo: Demo, host: str = "127.0.0.1", port: int | None = 7860, block: bool = True):
+    """Starts the server (127.0.0.1 unless told otherwise) and returns the Gradio app."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("web demo bound to %s: it is reachable from other machines", host)
+    app = demo.build()
+    app.queue(default_concurrency_limit=1)  # one model, one generation at a time
+    app.launch(server_name=host, server_port=port, share=False, max_file_size=demo.limits.max_bytes,
+               prevent_thread_lock=not block, show_error=True, quiet=not block)
+    return app
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="address-llava web-demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", required=True, help="address dataset folder (gallery and map)")
+    p.add_argument("--clip", default=None, help="train-clip checkpoint for the top-5 panel")
+    p.add_argument("--clip-model", default=None, help="or an open_clip model name (with --clip-pretrained)")
+    p.add_argument("--clip-pretrained", default=None, help="open_clip pretrained tag or weights file")
+    p.add_argument("--model", default=None, help="LLaVA folder / hub id for the chat (with --adapter: the base)")
+    p.add_argument("--adapter", default=None, help="train-llava checkpoint for the chat")
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port")
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload")
+    p.add_argument("--max-side", type=int, default=4096, help="largest accepted image width/height")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="chat answer length limit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    from llava_address.gazetteer import Gazetteer
+    from llava_address.infer import load_generator
+
+    ranker = None
+    if args.clip or args.clip_model:
+        ranker = AddressRanker.from_args(args.clip, args.clip_model, args.clip_pretrained, args.dataset, device)
+    gen = load_generator(args.model, args.adapter, device) if (args.model or args.adapter) else None
+    if ranker is None and gen is None:
+        raise SystemExit("give --clip/--clip-model and/or --model/--adapter")
+    demo = Demo(ranker, gen, Gazetteer.from_dataset(args.dataset),
+                UploadLimits(max_bytes=int(args.max_upload_mb * 2**20), max_side=args.max_side),
+                args.max_new_tokens)
+    launch(demo, args.host, args.port, block=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
