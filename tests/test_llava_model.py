@@ -203,7 +203,8 @@ def test_lora_defaults_are_llava15():
         ModelArgs(llm="x")  # composing needs a tower
 
 
-@pytest.mark.parametrize("spec", [dict(), dict(llm="frozen"), dict(llm="full", projector="frozen")])
+@pytest.mark.parametrize("spec", [dict(), dict(llm="frozen"), dict(llm="full", projector="frozen"),
+                                  dict(vision_tower="full")])
 def test_checkpoint_roundtrip_same_logits(tiny_llava_dir, tmp_path, spec):
     margs = ModelArgs(model_name_or_path=str(tiny_llava_dir))
     targs = TrainablesArgs(lora_r=8, lora_alpha=16, **spec)
@@ -211,7 +212,10 @@ def test_checkpoint_roundtrip_same_logits(tiny_llava_dir, tmp_path, spec):
     model, _ = apply_trainables(model, targs)
     batch = _batch(model, processor)
     _train_steps(model, batch, steps=2)
-    counts = save_checkpoint(model, processor, tmp_path / "ck", margs, targs, extra={"note": "x"})
+    # as train-llava passes it under ZeRO-3: only the (gathered) trainable parameters and the projector
+    partial = {n: p.detach().clone() for n, p in model.named_parameters()
+               if p.requires_grad or component_of(n) == "projector"}
+    counts = save_checkpoint(model, processor, tmp_path / "ck", margs, targs, state_dict=partial, extra={"note": "x"})
     assert (counts["adapter_tensors"] > 0) == (targs.llm == "lora")
     stored = json.loads((tmp_path / "ck" / "llava_args.json").read_text())
     assert stored["trainables"]["llm"] == targs.llm and stored["note"] == "x"
@@ -262,3 +266,28 @@ def test_qlora_4bit_on_cpu_trains_adapter(tiny_llava_dir):
     _train_steps(model, _batch(model, processor), steps=2, lr=1e-2)
     lora_changed = [n for n, p in model.named_parameters() if "lora_B" in n and not torch.equal(before[n], p)]
     assert lora_changed
+
+
+def test_llava15_7b_shapes_on_meta_device():
+    """The real llava-1.5-7b layout (built on the meta device, nothing allocated): 576 image tokens, LoRA on
+    the 32 decoder layers' 7 linears each and nowhere in the 24-layer CLIP tower."""
+    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration
+
+    config = LlavaConfig(image_token_id=32000)  # the defaults are llava-hf/llava-1.5-7b-hf's shapes
+    assert num_image_tokens(config) == 576
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    names = lora_target_names(model, TrainablesArgs().lora_target_regex)
+    assert len(names) == 32 * 7 and all(".language_model." in f".{n}." for n in names)
+    ip = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+
+    class _Tok:
+        def convert_tokens_to_ids(self, t):
+            return 32000
+
+    from types import SimpleNamespace
+    proc = SimpleNamespace(image_processor=ip, tokenizer=_Tok(), patch_size=14, num_additional_image_tokens=1,
+                           vision_feature_select_strategy="default")
+    check_processor(config, proc)
+    with pytest.raises(ValueError, match="image tokens"):
+        check_processor(config, SimpleNamespace(**{**vars(proc), "num_additional_image_tokens": 0}))
