@@ -463,7 +463,10 @@ def build_dataset(
 
     # sub-streets
     idx = np.flatnonzero(alive)
-    part = partition_sub_streets(network, utm_x[idx], utm_y[idx], street[idx], sub_streets, city=city, zones=zones)
+    part = partition_sub_streets(
+        network, utm_x[idx], utm_y[idx], street[idx], sub_streets, city=city, zones=zones,
+        max_point_distance_m=geocode.max_distance_m + 1.0,
+    )
     none = np.zeros(len(table), dtype=bool)
     none[idx[part.point_sub < 0]] = True
     reject(none, "no_sub_street", "lat,lon")

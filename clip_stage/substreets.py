@@ -338,38 +338,43 @@ def _merge_same_labels(units: _Units) -> int:
 
 
 def _merge_small(units: _Units, cfg: SubStreetConfig) -> int:
-    """Merges every unit with fewer than min_points points into a neighbour on its street; returns merges."""
+    """Merges every unit with fewer than min_points points into a neighbour on its street; returns merges.
+
+    Streets are independent, so each is processed on its own units only (the smallest unit first).
+    """
     merges = 0
-    blocked: set[int] = set()  # roots with no neighbour in reach
-    totals = Counter()
-    for i, p in enumerate(units.pieces):
-        totals[p.street] += int(units.piece_counts[i])
-    # streets without any image are dropped later; merging their pieces would be wasted work
-    blocked = {units.uf.find(i) for i, p in enumerate(units.pieces) if totals[p.street] == 0}
-    while True:
-        groups = units.groups()
-        small = [(units.count(m), r) for r, m in groups.items() if r not in blocked and units.count(m) < cfg.min_points]
-        if not small:
-            return merges
-        _, root = min(small)
-        street = units.pieces[root].street
-        others = [r for r in groups if r != root and units.pieces[r].street == street]
-        if not others:
-            blocked.add(root)
-            continue
-        g = units.geom(groups[root])
-        dists = [(float(shapely.distance(g, units.geom(groups[r]))), units.count(groups[r]), r) for r in others]
-        touching = [d for d in dists if d[0] <= cfg.snap_tolerance_m]
-        if touching:
-            target = min(touching, key=lambda d: (d[1], d[2]))[2]  # the touching neighbour with fewest points
-        else:
-            d, _, target = min(dists)
-            if d > cfg.merge_max_gap_m:
-                blocked.add(root)
-                continue
-        units.uf.union(root, target)
-        blocked = {units.uf.find(b) for b in blocked}
-        merges += 1
+    by_street: dict[str, dict[int, list[int]]] = {}
+    for root, members in units.groups().items():
+        by_street.setdefault(units.pieces[root].street, {})[root] = members
+    for groups in by_street.values():
+        count = {r: units.count(m) for r, m in groups.items()}
+        if len(groups) < 2 or sum(count.values()) == 0:
+            continue  # nothing to merge with, or a street without images (dropped later)
+        geom = {r: units.geom(m) for r, m in groups.items()}
+        blocked: set[int] = set()  # units with no neighbour in reach
+        while True:
+            small = [(count[r], r) for r in groups if r not in blocked and count[r] < cfg.min_points]
+            if not small or len(groups) < 2:
+                break
+            _, root = min(small)
+            dists = [(float(shapely.distance(geom[root], geom[r])), count[r], r) for r in groups if r != root]
+            touching = [d for d in dists if d[0] <= cfg.snap_tolerance_m]
+            if touching:
+                target = min(touching, key=lambda d: (d[1], d[2]))[2]  # the touching neighbour with fewest points
+            else:
+                d, _, target = min(dists)
+                if d > cfg.merge_max_gap_m:
+                    blocked.add(root)
+                    continue
+            units.uf.union(root, target)
+            new = units.uf.find(root)
+            members = groups.pop(root) + groups.pop(target)
+            total = count.pop(root) + count.pop(target)
+            geom.pop(root), geom.pop(target)
+            groups[new], count[new], geom[new] = members, total, units.geom(members)
+            blocked.discard(root), blocked.discard(target)
+            merges += 1
+    return merges
 
 
 # --------------------------------------------------------------------------------------------------
@@ -453,7 +458,7 @@ def partition_sub_streets(
     config: SubStreetConfig | None = None,
     city: str = "",
     zones=None,
-    max_point_distance_m: float = 100.0,
+    max_point_distance_m: float = 100.0,  # the geocoder's max distance bounds it
 ) -> SubStreetPartition:
     """Partitions the network's streets into sub-streets and assigns the points (UTM x, y) to them.
 
