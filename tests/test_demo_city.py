@@ -210,3 +210,35 @@ def test_cli_and_config_checks(tmp_path, capsys):
         demo_city.main(["--out", str(out), "--image-size", "500"])
     with pytest.raises(ValueError, match="bad_fraction"):
         demo_city.DemoCityConfig(bad_fraction=0.9)
+
+
+def test_blocks_split_at_cross_streets_of_any_network(tmp_path):
+    """A hand-made grid: two east-west streets crossed by two north-south ones; `--network` reads it."""
+    from pyproj import Transformer
+
+    to_wgs = Transformer.from_crs(32635, 4326, always_xy=True)
+
+    def line(points):
+        return [list(to_wgs.transform(385000 + x, 6672000 + y)) for x, y in points]
+
+    streets = {
+        "Etelätie": [(0, 0), (100, 0), (200, 0), (300, 0)],
+        "Pohjoistie": [(0, 150), (100, 150), (200, 150), (300, 150)],
+        "Länsikatu": [(100, -100), (100, 0), (100, 150), (100, 250)],
+        "Itäkatu": [(200, -100), (200, 0), (200, 150), (200, 250)],
+    }
+    path = tmp_path / "grid.geojson"
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "properties": {"name": n, "highway": "residential"},
+         "geometry": {"type": "LineString", "coordinates": line(p)}} for n, p in streets.items()]}))
+    seg = demo_city._segments(demo_city.load_street_network(path))
+    blocks = defaultdict(set)
+    for st, b in zip(seg.street, seg.block):
+        blocks[st].add(b)
+    assert blocks["Etelätie"] == {"Etelätie|Länsikatu", "Etelätie|Itäkatu|Länsikatu", "Etelätie|Itäkatu"}
+    assert blocks["Länsikatu"] == {"Länsikatu|Etelätie", "Länsikatu|Etelätie|Pohjoistie", "Länsikatu|Pohjoistie"}
+    out = tmp_path / "grid_city"
+    demo_city.generate_demo_city(out, demo_city.DemoCityConfig(num_images=30, image_size=64, bad_fraction=0, network=str(path)))
+    truth = pd.read_csv(out / "demo_truth.csv", dtype=str, keep_default_na=False)
+    assert set(truth["street"]) <= set(streets) and truth["block"].nunique() > 4
+    assert json.loads((out / "demo_city.json").read_text())["network"] == str(path)
