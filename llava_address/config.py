@@ -157,15 +157,18 @@ def field_docs(cls) -> dict[str, str]:
     return docs
 
 
-def _arg_type(tp) -> tuple[Any, tuple | None]:
-    """(argparse type, choices) of a field's resolved annotation."""
+def _arg_type(tp) -> tuple[Any, tuple | None, str | None]:
+    """(argparse type, choices, nargs) of a field's resolved annotation."""
     origin = typing.get_origin(tp)
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     if origin is Literal:
-        return type(args[0]), tuple(args)
+        return type(args[0]), tuple(args), None
+    if origin in (list, tuple):
+        elem = args[0] if args else str
+        return elem, None, "+"
     if args and origin is not None:  # Optional[X] / X | None
         return _arg_type(args[0])
-    return tp, None
+    return tp, None, None
 
 
 def _str2bool(s: str) -> bool:
@@ -189,7 +192,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, prefix: str = "", t
     for f in dataclasses.fields(cls):
         if f.name in exclude:
             continue
-        tp, choices = _arg_type(hints[f.name])
+        tp, choices, nargs = _arg_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else None
         help_text = f"{docs.get(f.name, '')} (default: {default})"
         opt = "--" + (prefix + f.name).replace("_", "-")
@@ -197,8 +200,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, prefix: str = "", t
             group.add_argument(opt, dest=prefix + f.name, type=_str2bool, nargs="?", const=True,
                                default=argparse.SUPPRESS, metavar="BOOL", help=help_text)
         else:
-            group.add_argument(opt, dest=prefix + f.name, type=tp, choices=choices,
-                               default=argparse.SUPPRESS, help=help_text)
+            group.add_argument(opt, dest=prefix + f.name, type=tp, choices=choices, nargs=nargs,
+                               default=argparse.SUPPRESS, help=help_text.replace("%", "%%"))
     return group
 
 
@@ -211,9 +214,12 @@ def dataclass_from_args(cls, namespace: argparse.Namespace | dict, prefix: str =
     unknown = set(values) - names
     if unknown:
         raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}; valid: {sorted(names)}")
+    hints = typing.get_type_hints(cls)
     for name in names:
         if prefix + name in given:
             values[name] = given[prefix + name]
+            if typing.get_origin(hints[name]) is tuple and isinstance(values[name], list):
+                values[name] = tuple(values[name])
     return cls(**values)
 
 

@@ -291,3 +291,27 @@ def test_llava15_7b_shapes_on_meta_device():
     check_processor(config, proc)
     with pytest.raises(ValueError, match="image tokens"):
         check_processor(config, SimpleNamespace(**{**vars(proc), "num_additional_image_tokens": 0}))
+
+
+def test_dataclass_flags_roundtrip():
+    import argparse
+
+    from llava_address.config import DataArgs, add_dataclass_args, dataclass_from_args, field_docs
+
+    parser = argparse.ArgumentParser()
+    add_dataclass_args(parser, ModelArgs)
+    add_dataclass_args(parser, TrainablesArgs, prefix="trainables_")
+    help_text = parser.format_help()
+    assert "--model-name-or-path" in help_text and "QLoRA" in help_text  # help comes from the field docstrings
+    ns = parser.parse_args(["--model-name-or-path", "m", "--load-in-4bit", "--bnb-4bit-use-double-quant", "false",
+                            "--trainables-llm", "frozen", "--trainables-lora-r", "8"])
+    margs = dataclass_from_args(ModelArgs, ns)
+    assert margs.model_name_or_path == "m" and margs.load_in_4bit and not margs.bnb_4bit_use_double_quant
+    assert margs.torch_dtype == "auto"  # not given: the default
+    targs = dataclass_from_args(TrainablesArgs, ns, prefix="trainables_", base={"projector": "full", "lora_r": 4})
+    assert (targs.llm, targs.lora_r, targs.projector) == ("frozen", 8, "full")  # flags override the base (YAML)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--trainables-llm", "half"])  # Literal -> choices
+    with pytest.raises(ValueError, match="unknown DataArgs fields"):
+        dataclass_from_args(DataArgs, argparse.Namespace(), base={"data_pth": "x"})
+    assert "Regex fully matching" in field_docs(TrainablesArgs)["lora_target_regex"]
