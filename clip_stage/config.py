@@ -157,6 +157,8 @@ class RunArgs:
     """Write TensorBoard event files under output_dir/tensorboard."""
     progress: bool = True
     """Show a tqdm progress bar (rank 0)."""
+    num_threads: int | None = None
+    """torch CPU threads per process (unset: torch's / accelerate's default)."""
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,13 @@ def make_accelerator(precision: str):
     # Without a GPU, multi-process runs must use gloo (see STACK.md); a single process must get no backend,
     # or accelerate believes it is distributed.
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if not launched:
+        # accelerate keeps process-wide singletons; a second in-process run (tests, notebooks) with another
+        # precision would be refused. A single process has no process group to lose, so start afresh.
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
     handlers = [InitProcessGroupKwargs(backend="gloo")] if launched and not torch.cuda.is_available() else []
     return Accelerator(mixed_precision=_mixed_precision(precision), kwargs_handlers=handlers)
 
@@ -97,6 +104,8 @@ class _NullWriter:
 
 def train(cfg: TrainConfig) -> dict:
     """Runs (or resumes) one training run; returns the run summary (also written to run_summary.json)."""
+    if cfg.run.num_threads:
+        torch.set_num_threads(cfg.run.num_threads)
     accelerator = make_accelerator(cfg.model.precision)
     rank, world = accelerator.process_index, accelerator.num_processes
     main_proc = accelerator.is_main_process

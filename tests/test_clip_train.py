@@ -1,0 +1,184 @@
+"""train-clip on the toy dataset: it learns, resumes exactly, runs 2 real processes, refuses bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from clip_stage.config import parse_config
+from clip_stage.data import AddressImageDataset, DataCheckError
+from clip_stage.model import CheckpointError, create_clip, latest_checkpoint, load_checkpoint, save_checkpoint
+from clip_stage.schema import write_records
+from clip_stage.train import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # The CI machine has 2 shared cores: one intra-op thread per process is far faster than contended two.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _argv(dataset, out, *extra):
+    return ["--dataset", str(dataset), "--model", "addressclip-tiny", "--pretrained", "none",
+            "--output-dir", str(out), "--num-workers", "0", "--progress", "false", "--lr", "1e-3",
+            "--min-lr", "1e-5", "--batch-size", "16", *map(str, extra)]
+
+
+def _summary(out) -> dict:
+    return json.loads((Path(out) / "run_summary.json").read_text())
+
+
+def _weights(d) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(d) / "model.safetensors"))
+
+
+def _max_diff(a, b) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def _retrieval_accuracy(run, dataset, split) -> float:
+    bundle = load_checkpoint(run)
+    bundle.model.eval()
+    data = AddressImageDataset(dataset, split, bundle.preprocess_val)
+    candidates = sorted(set(data.addresses))
+    with torch.no_grad():
+        text = bundle.model.encode_text(bundle.tokenizer(candidates), normalize=True)
+        images = bundle.model.encode_image(torch.stack([data[i]["image"] for i in range(len(data))]), normalize=True)
+    pred = (images @ text.T).argmax(1)
+    truth = torch.tensor([candidates.index(a) for a in data.addresses])
+    return (pred == truth).float().mean().item()
+
+
+def _copy_dataset(src, dst, edit=None) -> Path:
+    shutil.copytree(src, dst)
+    if edit is not None:
+        df = pd.read_parquet(Path(dst) / "records.parquet")
+        write_records(edit(df), Path(dst) / "records.parquet")
+    return Path(dst)
+
+
+def test_training_learns_the_toy_city(toy_dataset, tmp_path):
+    out = tmp_path / "run"
+    assert main(_argv(toy_dataset, out, "--epochs", "12", "--log-every", "6", "--save-every", "30")) == 0
+    log = [json.loads(l) for l in (out / "train_log.jsonl").read_text().splitlines()]
+    assert {"address_loss", "semantic_loss", "geo_loss", "loss", "lr", "images_per_s"} <= set(log[0])
+    assert log[-1]["loss"] < 0.75 * log[0]["loss"]
+    assert log[-1]["lr"] < log[0]["lr"] or log[0]["lr"] < 1e-3  # cosine decay (or still warming up at the first point)
+    summary = _summary(out)
+    assert summary["world_size"] == 1 and summary["complete"] and summary["steps"] == 12 * (108 // 16)
+    assert summary["loss_weights"] == {"address": 1.0, "semantic": 0.2, "geo": 0.8}
+    # chance is 1/9 over the nine sub-street addresses
+    assert _retrieval_accuracy(out, toy_dataset, "train") > 0.6
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    # checkpoints: final/, step folders within keep_checkpoints, latest pointer, self-describing config
+    cfg = json.loads((out / "final" / "clip_config.json").read_text())
+    assert cfg["model_name"] == "addressclip-tiny" and cfg["model_config"]["vision_cfg"]["width"] == 64
+    assert cfg["train_config"]["optim"]["lr"] == 1e-3
+    steps = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
+    assert steps == ["step-000060", "step-000072"] and latest_checkpoint(out / "checkpoints").name == "step-000072"
+    assert _max_diff(_weights(out / "final"), _weights(out / "checkpoints" / "step-000072")) == 0
+
+
+def test_resume_reproduces_an_uninterrupted_run(toy_dataset, tmp_path):
+    # 8 steps over 2 epochs (6 batches each): the interruption at step 5 falls inside epoch 0
+    common = ("--max-steps", "8", "--save-every", "100", "--warmup-steps", "2", "--seed", "3")
+    main(_argv(toy_dataset, tmp_path / "full", *common))
+    part = tmp_path / "part"
+    main(_argv(toy_dataset, part, *common, "--stop-at-step", "5"))
+    assert not (part / "final").exists() and not _summary(part)["complete"]
+    assert latest_checkpoint(part / "checkpoints").name == "step-000005"
+    state = torch.load(part / "checkpoints" / "step-000005" / "training_state.pt", weights_only=True)
+    assert state["step"] == 5 and state["batch_in_epoch"] == 5 and state["optimizer"]["state"]
+    with pytest.raises(CheckpointError, match="--resume"):
+        main(_argv(toy_dataset, part, *common))
+    main(_argv(toy_dataset, part, *common, "--resume"))
+    summary = _summary(part)
+    assert summary["complete"] and summary["resumed_from"].endswith("step-000005")
+    assert _max_diff(_weights(tmp_path / "full" / "final"), _weights(part / "final")) < 1e-6
+    assert summary["last_losses"]["loss"] == pytest.approx(_summary(tmp_path / "full")["last_losses"]["loss"], abs=1e-6)
+    # a checkpoint of another architecture is a clear error, not a shape dump
+    with pytest.raises(CheckpointError, match="addressclip-small"):
+        main([*_argv(toy_dataset, part, *common, "--resume"), "--model", "addressclip-small"])
+
+
+def test_two_processes_via_accelerate_launch_match_one_process(toy_dataset, tmp_path):
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    accelerate = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    args = _argv(toy_dataset, tmp_path / "ddp", "--max-steps", "3", "--log-every", "1")
+    args[args.index("--batch-size") + 1] = "8"
+    proc = subprocess.run([*accelerate, "-m", "clip_stage.train", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp = _summary(tmp_path / "ddp")
+    assert ddp["world_size"] == 2 and ddp["steps"] == 3
+    # 2 processes x batch 8 see the same global batches as 1 process x batch 16: same losses
+    main(_argv(toy_dataset, tmp_path / "single", "--max-steps", "3", "--log-every", "1"))
+    single = _summary(tmp_path / "single")
+    for k, v in single["last_losses"].items():
+        assert ddp["last_losses"][k] == pytest.approx(v, abs=1e-5), k
+    assert _max_diff(_weights(tmp_path / "ddp" / "final"), _weights(tmp_path / "single" / "final")) < 1e-3
+
+
+def test_empty_captions_with_semantic_weight_is_an_error(toy_dataset, tmp_path):
+    data = _copy_dataset(toy_dataset, tmp_path / "d", lambda df: df.assign(caption=""))
+    with pytest.raises(DataCheckError, match="caption"):
+        main(_argv(data, tmp_path / "r"))
+    # without the semantic term it trains
+    main(_argv(data, tmp_path / "r2", "--semantic-weight", "0", "--max-steps", "1"))
+    assert "semantic_loss" not in _summary(tmp_path / "r2")["last_losses"]
+
+
+def test_missing_coordinates_disable_geo_with_warning_or_error_when_asked(toy_dataset, tmp_path):
+    data = _copy_dataset(toy_dataset, tmp_path / "d", lambda df: df.assign(utm_x=float("nan"), utm_y=float("nan")))
+    with pytest.warns(UserWarning, match="geo loss is disabled"):
+        main(_argv(data, tmp_path / "r", "--max-steps", "1"))
+    summary = _summary(tmp_path / "r")
+    assert summary["loss_weights"]["geo"] == 0.0 and "geo_loss" not in summary["last_losses"]
+    with pytest.raises(DataCheckError, match="--geo-weight"):
+        main(_argv(data, tmp_path / "r2", "--geo-weight", "0.8"))
+
+
+def test_bf16_and_gradient_checkpointing_options_train(toy_dataset, tmp_path):
+    main(_argv(toy_dataset, tmp_path / "r", "--max-steps", "2", "--precision", "bf16", "--grad-checkpointing"))
+    summary = _summary(tmp_path / "r")
+    assert summary["mixed_precision"] == "bf16" and summary["steps"] == 2
+    assert torch.isfinite(torch.tensor(summary["last_losses"]["loss"]))
+    torch.manual_seed(0)  # the run's seed: the same initial weights
+    before = create_clip("addressclip-tiny", None).model.state_dict()
+    assert _max_diff(before, _weights(tmp_path / "r" / "final")) > 1e-5
+
+
+def test_config_file_and_flags(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model: {model: addressclip-tiny, pretrained: none}\nlr: 0.0005\ndata: {dataset: /x}\n")
+    cfg = parse_config(["--config", str(recipe), "--epochs", "3", "--no-augment"])
+    assert cfg.model.model == "addressclip-tiny" and cfg.model.pretrained is None
+    assert cfg.optim.lr == 5e-4 and cfg.optim.epochs == 3 and cfg.data.augment is False
+    assert cfg.optim.beta2 == 0.98 and cfg.loss.semantic_weight == 0.2  # paper defaults
+    with pytest.raises(SystemExit):
+        parse_config(["--dataset", "/x", "--precision", "fp8"])
+    with pytest.raises(SystemExit):
+        parse_config(["--dataset", "/x", "--geo-target", "nope"])
+
+
+def test_load_checkpoint_refuses_weights_of_another_shape(tmp_path):
+    small = create_clip("addressclip-small")
+    save_checkpoint(tmp_path / "ck", small.model, "addressclip-tiny", None)  # lying config
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_checkpoint(tmp_path / "ck")
