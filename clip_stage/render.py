@@ -17,7 +17,7 @@ Used by `clip_stage.demo_city`; nothing here knows about maps.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -126,7 +126,6 @@ class Scene:
     noise_seed: int = 0
     haze: float = 90.0
     """metres over which colours fade into the haze"""
-    extras: dict = field(default_factory=dict, compare=False)
 
     def flipped(self) -> "Scene":
         """The same spot seen facing the other way: facades swap sides."""
