@@ -286,6 +286,15 @@ def _paint_sprites(img: np.ndarray, sc: Scene, R: np.ndarray, f: float, size: in
         sprites.append((z, "person", x, z, colour))
     sprites.sort(key=lambda t: -t[0])
     rows, cols = np.mgrid[0:size, 0:size] + 0.5
+
+    def window(rlo, rhi, clo, chi):
+        """Views of the image and pixel grids over a sprite's bounding box (None if off-screen)."""
+        r0, r1 = max(int(np.floor(rlo)) - 1, 0), min(int(np.ceil(rhi)) + 1, size)
+        c0, c1 = max(int(np.floor(clo)) - 1, 0), min(int(np.ceil(chi)) + 1, size)
+        if r0 >= r1 or c0 >= c1:
+            return None
+        return img[r0:r1, c0:c1], rows[r0:r1, c0:c1], cols[r0:r1, c0:c1]
+
     for depth, kind, x, z, colour in sprites:
         fog = float(np.exp(-depth / sc.haze))
         haze = np.asarray(sc.sky_bottom)
@@ -295,29 +304,43 @@ def _paint_sprites(img: np.ndarray, sc: Scene, R: np.ndarray, f: float, size: in
             if zz.min() <= 0.5:
                 continue
             rad = abs(c[2] - c[0])
-            trunk = (np.abs(cols - c[1]) < max(0.6, rad * 0.13)) & (rows < r[1]) & (rows > r[0])
-            crown = (cols - c[0]) ** 2 + ((rows - r[0]) * 1.15) ** 2 < rad ** 2
-            img[trunk] = np.asarray((0.30, 0.22, 0.15)) * fog + haze * (1 - fog)
-            mottle = 0.85 + 0.15 * np.sin(cols[crown] * 1.3 + z) * np.cos(rows[crown] * 1.1)
-            img[crown] = (np.asarray(colour) * mottle[:, None]) * fog + haze * (1 - fog)
+            half = max(0.6, rad * 0.13)
+            win = window(min(r[0] - rad, r[1]), max(r[0] + rad, r[1]), min(c[0] - rad, c[1] - half), max(c[0] + rad, c[1] + half))
+            if win is None:
+                continue
+            sub, rr, cc = win
+            trunk = (np.abs(cc - c[1]) < half) & (rr < r[1]) & (rr > r[0])
+            crown = (cc - c[0]) ** 2 + ((rr - r[0]) * 1.15) ** 2 < rad ** 2
+            sub[trunk] = np.asarray((0.30, 0.22, 0.15)) * fog + haze * (1 - fog)
+            mottle = 0.85 + 0.15 * np.sin(cc[crown] * 1.3 + z) * np.cos(rr[crown] * 1.1)
+            sub[crown] = (np.asarray(colour) * mottle[:, None]) * fog + haze * (1 - fog)
         elif kind == "car":
             pts = np.array([[x - 0.9, 0.0, z], [x + 0.9, 1.45, z], [x - 0.75, 1.45, z], [x + 0.75, 0.9, z]])
             c, r, zz = _project(pts, sc, R, f, size)
             if zz.min() <= 0.5:
                 continue
-            body = (cols > c[0]) & (cols < c[1]) & (rows < r[0]) & (rows > r[1])
-            glass = body & (rows < r[3]) & (cols > c[2]) & (cols < c[3])
-            img[body] = np.asarray(colour) * fog + haze * (1 - fog)
-            img[glass] = np.asarray((0.15, 0.18, 0.22)) * fog + haze * (1 - fog)
+            win = window(r[1], r[0], c[0], c[1])
+            if win is None:
+                continue
+            sub, rr, cc = win
+            body = (cc > c[0]) & (cc < c[1]) & (rr < r[0]) & (rr > r[1])
+            glass = body & (rr < r[3]) & (cc > c[2]) & (cc < c[3])
+            sub[body] = np.asarray(colour) * fog + haze * (1 - fog)
+            sub[glass] = np.asarray((0.15, 0.18, 0.22)) * fog + haze * (1 - fog)
         else:
             pts = np.array([[x, 1.0, z], [x, 0.0, z], [x + 0.28, 1.75, z]])
             c, r, zz = _project(pts, sc, R, f, size)
             if zz.min() <= 0.5:
                 continue
             w = max(0.6, abs(c[2] - c[0]))
-            h = abs(r[1] - r[2]) / 2
-            person = ((cols - c[0]) / w) ** 2 + ((rows - (r[1] + r[2]) / 2) / max(h, 0.6)) ** 2 < 1
-            img[person] = np.asarray(colour) * fog + haze * (1 - fog)
+            h = max(abs(r[1] - r[2]) / 2, 0.6)
+            mid = (r[1] + r[2]) / 2
+            win = window(mid - h, mid + h, c[0] - w, c[0] + w)
+            if win is None:
+                continue
+            sub, rr, cc = win
+            person = ((cc - c[0]) / w) ** 2 + ((rr - mid) / h) ** 2 < 1
+            sub[person] = np.asarray(colour) * fog + haze * (1 - fog)
 
 
 # --- captions ----------------------------------------------------------------------------------
