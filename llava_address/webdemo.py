@@ -45,6 +45,10 @@ class UploadLimits:
             raise ValueError("upload limits must be positive and min_side <= max_side")
 
 
+def _human(n: int) -> str:
+    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 1024:.1f} KB"
+
+
 def load_upload(path: str | os.PathLike | None, limits: UploadLimits = UploadLimits()):
     """The uploaded file as an RGB PIL image, or UploadError saying why it is refused.
 
@@ -60,7 +64,7 @@ def load_upload(path: str | os.PathLike | None, limits: UploadLimits = UploadLim
         raise UploadError("the upload is missing")
     size = path.stat().st_size
     if size > limits.max_bytes:
-        raise UploadError(f"the file is {size / 2**20:.1f} MB; the limit is {limits.max_bytes / 2**20:.1f} MB")
+        raise UploadError(f"the file is {_human(size)}; the limit is {_human(limits.max_bytes)}")
     try:
         with Image.open(path) as im:
             fmt, (w, h) = im.format, im.size
@@ -118,30 +122,41 @@ def city_map(gazetteer, top: list[dict], title: str = ""):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 5), dpi=100)
+    fig, ax = plt.subplots(figsize=(6.4, 5.2), dpi=100)
+    geoms = [s.geometry_utm for s in gazetteer.sub_streets.values() if s.geometry_utm is not None]
+    # Metres from the city's south-west corner: readable ticks instead of 6-7 digit UTM numbers.
+    x0 = min((g.bounds[0] for g in geoms), default=0.0)
+    y0 = min((g.bounds[1] for g in geoms), default=0.0)
 
     def draw(geom, **kw):
         for line in getattr(geom, "geoms", [geom]):
             xs, ys = line.xy
-            ax.plot(xs, ys, **kw)
+            ax.plot(np.asarray(xs) - x0, np.asarray(ys) - y0, **kw)
 
-    for s in gazetteer.sub_streets.values():
-        if s.geometry_utm is not None:
-            draw(s.geometry_utm, color="#bbbbbb", lw=1)
+    for g in geoms:
+        draw(g, color="#bbbbbb", lw=1)
     colours = ["#d62728", "#ff7f0e", "#2ca02c", "#1f77b4", "#9467bd"]
     for t in reversed(top):
         c = colours[(t["rank"] - 1) % len(colours)]
+        label = f"{t['rank']}. {t["address"][:72]}"
         for sid in t["sub_streets"]:
             g = gazetteer.sub_streets[sid].geometry_utm if sid in gazetteer.sub_streets else None
             if g is None:
                 continue
-            draw(g, color=c, lw=4 if t["rank"] == 1 else 2.5)
+            draw(g, color=c, lw=4 if t["rank"] == 1 else 2.5, label=label)
+            label = None
             p = g.interpolate(0.5, normalized=True)
-            ax.annotate(str(t["rank"]), (p.x, p.y), color=c, fontsize=10, fontweight="bold", ha="center", va="bottom")
-    ax.set_aspect("equal")
-    ax.set_xlabel("UTM easting (m)")
-    ax.set_ylabel("UTM northing (m)")
+            ax.annotate(str(t["rank"]), (p.x - x0, p.y - y0), color=c, fontsize=10, fontweight="bold", ha="center",
+                        va="bottom")
+    ax.set_aspect("equal", adjustable="datalim")
+    ax.set_xlabel("east (m)")
+    ax.set_ylabel("north (m)")
     ax.set_title(title or "AddressCLIP top-5", fontsize=10)
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        order = sorted(range(len(labels)), key=lambda i: labels[i])
+        ax.legend([handles[i] for i in order], [labels[i] for i in order], fontsize=7, loc="upper center",
+                  bbox_to_anchor=(0.5, -0.14), frameon=False)
     fig.tight_layout()
     return fig
 
@@ -207,7 +222,7 @@ class Demo:
                         "addresses, and you can ask the LLaVA model about it.")
             with gr.Row():
                 with gr.Column():
-                    photo = gr.Image(type="filepath", sources=["upload"], label="photo")
+                    photo = gr.Image(type="filepath", sources=["upload"], format="png", label="photo")
                     table = gr.Dataframe(headers=["rank", "address", "similarity", "probability"],
                                          label="AddressCLIP top-5", interactive=False)
                 with gr.Column():

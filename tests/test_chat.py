@@ -77,3 +77,66 @@ def test_chat_command_one_shot_and_multi_turn(tiny_llava_dir, photo):
     assert len(replies) == 3
     assert replies[0].strip() == replies[1].strip() == one_shot  # /reset forgot the first exchange
     assert "(conversation cleared)" in text and "error: image /no/such/file.png not found" in text
+
+
+# --- the web demo (Gradio): upload checks, top-5 + map, chat; a real server on 127.0.0.1 ---
+
+def test_uploads_are_checked_before_decoding(tmp_path):
+    from llava_address.webdemo import UploadError, UploadLimits, load_upload
+
+    ok = tmp_path / "ok.jpg"
+    Image.new("RGB", (64, 48), (10, 20, 30)).save(ok)
+    assert load_upload(ok).size == (64, 48)
+    cases = {
+        "text.png": (lambda p: p.write_text("<html>not an image</html>"), "not a readable image"),
+        "huge.png": (lambda p: Image.new("L", (5000, 10)).save(p), "5000x10 pixels"),
+        "tiny.png": (lambda p: Image.new("RGB", (4, 4)).save(p), "4x4 pixels"),
+        "scan.tiff": (lambda p: Image.new("L", (16, 16)).save(p), "TIFF files are not accepted"),
+        "big.png": (lambda p: p.write_bytes(ok.read_bytes() + b"\0" * 4096), "limit is"),
+        "truncated.png": (lambda p: p.write_bytes((tmp_path / "ok.jpg").read_bytes()[:200]), "not a readable image"),
+    }
+    limits = UploadLimits(max_bytes=ok.stat().st_size + 1024, max_side=4096)
+    for name, (make, message) in cases.items():
+        path = tmp_path / name
+        make(path)
+        with pytest.raises(UploadError, match=message):
+            load_upload(path, limits)
+    with pytest.raises(UploadError, match="no image"):
+        load_upload(None)
+
+
+def test_web_demo_serves_top5_map_and_chat_on_localhost(tiny_llava_dir, toy_dataset, photo, tmp_path):
+    import os
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from gradio_client import Client, handle_file
+
+    from llava_address.gazetteer import Gazetteer
+    from llava_address.webdemo import AddressRanker, Demo, launch
+
+    ranker = AddressRanker.from_args(None, "addressclip-tiny", None, toy_dataset)
+    top = ranker.top_k(infer.open_image(photo), 5)
+    assert [t["rank"] for t in top] == [1, 2, 3, 4, 5]
+    assert [t["similarity"] for t in top] == sorted((t["similarity"] for t in top), reverse=True)
+    assert all(t["address"] in ranker.gallery.texts and t["sub_streets"] for t in top)
+
+    demo = Demo(ranker, infer.load_generator(tiny_llava_dir, device="cpu"), Gazetteer.from_dataset(toy_dataset),
+                max_new_tokens=4)
+    app = launch(demo, host="127.0.0.1", port=None, block=False)
+    try:
+        assert app.local_url.startswith("http://127.0.0.1:")
+        client = Client(app.local_url, verbose=False)
+        table, plot, chat_history = client.predict(handle_file(str(photo)), api_name="/rank")
+        assert [row[1] for row in table["data"]] == [t["address"] for t in top]
+        assert plot is not None and not chat_history
+        history, box = client.predict(handle_file(str(photo)), "Where was this photo taken?", [], api_name="/ask")
+        assert [m["role"] for m in history] == ["user", "assistant"] and box == ""
+        reply = history[1]["content"]
+        reply = reply if isinstance(reply, str) else reply[0]["text"]
+        assert reply == chat.answer(photo, "Where was this photo taken?", model=demo.generator, max_new_tokens=4)
+        not_image = tmp_path / "evil.png"
+        not_image.write_text("#!/bin/sh\necho pwned\n")
+        with pytest.raises(Exception, match="(?i)image"):
+            client.predict(handle_file(str(not_image)), api_name="/rank")
+    finally:
+        app.close()
