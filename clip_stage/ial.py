@@ -13,7 +13,8 @@ canonical address]`, e.g.
 The images themselves (Pittsburgh-250k, SF-XL) and their coordinates come from the original
 datasets; the coordinates are given here as a CSV of `filename, easting, northing` (UTM metres; a
 header row is optional, columns may be named filename/image/path, easting/utm_x/x, northing/utm_y/y).
-A CSV filename matches an annotation key by its full relative path, else by its base name.
+A CSV filename matches an annotation key by its full relative path, else by its base name. Without
+`--coords`, they are read from SF-XL (CosPlace) file names, `@easting@northing@zone@band@lat@lon@...`.
 
 Output: a dataset folder in the layout of `clip_stage.schema`:
 - the split comes from the annotation file's name (train / val / test; `--split-map` overrides);
@@ -210,6 +211,21 @@ def read_coords(path: Path) -> tuple[dict[str, tuple[float, float] | str], dict[
     return coords, by_base
 
 
+def coords_from_filename(path: str, utm_epsg: int) -> tuple[float, float] | str | None:
+    """(easting, northing) from an SF-XL / CosPlace image name `@easting@northing@zone@band@lat@lon@...@.jpg`;
+    an error text if the name has that form but bad numbers or another UTM zone; None if it has not."""
+    fields = PurePosixPath(path).name.split("@")
+    if len(fields) < 5 or fields[0] != "":
+        return None
+    try:
+        east, north, zone = float(fields[1]), float(fields[2]), int(fields[3])
+    except ValueError:
+        return f"file name {path!r}: easting/northing/zone {fields[1:4]} are not numbers"
+    if zone != utm_epsg % 100:
+        return f"file name {path!r}: UTM zone {zone}{fields[4]} but --utm-epsg {utm_epsg} is zone {utm_epsg % 100}"
+    return east, north
+
+
 def _is_float(s: str) -> bool:
     try:
         float(s)
@@ -282,9 +298,12 @@ def _sub_street_line(xy: np.ndarray) -> np.ndarray:
     return np.stack([c + lo * d, c + hi * d])
 
 
-def load_ial(annotations: list[str | Path], coords_csv: str | Path, image_root: str | Path, out: str | Path,
+def load_ial(annotations: list[str | Path], coords_csv: str | Path | None, image_root: str | Path, out: str | Path,
              cfg: IALConfig) -> dict:
-    """Converts a published IAL dataset to `out` (written atomically). Returns the build report."""
+    """Converts a published IAL dataset to `out` (written atomically). Returns the build report.
+
+    `coords_csv=None` reads the UTM coordinates from SF-XL / CosPlace file names instead.
+    """
     from pyproj import Transformer
 
     image_root = Path(image_root)
@@ -293,7 +312,7 @@ def load_ial(annotations: list[str | Path], coords_csv: str | Path, image_root: 
     files = _annotation_files(annotations)
     split_map = dict(cfg.split_map)
     file_splits = {f: split_of(f, split_map) for f in files}
-    coords, by_base = read_coords(Path(coords_csv))
+    coords, by_base = read_coords(Path(coords_csv)) if coords_csv is not None else ({}, {})
     to_wgs = Transformer.from_crs(f"EPSG:{cfg.utm_epsg}", "EPSG:4326", always_xy=True)
 
     rows: list[dict] = []
@@ -313,8 +332,11 @@ def load_ial(annotations: list[str | Path], coords_csv: str | Path, image_root: 
                 rejects.append(_Reject(src, key, "canonical_address", "bad_address", str(e)))
                 continue
             nk = _norm(key)
-            c = coords.get(nk)
-            if c is None:
+            if coords_csv is None:
+                c = coords_from_filename(nk, cfg.utm_epsg)
+            else:
+                c = coords.get(nk)
+            if c is None and coords_csv is not None:
                 cands = by_base.get(PurePosixPath(nk).name, [])
                 if len(cands) == 1:
                     c = coords[cands[0]]
@@ -322,7 +344,8 @@ def load_ial(annotations: list[str | Path], coords_csv: str | Path, image_root: 
                     rejects.append(_Reject(src, key, "coords", "missing_gps", f"base name matches {len(cands)} rows of {coords_csv}: {cands[:3]}"))
                     continue
             if c is None:
-                rejects.append(_Reject(src, key, "coords", "missing_gps", f"not in {coords_csv}"))
+                where = coords_csv if coords_csv is not None else "its file name (no @easting@northing@zone@ fields)"
+                rejects.append(_Reject(src, key, "coords", "missing_gps", f"not in {where}"))
                 continue
             if isinstance(c, str):
                 rejects.append(_Reject(src, key, "coords", "bad_gps", c))
@@ -417,7 +440,7 @@ def load_ial(annotations: list[str | Path], coords_csv: str | Path, image_root: 
                                      encoding="utf-8")
         atomic_write_json(paths.info, {
             "city": cfg.city, "utm_epsg": cfg.utm_epsg, "source": "AddressCLIP IAL release (load-ial)",
-            "annotations": {str(f): file_splits[f] for f in files}, "coords": str(coords_csv),
+            "annotations": {str(f): file_splits[f] for f in files}, "coords": str(coords_csv) if coords_csv is not None else "from file names",
             "image_root": str(root_abs), "config": {**asdict(cfg), "split_map": dict(cfg.split_map)},
             "num_images": int(len(df)), "num_sub_streets": report["sub_streets"], "num_streets": report["streets"],
         })
@@ -453,7 +476,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--annotations", nargs="+", required=True,
                    help="annotation folder(s) (all *.json inside) or files: {image path: [caption, verbose address, canonical address]}")
-    p.add_argument("--coords", required=True, help="CSV of filename, UTM easting, northing (header optional)")
+    p.add_argument("--coords", help="CSV of filename, UTM easting, northing (header optional); "
+                   "omit it for SF-XL images whose names carry @easting@northing@zone@band@...")
     p.add_argument("--image-root", required=True, help="folder the annotation image paths are relative to")
     p.add_argument("--out", required=True, help="output dataset folder (replaced atomically)")
     p.add_argument("--city", required=True, help="city name written to every record, e.g. Pittsburgh")

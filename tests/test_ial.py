@@ -208,3 +208,31 @@ def test_cli_load_ial(tmp_path, capsys):
     with pytest.raises(SystemExit):
         ial.main(["--annotations", str(ann), "--coords", str(coords), "--image-root", str(image_root),
                   "--out", str(out), "--city", "Pittsburgh", "--utm-epsg", "4326"])
+
+
+def test_sf_xl_coordinates_from_file_names(tmp_path):
+    """Without --coords, SF-XL / CosPlace names '@easting@northing@zone@band@lat@lon@...' give the coordinates."""
+    fwd = Transformer.from_crs("EPSG:4326", "EPSG:32610", always_xy=True)
+    lat, lon = 37.7749, -122.4194
+    e, n = fwd.transform(lon, lat)
+    names = {
+        "good": f"@{e:.2f}@{n:.2f}@10@S@{lat}@{lon}@pano1@@0@@@@201311@@.jpg",
+        "zone": f"@{e:.2f}@{n:.2f}@11@S@{lat}@{lon}@pano2@@0@@@@201311@@.jpg",
+        "plain": "000123.jpg",
+    }
+    root = tmp_path / "processed"
+    (root / "train").mkdir(parents=True)
+    for name in names.values():
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(root / "train" / name, format="JPEG")
+    ann = tmp_path / "train.json"
+    ann.write_text(json.dumps({f"train/{v}": ["cap", "Market Street, SoMa", "Market Street & 5th Street, SoMa"]
+                               for v in names.values()}))
+    out = tmp_path / "sf"
+    report = ial.load_ial([ann], None, root, out, ial.IALConfig(city="San Francisco", utm_epsg=32610))
+    df = schema.read_records(out)
+    assert len(df) == 1 and math.isclose(df["lat"][0], lat, abs_tol=1e-5) and math.isclose(df["lon"][0], lon, abs_tol=1e-5)
+    assert df["street"][0] == "Market Street" and list(df["cross_streets"][0]) == ["5th Street"]
+    rejects = {r["row"]: r for r in map(json.loads, (out / schema.REJECTS_FILE).read_text().splitlines())}
+    assert rejects[f"train/{names['zone']}"]["reason"] == "bad_gps" and "zone 11S" in rejects[f"train/{names['zone']}"]["detail"]
+    assert rejects["train/000123.jpg"]["reason"] == "missing_gps"
+    assert report["kept"] == 1 and report["rejected_total"] == 2
