@@ -107,7 +107,7 @@ def load_image(root: str | os.PathLike, relative: str, record_id: Any):
             return im.convert("RGB")
     except FileNotFoundError as e:
         raise RecordError(f"record {record_id!r}: image {relative!r} not found under {root}") from e
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
         raise RecordError(f"record {record_id!r}: image {relative!r} is corrupt or unreadable: {e}") from e
 
 
@@ -340,7 +340,7 @@ def build_dataloader(dataset: LlavaDataset, args: DataArgs, batch_size: int, wor
     batch_size is per device; `world_size` is accepted for symmetry (accelerate shards the batches).
     The loader is deterministic in (seed, epoch): call `set_epoch` (accelerate's prepared loader forwards it).
     """
-    from torch.utils.data import DataLoader, RandomSampler
+    from torch.utils.data import DataLoader
 
     tokenizer = getattr(processor, "tokenizer", processor) if processor is not None else dataset.tokenizer
     collate = LlavaCollator(tokenizer.pad_token_id, pad_to_multiple_of=pad_to_multiple_of)

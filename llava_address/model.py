@@ -251,9 +251,6 @@ def _compose_llava(args: ModelArgs):
 
     tokenizer = AutoTokenizer.from_pretrained(args.llm)
     llm = AutoModelForCausalLM.from_pretrained(args.llm, **_load_kwargs(args, ["lm_head"]))
-    if args.quantized and len(tokenizer) + 2 > llm.get_input_embeddings().weight.shape[0] and \
-            tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) in (None, tokenizer.unk_token_id):
-        log.info("adding <image> to a quantised LLM's vocabulary")
     _add_llava_tokens(tokenizer, llm)
     llm_device, llm_dtype = _param_device_dtype(llm.get_input_embeddings())
     tower_dtype = llm_dtype if llm_dtype.is_floating_point else torch.float32
