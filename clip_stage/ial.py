@@ -381,6 +381,8 @@ def load_ial(annotations: list[str | Path], coords_csv: str | Path | None, image
     df["lat"], df["lon"] = lat, lon
     df["city"] = cfg.city
     df["image_id"] = [str(PurePosixPath(p).with_suffix("")) for p in df["image"]]
+    clash = df["image_id"].duplicated(keep=False)  # a.jpg and a.png: keep the suffix to stay unique
+    df.loc[clash, "image_id"] = df.loc[clash, "image"]
     # a sub-street is one distinct canonical address; ids in sorted order within each street
     sub_id: dict[str, str] = {}
     for street, group in df.groupby("street", sort=True):
