@@ -138,7 +138,7 @@ def city_map(gazetteer, top: list[dict], title: str = ""):
     colours = ["#d62728", "#ff7f0e", "#2ca02c", "#1f77b4", "#9467bd"]
     for t in reversed(top):
         c = colours[(t["rank"] - 1) % len(colours)]
-        label = f"{t['rank']}. {t["address"][:72]}"
+        label = f"{t['rank']}. {t['address'][:72]}"
         for sid in t["sub_streets"]:
             g = gazetteer.sub_streets[sid].geometry_utm if sid in gazetteer.sub_streets else None
             if g is None:
