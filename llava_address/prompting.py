@@ -162,6 +162,12 @@ def encode_conversation(
         # never inject an end-of-turn or an unaccounted image token.
         return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] if text else []
 
+    # The answer follows "ASSISTANT:" after a space. Sentencepiece-style tokenizers (Llama/Vicuna) mark the word
+    # start themselves ("▁Main"): give them the bare text, since with some tokenizer.json normalisers a leading
+    # space would become a second "▁". Byte-level BPEs need the explicit space ("ĠMain").
+    probe = text_ids("a")
+    answer_space = "" if probe and tokenizer.convert_ids_to_tokens(probe[0]).startswith("\u2581") else " "
+
     enc = Encoded(input_ids=[], labels=[], num_images=n_placeholders)
 
     def append(kind: str, ids: list[int], trainable: bool) -> None:
@@ -185,7 +191,7 @@ def encode_conversation(
                 append("user", text_ids(seg), False)
             prefix = ""
         else:
-            append("assistant", text_ids(" " + text), True)
+            append("assistant", text_ids(answer_space + text), True)
             append("end_of_turn", [eos_id], True)
 
     is_training = messages[-1][0] == "assistant"

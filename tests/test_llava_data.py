@@ -268,3 +268,24 @@ def test_build_dataloader_is_deterministic(tiny_llava_data, processor):
     assert torch.equal(first["input_ids"], a[0])                  # batches follow the sampler's order
     loader.sampler.set_epoch(1)
     assert list(loader.sampler) != order0
+
+
+def test_answer_word_boundary_for_byte_level_tokenizer():
+    """A byte-level BPE (no sentencepiece '▁' prefix) gets the space before the answer explicitly."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from llava_address.tiny import demo_texts
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(demo_texts(50), trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", "</s>", "<pad>", "<image>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                  additional_special_tokens=["<image>"])
+    enc = encode_conversation(CONV[:2], tok, 4, num_images=1)
+    answer = [t for t in enc.labels if t != IGNORE_INDEX]
+    assert tok.decode(answer) == " Main Street & Oak Avenue, Downtown.</s>"
+    assert tok.decode(enc.input_ids).endswith("ASSISTANT: Main Street & Oak Avenue, Downtown.</s>")
