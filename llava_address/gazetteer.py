@@ -110,9 +110,31 @@ KINDS: dict[str, Sequence[str]] = {
     "drive": ("drive",),
     "terrace": ("terrace",),
 }
+# Finnish answers inflect the generic part ("Aleksanterinkadulla" = on Aleksanterinkatu): the common
+# case forms (genitive, adessive, allative, ablative, inessive, illative) are suffixes of the same kind.
+FINNISH_CASE_FORMS: dict[str, Sequence[str]] = {
+    "street": ("kadun", "kadulla", "kadulle", "kadulta"),
+    "road": ("tien", "tiella", "tielle", "tielta"),
+    "lane": ("kujan", "kujalla", "kujalle", "kujalta"),
+    "path": ("polun", "polulla", "polulle", "polulta"),
+    "shore": ("rannan", "rannalla", "rannalle", "rannalta", "rannassa"),
+    "square": ("torin", "torilla", "torille", "torilta", "aukion", "aukiolla", "aukiolle"),
+    "park": ("puiston", "puistossa", "puistoon", "puistosta"),
+    "parkway": ("puistotien", "puistotiella", "puistotielle"),
+    "bridge": ("sillan", "sillalla", "sillalle"),
+    "hill": ("rinteen", "rinteella", "maen", "maella", "maelle"),
+    "arc": ("kaaren", "kaarella", "kaarelle"),
+    "esplanade": ("esplanadin", "esplanadilla", "esplanadille"),
+    "boulevard": ("bulevardin", "bulevardilla", "bulevardille"),
+}
 GENERIC_WORDS: dict[str, str] = {w: kind for kind, words in KINDS.items() for w in words}
 # Compound suffixes, longest first so "puistotie" wins over "tie". English words are not suffixes.
-_SUFFIXES = sorted(((w, k) for k, ws in KINDS.items() for w in ws[1:]), key=lambda p: -len(p[0]))
+GENERIC_WORDS.update({w: kind for kind, words in FINNISH_CASE_FORMS.items() for w in words})
+_SUFFIXES = sorted([(w, k) for k, ws in KINDS.items() for w in ws[1:]]
+                   + [(w, k) for k, ws in FINNISH_CASE_FORMS.items() for w in ws], key=lambda p: -len(p[0]))
+# Finnish place-name case endings ("Kluuvissa" = in Kluuvi, "Kampista" = from Kamppi), tried when a
+# neighbourhood name does not match as written.
+PLACE_CASE_ENDINGS = ("ssa", "sta", "lla", "lta", "lle", "een", "iin", "aan", "n")
 
 DIRECTIONS: dict[str, str] = {
     "pohjois": "north", "etela": "south", "ita": "east", "lansi": "west",
@@ -379,14 +401,18 @@ class Gazetteer:
         if len(text) < 3:
             return None
         best = None
-        for _, score, idx in process.extract(text, self._place_norms, scorer=fuzz.ratio, score_cutoff=self.threshold,
-                                             limit=5):
-            kind, name, norm, how = self._place_entries[idx]
-            if len(norm) < 5 and score < 100:
-                continue
-            method = "alias" if how == "alias" else ("exact" if score >= 100 else "fuzzy")
-            if best is None or score > best[2]:
-                best = (kind, name, float(score), method)
+        forms = [(text, 0.0)] + [(text[:-len(e)], 1.0) for e in PLACE_CASE_ENDINGS
+                                 if text.endswith(e) and len(text) - len(e) >= 4]
+        for form, penalty in forms:
+            for _, score, idx in process.extract(form, self._place_norms, scorer=fuzz.ratio,
+                                                 score_cutoff=self.threshold + penalty, limit=5):
+                kind, name, norm, how = self._place_entries[idx]
+                if len(norm) < 5 and score < 100:
+                    continue
+                score = float(score) - penalty
+                method = "alias" if how == "alias" else ("exact" if score >= 100 else "fuzzy")
+                if best is None or score > best[2]:
+                    best = (kind, name, score, method)
         return best
 
     def find_mentions(self, text: str) -> list[Mention]:

@@ -55,6 +55,16 @@ def test_parse_finds_the_street(answer, street):
     assert _helsinki().parse(answer).street == street
 
 
+def test_finnish_case_forms_of_streets_and_places():
+    g = _helsinki()
+    p = g.parse("Kuva on otettu Aleksanterinkadulla Kluuvissa.")  # "on Aleksanterinkatu, in Kluuvi"
+    assert (p.street, p.sub_street, p.neighbourhood) == ("Aleksanterinkatu", "Aleksanterinkatu/0", "Kluuvi")
+    p = g.parse("Mannerheimintiellä Kampissa, Bulevardin kulmassa")  # consonant gradation: Kamppi -> Kampissa
+    assert (p.street, p.cross_streets, p.sub_street, p.neighbourhood) == (
+        "Mannerheimintie", ("Bulevardi",), "Mannerheimintie/1", "Kamppi")
+    assert g.parse("Pohjoisesplanadilla").street == "Pohjoisesplanadi"
+
+
 def test_fuzzy_threshold_and_unrelated_text():
     strict = _helsinki(threshold=99)
     assert strict.parse("Aleksanterinktau").street is None
