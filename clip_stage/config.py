@@ -219,11 +219,14 @@ def _optional(kind):
     return parse
 
 
-def build_parser(prog: str = "train-clip", description: str | None = None) -> argparse.ArgumentParser:
+def build_parser(prog: str = "train-clip", description: str | None = None,
+                 groups: dict[str, type] | None = None) -> argparse.ArgumentParser:
+    """argparse options for every field of the dataclasses in `groups` (default: TrainConfig's)."""
+    groups = GROUPS if groups is None else groups
     parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML/JSON file of {group: {field: value}} or flat {field: value}; flags override it")
-    for group, cls in GROUPS.items():
+    for group, cls in groups.items():
         g = parser.add_argument_group(group, cls.__doc__)
         docs = field_docs(cls)
         hints = typing.get_type_hints(cls)
@@ -247,7 +250,7 @@ def build_parser(prog: str = "train-clip", description: str | None = None) -> ar
     return parser
 
 
-def _load_file(path: str) -> dict[str, dict[str, Any]]:
+def _load_file(path: str, groups: dict[str, type]) -> dict[str, dict[str, Any]]:
     text = Path(path).read_text(encoding="utf-8")
     if path.endswith(".json"):
         raw = json.loads(text)
@@ -255,10 +258,10 @@ def _load_file(path: str) -> dict[str, dict[str, Any]]:
         import yaml
 
         raw = yaml.safe_load(text) or {}
-    out: dict[str, dict[str, Any]] = {g: {} for g in GROUPS}
-    by_field = {f.name: g for g, cls in GROUPS.items() for f in dataclasses.fields(cls)}
+    out: dict[str, dict[str, Any]] = {g: {} for g in groups}
+    by_field = {f.name: g for g, cls in groups.items() for f in dataclasses.fields(cls)}
     for key, value in raw.items():
-        if key in GROUPS and isinstance(value, dict):
+        if key in groups and isinstance(value, dict):
             out[key].update(value)
         elif key.replace("-", "_") in by_field:
             out[by_field[key.replace("-", "_")]][key.replace("-", "_")] = value
@@ -267,18 +270,24 @@ def _load_file(path: str) -> dict[str, dict[str, Any]]:
     return out
 
 
-def parse_config(argv: list[str] | None = None, prog: str = "train-clip", description: str | None = None) -> TrainConfig:
-    parser = build_parser(prog, description)
+def parse_groups(groups: dict[str, type], argv: list[str] | None = None, prog: str | None = None,
+                 description: str | None = None) -> dict[str, Any]:
+    """Parses argv (plus an optional --config file) into one instance per dataclass in `groups`."""
+    parser = build_parser(prog, description, groups)
     ns = vars(parser.parse_args(argv))
-    values: dict[str, dict[str, Any]] = {g: {} for g in GROUPS}
+    values: dict[str, dict[str, Any]] = {g: {} for g in groups}
     if ns.get("config"):
-        values = _load_file(ns["config"])
+        values = _load_file(ns["config"], groups)
     for key, value in ns.items():
         if "." in key:
             group, name = key.split(".", 1)
             values[group][name] = value
     try:
-        return TrainConfig(**{g: cls(**values[g]) for g, cls in GROUPS.items()})
+        return {g: cls(**values[g]) for g, cls in groups.items()}
     except (TypeError, ValueError, KeyError) as e:
         parser.error(str(e))
         raise  # unreachable
+
+
+def parse_config(argv: list[str] | None = None, prog: str = "train-clip", description: str | None = None) -> TrainConfig:
+    return TrainConfig(**parse_groups(GROUPS, argv, prog, description))
