@@ -45,20 +45,6 @@ def open_image(path: str | os.PathLike):
         raise InferenceInputError(f"{path}: not a readable image ({e})") from None
 
 
-def expand_to_square(image, background: Sequence[float]):
-    """LLaVA-1.5's pad-to-square: the image centred on a square of the processor's mean colour."""
-    from PIL import Image
-
-    w, h = image.size
-    if w == h:
-        return image
-    fill = tuple(int(round(c * 255)) for c in background)
-    side = max(w, h)
-    out = Image.new(image.mode, (side, side), fill)
-    out.paste(image, ((side - w) // 2, (side - h) // 2))
-    return out
-
-
 def num_image_tokens(config) -> int:
     """Image-token ids per `<image>`: the tower's patch grid, plus the CLS token with the 'full' strategy."""
     from llava_address.model import num_image_tokens as shared  # the LLaVA stage's definition
@@ -89,9 +75,11 @@ class Generator:
         return next(self.model.parameters()).device
 
     def pixel_values(self, images: Sequence) -> Any:
+        from llava_address.data import expand_to_square, mean_colour  # the training pipeline's padding
+
         ip = self.processor.image_processor
         if self.pad_to_square:
-            images = [expand_to_square(im, ip.image_mean) for im in images]
+            images = [expand_to_square(im, mean_colour(ip)) for im in images]
         pv = ip(images=list(images), return_tensors="pt")["pixel_values"]
         dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())
         return pv.to(self.device, dtype=dtype)

@@ -64,11 +64,18 @@ def test_batched_left_padded_generation_equals_one_by_one(tiny_llava):
     assert any(batched)
 
 
-def test_expand_to_square_pads_with_the_mean_colour():
-    im = Image.new("RGB", (40, 20), (255, 0, 0))
-    sq = infer.expand_to_square(im, [0.5, 0.5, 0.5])
-    assert sq.size == (40, 40)
-    assert sq.getpixel((0, 0)) == (128, 128, 128) and sq.getpixel((20, 20)) == (255, 0, 0)
+def test_images_are_padded_to_square_exactly_as_in_training(tiny_llava):
+    import torch
+
+    from llava_address.data import expand_to_square, mean_colour
+
+    gen = infer.load_generator(tiny_llava, device="cpu")
+    im = _images(3)[2]  # 32 x 36: not square
+    ip = gen.processor.image_processor
+    padded = ip(images=[expand_to_square(im, mean_colour(ip))], return_tensors="pt")["pixel_values"]
+    assert torch.equal(gen.pixel_values([im]), padded)
+    gen.pad_to_square = False
+    assert not torch.equal(gen.pixel_values([im]), padded)
 
 
 def test_infer_cli_is_resumable_and_keeps_partial_results(tiny_llava, toy_dataset, eval_split, tmp_path):
