@@ -172,3 +172,35 @@ def test_benchmark_scores_every_system_and_reports_failures(tiny_llava, tiny_lla
                                     progress=False)
     assert again["ours"]["counts"] == {"total": len(recs), "skipped": len(recs), "answered": 0}
     assert again["ours"]["report"]["metrics"] == results["ours"]["report"]["metrics"]
+
+
+def test_adapter_checkpoints_load_merged_with_the_trained_weights(tiny_llava, tmp_path):
+    """A train-llava checkpoint (LoRA + projector) loads on its base: logits equal the adapter model's."""
+    import torch
+
+    from llava_address.config import ModelArgs, TrainablesArgs
+    from llava_address.model import apply_trainables, build_llava, save_checkpoint
+
+    margs = ModelArgs(model_name_or_path=str(tiny_llava))
+    targs = TrainablesArgs(lora_r=4, lora_alpha=8, lora_dropout=0.0)
+    model, processor = build_llava(margs)
+    peft_model, _ = apply_trainables(model, targs)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name or "multi_modal_projector" in name:
+                p.add_(0.05 * torch.randn_like(p))  # stand-in for training
+    ckpt = tmp_path / "checkpoint-1"
+    save_checkpoint(peft_model, processor, ckpt, margs, targs)
+
+    gen = infer.load_generator(None, ckpt, device="cpu")
+    base = infer.load_generator(tiny_llava, device="cpu")
+    assert not hasattr(gen.model, "peft_config")  # merged for generation
+    inputs = gen.batch_inputs([[infer.user_turn("Where was this photo taken?", True)]], _images(1))
+    with torch.no_grad():
+        peft_model.eval()
+        want = peft_model(**inputs).logits
+        got = gen.model(**inputs).logits
+        untuned = base.model(**inputs).logits
+    assert torch.allclose(got, want, atol=1e-4)
+    assert not torch.allclose(got, untuned, atol=1e-3)
