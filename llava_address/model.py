@@ -160,7 +160,12 @@ def _load_tower(path: str, dtype=None, device=None):
     from transformers import AutoImageProcessor, CLIPVisionModel
 
     kw = {} if dtype is None else {"dtype": dtype}
-    tower = CLIPVisionModel.from_pretrained(str(path), **kw)
+    # Also reads CLIPVisionModelWithProjection / CLIPModel folders (the projection head is not used by LLaVA);
+    # a tower weight missing from the folder would be randomly initialised: refused.
+    tower, info = CLIPVisionModel.from_pretrained(str(path), output_loading_info=True, **kw)
+    bad = list(info.get("missing_keys", [])) + [str(k) for k in info.get("mismatched_keys", [])]
+    if bad:
+        raise ValueError(f"vision tower {path}: weights missing or of the wrong shape: {bad[:5]}")
     if device is not None:
         tower = tower.to(device)
     try:

@@ -83,19 +83,21 @@ def _image_processor(image_size: int, mean=CLIP_MEAN, std=CLIP_STD):
 
 
 def build_tiny_vision_tower(out_dir: str | os.PathLike | None = None, seed: int = 0, image_mean=CLIP_MEAN,
-                            image_std=CLIP_STD, **overrides):
-    """A tiny CLIPVisionModel + CLIPImageProcessor (the layout of an AddressCLIP export), optionally saved.
+                            image_std=CLIP_STD, with_projection: bool = False, **overrides):
+    """A tiny CLIP vision tower + CLIPImageProcessor (the layout of an AddressCLIP export), optionally saved.
 
     `overrides` change the tiny vision config (e.g. hidden_size=48, image_size=48, patch_size=12) to
-    exercise tower swaps. Returns (vision_model, image_processor).
+    exercise tower swaps. `with_projection` builds a CLIPVisionModelWithProjection, as `export-clip`
+    writes. Returns (vision_model, image_processor).
     """
-    from transformers import CLIPVisionConfig, CLIPVisionModel
+    from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
 
     vcfg = load_tiny_config()["vision_config"]
     vcfg.pop("model_type", None)
     vcfg.update(overrides)
     torch.manual_seed(seed)
-    tower = CLIPVisionModel(CLIPVisionConfig(**vcfg))
+    cls = CLIPVisionModelWithProjection if with_projection else CLIPVisionModel
+    tower = cls(CLIPVisionConfig(**vcfg))
     ip = _image_processor(vcfg["image_size"], image_mean, image_std)
     if out_dir is not None:
         tower.save_pretrained(str(out_dir))

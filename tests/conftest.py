@@ -55,13 +55,13 @@ def tiny_llava_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_vision_tower_dir(tmp_path_factory):
-    """A tiny CLIPVisionModel + CLIPImageProcessor folder (the AddressCLIP export layout) whose shape differs from
+    """A tiny CLIPVisionModelWithProjection + CLIPImageProcessor folder (export-clip's layout) whose shape differs from
     `tiny_llava_dir`'s tower: hidden 48, 48 px images, patch 12 (still 16 patches), mean 0.5 / std 0.25. Read-only."""
     from llava_address.tiny import build_tiny_vision_tower
 
     out = tmp_path_factory.mktemp("tiny_tower") / "tower"
     build_tiny_vision_tower(out, seed=1, hidden_size=48, intermediate_size=96, image_size=48, patch_size=12,
-                            image_mean=[0.5, 0.5, 0.5], image_std=[0.25, 0.25, 0.25])
+                            image_mean=[0.5, 0.5, 0.5], image_std=[0.25, 0.25, 0.25], with_projection=True)
     return out
 
 

@@ -315,3 +315,17 @@ def test_dataclass_flags_roundtrip():
     with pytest.raises(ValueError, match="unknown DataArgs fields"):
         dataclass_from_args(DataArgs, argparse.Namespace(), base={"data_pth": "x"})
     assert "Regex fully matching" in field_docs(TrainablesArgs)["lora_target_regex"]
+
+
+def test_tower_with_missing_weights_is_refused(tiny_llava_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from llava_address.tiny import build_tiny_vision_tower
+
+    build_tiny_vision_tower(tmp_path / "t", hidden_size=48, intermediate_size=96)
+    weights = load_file(str(tmp_path / "t" / "model.safetensors"))
+    dropped = {k: v for k, v in weights.items() if "layers.0.mlp.fc1" not in k}
+    assert len(dropped) < len(weights)
+    save_file(dropped, str(tmp_path / "t" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="missing"):
+        build_llava(ModelArgs(model_name_or_path=str(tiny_llava_dir), vision_tower=str(tmp_path / "t")))
