@@ -308,6 +308,22 @@ def markdown_table(results: dict[str, dict]) -> str:
         supported = set(res.get("supports", ALL_TYPES))
         cells.append(str(sum(1 for u in r["unparseable"] if u["question_type"] in supported)))
         lines.append(f"| {name} | {res['kind']} | " + " | ".join(cells) + " |")
+    groups = sorted({g for r in results.values() if "report" in r for g in r["report"].get("by_phrasing", {})})
+    if len(groups) > 1:
+        lines += ["", "By question wording (" + " / ".join(groups) + "; held-out wordings were never trained on):", "",
+                  "| system | " + " | ".join(METRIC_LABELS.values()) + " |", "|" + "---|" * (len(METRIC_LABELS) + 1)]
+        for name, res in results.items():
+            if "report" not in res:
+                continue
+            cells = []
+            for m in METRIC_LABELS:
+                vals = []
+                for g in groups:
+                    v = res["report"]["by_phrasing"].get(g, {}).get(m)
+                    ok = v is not None and v["value"] is not None and _supported_metric(res, m)
+                    vals.append(f"{100 * v['value']:.0f}%" if ok else "-")
+                cells.append(" / ".join(vals))
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     failures = [f"- {n}: {r['error']}" for n, r in results.items() if "error" in r]
     if failures:
         lines += ["", "Failed systems:", *failures]

@@ -241,6 +241,16 @@ class ScoredAnswer:
     correct: dict[str, bool]
     distance_m: float | None
     unparseable: bool
+    phrasing: str = ""
+    """'seen' / 'held_out' question wording, where the reference says so"""
+
+
+def _metric_table(details: Sequence[ScoredAnswer]) -> dict[str, dict]:
+    out = {}
+    for m in METRICS:
+        vals = [d.correct[m] for d in details if m in d.correct]
+        out[m] = {"correct": int(sum(vals)), "total": len(vals), "value": (sum(vals) / len(vals)) if vals else None}
+    return out
 
 
 @dataclass
@@ -253,6 +263,8 @@ class ScoreReport:
     distance: dict
     by_type: dict[str, int]
     unparseable: list[dict]
+    by_phrasing: dict[str, dict] = field(default_factory=dict)
+    """metrics per question wording ('seen' in training / 'held_out'): does the model generalise?"""
     details: list[ScoredAnswer] = field(default_factory=list, repr=False)
 
     def to_dict(self, details: bool = False) -> dict:
@@ -272,6 +284,16 @@ class ScoreReport:
         med = self.distance["median_m"]
         lines.append(f"| median distance | {'n/a' if med is None else f'{med:.0f} m'} | "
                      f"{self.distance['n']} mapped / {self.distance['total']} |")
+        if self.by_phrasing:
+            groups = sorted(self.by_phrasing)
+            lines += ["", "| metric | " + " | ".join(f"{g} phrasing" for g in groups) + " |",
+                      "|---|" + "---|" * len(groups)]
+            for m in METRICS:
+                cells = []
+                for g in groups:
+                    v = self.by_phrasing[g][m]
+                    cells.append("n/a" if v["value"] is None else f"{100 * v['value']:.1f}% ({v['correct']}/{v['total']})")
+                lines.append(f"| {m} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
 
@@ -401,12 +423,12 @@ class Scorer:
                     raise AnswersError(f"{source}: id {rid!r} has no reference (pass the evaluation split)")
                 ref_d, image = a["reference"], a.get("image")
             ref = Reference.from_dict(ref_d, where=f"{source}: id {rid}: ")
-            details.append(self.score_one(rid, str(a["answer"] or ""), ref, image))
-        metrics = {}
-        for m in METRICS:
-            vals = [d.correct[m] for d in details if m in d.correct]
-            metrics[m] = {"correct": int(sum(vals)), "total": len(vals),
-                          "value": (sum(vals) / len(vals)) if vals else None}
+            scored = self.score_one(rid, str(a["answer"] or ""), ref, image)
+            scored.phrasing = str(ref_d.get("phrasing") or "") if isinstance(ref_d, dict) else ""
+            details.append(scored)
+        metrics = _metric_table(details)
+        phrasings = sorted({d.phrasing for d in details if d.phrasing})
+        by_phrasing = {g: _metric_table([d for d in details if d.phrasing == g]) for g in phrasings}
         dists = [d.distance_m for d in details if d.distance_m is not None]
         n_dist_total = sum(1 for d in details if d.question_type in DISTANCE_TYPES)
         distance = {"median_m": statistics.median(dists) if dists else None,
@@ -416,7 +438,8 @@ class Scorer:
             by_type[d.question_type] = by_type.get(d.question_type, 0) + 1
         unparseable = [{"id": d.id, "question_type": d.question_type, "answer": d.answer}
                        for d in details if d.unparseable]
-        return ScoreReport(n_eval, len(rows), len(missing), missing, metrics, distance, by_type, unparseable, details)
+        return ScoreReport(n_eval, len(rows), len(missing), missing, metrics, distance, by_type, unparseable,
+                           by_phrasing, details)
 
 
 def score_files(dataset: str | Path, answers: str | Path, eval_file: str | Path | None = None,

@@ -207,6 +207,12 @@ def test_the_builders_reference_answers_score_full_marks(toy_dataset, scorer, bu
     scored = [m for m in right.metrics.values() if m["total"]]
     assert len(scored) >= 5 and all(m["correct"] == m["total"] for m in scored)
     assert not right.unparseable
+    # Metrics are also split by question wording (seen in training / held out), summing to the whole.
+    phrasings = {r["reference"]["phrasing"] for r in recs}
+    assert set(right.by_phrasing) == phrasings
+    for m, v in right.metrics.items():
+        assert sum(right.by_phrasing[g][m]["total"] for g in phrasings) == v["total"]
+    assert "phrasing" in right.markdown()
     # Each answer given to a record a third of the split away (another street: the split is sorted by street).
     k = len(recs) // 3
     shifted = scorer.score([{"id": r["id"], "answer": recs[(i + k) % len(recs)]["conversations"][1]["value"]}
