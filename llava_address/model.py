@@ -137,7 +137,7 @@ def build_llava(args: ModelArgs):
     else:
         model, processor = _compose_llava(args)
     if args.vision_tower is not None and args.model_name_or_path is not None:
-        model, processor = swap_vision_tower(model, processor, args.vision_tower)
+        model, processor = swap_vision_tower(model, processor, args.vision_tower, args.attn_implementation)
     if args.model_max_length is not None:
         processor.tokenizer.model_max_length = args.model_max_length
     check_processor(model.config, processor)
@@ -155,11 +155,13 @@ def _load_llava(args: ModelArgs):
     return model, processor
 
 
-def _load_tower(path: str, dtype=None, device=None):
+def _load_tower(path: str, dtype=None, device=None, attn_implementation: str | None = None):
     """(CLIPVisionModel, image processor) from a folder; the image processor config is required."""
     from transformers import AutoImageProcessor, CLIPVisionModel
 
-    kw = {} if dtype is None else {"dtype": dtype}
+    kw: dict[str, Any] = {} if dtype is None else {"dtype": dtype}
+    if attn_implementation:
+        kw["attn_implementation"] = attn_implementation
     # Also reads CLIPVisionModelWithProjection / CLIPModel folders (the projection head is not used by LLaVA);
     # a tower weight missing from the folder would be randomly initialised: refused.
     tower, info = CLIPVisionModel.from_pretrained(str(path), output_loading_info=True, **kw)
@@ -196,7 +198,7 @@ def _param_device_dtype(module: nn.Module):
     return p.device, p.dtype
 
 
-def swap_vision_tower(model, processor, tower_path: str):
+def swap_vision_tower(model, processor, tower_path: str, attn_implementation: str | None = None):
     """Replaces the model's vision tower by the CLIPVisionModel in `tower_path`; returns (model, processor).
 
     The projector is kept when the new tower has the same width and patch grid as the old one, and
@@ -207,7 +209,7 @@ def swap_vision_tower(model, processor, tower_path: str):
 
     old_vc = model.config.vision_config
     device, dtype = _param_device_dtype(model.model.vision_tower)
-    tower, image_processor = _load_tower(tower_path, dtype=dtype, device=device)
+    tower, image_processor = _load_tower(tower_path, dtype=dtype, device=device, attn_implementation=attn_implementation)
     new_vc = tower.config
     old_grid = (old_vc.image_size // old_vc.patch_size, old_vc.patch_size)
     new_grid = (new_vc.image_size // new_vc.patch_size, new_vc.patch_size)
@@ -261,7 +263,8 @@ def _compose_llava(args: ModelArgs):
     tower_dtype = llm_dtype if llm_dtype.is_floating_point else torch.float32
     if args.quantized:
         tower_dtype = getattr(torch, args.bnb_4bit_compute_dtype) if args.load_in_4bit else torch.float16
-    tower, image_processor = _load_tower(args.vision_tower, dtype=tower_dtype, device=llm_device)
+    tower, image_processor = _load_tower(args.vision_tower, dtype=tower_dtype, device=llm_device,
+                                         attn_implementation=args.attn_implementation)
     config = LlavaConfig(
         vision_config=tower.config, text_config=llm.config,
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
