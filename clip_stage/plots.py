@@ -73,7 +73,7 @@ def plot_prediction_map(path: str | Path, sub_street_geoms: dict[str, BaseGeomet
     ax.set_xlabel(f"easting - {x0:.0f} (m)")
     ax.set_ylabel(f"northing - {y0:.0f} (m)")
     ax.set_title(title or f"{metric_name}: {n_ok}/{len(correct)}", fontsize=10)
-    ax.legend(loc="upper right", fontsize=8, title=f"top-1 ({metric_name})", title_fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, title=f"top-1 ({metric_name})", title_fontsize=8)
     ax.grid(alpha=0.2)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
