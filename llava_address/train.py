@@ -200,9 +200,14 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def build_model(cfg: RunConfig):
     """(model, processor, trainables summary) through llava_address.model."""
+    from accelerate.utils import set_seed
+
     from llava_address import model as model_lib
 
     model, processor = model_lib.build_llava(cfg.model)
+    # New parts (LoRA) are initialised from the seed alone: how the base loaded (e.g. transformers' ZeRO-3
+    # aware loading draws random numbers) must not change them, so every launcher starts from the same model.
+    set_seed(cfg.train.seed)
     result = model_lib.apply_trainables(model, cfg.trainables)
     if isinstance(result, tuple):  # (model, summary)
         model, summary = result
