@@ -394,7 +394,7 @@ def export_open_clip(model: nn.Module, tokenizer, out_dir: str | Path, *, full: 
 
     from clip_stage.fsutil import atomic_dir, atomic_write_json
 
-    model = model.float().eval()
+    model = model.float().eval().to("cpu")  # verification runs on CPU in float32
     out_dir = Path(out_dir)
     vcfg = vision_config(model)  # raises before anything is written
     tcfg, skipped = None, []

@@ -61,7 +61,8 @@ def test_export_matches_open_clip(tmp_path, quick_gelu):
     proc = CLIPProcessor.from_pretrained(tmp_path / CLIP_DIR)
     hf_pixels = proc(images=image, return_tensors="pt")["pixel_values"]
     assert hf_pixels.shape == ref_pixels.shape
-    assert (hf_pixels - ref_pixels).abs().max() < 0.05  # resampling implementations differ by rounding only
+    # resampling implementations differ by rounding only: at most one 8-bit level (1/255/std ~ 0.015)
+    assert (hf_pixels - ref_pixels).abs().max() < 0.02
     ref = open_clip_reference(model, ref_pixels)
 
     with torch.no_grad():
