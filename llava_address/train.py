@@ -392,6 +392,8 @@ def train(cfg: RunConfig) -> TrainResult:
                     "step": global_step,
                     "epoch": epoch + batches_now / micro_per_epoch,
                     "loss": float(stats[0] / max(stats[1], 1)),
+                    "tokens": int(stats[2]),
+                    "elapsed_s": elapsed,
                     "tokens_per_s": float(stats[2] / max(elapsed, 1e-9)),
                     "memory_mb": peak_memory_mb(accelerator.device),
                 }
