@@ -102,6 +102,21 @@ class _NullWriter:
         pass
 
 
+def _warn_truncation(tokenizer, dataset: AddressImageDataset, semantic: bool) -> None:
+    """Warns when texts fill the text tower's context: they are cut at the end (for "caption + address", the address)."""
+    kinds = [("address", dataset.addresses)] + ([("caption + address", dataset.semantic)] if semantic else [])
+    pad = tokenizer([""])[0, -1]
+    for kind, texts in kinds:
+        unique = sorted(set(texts))
+        full = int((tokenizer(unique)[:, -1] != pad).sum())
+        if full:
+            warnings.warn(
+                f"{full} of {len(unique)} distinct {kind} texts reach the model's context length "
+                f"({tokenizer(unique[:1]).shape[1]} tokens) and are truncated at the end",
+                stacklevel=2,
+            )
+
+
 def train(cfg: TrainConfig) -> dict:
     """Runs (or resumes) one training run; returns the run summary (also written to run_summary.json)."""
     if cfg.run.num_threads:
@@ -140,6 +155,8 @@ def train(cfg: TrainConfig) -> dict:
     dataset = AddressImageDataset(cfg.data.dataset, cfg.data.split, transform, cfg.data.address_style,
                                   cfg.data.semantic_template, seed=cfg.optim.seed, df=df)
     collate = Collate(bundle.tokenizer, with_semantic=plan.semantic_weight > 0)
+    if main_proc:
+        _warn_truncation(bundle.tokenizer, dataset, plan.semantic_weight > 0)
     per_epoch = steps_per_epoch(len(dataset), cfg.optim.batch_size, world)
     total = total_steps(len(dataset), cfg.optim.batch_size, world, cfg.optim.epochs, cfg.optim.max_steps)
     warmup = cfg.optim.warmup_steps if cfg.optim.warmup_steps is not None else int(round(0.02 * total))
