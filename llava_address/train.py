@@ -198,6 +198,35 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def load_stage_weights(model: torch.nn.Module, checkpoint: str | os.PathLike) -> list[str]:
+    """Loads a previous stage's non-LoRA weights (non_lora_trainables.safetensors, e.g. the projector of a
+    projector-alignment run) into a plain LLaVA before this stage's trainables are applied."""
+    from safetensors.torch import load_file
+
+    from llava_address.model import ADAPTER_WEIGHTS, NON_LORA_WEIGHTS
+
+    ckpt = Path(checkpoint)
+    if (ckpt / ADAPTER_WEIGHTS).is_file():
+        raise ValueError(f"--init-from {ckpt} holds a LoRA adapter: merge it first (address-llava merge) and "
+                         "pass the merged folder as --model-name-or-path")
+    file = ckpt / NON_LORA_WEIGHTS
+    if not file.is_file():
+        raise FileNotFoundError(f"--init-from {ckpt}: no {NON_LORA_WEIGHTS}")
+    weights = load_file(str(file))
+    own = dict(model.named_parameters())
+    unknown = sorted(set(weights) - set(own))
+    if unknown:
+        raise KeyError(f"--init-from {ckpt}: weights the model does not have: {unknown[:5]}")
+    for name, value in weights.items():
+        if own[name].shape != value.shape:
+            raise ValueError(f"--init-from {ckpt}: {name} is {tuple(value.shape)}, the model's is {tuple(own[name].shape)}"
+                             " (a different vision tower or LLM?)")
+    with torch.no_grad():
+        for name, value in weights.items():
+            own[name].copy_(value.to(own[name].dtype))
+    return sorted(weights)
+
+
 def build_model(cfg: RunConfig):
     """(model, processor, trainables summary) through llava_address.model."""
     from accelerate.utils import set_seed
@@ -205,6 +234,8 @@ def build_model(cfg: RunConfig):
     from llava_address import model as model_lib
 
     model, processor = model_lib.build_llava(cfg.model)
+    if cfg.train.init_from:
+        load_stage_weights(model, cfg.train.init_from)
     # New parts (LoRA) are initialised from the seed alone: how the base loaded (e.g. transformers' ZeRO-3
     # aware loading draws random numbers) must not change them, so every launcher starts from the same model.
     set_seed(cfg.train.seed)

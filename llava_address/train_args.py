@@ -77,6 +77,8 @@ class TrainArgs:
     """keep only the newest this many step checkpoints (default: keep all)"""
     log_every: int = 1
     """log loss, lr, tokens/s and memory every this many optimizer steps"""
+    init_from: str | None = None
+    """checkpoint folder whose non-LoRA weights (e.g. the aligned projector) start this run (LLaVA's --pretrain_mm_mlp_adapter)"""
     resume: str | None = None
     """checkpoint folder to resume from, or 'latest' for the newest one in output_dir"""
     stop_after_steps: int | None = None

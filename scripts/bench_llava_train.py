@@ -193,11 +193,16 @@ def worker_real7b(a) -> dict:
     config = llava7b_config()
     device = torch.device("cuda" if cuda else "meta")
     torch.manual_seed(0)
-    with device:
-        model = LlavaForConditionalGeneration(config).to(torch.bfloat16)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # random bf16 weights made in place: no fp32 copy of 7B
+    try:
+        with device:
+            model = LlavaForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    # peft keeps the adapter in fp32 (autocast_adapter_dtype), the base stays bf16: the usual LoRA setup.
     model, _ = apply_trainables(model, TrainablesArgs(llm="lora", projector="full", vision_tower="frozen",
                                                       lora_r=128, lora_alpha=256, lora_dropout=0.05))
-    model.to(torch.bfloat16)
     n = {k: 0 for k in ("llm", "proj", "tower", "lora", "trainable")}
     for name, p in model.named_parameters():
         if "lora_" in name:
@@ -218,8 +223,9 @@ def worker_real7b(a) -> dict:
     if not cuda:
         plan["note"] = "no CUDA: shapes built on the meta device only (no run)"
         return plan
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False}) \
-        if hasattr(model, "activation_checkpointing_enable") else \
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     model.train()

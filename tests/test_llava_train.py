@@ -223,6 +223,28 @@ def test_projector_alignment_trains_only_the_projector(tiny_llava_dir, tiny_llav
                           _logits(model, result.processor, tiny_llava_data), atol=1e-5)
 
 
+def test_lora_stage_starts_from_the_aligned_projector(tiny_llava_dir, tiny_llava_data, tmp_path):
+    from safetensors.torch import load_file
+
+    align = train(parse_args(_argv("align_projector", tiny_llava_dir, tiny_llava_data, tmp_path / "align",
+                                   "--per-device-batch-size", 4, "--global-batch-size", 4, "--max-steps", 2,
+                                   "--no-gradient-checkpointing")))
+    aligned = load_file(str(tmp_path / "align" / "checkpoint-000002" / "non_lora_trainables.safetensors"))
+    lora = train(parse_args(_argv("address_lora", tiny_llava_dir, tiny_llava_data, tmp_path / "lora", *LORA_SMALL,
+                                  "--per-device-batch-size", 4, "--global-batch-size", 4, "--max-steps", 1,
+                                  "--no-gradient-checkpointing",
+                                  "--init-from", tmp_path / "align" / "checkpoint-000002")))
+    assert align.global_step == 2 and lora.global_step == 1
+    start = {n.removeprefix("base_model.model.").replace(".original_module.", "."): p.detach()
+             for n, p in lora.model.named_parameters() if ".original_module." in n}
+    assert start.keys() == aligned.keys()
+    for k in aligned:
+        assert torch.equal(start[k], aligned[k]), k
+    with pytest.raises(ValueError, match="merge"):
+        train(parse_args(_argv("address_lora", tiny_llava_dir, tiny_llava_data, tmp_path / "x", *LORA_SMALL,
+                               "--init-from", tmp_path / "lora" / "checkpoint-000001")))
+
+
 def test_full_finetune_updates_llm_not_tower(tiny_llava_dir, tiny_llava_data, tmp_path):
     from safetensors.torch import load_file
 
