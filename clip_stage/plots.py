@@ -78,7 +78,7 @@ def plot_prediction_map(path: str | Path, sub_street_geoms: dict[str, BaseGeomet
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp)
+    fig.savefig(tmp, bbox_inches="tight")  # keeps the legend outside the axes
     plt.close(fig)
     tmp.replace(path)
     return path
