@@ -176,6 +176,12 @@ def train(cfg: TrainConfig) -> dict:
         torch.set_rng_state(state["rng_torch"])
         if batch_in_epoch >= per_epoch:
             epoch, batch_in_epoch = epoch + 1, 0
+    if resume_from is not None and step >= total and (out_dir / "final").exists():
+        # nothing left to do: keep the finished run's summary (pipelines may call --resume repeatedly)
+        if main_proc:
+            print(f"train-clip: {out_dir} is already complete ({step} steps); final model in {out_dir / 'final'}")
+        summary_path = out_dir / "run_summary.json"
+        return json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.exists() else {"steps": step, "complete": True}
     model, optimizer = accelerator.prepare(model, optimizer)
     loss_fn = AddressClipLoss(plan.address_weight, plan.semantic_weight, plan.geo_weight, cfg.loss.geo_target,
                               cfg.loss.geo_tau, rank=rank, world_size=world, gather_with_grad=cfg.loss.gather_with_grad)

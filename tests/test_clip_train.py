@@ -111,6 +111,9 @@ def test_resume_reproduces_an_uninterrupted_run(toy_dataset, tmp_path):
     assert summary["complete"] and summary["resumed_from"].endswith("step-000005")
     assert _max_diff(_weights(tmp_path / "full" / "final"), _weights(part / "final")) < 1e-6
     assert summary["last_losses"]["loss"] == pytest.approx(_summary(tmp_path / "full")["last_losses"]["loss"], abs=1e-6)
+    # resuming a finished run is a no-op that keeps its results
+    main(_argv(toy_dataset, part, *common, "--resume"))
+    assert _summary(part) == summary
     # a checkpoint of another architecture is a clear error, not a shape dump
     with pytest.raises(CheckpointError, match="addressclip-small"):
         main([*_argv(toy_dataset, part, *common, "--resume"), "--model", "addressclip-small"])
