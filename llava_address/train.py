@@ -366,7 +366,8 @@ def train(cfg: RunConfig) -> TrainResult:
     checkpoints: list[Path] = []
     metrics_file = out / "metrics.jsonl"
     bar = tqdm(total=total_steps, initial=global_step, desc="train-llava", disable=not (is_main and args.progress_bar))
-    window_loss, window_micro, window_tokens = 0.0, 0, 0
+    # [loss sum, micro-batches, tokens] of the current log window, kept on the device (no sync per micro-step).
+    window = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
     t_window = time.perf_counter()
     stopped_early = False
 
@@ -403,9 +404,9 @@ def train(cfg: RunConfig) -> TrainResult:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             batches_now += 1
-            window_loss += loss.detach().float().item()
-            window_micro += 1
-            window_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+            n_tokens = batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
+            window += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=window.device),
+                                   torch.as_tensor(n_tokens, dtype=torch.float64, device=window.device)])
             if not accelerator.sync_gradients:
                 continue
             # The learning rates this step used (logged below), before the schedule moves on.
@@ -415,9 +416,7 @@ def train(cfg: RunConfig) -> TrainResult:
             epoch_now = epoch
             bar.update(1)
             if global_step % args.log_every == 0 or global_step == total_steps:
-                stats = torch.tensor([window_loss, window_micro, window_tokens], dtype=torch.float64,
-                                     device=accelerator.device)
-                stats = accelerator.reduce(stats, reduction="sum")
+                stats = accelerator.reduce(window.clone(), reduction="sum").tolist()
                 elapsed = time.perf_counter() - t_window
                 row = {
                     "step": global_step,
@@ -435,7 +434,7 @@ def train(cfg: RunConfig) -> TrainResult:
                         f.write(json.dumps(row) + "\n")
                     bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{next(iter(step_lrs.values())):.2e}")
                 accelerator.log({k: v for k, v in row.items() if k != "step"}, step=global_step)
-                window_loss, window_micro, window_tokens = 0.0, 0, 0
+                window.zero_()
                 t_window = time.perf_counter()
             if args.stop_after_steps is not None and global_step >= args.stop_after_steps and global_step < total_steps:
                 if args.save_every and global_step % args.save_every == 0:
