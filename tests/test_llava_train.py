@@ -201,7 +201,10 @@ def test_projector_alignment_trains_only_the_projector(tiny_llava_dir, tiny_llav
 
     out = tmp_path / "align"
     result = train(parse_args(_argv("align_projector", tiny_llava_dir, tiny_llava_data, out,
-                                    "--per-device-batch-size", 4, "--global-batch-size", 4, "--max-steps", 3)))
+                                    "--per-device-batch-size", 4, "--global-batch-size", 4, "--max-steps", 3,
+                                    "--save-every", 1, "--save-total-limit", 2)))
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == [
+        "checkpoint-000002", "checkpoint-000003"]
     model = result.model
     assert not hasattr(model, "peft_config")
     assert _checkpointing(model)  # the recipe asks for it
