@@ -172,7 +172,10 @@ class Demo:
     max_new_tokens: int = 128
 
     def on_upload(self, path):
-        """(top-5 table rows, map figure, cleared chat) for an uploaded photo."""
+        """(preview, top-5 table rows, map figure, cleared chat) for an uploaded photo.
+
+        The upload arrives as a file (not a decoded image), so it is checked here before any decoding.
+        """
         import gradio as gr
 
         try:
@@ -180,11 +183,11 @@ class Demo:
         except UploadError as e:
             raise gr.Error(str(e)) from None
         if self.ranker is None:
-            return [["-", "no AddressCLIP model loaded", "", ""]], None, []
+            return image, [["-", "no AddressCLIP model loaded", "", ""]], None, []
         top = self.ranker.top_k(image, 5)
         rows = [[t["rank"], t["address"], t["similarity"], t["probability"]] for t in top]
         fig = city_map(self.gazetteer, top) if self.gazetteer is not None else None
-        return rows, fig, []
+        return image, rows, fig, []
 
     def on_ask(self, path, message: str, history: list | None):
         """The chat history (messages) with the user's message and the model's answer appended."""
@@ -222,7 +225,9 @@ class Demo:
                         "addresses, and you can ask the LLaVA model about it.")
             with gr.Row():
                 with gr.Column():
-                    photo = gr.Image(type="filepath", sources=["upload"], format="png", label="photo")
+                    photo = gr.File(label="photo (JPEG, PNG, WebP, BMP)", type="filepath",
+                                    file_types=[".jpg", ".jpeg", ".png", ".webp", ".bmp"])
+                    preview = gr.Image(label="preview", interactive=False, height=240)
                     table = gr.Dataframe(headers=["rank", "address", "similarity", "probability"],
                                          label="AddressCLIP top-5", interactive=False)
                 with gr.Column():
@@ -231,7 +236,7 @@ class Demo:
             with gr.Row():
                 box = gr.Textbox(placeholder="Where was this photo taken?", show_label=False, scale=4)
                 ask = gr.Button("Ask", scale=1)
-            photo.upload(self.on_upload, inputs=photo, outputs=[table, plot, chatbot], api_name="rank")
+            photo.upload(self.on_upload, inputs=photo, outputs=[preview, table, plot, chatbot], api_name="rank")
             ask.click(self.on_ask, inputs=[photo, box, chatbot], outputs=[chatbot, box], api_name="ask")
             box.submit(self.on_ask, inputs=[photo, box, chatbot], outputs=[chatbot, box])
         return app

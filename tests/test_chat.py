@@ -105,38 +105,86 @@ def test_uploads_are_checked_before_decoding(tmp_path):
         load_upload(None)
 
 
-def test_web_demo_serves_top5_map_and_chat_on_localhost(tiny_llava_dir, toy_dataset, photo, tmp_path):
+@pytest.fixture(scope="module")
+def served_demo(tiny_llava_dir, toy_dataset):
+    """The web demo (tiny AddressCLIP + tiny LLaVA) served on 127.0.0.1 for this module's tests."""
     import os
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    from gradio_client import Client, handle_file
-
     from llava_address.gazetteer import Gazetteer
     from llava_address.webdemo import AddressRanker, Demo, launch
 
     ranker = AddressRanker.from_args(None, "addressclip-tiny", None, toy_dataset)
-    top = ranker.top_k(infer.open_image(photo), 5)
-    assert [t["rank"] for t in top] == [1, 2, 3, 4, 5]
-    assert [t["similarity"] for t in top] == sorted((t["similarity"] for t in top), reverse=True)
-    assert all(t["address"] in ranker.gallery.texts and t["sub_streets"] for t in top)
-
     demo = Demo(ranker, infer.load_generator(tiny_llava_dir, device="cpu"), Gazetteer.from_dataset(toy_dataset),
                 max_new_tokens=4)
     app = launch(demo, host="127.0.0.1", port=None, block=False)
+    yield demo, app
+    app.close()
+
+
+def test_web_demo_serves_top5_map_and_chat_on_localhost(served_demo, photo, tmp_path):
+    from gradio_client import Client, handle_file
+
+    demo, app = served_demo
+    top = demo.ranker.top_k(infer.open_image(photo), 5)
+    assert [t["rank"] for t in top] == [1, 2, 3, 4, 5]
+    assert [t["similarity"] for t in top] == sorted((t["similarity"] for t in top), reverse=True)
+    assert all(t["address"] in demo.ranker.gallery.texts and t["sub_streets"] for t in top)
+
+    assert app.local_url.startswith("http://127.0.0.1:")
+    client = Client(app.local_url, verbose=False)
+    preview, table, plot, chat_history = client.predict(handle_file(str(photo)), api_name="/rank")
+    assert preview is not None
+    assert [row[1] for row in table["data"]] == [t["address"] for t in top]
+    assert plot is not None and not chat_history
+    history, box = client.predict(handle_file(str(photo)), "Where was this photo taken?", [], api_name="/ask")
+    assert [m["role"] for m in history] == ["user", "assistant"] and box == ""
+    reply = history[1]["content"]
+    reply = reply if isinstance(reply, str) else reply[0]["text"]
+    assert reply == chat.answer(photo, "Where was this photo taken?", model=demo.generator, max_new_tokens=4)
+    not_image = tmp_path / "evil.png"
+    not_image.write_text("#!/bin/sh\necho pwned\n")
+    with pytest.raises(Exception, match="not a readable image"):
+        client.predict(handle_file(str(not_image)), api_name="/rank")
+
+
+def test_web_demo_in_a_headless_browser(served_demo, photo, tmp_path):
+    """Debian's chromium + chromedriver drive the real page: upload, top-5 and map, a chat turn, a rejection."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    demo, app = served_demo
+    top = demo.ranker.top_k(infer.open_image(photo), 5)
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = "/usr/bin/chromium"
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,1200"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
+    wait = WebDriverWait(driver, 90)
+
+    def body() -> str:
+        return driver.find_element(By.TAG_NAME, "body").text
+
     try:
-        assert app.local_url.startswith("http://127.0.0.1:")
-        client = Client(app.local_url, verbose=False)
-        table, plot, chat_history = client.predict(handle_file(str(photo)), api_name="/rank")
-        assert [row[1] for row in table["data"]] == [t["address"] for t in top]
-        assert plot is not None and not chat_history
-        history, box = client.predict(handle_file(str(photo)), "Where was this photo taken?", [], api_name="/ask")
-        assert [m["role"] for m in history] == ["user", "assistant"] and box == ""
-        reply = history[1]["content"]
-        reply = reply if isinstance(reply, str) else reply[0]["text"]
-        assert reply == chat.answer(photo, "Where was this photo taken?", model=demo.generator, max_new_tokens=4)
-        not_image = tmp_path / "evil.png"
-        not_image.write_text("#!/bin/sh\necho pwned\n")
-        with pytest.raises(Exception, match="(?i)image"):
-            client.predict(handle_file(str(not_image)), api_name="/rank")
+        driver.get(app.local_url)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "input[type=file]"))
+        driver.find_element(By.CSS_SELECTOR, "input[type=file]").send_keys(str(photo))
+        wait.until(lambda d: all(t["address"] in body() for t in top))
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "[data-testid=matplotlib] img, .js-plotly-plot, "
+                                                              "img[src^='data:image']"))
+        driver.find_element(By.CSS_SELECTOR, "textarea").send_keys("Where was this photo taken?")
+        next(b for b in driver.find_elements(By.TAG_NAME, "button") if b.text.strip() == "Ask").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "[data-testid=bot]"))
+        users = [e.text for e in driver.find_elements(By.CSS_SELECTOR, "[data-testid=user]")]
+        assert users == ["Where was this photo taken?"]
+
+        evil = tmp_path / "evil.png"
+        evil.write_text("<script>alert(1)</script>")
+        driver.get(app.local_url)  # a fresh page: the file box now holds the photo
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "input[type=file]"))
+        driver.find_element(By.CSS_SELECTOR, "input[type=file]").send_keys(str(evil))
+        wait.until(lambda d: "not a readable image" in body())
     finally:
-        app.close()
+        driver.quit()
