@@ -28,7 +28,6 @@ still scored; the command then exits non-zero. Outputs: `OUT/benchmark.md` (tabl
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import re
 import traceback

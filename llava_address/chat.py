@@ -23,8 +23,7 @@ import functools
 import sys
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Iterator, Sequence, TextIO
+from typing import Sequence, TextIO
 
 from llava_address.infer import Generator, InferenceInputError, load_generator, open_image, user_turn
 
