@@ -449,28 +449,40 @@ def score_files(dataset: str | Path, answers: str | Path, eval_file: str | Path 
     return scorer.score(read_jsonl(answers), refs, source=str(answers))
 
 
-def clip_text_embedder(checkpoint: str | Path, device: str = "cpu") -> Callable[[list[str]], np.ndarray]:
-    """`embed(texts)` from an exported AddressCLIP CLIPModel folder (transformers), for --embed-clip."""
+def clip_text_embedder(path: str | Path, device: str = "cpu") -> Callable[[list[str]], np.ndarray]:
+    """`embed(texts)` (L2-normalised rows) from AddressCLIP's text tower, for --embed-clip.
+
+    path: a train-clip checkpoint (open_clip; a run folder with final/ or checkpoints/ works too), or an
+    export-clip folder (its clip_model/ CLIPModel + tokenizer, transformers).
+    """
     import torch
-    from transformers import CLIPModel, CLIPTokenizerFast
 
-    path = Path(checkpoint)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: not a CLIPModel folder")
-    model = CLIPModel.from_pretrained(path).to(device).eval()
-    tok = CLIPTokenizerFast.from_pretrained(path)
+    p = Path(path)
+    if (p / "clip_model" / "config.json").is_file():
+        p = p / "clip_model"
+    if (p / "config.json").is_file():
+        from transformers import AutoTokenizer, CLIPModel
 
-    @torch.no_grad()
-    def embed(texts: list[str]) -> np.ndarray:
-        out = []
-        for i in range(0, len(texts), 256):
-            batch = tok(texts[i:i + 256], padding=True, truncation=True, return_tensors="pt").to(device)
-            feats = model.get_text_features(**batch)
-            feats = getattr(feats, "pooler_output", feats)
-            out.append(torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, 1))
+        model = CLIPModel.from_pretrained(p).to(device).eval()
+        tok = AutoTokenizer.from_pretrained(p)
 
-    return embed
+        @torch.no_grad()
+        def embed(texts: list[str]) -> np.ndarray:
+            out = []
+            for i in range(0, len(texts), 256):
+                batch = tok(texts[i:i + 256], padding="max_length", truncation=True,
+                            max_length=model.config.text_config.max_position_embeddings, return_tensors="pt").to(device)
+                feats = model.get_text_features(**batch)
+                feats = getattr(feats, "pooler_output", feats)
+                out.append(torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy())
+            return np.concatenate(out) if out else np.zeros((0, model.config.projection_dim))
+
+        return embed
+    from clip_stage.gallery import encode_texts
+    from clip_stage.model import load_checkpoint
+
+    bundle = load_checkpoint(p, device=device)  # CheckpointError names what is missing
+    return lambda texts: encode_texts(bundle.model, bundle.tokenizer, list(texts), device=device).numpy()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -484,7 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--details", default=None, help="write one JSONL line per scored answer here")
     p.add_argument("--threshold", type=float, default=85.0, help="fuzzy match threshold (rapidfuzz ratio, 0-100)")
     p.add_argument("--aliases", default=None, help="JSON {alias: canonical name} (e.g. Swedish street names)")
-    p.add_argument("--embed-clip", default=None, help="CLIPModel folder: match unparseable answers by the nearest "
+    p.add_argument("--embed-clip", default=None, help="AddressCLIP (train-clip checkpoint or export-clip folder): "
+                                                      "answers naming no known street are matched to the nearest "
                                                       "address in its text-embedding space")
     p.add_argument("--min-similarity", type=float, default=0.5, help="cosine floor of the embedding match")
     return p

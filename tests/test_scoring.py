@@ -219,3 +219,30 @@ def test_the_builders_reference_answers_score_full_marks(toy_dataset, scorer, bu
                             for i, r in enumerate(recs)], refs)
     assert shifted.metrics["street_acc"]["correct"] == 0 and shifted.metrics["sub_street_acc"]["correct"] == 0
     assert sum(m["correct"] for m in shifted.metrics.values()) < sum(m["correct"] for m in right.metrics.values()) / 2
+
+
+def test_addressclip_text_embedder_from_a_train_clip_checkpoint_and_its_export(toy_dataset, tmp_path):
+    import numpy as np
+    import torch
+
+    from clip_stage.export_hf import export_open_clip
+    from clip_stage.model import create_clip, save_checkpoint
+
+    torch.manual_seed(0)
+    bundle = create_clip("addressclip-tiny")
+    ckpt = save_checkpoint(tmp_path / "clip", bundle.model, "addressclip-tiny", None)
+    texts = ["Bulevardi between Fredrikinkatu and Annankatu, Kamppi, Helsinki", "Esplanadi", "Kluuvi"]
+    embed = scoring.clip_text_embedder(ckpt)
+    e = embed(texts)
+    assert e.shape[0] == 3 and np.allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
+    export_open_clip(bundle.model, bundle.tokenizer, tmp_path / "export")
+    e_hf = scoring.clip_text_embedder(tmp_path / "export")(texts)
+    assert np.allclose(e, e_hf, atol=1e-4)  # the same text tower through transformers
+    with pytest.raises(Exception, match="clip-nowhere"):
+        scoring.clip_text_embedder(tmp_path / "clip-nowhere")
+    # The scorer uses it for answers in which the gazetteer finds no street.
+    s = Scorer.from_dataset(toy_dataset, embed=embed, min_similarity=-1.0)
+    d = s.score([{"id": "a", "answer": "somewhere unknown", "reference": {
+        "street": "Bulevardi", "sub_street": "Bulevardi/2", "cross_streets": ["Fredrikinkatu", "Annankatu"],
+        "neighbourhood": "Kamppi", "city": "Helsinki", "question_type": "full"}}]).details[0]
+    assert d.parsed["method"] == "embedding" and d.parsed["sub_street"] in s.gazetteer.sub_streets
