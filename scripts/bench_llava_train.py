@@ -49,6 +49,17 @@ def peak_rss_mb() -> float:
 # --------------------------------------------------------------------------------------------
 
 
+def clock_optimizer_steps() -> list[tuple[float, float]]:
+    """(wall, CPU) time after every real optimizer step of any torch optimizer in this process: the same
+    measuring point for both loops (accumulation micro-steps do not call the inner optimizer)."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    stamps: list[tuple[float, float]] = []
+    register_optimizer_step_post_hook(
+        lambda *_: stamps.append((time.perf_counter(), time.process_time())))
+    return stamps
+
+
 def _common_argv(a, work: Path, out: Path, recipe: str) -> list[str]:
     return [
         "--recipe", recipe, "--model-name-or-path", str(work / "model"), "--data-path", str(work / "data" / "train.json"),
@@ -80,22 +91,7 @@ def worker_ours(a, work: Path) -> dict:
         return loader
 
     T.build_dataloader = build_dataloader
-    stamps: list[tuple[float, float]] = []  # (wall, CPU) at the end of every optimizer step
-    real_scheduler = T.make_scheduler
-
-    def make_scheduler(*args, **kwargs):
-        sched = real_scheduler(*args, **kwargs)
-        step = sched.step
-
-        def timed_step(*a, **k):
-            out = step(*a, **k)
-            stamps.append((time.perf_counter(), time.process_time()))
-            return out
-
-        sched.step = timed_step
-        return sched
-
-    T.make_scheduler = make_scheduler
+    stamps = clock_optimizer_steps()
     result = T.train(cfg)
     tokens = sum(r["tokens"] for r in result.history[1:])
     elapsed = stamps[-1][0] - stamps[0][0]
@@ -109,7 +105,6 @@ def worker_ours(a, work: Path) -> dict:
 def worker_trl(a, work: Path) -> dict:
     """TRL's SFTTrainer on the same model (built by the same code, same seed), items, collator and schedule."""
     import torch
-    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     from llava_address import train as T
@@ -134,11 +129,7 @@ def worker_trl(a, work: Path) -> dict:
         micro_tokens.append(int(batch["attention_mask"].sum()))
         return batch
 
-    stamps: list[tuple[float, float]] = []  # (wall, CPU) at the end of every optimizer step
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            stamps.append((time.perf_counter(), time.process_time()))
+    stamps = clock_optimizer_steps()
 
     args = SFTConfig(
         output_dir=str(out), per_device_train_batch_size=a.batch_size, gradient_accumulation_steps=a.accumulation,
@@ -152,7 +143,7 @@ def worker_trl(a, work: Path) -> dict:
 
     index = Dataset.from_dict({"idx": list(range(len(dataset)))})
     trainer = SFTTrainer(model=model, args=args, train_dataset=index, data_collator=collate,
-                         processing_class=processor.tokenizer, callbacks=[Clock()])
+                         processing_class=processor.tokenizer)
     rss0 = rss_mb()
     trainer.train()
     per_step = [sum(micro_tokens[i * a.accumulation:(i + 1) * a.accumulation]) for i in range(a.steps)]
