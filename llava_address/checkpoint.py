@@ -110,8 +110,6 @@ def save_checkpoint(
     config: JSON-able rest of the run (data, train, recipe) stored in llava_args.json;
     trainer_state: step / epoch / data position stored in trainer_state.json.
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
     staging = path.parent / f".{path.name}.state-partial"
     is_main = accelerator.is_main_process

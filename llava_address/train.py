@@ -32,7 +32,6 @@ import torch
 
 from llava_address.checkpoint import (
     checkpoint_name,
-    list_checkpoints,
     prune_checkpoints,
     resolve_resume,
     save_checkpoint,
