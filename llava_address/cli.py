@@ -40,6 +40,7 @@ register_command("caption", "clip_stage.caption:main", "fill the caption column 
 register_command("train-clip", "clip_stage.train:main", "fine-tune an open_clip model with the AddressCLIP losses")
 register_command("eval-clip", "clip_stage.evaluate:main", "SSA/SA top-1/top-5 of a CLIP model against a candidate address gallery")
 register_command("export-clip", "clip_stage.export_hf:main", "export an AddressCLIP checkpoint to Hugging Face CLIPVisionModel / CLIPModel")
+register_command("clip-baselines", "clip_stage.baselines:main", "zero-shot, address-only and loss-ablation runs of AddressCLIP in one table")
 # Stage 3: conversations
 register_command("conversations", "conversations.build:main", "turn an address dataset into multi-turn LLaVA address Q&A")
 register_command("validate", "conversations.validate:main", "validate any LLaVA-format conversation file")
@@ -47,6 +48,12 @@ register_command("conv-stats", "conversations.stats:main", "statistics of a LLaV
 # Stage 4: LLaVA
 register_command("train-llava", "llava_address.train:main", "projector alignment / LoRA / QLoRA / full fine-tuning of LLaVA")
 register_command("merge", "llava_address.merge:main", "fold a LoRA checkpoint into a plain Hugging Face LLaVA directory")
+register_command("infer", "llava_address.infer:main", "batched, resumable answers of a LLaVA model for an evaluation split (JSONL)")
+register_command("chat", "llava_address.chat:main", "chat about one image's address in the terminal (streaming), or --question once")
+# Stage 5: use and benchmark
+register_command("score", "llava_address.scoring:main", "score any model's free-text answers against the structured references")
+register_command("benchmark", "llava_address.benchmark:main", "evaluate several models (ours, base LLaVA, AddressCLIP, HF, imported) on one split")
+register_command("web-demo", "llava_address.webdemo:main", "Gradio web UI: AddressCLIP top-5 on a map + chat (binds 127.0.0.1)")
 # Whole pipeline
 register_command("demo", "llava_address.pipeline:main", "run the whole pipeline on the built-in demo city")
 
