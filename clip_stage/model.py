@@ -117,9 +117,11 @@ def create_clip(
     """Creates an open_clip model, its transforms and tokenizer.
 
     `pretrained` is an open_clip tag (`openai`, `laion2b_s34b_b88k`, ...), a weights file, a checkpoint
-    folder written by train-clip (its architecture must equal `model_name`), or None (random init).
+    folder written by train-clip (its architecture must equal `model_name`), or None / "none" (random init).
     """
     open_clip = _open_clip()
+    if pretrained is not None and pretrained.strip().lower() in ("", "none"):
+        pretrained = None
     if ":" not in model_name:
         model_config(model_name)  # clear error for unknown names
     if pretrained is not None and _is_checkpoint_dir(pretrained):

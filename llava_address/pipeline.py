@@ -1,0 +1,277 @@
+"""The main job: the whole address-llava pipeline on the built-in demo city, stage by stage.
+
+    address-llava demo --out runs/demo            # everything, a few minutes on 2 CPU cores
+    address-llava demo --out runs/demo --until clip --force
+
+Each stage calls the same `main(argv)` a user would run from the shell (printed before it runs), so
+the demo doubles as a worked example. A finished stage leaves `<out>/.done/<stage>.json`; a re-run
+skips it unless `--force`, so an interrupted demo continues where it stopped.
+
+Stages: city (render images + GPS) -> dataset (reverse-geocode, sub-streets, splits) -> clip (train
+AddressCLIP, evaluate it and the zero-shot model, export to Hugging Face) -> conversations (build +
+validate) -> llava (a tiny LLaVA "base" model trained on scene captions; swap in the AddressCLIP tower,
+align the projector, LoRA-tune on the address Q&A, merge) -> benchmark (ours vs the untuned base vs
+AddressCLIP retrieval, scored the same way; one chat exchange).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from clip_stage.fsutil import atomic_write_json
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Sizes of the demo run. Defaults finish in minutes on 2 CPU cores."""
+
+    out: str = "runs/demo"
+    """output folder of the whole run"""
+    seed: int = 0
+    """seed of every stage"""
+    num_images: int = 3000
+    """pictures rendered for the demo city"""
+    image_size: int = 96
+    """side of the rendered pictures in pixels"""
+    clip_model: str = "addressclip-small"
+    """open_clip architecture trained from scratch (clip_stage/model_configs)"""
+    clip_epochs: int = 8
+    """AddressCLIP training epochs"""
+    llava_config: str = "demo-llava"
+    """tiny LLaVA shape (llava_address/model_configs)"""
+    base_steps: int = 300
+    """steps of the base LLaVA's caption pre-training"""
+    align_steps: int = 60
+    """steps of projector alignment after the tower swap"""
+    lora_steps: int = 400
+    """steps of address LoRA tuning"""
+    eval_questions: int = 200
+    """evaluation questions per system in the benchmark"""
+    until: str = ""
+    """stop after this stage ('' = run all)"""
+    force: bool = False
+    """re-run stages that already finished"""
+
+    def __post_init__(self):
+        if self.until and self.until not in STAGES:
+            raise ValueError(f"--until {self.until!r}: valid stages are {list(STAGES)}")
+
+
+@dataclass(frozen=True)
+class Paths:
+    root: Path
+
+    @property
+    def city(self): return self.root / "city"
+    @property
+    def dataset(self): return self.root / "dataset"
+    @property
+    def clip_run(self): return self.root / "clip"
+    @property
+    def clip_eval(self): return self.root / "clip" / "eval"
+    @property
+    def zero_shot_eval(self): return self.root / "clip" / "eval_zero_shot"
+    @property
+    def export(self): return self.root / "clip" / "hf"
+    @property
+    def conversations(self): return self.root / "conversations"
+    @property
+    def captions(self): return self.root / "conversations_captions"
+    @property
+    def llava(self): return self.root / "llava"
+    @property
+    def benchmark(self): return self.root / "benchmark"
+    @property
+    def done(self): return self.root / ".done"
+
+
+def run_command(name: str, argv: list[str]) -> None:
+    """Runs one `address-llava` subcommand in-process, after printing it as a shell line."""
+    from llava_address.cli import COMMANDS, _resolve
+
+    print(f"\n$ address-llava {name} {shlex.join(argv)}", flush=True)
+    code = _resolve(COMMANDS[name].target)(argv)
+    if code:
+        raise SystemExit(f"demo: `address-llava {name}` failed with exit status {code}")
+
+
+def stage_city(cfg: DemoConfig, p: Paths) -> dict:
+    run_command("demo-city", ["--out", str(p.city), "--num-images", str(cfg.num_images),
+                              "--image-size", str(cfg.image_size), "--seed", str(cfg.seed), "--overwrite"])
+    return {"gps": str(p.city / "gps.csv")}
+
+
+def stage_dataset(cfg: DemoConfig, p: Paths) -> dict:
+    run_command("build-dataset", ["--images", str(p.city / "images"), "--gps", str(p.city / "gps.csv"),
+                                  "--out", str(p.dataset), "--seed", str(cfg.seed), "--overwrite", "--quiet"])
+    run_command("dataset-summary", [str(p.dataset)])
+    return json.loads((p.dataset / "build_report.json").read_text())
+
+
+def stage_clip(cfg: DemoConfig, p: Paths) -> dict:
+    run_command("train-clip", ["--dataset", str(p.dataset), "--model", cfg.clip_model, "--pretrained", "none",
+                               "--output-dir", str(p.clip_run), "--lr", "5e-4", "--min-lr", "1e-6",
+                               "--epochs", str(cfg.clip_epochs), "--batch-size", "64", "--num-workers", "1",
+                               "--seed", str(cfg.seed), "--resume"])
+    run_command("eval-clip", ["--checkpoint", str(p.clip_run), "--dataset", str(p.dataset), "--split", "test",
+                              "--out", str(p.clip_eval)])
+    # Zero-shot: the same architecture before fine-tuning (random init here: nothing can be downloaded).
+    run_command("eval-clip", ["--model", cfg.clip_model, "--pretrained", "none", "--dataset", str(p.dataset),
+                              "--split", "test", "--out", str(p.zero_shot_eval), "--no-plot"])
+    run_command("export-clip", ["--checkpoint", str(p.clip_run), "--out", str(p.export)])
+    ours = json.loads((p.clip_eval / "metrics.json").read_text())
+    zero = json.loads((p.zero_shot_eval / "metrics.json").read_text())
+    return {"addressclip": ours, "zero_shot": zero}
+
+
+def stage_conversations(cfg: DemoConfig, p: Paths) -> dict:
+    run_command("conversations", ["--dataset", str(p.dataset), "--out", str(p.conversations),
+                                  "--seed", str(cfg.seed), "--overwrite"])
+    run_command("validate", [str(p.conversations / "train.json"), str(p.conversations / "eval.json"),
+                             "--image-root", str(p.dataset / "images")])
+    # Scene-description-only dialogues: what the "general" base model and the projector alignment learn from.
+    run_command("conversations", ["--dataset", str(p.dataset), "--out", str(p.captions), "--seed", str(cfg.seed),
+                                  "--type-weights", "caption=1", "--min-turns", "1", "--max-turns", "1",
+                                  "--overwrite"])
+    run_command("conv-stats", [str(p.conversations / "train.json"), "--png", str(p.conversations / "train_stats.png"),
+                               "--json", str(p.conversations / "train_stats.json")])
+    return json.loads((p.conversations / "build_info.json").read_text()).get("counts", {})
+
+
+def _texts_for_tokenizer(*files: Path) -> list[str]:
+    texts = []
+    for f in files:
+        for record in json.loads(f.read_text()):
+            texts.extend(turn["value"].replace("<image>", "") for turn in record["conversations"])
+    return texts
+
+
+def last_checkpoint(run_dir: Path) -> Path:
+    from llava_address.checkpoint import list_checkpoints
+
+    checkpoints = list_checkpoints(run_dir)
+    if not checkpoints:
+        raise SystemExit(f"demo: {run_dir} holds no checkpoint")
+    return checkpoints[-1]
+
+
+def stage_llava(cfg: DemoConfig, p: Paths) -> dict:
+    from llava_address.prompting import VICUNA_V1_SYSTEM
+    from llava_address.tiny import build_tiny_llava, train_tokenizer
+
+    base_init = p.llava / "base_init"
+    if not (base_init / "config.json").exists():
+        texts = _texts_for_tokenizer(p.conversations / "train.json", p.captions / "train.json")
+        tokenizer = train_tokenizer([VICUNA_V1_SYSTEM, *texts], p.llava / "tokenizer", vocab_size=1000)
+        build_tiny_llava(tokenizer, seed=cfg.seed, out_dir=base_init, config_name=cfg.llava_config)
+        print(f"built a random-weight tiny LLaVA ({cfg.llava_config}) at {base_init}")
+    # float32 without gradient checkpointing: the fastest settings for a small model on CPU cores.
+    common = ["--seed", str(cfg.seed), "--torch-dtype", "float32", "--mixed-precision", "no",
+              "--no-gradient-checkpointing", "--no-progress-bar"]
+    # 1. The "general" base model: LLM + projector trained on scene captions, no addresses.
+    run_command("train-llava", ["--recipe", "address_full", "--model-name-or-path", str(base_init),
+                                "--data-path", str(p.captions / "train.json"),
+                                "--image-root", str(p.dataset / "images"), "--output-dir", str(p.llava / "base_run"),
+                                "--max-steps", str(cfg.base_steps), "--learning-rate", "2e-3",
+                                "--per-device-batch-size", "16", "--global-batch-size", "16", *common])
+    run_command("merge", ["--checkpoint", str(last_checkpoint(p.llava / "base_run")), "--out", str(p.llava / "base")])
+    # 2. Swap in the AddressCLIP tower and align a fresh projector (LLaVA stage 1).
+    run_command("train-llava", ["--recipe", "align_projector", "--model-name-or-path", str(p.llava / "base"),
+                                "--model.vision-tower", str(p.export / "vision_tower"),
+                                "--data-path", str(p.captions / "train.json"),
+                                "--image-root", str(p.dataset / "images"), "--output-dir", str(p.llava / "align_run"),
+                                "--max-steps", str(cfg.align_steps), "--learning-rate", "2e-3",
+                                "--per-device-batch-size", "16", "--global-batch-size", "16", *common])
+    run_command("merge", ["--checkpoint", str(last_checkpoint(p.llava / "align_run")), "--out", str(p.llava / "aligned")])
+    # 3. Address instruction tuning: LoRA on the LLM + projector.
+    run_command("train-llava", ["--recipe", "address_lora", "--model-name-or-path", str(p.llava / "aligned"),
+                                "--data-path", str(p.conversations / "train.json"),
+                                "--image-root", str(p.dataset / "images"), "--output-dir", str(p.llava / "lora_run"),
+                                "--max-steps", str(cfg.lora_steps), "--learning-rate", "3e-3",
+                                "--projector-lr", "1e-3", "--trainables.lora-r", "64", "--lora-alpha", "128",
+                                "--per-device-batch-size", "16", "--global-batch-size", "16", *common])
+    run_command("merge", ["--checkpoint", str(last_checkpoint(p.llava / "lora_run")), "--out", str(p.llava / "merged")])
+    return {"base": str(p.llava / "base"), "merged": str(p.llava / "merged")}
+
+
+def stage_benchmark(cfg: DemoConfig, p: Paths) -> dict:
+    eval_file = p.conversations / "eval.json"
+    run_command("benchmark", ["--dataset", str(p.dataset), "--eval", str(eval_file), "--out", str(p.benchmark),
+                              "--limit", str(cfg.eval_questions),
+                              "--system", f"ours=llava:{p.llava / 'merged'}",
+                              "--system", f"base_llava_untuned=llava:{p.llava / 'base'}",
+                              "--system", f"addressclip_retrieval=clip:{p.clip_run}"])
+    first = json.loads(eval_file.read_text())[0]
+    image = p.dataset / "images" / first["image"]
+    run_command("chat", ["--model", str(p.llava / "merged"), "--image", str(image),
+                         "--question", "Where was this photo taken?"])
+    print(f"(reference: {first['reference'].get('address', first['reference'])})")
+    return {"table": (p.benchmark / "benchmark.md").read_text() if (p.benchmark / "benchmark.md").exists() else ""}
+
+
+STAGES: dict[str, Callable[[DemoConfig, Paths], dict]] = {
+    "city": stage_city,
+    "dataset": stage_dataset,
+    "clip": stage_clip,
+    "conversations": stage_conversations,
+    "llava": stage_llava,
+    "benchmark": stage_benchmark,
+}
+
+
+def _fmt(key: str, v) -> str:
+    if not isinstance(v, float):
+        return str(v)
+    return f"{v:.1f}" if key.endswith("_m") else f"{100 * v:.1f}"
+
+
+def print_clip_table(result: dict) -> None:
+    keys = ["SSA-1", "SSA-5", "SA-1", "SA-5", "neighbourhood-1", "median_distance_m"]
+    rows = [("AddressCLIP (ours)", result["addressclip"]), ("zero-shot", result["zero_shot"])]
+    present = [k for k in keys if k in result["addressclip"]]
+    print("\n| model (test split, %; distance in m) | " + " | ".join(present) + " |")
+    print("|---" * (len(present) + 1) + "|")
+    for name, m in rows:
+        print(f"| {name} | " + " | ".join(_fmt(k, m.get(k)) for k in present) + " |")
+
+
+def parse_args(argv: list[str] | None) -> DemoConfig:
+    from llava_address.config import add_dataclass_args, dataclass_from_args
+
+    parser = argparse.ArgumentParser(prog="address-llava demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataclass_args(parser, DemoConfig, title="demo")
+    return dataclass_from_args(DemoConfig, parser.parse_args(argv))
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    p = Paths(Path(cfg.out))
+    p.done.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    results: dict[str, dict] = {}
+    for name, stage in STAGES.items():
+        marker = p.done / f"{name}.json"
+        if marker.exists() and not cfg.force:
+            print(f"\n=== stage {name}: already done ({marker}); --force re-runs it ===")
+            results[name] = json.loads(marker.read_text())["result"]
+        else:
+            print(f"\n=== stage {name} ===", flush=True)
+            t0 = time.time()
+            results[name] = stage(cfg, p)
+            atomic_write_json(marker, {"config": asdict(cfg), "seconds": round(time.time() - t0, 1), "result": results[name]})
+            print(f"=== stage {name} done in {time.time() - t0:.0f} s ===")
+        if name == "clip":
+            print_clip_table(results["clip"])
+        if name == cfg.until:
+            break
+    if "benchmark" in results and results["benchmark"].get("table"):
+        print("\n" + results["benchmark"]["table"])
+    print(f"\ndemo finished in {time.time() - started:.0f} s; outputs under {p.root}")
+    return 0
