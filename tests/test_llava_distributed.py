@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from llava_address.train import parse_args, train
+from tests.llava_helpers import checkpoint_tensors, reference_logits
 
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE = Path(sys.executable).with_name("accelerate")
@@ -50,30 +51,6 @@ def _launch(launch_args: list[str], train_args: list[str], extra_env: dict | Non
     return {"summary": summaries[0], "stdout": proc.stdout}
 
 
-def _tensors(ckpt: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    out = {}
-    for f in ("adapter_model.safetensors", "non_lora_trainables.safetensors"):
-        if (ckpt / f).is_file():
-            out.update({f"{f}:{k}": v for k, v in load_file(str(ckpt / f)).items()})
-    return out
-
-
-def _logits(model, processor, data_dir):
-    from llava_address.data import LlavaCollator, LlavaDataset
-    from llava_address.model import num_image_tokens
-
-    cfg = model.config
-    ds = LlavaDataset.from_file(Path(data_dir) / "train.json", processor, num_image_tokens(cfg),
-                                image_token_id=cfg.image_token_id)
-    batch = LlavaCollator(processor.tokenizer.pad_token_id)([ds[0], ds[1]])
-    batch.pop("labels")
-    model.eval()
-    with torch.no_grad():
-        return model(**batch).logits
-
-
 @pytest.fixture(scope="module")
 def reference(tiny_llava_dir, tiny_llava_data, tmp_path_factory):
     """The single-process run every distributed run must reproduce."""
@@ -88,7 +65,7 @@ def _assert_same_as_reference(run_dir: Path, reference: Path, world: int, accumu
     ckpt, ref_ckpt = run_dir / "checkpoint-000004", reference / "checkpoint-000004"
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert (state["world_size"], state["accumulation"]) == (world, accumulation)
-    got, want = _tensors(ckpt), _tensors(ref_ckpt)
+    got, want = checkpoint_tensors(ckpt), checkpoint_tensors(ref_ckpt)
     assert got.keys() == want.keys()
     assert any("lora_B" in k for k in got)
     for k in want:
@@ -138,5 +115,5 @@ def test_deepspeed_zero3_stop_resume_and_reload(tiny_llava_dir, tiny_llava_data,
     # The gathered checkpoint reloads (one process, no DeepSpeed) to the reference model's logits.
     model, processor = load_checkpoint(out / "checkpoint-000004")
     ref_model, ref_processor = load_checkpoint(reference / "checkpoint-000004")
-    assert torch.allclose(_logits(model, processor, tiny_llava_data), _logits(ref_model, ref_processor, tiny_llava_data),
+    assert torch.allclose(reference_logits(model, processor, tiny_llava_data), reference_logits(ref_model, ref_processor, tiny_llava_data),
                           atol=1e-4)

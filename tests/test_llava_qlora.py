@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from llava_address.train import build_model, parse_args, train
+from tests.llava_helpers import reference_logits
 
 
 @pytest.fixture(autouse=True)
@@ -32,20 +33,6 @@ def _argv(model_dir, data_dir, out):
         "--max-steps", "6", "--learning-rate", "1e-2", "--projector-lr", "3e-3", "--no-progress-bar",
         "--report-to", "none",
     ]
-
-
-def _logits(model, processor, data_dir):
-    from llava_address.data import LlavaCollator, LlavaDataset
-    from llava_address.model import num_image_tokens
-
-    cfg = model.config
-    ds = LlavaDataset.from_file(Path(data_dir) / "train.json", processor, num_image_tokens(cfg),
-                                image_token_id=cfg.image_token_id)
-    batch = LlavaCollator(processor.tokenizer.pad_token_id)([ds[0], ds[1]])
-    batch.pop("labels")
-    model.eval()
-    with torch.no_grad():
-        return model(**batch).logits
 
 
 def test_qlora_nf4_trains_adapter_and_projector_only(tiny_llava_dir, tiny_llava_data, tmp_path):
@@ -84,5 +71,5 @@ def test_qlora_nf4_trains_adapter_and_projector_only(tiny_llava_dir, tiny_llava_
         assert torch.equal(p.detach(), init[n]), f"frozen {n} changed"
 
     reloaded, processor = load_checkpoint(tmp_path / "run" / "checkpoint-000006")
-    assert torch.allclose(_logits(reloaded, processor, tiny_llava_data),
-                          _logits(model, result.processor, tiny_llava_data), atol=1e-4)
+    assert torch.allclose(reference_logits(reloaded, processor, tiny_llava_data),
+                          reference_logits(model, result.processor, tiny_llava_data), atol=1e-4)

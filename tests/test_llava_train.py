@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from llava_address.train import main, parse_args, train
+from tests.llava_helpers import checkpoint_tensors, reference_logits
 
 
 @pytest.fixture(autouse=True)
@@ -44,24 +45,6 @@ def _base_weights(model_dir) -> dict[str, torch.Tensor]:
 def _plain(name: str) -> str:
     name = name.removeprefix("base_model.model.")
     return name.replace(".base_layer.", ".").replace(".original_module.", ".")
-
-
-def _logits(model, processor, data_dir):
-    """Deterministic logits of the first two records (eval mode, no dropout)."""
-    from llava_address.data import LlavaCollator, LlavaDataset
-    from llava_address.model import num_image_tokens
-
-    cfg = model.config
-    ds = LlavaDataset.from_file(Path(data_dir) / "train.json", processor, num_image_tokens(cfg),
-                                image_token_id=cfg.image_token_id)
-    batch = LlavaCollator(processor.tokenizer.pad_token_id)([ds[0], ds[1]])
-    batch.pop("labels")
-    was = model.training
-    model.eval()
-    with torch.no_grad():
-        out = model(**batch).logits
-    model.train(was)
-    return out
 
 
 def _checkpointing(model) -> bool:
@@ -131,11 +114,11 @@ def test_lora_recipe_trains_checkpoints_and_logs(tiny_llava_dir, tiny_llava_data
         assert args["train"]["learning_rate"] == 1e-2 and "LoRA" in args["recipe_text"]
         assert args["trainables"]["llm"] == "lora"
     assert not list(out.glob(".*")), "no temporary folders left behind"
-    expected = _logits(result.model, result.processor, tiny_llava_data)
+    expected = reference_logits(result.model, result.processor, tiny_llava_data)
     reloaded, processor = load_checkpoint(ckpts[-1])
-    assert torch.allclose(_logits(reloaded, processor, tiny_llava_data), expected, atol=1e-5)
+    assert torch.allclose(reference_logits(reloaded, processor, tiny_llava_data), expected, atol=1e-5)
     mid, processor = load_checkpoint(ckpts[0])
-    assert not torch.allclose(_logits(mid, processor, tiny_llava_data), expected, atol=1e-3)
+    assert not torch.allclose(reference_logits(mid, processor, tiny_llava_data), expected, atol=1e-3)
 
     # metrics.jsonl and TensorBoard carry loss, lr, tokens/s and memory.
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -149,16 +132,6 @@ def test_lora_recipe_trains_checkpoints_and_logs(tiny_llava_dir, tiny_llava_data
     tags = set(acc.Tags()["scalars"])
     assert {"loss", "tokens_per_s", "memory_mb", "lr/llm", "lr/projector"} <= tags
     assert len(acc.Scalars("loss")) == 16
-
-
-def _final_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    out = {}
-    for f in ("adapter_model.safetensors", "non_lora_trainables.safetensors"):
-        if (ckpt / f).is_file():
-            out.update({f"{f}:{k}": v for k, v in load_file(str(ckpt / f)).items()})
-    return out
 
 
 def test_resume_after_stop_matches_uninterrupted_run(tiny_llava_dir, tiny_llava_data, tmp_path):
@@ -186,13 +159,13 @@ def test_resume_after_stop_matches_uninterrupted_run(tiny_llava_dir, tiny_llava_
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-6, abs=1e-7), (ra["step"], ra["loss"], rb["loss"])
         assert rb["lr/llm"] == pytest.approx(ra["lr/llm"], rel=1e-9)
 
-    a = _final_tensors(tmp_path / "a" / "checkpoint-000009")
-    b = _final_tensors(tmp_path / "b" / "checkpoint-000009")
+    a = checkpoint_tensors(tmp_path / "a" / "checkpoint-000009")
+    b = checkpoint_tensors(tmp_path / "b" / "checkpoint-000009")
     assert a.keys() == b.keys() and a
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
     # And the step-4 state really differs from the end state (the resumed run did train).
-    mid = _final_tensors(tmp_path / "b" / "checkpoint-000004")
+    mid = checkpoint_tensors(tmp_path / "b" / "checkpoint-000004")
     assert any(not torch.allclose(mid[k], b[k]) for k in b)
 
 
@@ -222,8 +195,8 @@ def test_projector_alignment_trains_only_the_projector(tiny_llava_dir, tiny_llav
     keys = set(load_file(str(ckpt / "non_lora_trainables.safetensors")))
     assert keys and all("multi_modal_projector" in k for k in keys)
     reloaded, processor = load_checkpoint(ckpt)
-    assert torch.allclose(_logits(reloaded, processor, tiny_llava_data),
-                          _logits(model, result.processor, tiny_llava_data), atol=1e-5)
+    assert torch.allclose(reference_logits(reloaded, processor, tiny_llava_data),
+                          reference_logits(model, result.processor, tiny_llava_data), atol=1e-5)
 
 
 def test_lora_stage_starts_from_the_aligned_projector(tiny_llava_dir, tiny_llava_data, tmp_path):

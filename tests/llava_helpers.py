@@ -1,0 +1,36 @@
+"""Helpers shared by the LLaVA training tests: reference logits and the tensors a checkpoint holds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def reference_logits(model, processor, data_dir) -> torch.Tensor:
+    """Deterministic logits of the first two records of `data_dir/train.json` (eval mode, no dropout)."""
+    from llava_address.data import LlavaCollator, LlavaDataset
+    from llava_address.model import num_image_tokens
+
+    cfg = model.config
+    ds = LlavaDataset.from_file(Path(data_dir) / "train.json", processor, num_image_tokens(cfg),
+                                image_token_id=cfg.image_token_id)
+    batch = LlavaCollator(processor.tokenizer.pad_token_id)([ds[0], ds[1]])
+    batch.pop("labels")
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(**batch).logits
+    model.train(was)
+    return out
+
+
+def checkpoint_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Every tensor a train-llava checkpoint stores (adapter + non-LoRA trainables), keyed by file:name."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in ("adapter_model.safetensors", "non_lora_trainables.safetensors"):
+        if (ckpt / f).is_file():
+            out.update({f"{f}:{k}": v for k, v in load_file(str(ckpt / f)).items()})
+    return out
