@@ -579,7 +579,7 @@ SECTIONS = (("build", BuildArgs), ("geocode", GeocodeConfig), ("sub_streets", Su
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from llava_address.config import add_dataclass_args
+    from clip_stage.cliargs import add_dataclass_args
 
     parser = argparse.ArgumentParser(
         prog="address-llava build-dataset",
@@ -593,7 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from llava_address.config import dataclass_from_args
+    from clip_stage.cliargs import dataclass_from_args
 
     parser = build_parser()
     ns = parser.parse_args(argv)

@@ -12,15 +12,14 @@ Defaults are the paper's recipe (OpenAI CLIP ViT-B/16, AdamW lr 2.4e-5 -> 2.4e-8
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
-import inspect
 import json
-import textwrap
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from clip_stage.cliargs import field_docs
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -182,18 +181,6 @@ GROUPS: dict[str, type] = {"model": ModelArgs, "data": DataArgs, "loss": LossArg
 
 # --- dataclass <-> argparse ------------------------------------------------------------------------
 
-def field_docs(cls) -> dict[str, str]:
-    """The attribute docstrings (string literal under each field) of a dataclass."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
-    docs = {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
-                docs[node.target.id] = " ".join(nxt.value.value.split()).replace("%", "%%")
-    return docs
-
-
 def _base_type(tp) -> type:
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     if typing.get_origin(tp) is Literal:
@@ -228,7 +215,7 @@ def build_parser(prog: str = "train-clip", description: str | None = None,
     parser.add_argument("--config", default=None, help="YAML/JSON file of {group: {field: value}} or flat {field: value}; flags override it")
     for group, cls in groups.items():
         g = parser.add_argument_group(group, cls.__doc__)
-        docs = field_docs(cls)
+        docs = {k: v.replace("%", "%%") for k, v in field_docs(cls).items()}
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             tp = hints[f.name]

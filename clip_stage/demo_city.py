@@ -418,7 +418,7 @@ def _write_csv(path: Path, columns, rows) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from llava_address.config import add_dataclass_args, dataclass_from_args
+    from clip_stage.cliargs import add_dataclass_args, dataclass_from_args
 
     parser = argparse.ArgumentParser(
         prog="address-llava demo-city",

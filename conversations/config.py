@@ -8,16 +8,13 @@ read-only properties, the config itself is frozen.
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
-import inspect
-import textwrap
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+from clip_stage.cliargs import field_docs
 from clip_stage.schema import ADDRESS_STYLES, SPLITS
-
 from conversations.templates import QUESTION_TYPES
 
 DEFAULT_TYPE_WEIGHTS = "full_address=3,street=2,cross_streets=1.5,place=1.5,yes_no=2,multiple_choice=1.5,caption=1"
@@ -149,18 +146,6 @@ class BuildConfig:
     @property
     def format_list(self) -> tuple[str, ...]:
         return tuple(s.strip() for s in self.formats.split(",") if s.strip())
-
-
-def field_docs(cls) -> dict[str, str]:
-    """The docstring written under each dataclass field (attribute docstrings are not kept at runtime)."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
-    docs = {}
-    for node, nxt in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
-                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
-            docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:

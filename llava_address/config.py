@@ -1,21 +1,18 @@
 """Typed configuration of the LLaVA stage, grouped by concern: model, trainable parts, data.
 
-Each field's docstring is its `--help` text. `add_dataclass_args` turns a dataclass into argparse options
-(`--field-name`, optionally prefixed) and `dataclass_from_args` builds the dataclass back from the parsed
-namespace, so `train-llava`, `merge` and YAML recipes share one definition. Checks live in `__post_init__`;
+Each field's docstring is its `--help` text. `add_dataclass_args` (from `clip_stage.cliargs`, re-exported
+here) turns a dataclass into argparse options (`--field-name`, optionally prefixed) and `dataclass_from_args`
+builds the dataclass back from the parsed namespace, so `train-llava`, `merge` and YAML recipes share one
+definition. Checks live in `__post_init__`;
 the dataclasses are frozen: derive a new one with `dataclasses.replace`, never mutate.
 """
 
 from __future__ import annotations
 
-import argparse
-import ast
-import dataclasses
-import inspect
-import textwrap
-import typing
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
+
+from clip_stage.cliargs import add_dataclass_args, asdict, dataclass_from_args, field_docs
 
 # LLaVA-1.5 applies LoRA to every linear layer of the LLM (attention and MLP), never to the lm_head,
 # the projector or the vision tower. The regex is matched by peft against the FULL module path
@@ -137,96 +134,6 @@ class DataArgs:
 
 
 # --- argparse <-> dataclass -------------------------------------------------------------------------
-
-def field_docs(cls) -> dict[str, str]:
-    """Attribute docstrings (the string literal right after each field) of a dataclass, by field name."""
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
-        except (OSError, TypeError):
-            continue
-        body = tree.body[0].body
-        for node, nxt in zip(body, body[1:]):
-            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-                    and isinstance(nxt.value.value, str)):
-                docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
-
-
-def _arg_type(tp) -> tuple[Any, tuple | None, str | None]:
-    """(argparse type, choices, nargs) of a field's resolved annotation."""
-    origin = typing.get_origin(tp)
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if origin is Literal:
-        return type(args[0]), tuple(args), None
-    if origin in (list, tuple):
-        elem = args[0] if args else str
-        return elem, None, "+"
-    if args and origin is not None:  # Optional[X] / X | None
-        return _arg_type(args[0])
-    return tp, None, None
-
-
-def _str2bool(s: str) -> bool:
-    if s.lower() in ("1", "true", "yes", "y", "on"):
-        return True
-    if s.lower() in ("0", "false", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean, got {s!r}")
-
-
-def add_dataclass_args(parser: argparse.ArgumentParser, cls, prefix: str = "", title: str | None = None,
-                       exclude: tuple[str, ...] = ()) -> argparse._ArgumentGroup:
-    """Adds one `--{prefix}{field-name}` option per field of `cls` (help from its docstring).
-
-    Defaults are left as SUPPRESS so `dataclass_from_args` can tell "not given" from "given" and let a
-    YAML recipe fill what the command line did not.
-    """
-    group = parser.add_argument_group(title or cls.__name__, (cls.__doc__ or "").strip().splitlines()[0])
-    hints = typing.get_type_hints(cls)
-    docs = field_docs(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in exclude:
-            continue
-        tp, choices, nargs = _arg_type(hints[f.name])
-        default = f.default if f.default is not dataclasses.MISSING else None
-        help_text = f"{docs.get(f.name, '')} (default: {default})"
-        opt = "--" + (prefix + f.name).replace("_", "-")
-        if tp is bool:
-            group.add_argument(opt, dest=prefix + f.name, type=_str2bool, nargs="?", const=True,
-                               default=argparse.SUPPRESS, metavar="BOOL", help=help_text)
-        else:
-            group.add_argument(opt, dest=prefix + f.name, type=tp, choices=choices, nargs=nargs,
-                               default=argparse.SUPPRESS, help=help_text.replace("%", "%%"))
-    return group
-
-
-def dataclass_from_args(cls, namespace: argparse.Namespace | dict, prefix: str = "",
-                        base: dict[str, Any] | None = None):
-    """Builds `cls` from `base` (e.g. a YAML recipe section) overridden by the options given on the command line."""
-    values = dict(base or {})
-    given = vars(namespace) if isinstance(namespace, argparse.Namespace) else dict(namespace)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(values) - names
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}; valid: {sorted(names)}")
-    hints = typing.get_type_hints(cls)
-    for name in names:
-        if prefix + name in given:
-            values[name] = given[prefix + name]
-            if typing.get_origin(hints[name]) is tuple and isinstance(values[name], list):
-                values[name] = tuple(values[name])
-    return cls(**values)
-
-
-def asdict(obj) -> dict[str, Any]:
-    """Plain-dict form of a config dataclass (what checkpoints store as JSON)."""
-    return dataclasses.asdict(obj)
-
 
 __all__ = [
     "ModelArgs", "TrainablesArgs", "DataArgs", "DEFAULT_LORA_TARGET_REGEX",

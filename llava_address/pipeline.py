@@ -242,7 +242,7 @@ def print_clip_table(result: dict) -> None:
 
 
 def parse_args(argv: list[str] | None) -> DemoConfig:
-    from llava_address.config import add_dataclass_args, dataclass_from_args
+    from clip_stage.cliargs import add_dataclass_args, dataclass_from_args
 
     parser = argparse.ArgumentParser(prog="address-llava demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

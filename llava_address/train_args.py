@@ -13,11 +13,8 @@ that two groups share is spelled with its group (`--train.seed`).
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
-import inspect
 import math
-import textwrap
 import types
 import typing
 from dataclasses import dataclass
@@ -25,6 +22,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from clip_stage.cliargs import field_docs
 
 RECIPE_DIR = Path(__file__).with_name("recipes")
 
@@ -144,29 +143,6 @@ class TrainArgs:
 # --------------------------------------------------------------------------------------------
 # dataclasses <-> flags and YAML
 # --------------------------------------------------------------------------------------------
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """The docstring written under each field of a dataclass (and its bases), by field name."""
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
-        except (OSError, TypeError, SyntaxError):
-            continue
-        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
-        for node, nxt in zip(body, body[1:] + [None]):
-            if (
-                isinstance(node, ast.AnnAssign)
-                and isinstance(node.target, ast.Name)
-                and isinstance(nxt, ast.Expr)
-                and isinstance(getattr(nxt, "value", None), ast.Constant)
-                and isinstance(nxt.value.value, str)
-            ):
-                docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
 
 
 def _strip_optional(tp: Any) -> tuple[Any, bool]:
