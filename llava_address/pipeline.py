@@ -171,32 +171,28 @@ def stage_llava(cfg: DemoConfig, p: Paths) -> dict:
         tokenizer = train_tokenizer([VICUNA_V1_SYSTEM, *texts], p.llava / "tokenizer", vocab_size=1000)
         build_tiny_llava(tokenizer, seed=cfg.seed, out_dir=base_init, config_name=cfg.llava_config)
         print(f"built a random-weight tiny LLaVA ({cfg.llava_config}) at {base_init}")
-    # float32 without gradient checkpointing: the fastest settings for a small model on CPU cores.
-    common = ["--seed", str(cfg.seed), "--torch-dtype", "float32", "--mixed-precision", "no",
-              "--no-gradient-checkpointing", "--no-progress-bar"]
+
+    def train_and_merge(recipe: str, model: Path, data: Path, name: str, steps: int, lr: str, *extra: str) -> Path:
+        """One LLaVA stage: `train-llava` from `model`, then `merge` its last checkpoint into llava/<name>."""
+        run = p.llava / f"{name}_run"
+        # float32 without gradient checkpointing: the fastest settings for a small model on CPU cores.
+        run_command("train-llava", ["--recipe", recipe, "--model-name-or-path", str(model), *extra,
+                                    "--data-path", str(data), "--image-root", str(p.dataset / "images"),
+                                    "--output-dir", str(run), "--max-steps", str(steps), "--learning-rate", lr,
+                                    "--per-device-batch-size", "16", "--global-batch-size", "16",
+                                    "--seed", str(cfg.seed), "--torch-dtype", "float32", "--mixed-precision", "no",
+                                    "--no-gradient-checkpointing", "--no-progress-bar"])
+        run_command("merge", ["--checkpoint", str(last_checkpoint(run)), "--out", str(p.llava / name)])
+        return p.llava / name
+
     # 1. The "general" base model: LLM + projector trained on scene captions, no addresses.
-    run_command("train-llava", ["--recipe", "address_full", "--model-name-or-path", str(base_init),
-                                "--data-path", str(p.captions / "train.json"),
-                                "--image-root", str(p.dataset / "images"), "--output-dir", str(p.llava / "base_run"),
-                                "--max-steps", str(cfg.base_steps), "--learning-rate", "2e-3",
-                                "--per-device-batch-size", "16", "--global-batch-size", "16", *common])
-    run_command("merge", ["--checkpoint", str(last_checkpoint(p.llava / "base_run")), "--out", str(p.llava / "base")])
+    base = train_and_merge("address_full", base_init, p.captions / "train.json", "base", cfg.base_steps, "2e-3")
     # 2. Swap in the AddressCLIP tower and align a fresh projector (LLaVA stage 1).
-    run_command("train-llava", ["--recipe", "align_projector", "--model-name-or-path", str(p.llava / "base"),
-                                "--model.vision-tower", str(p.export / "vision_tower"),
-                                "--data-path", str(p.captions / "train.json"),
-                                "--image-root", str(p.dataset / "images"), "--output-dir", str(p.llava / "align_run"),
-                                "--max-steps", str(cfg.align_steps), "--learning-rate", "2e-3",
-                                "--per-device-batch-size", "16", "--global-batch-size", "16", *common])
-    run_command("merge", ["--checkpoint", str(last_checkpoint(p.llava / "align_run")), "--out", str(p.llava / "aligned")])
+    aligned = train_and_merge("align_projector", base, p.captions / "train.json", "aligned", cfg.align_steps, "2e-3",
+                              "--model.vision-tower", str(p.export / "vision_tower"))
     # 3. Address instruction tuning: LoRA on the LLM + projector.
-    run_command("train-llava", ["--recipe", "address_lora", "--model-name-or-path", str(p.llava / "aligned"),
-                                "--data-path", str(p.conversations / "train.json"),
-                                "--image-root", str(p.dataset / "images"), "--output-dir", str(p.llava / "lora_run"),
-                                "--max-steps", str(cfg.lora_steps), "--learning-rate", "3e-3",
-                                "--projector-lr", "1e-3", "--trainables.lora-r", "64", "--lora-alpha", "128",
-                                "--per-device-batch-size", "16", "--global-batch-size", "16", *common])
-    run_command("merge", ["--checkpoint", str(last_checkpoint(p.llava / "lora_run")), "--out", str(p.llava / "merged")])
+    train_and_merge("address_lora", aligned, p.conversations / "train.json", "merged", cfg.lora_steps, "3e-3",
+                    "--projector-lr", "1e-3", "--trainables.lora-r", "64", "--lora-alpha", "128")
     return {"base": str(p.llava / "base"), "merged": str(p.llava / "merged")}
 
 
