@@ -87,6 +87,31 @@ def train_argv(variant: Variant, dataset: str, model: str, pretrained: str | Non
             "--address-weight", str(a), "--semantic-weight", str(b), "--geo-weight", str(c), *train_args]
 
 
+# Fields that change a run's result; the rest (output folder, logging, workers, threads) do not.
+_RESULT_GROUPS = ("model", "data", "loss", "optim")
+_RESULT_NEUTRAL = {("data", "num_workers")}
+
+
+def reuse_mismatches(run_dir: Path, argv: list[str]) -> list[str]:
+    """'group.field: was X, now Y' for every result-relevant train-clip option a finished run differs in."""
+    from clip_stage.config import parse_config
+    from clip_stage.model import read_checkpoint_config
+
+    saved = read_checkpoint_config(run_dir).get("train_config") or {}
+    wanted = parse_config(argv).to_dict()
+    out = []
+    for group in _RESULT_GROUPS:
+        for name, now in wanted[group].items():
+            was = saved.get(group, {}).get(name, "<not recorded>")
+            if (group, name) in _RESULT_NEUTRAL:
+                continue
+            if (group, name) == ("data", "dataset") and was != "<not recorded>":
+                was, now = str(Path(was).resolve()), str(Path(now).resolve())
+            if was != now:
+                out.append(f"{group}.{name}: was {was!r}, now {now!r}")
+    return out
+
+
 def _mean_metrics(rows: list[dict]) -> dict:
     out = {}
     for key in TABLE_METRICS:
@@ -118,10 +143,15 @@ def run_baselines(dataset: str | Path, out_dir: str | Path, *, model: str, pretr
                 torch.manual_seed(seed)  # train-clip seeds the same way before creating the model
                 bundle = create_clip(model, pretrained, device=device)
             else:
-                if not (reuse and (run_dir / "final").is_dir()):
+                argv = train_argv(v, str(dataset), model, pretrained, run_dir, seed, train_args)
+                if reuse and (run_dir / "final").is_dir():
+                    differ = reuse_mismatches(run_dir / "final", argv)
+                    if differ:
+                        raise ValueError(f"--reuse: {run_dir} was trained with other arguments ({'; '.join(differ)}); "
+                                         "delete it, or use another --out")
+                else:
                     if run_dir.exists() and not reuse:
                         raise FileExistsError(f"{run_dir} exists: pass --reuse to keep finished runs, or another --out")
-                    argv = train_argv(v, str(dataset), model, pretrained, run_dir, seed, train_args)
                     print(f"clip-baselines: training {v.name} (seed {seed}): train-clip {' '.join(argv)}", flush=True)
                     train_main(argv)
                 bundle = load_checkpoint(run_dir, device=device)
@@ -190,7 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds; every variant runs with each")
     p.add_argument("--split", default="test", choices=SPLITS, help="evaluation split")
     p.add_argument("--style", default="full", choices=sorted(ADDRESS_STYLES), help="gallery address style")
-    p.add_argument("--reuse", action="store_true", help="keep runs that already have final/ instead of retraining")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep runs that already have final/ instead of retraining; a run trained with other "
+                        "train-clip arguments (model, data, loss, optimiser) is an error")
     p.add_argument("--device", default="cpu", help="evaluation device")
     return p
 

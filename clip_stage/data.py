@@ -146,21 +146,30 @@ class AddressImageDataset(torch.utils.data.Dataset):
 
 
 class Collate:
-    """Stacks images/coords and tokenizes both texts (picklable for DataLoader workers)."""
+    """Stacks images/coords and tokenizes both texts (picklable for DataLoader workers).
 
-    def __init__(self, tokenizer: Callable[[list[str]], torch.Tensor], with_semantic: bool = True):
+    `trim` (see `clip_stage.text_encoder.padding_trim`) cuts each token batch after its last EOT, on CPU.
+    """
+
+    def __init__(self, tokenizer: Callable[[list[str]], torch.Tensor], with_semantic: bool = True,
+                 trim: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.tokenizer = tokenizer
         self.with_semantic = with_semantic
+        self.trim = trim
+
+    def _tokens(self, texts: list[str]) -> torch.Tensor:
+        tokens = self.tokenizer(texts)
+        return self.trim(tokens) if self.trim is not None else tokens
 
     def __call__(self, items: Sequence[dict]) -> dict:
         out = {
             "image": torch.stack([it["image"] for it in items]),
-            "address_tokens": self.tokenizer([it["address"] for it in items]),
+            "address_tokens": self._tokens([it["address"] for it in items]),
             "coords": torch.stack([it["coords"] for it in items]),
             "index": torch.tensor([it["index"] for it in items]),
         }
         if self.with_semantic:
-            out["semantic_tokens"] = self.tokenizer([it["semantic"] for it in items])
+            out["semantic_tokens"] = self._tokens([it["semantic"] for it in items])
         return out
 
 

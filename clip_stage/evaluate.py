@@ -30,8 +30,10 @@ import numpy as np
 import torch
 
 from clip_stage.fsutil import atomic_write_json, atomic_write_text, resolve_under_root
-from clip_stage.gallery import Gallery, GalleryEncoder, default_cache_dir, gallery_from_dataset, gallery_from_file
+from clip_stage.gallery import (Gallery, GalleryEncoder, default_cache_dir, encode_in_batches, gallery_from_dataset,
+                                gallery_from_file)
 from clip_stage.geo_metrics import candidate_geometries, score, sub_street_geometries_utm
+from clip_stage.model import add_model_source_args, bundle_from_args
 from clip_stage.schema import ADDRESS_STYLES, SPLITS, DatasetPaths, read_records
 
 METRICS_FILE = "metrics.json"
@@ -57,19 +59,12 @@ def encode_images(model, preprocess, image_root: Path, rel_paths: list[str], bat
     """L2-normalised image embeddings [N, D] (float32, CPU)."""
     from PIL import Image
 
-    was_training = model.training
-    model.eval()
-    out = []
-    try:
-        for i in range(0, len(rel_paths), batch_size):
-            batch = []
-            for rel in rel_paths[i:i + batch_size]:
-                with Image.open(resolve_under_root(image_root, rel)) as im:
-                    batch.append(preprocess(im.convert("RGB")))
-            out.append(model.encode_image(torch.stack(batch).to(device), normalize=True).float().cpu())
-    finally:
-        model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, 0)
+    def load(rel: str) -> torch.Tensor:
+        with Image.open(resolve_under_root(image_root, rel)) as im:
+            return preprocess(im.convert("RGB"))
+
+    return encode_in_batches(model, rel_paths, batch_size, lambda chunk: model.encode_image(
+        torch.stack([load(rel) for rel in chunk]).to(device), normalize=True))
 
 
 def evaluate(bundle, dataset_dir: str | Path, out_dir: str | Path | None = None, *, split: str = "test",
@@ -174,10 +169,7 @@ def format_table(rows: dict[str, dict], metrics=TABLE_METRICS) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="address-llava eval-clip", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="train-clip run folder or checkpoint folder")
-    src.add_argument("--model", help="open_clip architecture name: evaluate it zero-shot (no fine-tuning)")
-    p.add_argument("--pretrained", default=None, help="with --model: open_clip pretrained tag or weights file")
+    add_model_source_args(p, "evaluate it zero-shot (no fine-tuning)")
     p.add_argument("--dataset", required=True, help="address dataset folder (records.parquet, sub_streets.geojson)")
     p.add_argument("--split", default="test", choices=SPLITS, help="split to evaluate")
     p.add_argument("--style", default="full", choices=sorted(ADDRESS_STYLES),
@@ -201,12 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.top_k < 1:
         raise SystemExit("eval-clip: --top-k must be >= 1")
-    from clip_stage.model import create_clip, load_checkpoint
-
-    if args.checkpoint:
-        bundle = load_checkpoint(args.checkpoint, device=args.device)
-    else:
-        bundle = create_clip(args.model, pretrained=args.pretrained, device=args.device)
+    bundle = bundle_from_args(args, device=args.device)
     gallery = gallery_from_file(args.candidates, args.dataset) if args.candidates else gallery_from_dataset(args.dataset, args.style)
     cache = None if args.no_cache else (args.cache_dir or default_cache_dir())
     encoder = GalleryEncoder(cache, batch_size=args.text_batch_size, device=args.device)

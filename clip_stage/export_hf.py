@@ -36,6 +36,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from clip_stage.model import add_model_source_args, bundle_from_args
+
 VISION_DIR = "vision_tower"
 CLIP_DIR = "clip_model"
 REPORT_FILE = "export_report.json"
@@ -450,10 +452,7 @@ def export_open_clip(model: nn.Module, tokenizer, out_dir: str | Path, *, full: 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="address-llava export-clip", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="AddressCLIP run dir or checkpoint dir (model.safetensors + clip_config.json)")
-    src.add_argument("--model", help="open_clip architecture name, for exporting a base (not fine-tuned) model")
-    p.add_argument("--pretrained", default=None, help="with --model: open_clip pretrained tag or weights file")
+    add_model_source_args(p, "export a base (not fine-tuned) model")
     p.add_argument("--out", required=True, help="output folder (vision_tower/, clip_model/, export_report.json)")
     p.add_argument("--vision-only", action="store_true", help="export only the image tower")
     p.add_argument("--require-full", action="store_true", help="error if the full CLIPModel cannot be exported")
@@ -464,14 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from clip_stage.model import create_clip, load_checkpoint
-
-    if args.checkpoint:
-        bundle = load_checkpoint(args.checkpoint)
-        source = {"checkpoint": str(args.checkpoint)}
-    else:
-        bundle = create_clip(args.model, pretrained=args.pretrained)
-        source = {"model": args.model, "pretrained": args.pretrained}
+    bundle = bundle_from_args(args)
+    source = {"checkpoint": str(args.checkpoint)} if args.checkpoint else {"model": args.model, "pretrained": args.pretrained}
     source.update(model_name=bundle.model_name, pretrained=bundle.pretrained)
     full = False if args.vision_only else (True if args.require_full else None)
     try:

@@ -28,6 +28,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 
@@ -187,20 +188,32 @@ def default_cache_dir() -> Path:
 
 
 @torch.no_grad()
-def encode_texts(model: torch.nn.Module, tokenizer, texts: list[str], batch_size: int = 256,
-                 device: str | torch.device = "cpu") -> torch.Tensor:
-    """L2-normalised text embeddings [N, D] (float32, on CPU), computed in batches."""
+def encode_in_batches(model: torch.nn.Module, items: Sequence, batch_size: int,
+                      encode: Callable[[Sequence], torch.Tensor]) -> torch.Tensor:
+    """`encode(chunk)` for each chunk of `items`, the model in eval mode (restored after), as one float32 CPU tensor."""
     was_training = model.training
     model.eval()
     out = []
     try:
-        for i in range(0, len(texts), batch_size):
-            tokens = tokenizer(texts[i:i + batch_size]).to(device)
-            out.append(model.encode_text(tokens, normalize=True).float().cpu())
+        for i in range(0, len(items), batch_size):
+            out.append(encode(items[i:i + batch_size]).float().cpu())
     finally:
         model.train(was_training)
-    dim = out[0].shape[1] if out else 0
-    return torch.cat(out) if out else torch.zeros(0, dim)
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+def encode_texts(model: torch.nn.Module, tokenizer, texts: list[str], batch_size: int = 256,
+                 device: str | torch.device = "cpu") -> torch.Tensor:
+    """L2-normalised text embeddings [N, D] (float32, on CPU), computed in batches.
+
+    Each batch is cut after its last EOT where that is exact (`clip_stage.text_encoder`): addresses are far
+    shorter than the context, so this is several times faster than open_clip's padded `encode_text`.
+    """
+    from clip_stage.text_encoder import encode_text, padding_trim
+
+    trim = padding_trim(model) or (lambda tokens: tokens)
+    return encode_in_batches(model, texts, batch_size,
+                             lambda chunk: encode_text(model, trim(tokenizer(list(chunk))).to(device)))
 
 
 class GalleryEncoder:
@@ -248,4 +261,4 @@ class GalleryEncoder:
 
 
 __all__ = ["Candidate", "Gallery", "GalleryEncoder", "city_addresses", "gallery_from_dataset", "gallery_from_file",
-           "encode_texts", "model_fingerprint", "texts_fingerprint", "default_cache_dir"]
+           "encode_in_batches", "encode_texts", "model_fingerprint", "texts_fingerprint", "default_cache_dir"]

@@ -134,6 +134,21 @@ def create_clip(
     return ClipBundle(model, preprocess_train, preprocess_val, tokenizer, model_name, pretrained)
 
 
+def add_model_source_args(parser, model_help: str) -> None:
+    """`--checkpoint RUN | --model NAME [--pretrained TAG]`: the model a command reads (eval-clip, export-clip)."""
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="train-clip run folder or checkpoint folder (model.safetensors + clip_config.json)")
+    src.add_argument("--model", help=f"open_clip architecture name: {model_help}")
+    parser.add_argument("--pretrained", default=None, help="with --model: open_clip pretrained tag or weights file")
+
+
+def bundle_from_args(args, device: str | torch.device = "cpu") -> ClipBundle:
+    """The model `add_model_source_args`' options name."""
+    if args.checkpoint:
+        return load_checkpoint(args.checkpoint, device=device)
+    return create_clip(args.model, pretrained=args.pretrained, device=device)
+
+
 def _resolve_checkpoint_dir(path: str | Path) -> Path:
     p = Path(path)
     if not p.exists():

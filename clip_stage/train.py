@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import sys
@@ -50,9 +49,9 @@ from clip_stage.model import (
     mark_latest,
     save_checkpoint,
     step_dir_name,
-    unwrap,
 )
 from clip_stage.schema import read_records
+from clip_stage.text_encoder import ContrastiveForward, padding_trim
 
 log = logging.getLogger("clip_stage.train")
 
@@ -154,7 +153,8 @@ def train(cfg: TrainConfig) -> dict:
     transform = bundle.preprocess_train if cfg.data.augment else bundle.preprocess_val
     dataset = AddressImageDataset(cfg.data.dataset, cfg.data.split, transform, cfg.data.address_style,
                                   cfg.data.semantic_template, seed=cfg.optim.seed, df=df)
-    collate = Collate(bundle.tokenizer, with_semantic=plan.semantic_weight > 0)
+    # Texts are cut after their batch's last EOT (exact for causal towers; see clip_stage.text_encoder).
+    collate = Collate(bundle.tokenizer, with_semantic=plan.semantic_weight > 0, trim=padding_trim(model))
     if main_proc:
         _warn_truncation(bundle.tokenizer, dataset, plan.semantic_weight > 0)
     per_epoch = steps_per_epoch(len(dataset), cfg.optim.batch_size, world)
@@ -182,7 +182,8 @@ def train(cfg: TrainConfig) -> dict:
             print(f"train-clip: {out_dir} is already complete ({step} steps); final model in {out_dir / 'final'}")
         summary_path = out_dir / "run_summary.json"
         return json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.exists() else {"steps": step, "complete": True}
-    model, optimizer = accelerator.prepare(model, optimizer)
+    # One module call per step for the DDP wrapper; `model` stays the bare open_clip model (checkpoints).
+    forward, optimizer = accelerator.prepare(ContrastiveForward(model), optimizer)
     loss_fn = AddressClipLoss(plan.address_weight, plan.semantic_weight, plan.geo_weight, cfg.loss.geo_target,
                               cfg.loss.geo_tau, rank=rank, world_size=world, gather_with_grad=cfg.loss.gather_with_grad)
 
@@ -242,22 +243,18 @@ def train(cfg: TrainConfig) -> dict:
             for g in optimizer.param_groups:
                 g["lr"] = lr
             images = batch["image"].to(accelerator.device)
-            texts = batch["address_tokens"]
-            b = texts.shape[0]
-            if plan.semantic_weight > 0:
-                texts = torch.cat([texts, batch["semantic_tokens"]])
-            out = model(images, texts.to(accelerator.device))
-            img_f = out["image_features"].float()
-            txt_f = out["text_features"].float()
-            terms = loss_fn(img_f, txt_f[:b], out["logit_scale"].float(),
-                            semantic_features=txt_f[b:] if plan.semantic_weight > 0 else None,
+            b = images.shape[0]
+            semantic = batch["semantic_tokens"].to(accelerator.device) if plan.semantic_weight > 0 else None
+            out = forward(images, batch["address_tokens"].to(accelerator.device), semantic)
+            terms = loss_fn(out["image_features"].float(), out["address_features"].float(), out["logit_scale"].float(),
+                            semantic_features=out["semantic_features"].float() if semantic is not None else None,
                             coords=batch["coords"].to(accelerator.device) if plan.geo_weight > 0 else None)
             accelerator.backward(terms["loss"])
             if cfg.optim.grad_clip is not None:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            logit_scale_clamp_(unwrap(model))
+            logit_scale_clamp_(model)
             step += 1
             batch_in_epoch += 1
             n_img = b * world
@@ -273,7 +270,7 @@ def train(cfg: TrainConfig) -> dict:
                     writer.add_scalar(f"train/{k}", v, step)
                 writer.add_scalar("train/lr", lr, step)
                 writer.add_scalar("train/images_per_s", ips, step)
-                writer.add_scalar("train/logit_scale", float(unwrap(model).logit_scale.detach().exp()), step)
+                writer.add_scalar("train/logit_scale", float(model.logit_scale.detach().exp()), step)
                 bar.set_postfix(loss=f"{last_terms['loss']:.4f}", lr=f"{lr:.2e}", ips=f"{ips:.0f}")
                 log_file.write(json.dumps({"step": step, "epoch": epoch, "lr": lr, "images_per_s": ips, **last_terms}) + "\n")
                 log_file.flush()

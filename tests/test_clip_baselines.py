@@ -58,6 +58,15 @@ def test_harness_produces_every_row_and_fine_tuning_beats_zero_shot(toy_dataset,
     assert again["rows"][1]["metrics"]["SSA-1"] == by["addressclip"]["metrics"]["SSA-1"]
     assert again["rows"][0]["metrics"]["SSA-1"] == zero  # zero-shot = the seeded initial weights
 
+    # a finished run trained with other arguments is not silently reused as if it matched
+    before = (out / "baselines.json").read_bytes()
+    other = [a if a != TRAIN_ARGS[TRAIN_ARGS.index("--max-steps") + 1] else "7" for a in TRAIN_ARGS]
+    assert main(["--dataset", str(toy_dataset), "--out", str(out), "--model", "addressclip-tiny", "--pretrained",
+                 "none", "--variants", "addressclip", "--reuse", "--", *other]) == 2
+    err = capsys.readouterr().err
+    assert "addressclip-seed0 was trained with other arguments" in err and "optim.max_steps: was" in err
+    assert (out / "baselines.json").read_bytes() == before
+
 
 def test_harness_refuses_bad_requests(toy_dataset, tmp_path, capsys):
     base = ["--dataset", str(toy_dataset), "--out", str(tmp_path / "b"), "--model", "addressclip-tiny", "--pretrained", "none"]

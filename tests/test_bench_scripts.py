@@ -1,0 +1,37 @@
+"""The benchmark scripts run end to end on tiny settings (they assert their own correctness checks;
+their speed targets are read from their printed tables, never asserted here)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.filterwarnings("ignore:No pretrained weights")
+def test_bench_clip_runs_every_step_kind_and_the_gallery(tmp_path, capsys):
+    bench = _load("bench_clip")
+    out = tmp_path / "bench.json"
+    assert bench.main(["--model", "addressclip-tiny", "--batch-size", "8", "--threads", "1", "--warmup", "1",
+                       "--rounds", "1", "--steps-per-round", "1", "--candidates", "300", "--queries", "2",
+                       "--reencode-queries", "1", "--no-memory", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert set(result["train"]) == set(bench.TRAIN_KINDS)
+    assert result["train_ratio_vs_plain"]["plain"] == 1.0
+    assert all(v["images_per_s"] > 0 for v in result["train"].values())
+    assert result["gallery"]["cached_query_s"] < result["gallery"]["reencode_query_s"]
+    for label in bench.TRAIN_LABELS.values():
+        assert label in printed
+    assert "target >= 0.95x plain" in printed and "speed-up" in printed
