@@ -6,7 +6,8 @@ Accepts a top-level JSON array (LLaVA's own files) or JSON lines. Checks, per re
 `id`, `image` and `conversations` are present and non-empty; turns are objects with `from` and `value`,
 roles alternate human/gpt starting with human and ending with gpt; every `value` is non-empty text;
 `<image>` occurs exactly once, in the first human turn; the image path is relative, does not escape the
-root (`..`, absolute paths, symlinks pointing out) and is an existing file. Every problem is printed as
+root (`..`, absolute paths, symlinks pointing out) and is an existing file; no two records of a file share
+an `id` (predictions and scores are keyed by it; `--allow-duplicate-ids` accepts files that do). Every problem is printed as
 `FILE: record INDEX (id=ID): FIELD: message`; a summary line per file follows; the exit status is 1 when
 any problem was found, 2 on usage errors. `--no-image-check` skips the file-system checks (structure only).
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -145,8 +147,47 @@ class Report:
                 f"in {self.bad_records} records{tail}")
 
 
+def _id_key(rec) -> tuple[str, str | int] | None:
+    rid = rec.get("id") if isinstance(rec, dict) else None
+    if isinstance(rid, bool) or not isinstance(rid, (str, int)):
+        return None
+    return (type(rid).__name__, rid)  # 7 and "7" are different ids
+
+
+def _id_hash(rec) -> int:
+    key = _id_key(rec)
+    return 0 if key is None else hash(key) or 1  # 0 marks "no usable id"
+
+
+def _duplicate_ids(path: str, id_hashes: array) -> Iterator[tuple[int, str, int]]:
+    """(record index, id text, index of the first record with that id) for every repeated id.
+
+    The first pass kept one 64-bit hash per record (sorted here, in place); records whose hash repeats are re-read in a second pass
+    (only when there are any) and compared by their real ids, so a hash collision reports nothing.
+    """
+    import numpy as np
+
+    if len(id_hashes) < 2:
+        return
+    hashes = np.frombuffer(id_hashes, dtype=np.int64)  # a view: sorted in place, no copy
+    hashes.sort()
+    same = (hashes[1:] == hashes[:-1]) & (hashes[1:] != 0)
+    repeated = set(hashes[1:][same].tolist())
+    if not repeated:
+        return
+    first: dict[tuple[str, str | int], int] = {}
+    for item in iter_records(path):
+        if item.error or _id_hash(item.value) not in repeated:
+            continue
+        key = _id_key(item.value)
+        if key in first:
+            yield item.index, _id_text(item.value), first[key]
+        else:
+            first[key] = item.index
+
+
 def validate_file(path: str | os.PathLike, image_root: str | os.PathLike | None, allow_text_only: bool = False,
-                  on_problem=None, keep: int = 0) -> Report:
+                  on_problem=None, keep: int = 0, allow_duplicate_ids: bool = False) -> Report:
     """Streams `path`, calling `on_problem(Problem)` for each problem; keeps the first `keep` in the report."""
     path = str(path)
     root = Path(image_root) if image_root is not None else None
@@ -162,6 +203,8 @@ def validate_file(path: str | os.PathLike, image_root: str | os.PathLike | None,
     if not Path(path).is_file():
         emit(Problem(path, -1, "?", "file", "not found"))
         return report
+    id_hashes = array("q")  # 8 bytes a record: duplicates are found after the pass, in bounded memory
+    bad_indices: set[int] = set()
     for item in iter_records(path):
         if item.error:
             emit(Problem(path, item.index, "?", "json", item.error.removeprefix(f"{path}: ")))
@@ -172,11 +215,19 @@ def validate_file(path: str | os.PathLike, image_root: str | os.PathLike | None,
             report.records += 1
             continue
         report.records += 1
-        bad = False
-        for fld, msg in check_record(item.value, root, allow_text_only):
+        problems = list(check_record(item.value, root, allow_text_only))
+        id_hashes.append(_id_hash(item.value))
+        for fld, msg in problems:
             emit(Problem(path, item.index, _id_text(item.value), fld, msg))
-            bad = True
-        report.bad_records += bad
+        if problems:
+            report.bad_records += 1
+            bad_indices.add(item.index)
+    if not allow_duplicate_ids and not report.fatal:
+        for index, rid, first in _duplicate_ids(path, id_hashes):
+            emit(Problem(path, index, rid, "id", f"duplicate: record {first} has the same id"))
+            if index not in bad_indices:
+                report.bad_records += 1
+                bad_indices.add(index)
     if report.records == 0 and not report.problems:
         emit(Problem(path, -1, "?", "file", "holds no records"))
     return report
@@ -190,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-image-check", action="store_true", help="skip the image path and existence checks")
     p.add_argument("--allow-text-only", action="store_true",
                    help="accept records without `image` (then they must not contain <image>), as in LLaVA's mix665k")
+    p.add_argument("--allow-duplicate-ids", action="store_true",
+                   help="accept records that share an id (ids key predictions and scores, so ours never do)")
     p.add_argument("--max-problems", type=int, default=50,
                    help="print at most this many problems per file (all are counted; 0: print all)")
     return p
@@ -214,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(p)
             printed += 1
 
-        report = validate_file(path, root, args.allow_text_only, on_problem=show)
+        report = validate_file(path, root, args.allow_text_only, on_problem=show,
+                               allow_duplicate_ids=args.allow_duplicate_ids)
         if args.max_problems > 0 and printed > args.max_problems:
             print(f"{path}: ... {printed - args.max_problems} more problems not shown")
         print(report.summary() + ("" if root else " (images not checked)"))

@@ -156,9 +156,9 @@ def test_malformed_json(tmp_path, root, capsys, text, words):
 
 
 def test_jsonl_reports_bad_lines_and_continues(tmp_path, root, capsys):
-    good = json.dumps(MIX665K[0])
+    good, other = json.dumps(MIX665K[0]), json.dumps(dict(MIX665K[0], id="other"))
     path = tmp_path / "m.jsonl"
-    path.write_text(f"{good}\n{{broken\n\n{good}\n")
+    path.write_text(f"{good}\n{{broken\n\n{other}\n")
     rc, out = _run(path, root, capsys=capsys)
     assert rc == 1 and "record 1 (id=?): json: line 2: invalid JSON" in out
     assert "3 records read, 1 problems in 1 records" in out
@@ -220,3 +220,18 @@ def test_validation_streams_in_bounded_memory(tmp_path, root):
         tracemalloc.stop()
     assert report.ok and report.records == 20_000
     assert peak < size / 10, (peak, size)
+
+
+def test_duplicate_ids_are_reported_with_the_first_record(tmp_path, root, capsys):
+    recs = [dict(copy.deepcopy(MIX665K[i % 2]), id=rid) for i, rid in enumerate(["a", "b", "a", 7, "7", 7, "a"])]
+    path = tmp_path / "dup.json"
+    path.write_text(json.dumps(recs))
+    rc, out = _run(path, root, capsys=capsys)
+    assert rc == 1
+    dups = [line for line in out.splitlines() if ": id: duplicate" in line]
+    assert dups == [f"{path}: record 2 (id='a'): id: duplicate: record 0 has the same id",
+                    f"{path}: record 5 (id=7): id: duplicate: record 3 has the same id",
+                    f"{path}: record 6 (id='a'): id: duplicate: record 0 has the same id"]  # 7 and "7" differ
+    assert "3 problems in 3 records" in out
+    rc, out = _run(path, root, "--allow-duplicate-ids", capsys=capsys)
+    assert rc == 0, out
