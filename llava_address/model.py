@@ -155,6 +155,9 @@ def _load_llava(args: ModelArgs):
     return model, processor
 
 
+_UNUSED_CLIP_PARTS = ("visual_projection.", "text_model.", "text_projection.", "logit_scale")
+
+
 def _load_tower(path: str, dtype=None, device=None, attn_implementation: str | None = None):
     """(CLIPVisionModel, image processor) from a folder; the image processor config is required."""
     from transformers import AutoImageProcessor, CLIPVisionModel
@@ -163,11 +166,22 @@ def _load_tower(path: str, dtype=None, device=None, attn_implementation: str | N
     if attn_implementation:
         kw["attn_implementation"] = attn_implementation
     # Also reads CLIPVisionModelWithProjection / CLIPModel folders (the projection head is not used by LLaVA);
-    # a tower weight missing from the folder would be randomly initialised: refused.
-    tower, info = CLIPVisionModel.from_pretrained(str(path), output_loading_info=True, **kw)
+    # a tower weight missing from the folder would be randomly initialised: refused. transformers' load report
+    # would flag those unused heads as UNEXPECTED on every load, so it is muted for this call and the keys
+    # are checked here instead.
+    report_log = logging.getLogger("transformers.modeling_utils")
+    level = report_log.level
+    report_log.setLevel(logging.ERROR)
+    try:
+        tower, info = CLIPVisionModel.from_pretrained(str(path), output_loading_info=True, **kw)
+    finally:
+        report_log.setLevel(level)
     bad = list(info.get("missing_keys", [])) + [str(k) for k in info.get("mismatched_keys", [])]
     if bad:
         raise ValueError(f"vision tower {path}: weights missing or of the wrong shape: {bad[:5]}")
+    unused = sorted(k for k in info.get("unexpected_keys", []) if not k.startswith(_UNUSED_CLIP_PARTS))
+    if unused:
+        log.warning("vision tower %s: %d weights not used by a CLIPVisionModel, e.g. %s", path, len(unused), unused[:3])
     if device is not None:
         tower = tower.to(device)
     try:
@@ -198,6 +212,23 @@ def _param_device_dtype(module: nn.Module):
     return p.device, p.dtype
 
 
+PROJECTOR_INIT_SEED = 0
+
+
+def fresh_projector(config, device, dtype) -> torch.nn.Module:
+    """A newly initialised LLaVA projector whose weights depend on the config alone.
+
+    It draws from its own seeded RNG: how much randomness the base model's loading consumed before (e.g.
+    transformers' ZeRO-3-aware loading) must not change it, so every launcher builds the same model.
+    """
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(PROJECTOR_INIT_SEED)
+        projector = LlavaMultiModalProjector(config)
+    return projector.to(device=device, dtype=dtype)
+
+
 def swap_vision_tower(model, processor, tower_path: str, attn_implementation: str | None = None):
     """Replaces the model's vision tower by the CLIPVisionModel in `tower_path`; returns (model, processor).
 
@@ -205,8 +236,6 @@ def swap_vision_tower(model, processor, tower_path: str, attn_implementation: st
     re-initialised (logged) otherwise; config.vision_config, image_seq_length and the processor (crop/resize
     size, mean/std, patch size) always follow the new tower.
     """
-    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
-
     old_vc = model.config.vision_config
     device, dtype = _param_device_dtype(model.model.vision_tower)
     tower, image_processor = _load_tower(tower_path, dtype=dtype, device=device, attn_implementation=attn_implementation)
@@ -220,7 +249,7 @@ def swap_vision_tower(model, processor, tower_path: str, attn_implementation: st
     model.config.image_seq_length = num_image_tokens(model.config)
     if new_vc.hidden_size != old_vc.hidden_size or new_grid != old_grid:
         pdev, pdtype = _param_device_dtype(model.model.multi_modal_projector)
-        model.model.multi_modal_projector = LlavaMultiModalProjector(model.config).to(device=pdev, dtype=pdtype)
+        model.model.multi_modal_projector = fresh_projector(model.config, pdev, pdtype)
         log.warning("vision tower %s: hidden %d -> %d, grid %s -> %s: projector re-initialised (train it: "
                     "projector alignment), %d image tokens per image", tower_path, old_vc.hidden_size,
                     new_vc.hidden_size, old_grid, new_grid, model.config.image_seq_length)
@@ -254,7 +283,6 @@ def _add_llava_tokens(tokenizer, llm) -> None:
 def _compose_llava(args: ModelArgs):
     """LLaVA from a Llama/Vicuna causal LM + a CLIP vision tower + a fresh projector (LLaVA-1.5 layout)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
-    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
     tokenizer = AutoTokenizer.from_pretrained(args.llm)
     llm = AutoModelForCausalLM.from_pretrained(args.llm, **_load_kwargs(args, ["lm_head"]))
@@ -280,7 +308,7 @@ def _compose_llava(args: ModelArgs):
     model.model.vision_tower = tower
     model.model.language_model = llm.model
     model.lm_head = llm.lm_head
-    model.model.multi_modal_projector = LlavaMultiModalProjector(config).to(device=llm_device, dtype=tower_dtype)
+    model.model.multi_modal_projector = fresh_projector(config, llm_device, tower_dtype)
     model.generation_config = llm.generation_config
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     for attr in ("hf_quantizer", "is_quantized", "quantization_method", "is_loaded_in_4bit", "is_loaded_in_8bit",

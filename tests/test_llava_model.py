@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from llava_address.config import ModelArgs, TrainablesArgs
-from llava_address.model import (apply_trainables, build_llava, check_processor, component_of, load_for_inference,
-                                 lora_target_names, num_image_tokens, save_checkpoint)
+from llava_address.model import (apply_trainables, build_llava, check_processor, component_of, fresh_projector,
+                                 load_for_inference, lora_target_names, num_image_tokens, save_checkpoint)
 from llava_address.prompting import encode_conversation
 
 CONV = [{"from": "human", "value": "<image>\nWhere was this photo taken?"},
@@ -88,6 +88,44 @@ def test_swap_tower_with_different_hidden_size_end_to_end(tiny_llava_dir, tiny_v
     # the old processor would feed the wrong size: refused, never silent
     with pytest.raises(ValueError, match="processor and model disagree"):
         check_processor(model.config, base_proc)
+
+
+def test_fresh_projector_does_not_depend_on_the_rng_state_before_it(tiny_llava_dir, tiny_vision_tower_dir):
+    # ZeRO-3-aware loading draws random numbers while loading the base: the new projector must not notice
+    args = ModelArgs(model_name_or_path=str(tiny_llava_dir), vision_tower=str(tiny_vision_tower_dir))
+    torch.manual_seed(1)
+    first, _ = build_llava(args)
+    torch.manual_seed(2)
+    torch.randn(1000)
+    second, _ = build_llava(args)
+    for (n, p), (_, q) in zip(first.model.multi_modal_projector.state_dict().items(),
+                              second.model.multi_modal_projector.state_dict().items()):
+        assert torch.equal(p, q), n
+    # and it leaves the caller's random stream where it was (LoRA is initialised from it next)
+    state = torch.get_rng_state()
+    fresh_projector(first.config, "cpu", torch.float32)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_tower_loads_without_a_load_report_for_the_unused_projection(tiny_vision_tower_dir, tmp_path, capfd, caplog):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from llava_address.model import _load_tower
+
+    _load_tower(str(tiny_vision_tower_dir))  # export-clip's CLIPVisionModelWithProjection: the head is dropped
+    err = capfd.readouterr().err
+    assert "UNEXPECTED" not in err and "LOAD REPORT" not in err
+    # weights that belong to no CLIP part are still reported, by us
+    stray = tmp_path / "stray"
+    shutil.copytree(tiny_vision_tower_dir, stray)
+    weights = load_file(str(stray / "model.safetensors"))
+    save_file({**weights, "extra_head.weight": torch.zeros(2, 2)}, str(stray / "model.safetensors"),
+              metadata={"format": "pt"})
+    with caplog.at_level("WARNING", logger="llava_address.model"):
+        _load_tower(str(stray))
+    assert "1 weights not used by a CLIPVisionModel" in caplog.text and "extra_head.weight" in caplog.text
 
 
 def test_swap_tower_of_same_shape_keeps_projector(tiny_llava_dir, tmp_path):
