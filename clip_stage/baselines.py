@@ -34,6 +34,7 @@ import torch
 from clip_stage.evaluate import TABLE_METRICS, evaluate, format_table
 from clip_stage.fsutil import atomic_write_json, atomic_write_text
 from clip_stage.gallery import GalleryEncoder, gallery_from_dataset
+from clip_stage.registry import Registry
 from clip_stage.schema import ADDRESS_STYLES, SPLITS
 
 
@@ -45,13 +46,12 @@ class Variant:
     description: str
 
 
-VARIANTS: dict[str, Variant] = {}
+VARIANTS: Registry[Variant] = Registry("baseline variant")
+get_variant = VARIANTS.lookup
 
 
 def register_variant(v: Variant) -> None:
-    if v.name in VARIANTS:
-        raise ValueError(f"baseline variant {v.name!r} is already registered")
-    VARIANTS[v.name] = v
+    VARIANTS.register(v.name, v)
 
 
 register_variant(Variant("zero-shot", None, "base model, no fine-tuning"))
@@ -63,13 +63,6 @@ register_variant(Variant("addressclip", (1.0, 0.2, 0.8), "AddressCLIP: all three
 # train-clip flags the harness sets itself; passing them after `--` would make the variants differ silently
 _RESERVED = ("--dataset", "--model", "--pretrained", "--output-dir", "--seed", "--address-weight",
              "--semantic-weight", "--geo-weight", "--resume", "--config")
-
-
-def get_variant(name: str) -> Variant:
-    try:
-        return VARIANTS[name]
-    except KeyError:
-        raise KeyError(f"unknown baseline variant {name!r}; valid: {list(VARIANTS)}") from None
 
 
 def _check_train_args(train_args: list[str]) -> None:

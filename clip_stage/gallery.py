@@ -91,8 +91,7 @@ def _candidate(text: str, subs, addresses: dict[str, Address]) -> Candidate:
 
 def gallery_from_dataset(dataset_dir: str | Path, style: str = "full") -> Gallery:
     """Every distinct address of the city in one style (see the module docstring for the mapping)."""
-    if style not in ADDRESS_STYLES:
-        raise KeyError(f"unknown address style {style!r}; valid styles: {sorted(ADDRESS_STYLES)}")
+    ADDRESS_STYLES.lookup(style)  # fail before reading the dataset
     addresses = city_addresses(dataset_dir)
     groups: dict[str, list[str]] = {}
     for sub, a in sorted(addresses.items()):

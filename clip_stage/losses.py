@@ -33,32 +33,23 @@ import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
 
+from clip_stage.registry import Registry
+
 # --- geo target mappings: distance D in [0, 2] -> target cosine similarity in [-1, 1] -----------------
 # Why a mapping at all: the published formula penalises (S - D_geo)^2, a *similarity* against a
 # *distance*. Minimising it pulls far-apart images (large D) towards high similarity and nearby images
 # (D ~ 0) towards orthogonality: the opposite of the stated goal that the feature space mirror geography.
 # We therefore compare S with a similarity derived from D (decreasing in D, 1 at D = 0).
 
-GEO_TARGETS: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {}
-
-
-def register_geo_target(name: str, fn: Callable[[torch.Tensor, float], torch.Tensor]) -> None:
-    """Adds a mapping `fn(D, tau) -> target similarity`; duplicate names are refused."""
-    if name in GEO_TARGETS:
-        raise ValueError(f"geo target {name!r} is already registered")
-    GEO_TARGETS[name] = fn
+# name -> `fn(D, tau) -> target similarity`
+GEO_TARGETS: Registry[Callable[[torch.Tensor, float], torch.Tensor]] = Registry("geo target")
+register_geo_target = GEO_TARGETS.register
+geo_target_fn = GEO_TARGETS.lookup
 
 
 register_geo_target("linear", lambda d, tau: 1.0 - d / 2.0)  # D=0 -> 1, D=2 -> 0 (default)
 register_geo_target("exp", lambda d, tau: torch.exp(-d / tau))  # D=0 -> 1, decays with scale tau
 register_geo_target("signed", lambda d, tau: 1.0 - d)  # D=0 -> 1, D=1 -> 0, D=2 -> -1
-
-
-def geo_target_fn(name: str) -> Callable[[torch.Tensor, float], torch.Tensor]:
-    try:
-        return GEO_TARGETS[name]
-    except KeyError:
-        raise KeyError(f"unknown geo target {name!r}; valid: {sorted(GEO_TARGETS)}") from None
 
 
 # --- gathering ---------------------------------------------------------------------------------------

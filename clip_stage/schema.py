@@ -23,6 +23,8 @@ from typing import Callable
 
 import pandas as pd
 
+from clip_stage.registry import Registry
+
 RECORDS_FILE = "records.parquet"
 SUB_STREETS_FILE = "sub_streets.geojson"
 INFO_FILE = "dataset_info.json"
@@ -105,14 +107,8 @@ def _intersection(a: Address) -> str:
     return ", ".join(p for p in (head, a.neighbourhood) if p)
 
 
-ADDRESS_STYLES: dict[str, Callable[[Address], str]] = {}
-
-
-def register_style(name: str, render: Callable[[Address], str]) -> None:
-    if name in ADDRESS_STYLES:
-        raise ValueError(f"address style {name!r} is already registered")
-    ADDRESS_STYLES[name] = render
-
+ADDRESS_STYLES: Registry[Callable[[Address], str]] = Registry("address style")
+register_style = ADDRESS_STYLES.register
 
 register_style("full", _full)
 register_style("canonical", _canonical)
@@ -126,11 +122,7 @@ STORED_STYLES = ("full", "canonical", "street", "sub_street", "neighbourhood")
 
 
 def render_address(address: Address, style: str = "full") -> str:
-    try:
-        render = ADDRESS_STYLES[style]
-    except KeyError:
-        raise KeyError(f"unknown address style {style!r}; valid styles: {sorted(ADDRESS_STYLES)}") from None
-    return render(address)
+    return ADDRESS_STYLES.lookup(style)(address)
 
 
 def address_columns(address: Address) -> dict[str, str]:

@@ -31,7 +31,7 @@ def parse_weights(text: str, what: str) -> dict[str, float]:
         if not sep:
             raise ValueError(f"{what}: {item!r} is not name=weight")
         if name not in QUESTION_TYPES:
-            raise ValueError(f"{what}: unknown question type {name!r}; valid types: {sorted(QUESTION_TYPES)}")
+            raise ValueError(f"{what}: unknown question type {name!r}; valid: {sorted(QUESTION_TYPES)}")
         if name in weights:
             raise ValueError(f"{what}: {name!r} given twice")
         try:
@@ -115,7 +115,7 @@ class BuildConfig:
         if self.negative_pool < 1:
             raise ValueError("negative_pool must be >= 1")
         if self.address_style not in ADDRESS_STYLES:
-            raise ValueError(f"unknown address style {self.address_style!r}; valid styles: {sorted(ADDRESS_STYLES)}")
+            raise ValueError(f"unknown address style {self.address_style!r}; valid: {sorted(ADDRESS_STYLES)}")
         if self.limit < 0:
             raise ValueError("limit must be >= 0")
         bad = [f for f in self.format_list if f not in FORMATS]

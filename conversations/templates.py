@@ -22,6 +22,8 @@ import re
 import string
 from dataclasses import dataclass
 
+from clip_stage.registry import Registry
+
 MIN_QUESTIONS = 15
 # Answers must name an address through one of these placeholders.
 ADDRESS_FIELDS = frozenset({"full", "street", "segment", "place", "neighbourhood", "choice"})
@@ -99,20 +101,12 @@ class QuestionType:
             raise ValueError(f"{where}: no answers must start with 'No'")
 
 
-QUESTION_TYPES: dict[str, QuestionType] = {}
+QUESTION_TYPES: Registry[QuestionType] = Registry("question type")
+get_question_type = QUESTION_TYPES.lookup
 
 
 def register_question_type(qt: QuestionType) -> None:
-    if qt.name in QUESTION_TYPES:
-        raise ValueError(f"question type {qt.name!r} is already registered")
-    QUESTION_TYPES[qt.name] = qt
-
-
-def get_question_type(name: str) -> QuestionType:
-    try:
-        return QUESTION_TYPES[name]
-    except KeyError:
-        raise KeyError(f"unknown question type {name!r}; valid types: {sorted(QUESTION_TYPES)}") from None
+    QUESTION_TYPES.register(qt.name, qt)
 
 
 def fill(template: str, values: dict[str, str]) -> str:

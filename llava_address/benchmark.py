@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from clip_stage.registry import Registry
 from llava_address.infer import InferenceInputError, eval_items, llava_answer_batch, load_generator, run_answers
 from llava_address.scoring import METRICS, Scorer, eval_references, read_jsonl, read_records_file
 
@@ -105,20 +106,13 @@ class SystemKind:
     supports: frozenset[str] = ALL_TYPES
 
 
-SYSTEM_KINDS: dict[str, SystemKind] = {}
+# an unknown kind is a bad --system spec, reported like the other spec errors
+SYSTEM_KINDS: Registry[SystemKind] = Registry("system kind", error=BenchmarkError)
+get_system_kind = SYSTEM_KINDS.lookup
 
 
 def register_system_kind(kind: SystemKind) -> None:
-    if kind.name in SYSTEM_KINDS:
-        raise ValueError(f"system kind {kind.name!r} is already registered")
-    SYSTEM_KINDS[kind.name] = kind
-
-
-def get_system_kind(name: str) -> SystemKind:
-    try:
-        return SYSTEM_KINDS[name]
-    except KeyError:
-        raise BenchmarkError(f"unknown system kind {name!r}; valid kinds: {sorted(SYSTEM_KINDS)}") from None
+    SYSTEM_KINDS.register(kind.name, kind)
 
 
 def _check_options(spec: SystemSpec, allowed: Sequence[str]) -> None:

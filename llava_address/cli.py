@@ -12,6 +12,8 @@ import importlib
 import sys
 from dataclasses import dataclass
 
+from clip_stage.registry import Registry
+
 
 @dataclass(frozen=True)
 class Command:
@@ -20,14 +22,14 @@ class Command:
     help: str
 
 
-COMMANDS: dict[str, Command] = {}
+COMMANDS: Registry[Command] = Registry("command")
 
 
 def register_command(name: str, target: str, help: str) -> None:
     """Adds a subcommand; a duplicate name is an error (registries refuse silent overrides)."""
-    if name in COMMANDS:
+    if name in COMMANDS:  # checked here to name the existing target: that is where the clash is
         raise ValueError(f"command {name!r} is already registered (-> {COMMANDS[name].target})")
-    COMMANDS[name] = Command(target, help)
+    COMMANDS.register(name, Command(target, help))
 
 
 # Stage 1: address data

@@ -24,6 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+from clip_stage.registry import Registry
+
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
 
@@ -54,21 +56,16 @@ class Template:
     """What closes an assistant turn: 'eos' = the tokenizer's eos id (`</s>` for Llama/Vicuna)."""
 
 
-TEMPLATES: dict[str, Template] = {}
+TEMPLATES: Registry[Template] = Registry("conversation template")
 
 
 def register_template(template: Template) -> None:
-    if template.name in TEMPLATES:
-        raise ValueError(f"template {template.name!r} is already registered")
-    TEMPLATES[template.name] = template
+    TEMPLATES.register(template.name, template)
 
 
 def get_template(name: str | Template) -> Template:
-    if isinstance(name, Template):
-        return name
-    if name not in TEMPLATES:
-        raise KeyError(f"unknown conversation template {name!r}; valid: {sorted(TEMPLATES)}")
-    return TEMPLATES[name]
+    """A registered template by name; a Template is returned as is (custom templates need no registration)."""
+    return name if isinstance(name, Template) else TEMPLATES.lookup(name)
 
 
 register_template(Template(name="vicuna_v1", system=VICUNA_V1_SYSTEM))

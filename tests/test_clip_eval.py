@@ -48,7 +48,7 @@ def test_gallery_styles_map_to_sub_streets(toy_dataset):
     street = gallery_from_dataset(toy_dataset, "street")
     esp = next(c for c in street.candidates if c.text == "Esplanadi")
     assert esp.sub_streets == {"Esplanadi/0", "Esplanadi/1", "Esplanadi/2"} and esp.streets == {"Esplanadi"}
-    with pytest.raises(KeyError, match="valid styles"):
+    with pytest.raises(KeyError, match=r"unknown address style 'nope'; valid: \["):
         gallery_from_dataset(toy_dataset, "nope")
 
 

@@ -244,7 +244,7 @@ def test_yaml_config_and_cli(toy_dataset, tmp_path, capsys):
     (["--type-weights", "streets=1"], "unknown question type 'streets'"),
     (["--type-weights", "street=-1"], "must be >= 0"),
     (["--min-turns", "3", "--max-turns", "2"], "min_turns <= max_turns"),
-    (["--address-style", "nope"], "valid styles"),
+    (["--address-style", "nope"], "unknown address style 'nope'; valid: ["),
     (["--formats", "llava,csv"], "unknown formats"),
     (["--train-splits", "test"], "both training and evaluation"),
 ])

@@ -40,7 +40,7 @@ def test_address_styles_render_from_one_record():
     assert schema.render_address(a, "street") == "Forbes Avenue"
     dead_end = schema.Address("Forbes Avenue", "Forbes Avenue/9", ("Craig Street",), "Oakland", "Pittsburgh")
     assert schema.render_address(dead_end, "sub_street") == "Forbes Avenue near Craig Street"
-    with pytest.raises(KeyError, match="valid styles"):
+    with pytest.raises(KeyError, match=r"unknown address style 'nope'; valid: \["):
         schema.render_address(a, "nope")
 
 
