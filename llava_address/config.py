@@ -125,6 +125,11 @@ class DataArgs:
     """Batch samples of similar length, text-only and image samples apart (LLaVA's group_by_modality_length)."""
     template: str = "vicuna_v1"
     """Conversation template (see llava_address.prompting.TEMPLATES)."""
+    # A plain str, not `str | None`: the train-llava parser reads "none" given to an optional field as None,
+    # which would turn "--length-cache-dir none" into the default folder instead of no cache.
+    length_cache_dir: str = "default"
+    """Folder caching the start-up tokenisation pass (record lengths) per data file and settings, so later runs
+    and the other ranks skip it; 'default': $XDG_CACHE_HOME (or ~/.cache)/address-llava/llava-lengths, 'none': off."""
 
     def __post_init__(self):
         if self.image_aspect_ratio not in ("pad", "resize"):

@@ -2,10 +2,12 @@
 
 Reads any LLaVA-format file (a JSON list or JSONL of `{"id", "image", "conversations": [{"from", "value"}]}`,
 as written by `address-llava conversations` or LLaVA's own data). Every record's text is tokenised once at
-start-up (fast; gives exact lengths for length-grouped batching, and every malformed record is reported
-before training starts, by id). Images load lazily in `__getitem__`, from paths relative to an image root
-that they cannot escape, padded to a square with the processor's mean colour as LLaVA-1.5 does
-(`image_aspect_ratio pad`), then run through the processor's image processor.
+start-up (gives exact lengths for length-grouped batching, and every malformed record is reported before
+training starts, by id); for a file the results are cached on disk (`llava_address.length_cache`), so a
+later run on the same file and settings skips the pass (minutes for LLaVA's 665k records). Images load
+lazily in `__getitem__`, from paths relative to an image root that they cannot escape, padded to a square
+with the processor's mean colour as LLaVA-1.5 does (`image_aspect_ratio pad`), then run through the
+processor's image processor.
 
     ds = LlavaDataset.from_args(DataArgs(data_path=...), processor, num_image_tokens(model.config))
     sampler = LengthGroupedSampler(ds.lengths, ds.has_image, batch_size=4, seed=0)
@@ -25,6 +27,7 @@ from torch.utils.data import Dataset, Sampler
 
 from clip_stage.fsutil import UnsafePathError, resolve_under_root
 from llava_address.config import DataArgs
+from llava_address.length_cache import LengthCache, resolve_cache_dir
 from llava_address.prompting import IGNORE_INDEX, ConversationError, encode_conversation
 
 log = logging.getLogger(__name__)
@@ -116,11 +119,14 @@ def load_image(root: str | os.PathLike, relative: str, record_id: Any):
 class LlavaDataset(Dataset):
     """Items: {"input_ids", "labels" (LongTensor [L]), "pixel_values" (FloatTensor [n_images, 3, H, W] or None),
     "id"}. `lengths[i]` is the exact token count of item i (image tokens included); `has_image[i]` its modality.
+    With a `length_cache` (what `from_file` passes when given a cache folder) ids, lengths and modalities come
+    from the cache when it holds them for these records and settings, and are written to it otherwise.
     """
 
     def __init__(self, records: Sequence[dict[str, Any]], processor, num_image_tokens: int, *,
                  image_root: str | os.PathLike | None, image_aspect_ratio: str = "pad", max_length: int = 2048,
-                 template: str = "vicuna_v1", image_token_id: int | None = None, source: str = "records"):
+                 template: str = "vicuna_v1", image_token_id: int | None = None, source: str = "records",
+                 length_cache: LengthCache | None = None):
         if image_aspect_ratio not in ("pad", "resize"):
             raise ValueError("image_aspect_ratio must be 'pad' or 'resize'")
         self.records = list(records)
@@ -133,12 +139,29 @@ class LlavaDataset(Dataset):
         self.max_length = max_length
         self.template = template
         self.image_token_id = image_token_id
-        self.ids: list[Any] = []
-        self.lengths: list[int] = []
-        self.has_image: list[bool] = []
+        ids = [rec.get("id", f"#{i}") if isinstance(rec, dict) else f"#{i}" for i, rec in enumerate(self.records)]
+        key = hit = None
+        if length_cache is not None:
+            key = length_cache.key(self.tokenizer, template=template, num_image_tokens=num_image_tokens,
+                                   max_length=max_length, image_token_id=image_token_id)
+            hit = length_cache.load(key, ids)
+        if hit is not None:
+            self.ids, (self.lengths, self.has_image) = ids, hit
+        else:
+            self._tokenise_all(ids, source)  # raises RecordError before anything is cached
+            if length_cache is not None:
+                length_cache.save(key, self.ids, self.lengths, self.has_image)
+        if any(self.has_image) and (self.image_root is None or self.image_processor is None):
+            raise ValueError("records have images: give an image_root and a processor with an image processor")
+        n_trunc = sum(1 for n in self.lengths if n >= max_length)
+        if n_trunc:
+            log.warning("%s: %d of %d records truncated to %d tokens", source, n_trunc, len(self), max_length)
+
+    def _tokenise_all(self, ids: list[Any], source: str) -> None:
+        """Fills ids/lengths/has_image by encoding every record; one RecordError listing all bad records."""
+        self.ids, self.lengths, self.has_image = [], [], []
         problems = []
-        for i, rec in enumerate(self.records):
-            rid = rec.get("id", f"#{i}") if isinstance(rec, dict) else f"#{i}"
+        for i, (rid, rec) in enumerate(zip(ids, self.records)):
             try:
                 enc, images = self._encode(i, rec)
             except (RecordError, ConversationError) as e:
@@ -151,20 +174,21 @@ class LlavaDataset(Dataset):
             shown = "\n  ".join(problems[:10])
             more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
             raise RecordError(f"{source}: {len(problems)} of {len(self.records)} records are invalid:\n  {shown}{more}")
-        if any(self.has_image) and (self.image_root is None or self.image_processor is None):
-            raise ValueError("records have images: give an image_root and a processor with an image processor")
-        n_trunc = sum(1 for n in self.lengths if n >= max_length)
-        if n_trunc:
-            log.warning("%s: %d of %d records truncated to %d tokens", source, n_trunc, len(self), max_length)
 
     @classmethod
     def from_file(cls, data_path: str | os.PathLike, processor, num_image_tokens: int,
-                  image_root: str | os.PathLike | None = None, **kwargs) -> "LlavaDataset":
-        """Reads a LLaVA JSON/JSONL file; image paths are relative to `image_root` (default: the file's folder)."""
+                  image_root: str | os.PathLike | None = None, length_cache_dir: str | os.PathLike | None = None,
+                  **kwargs) -> "LlavaDataset":
+        """Reads a LLaVA JSON/JSONL file; image paths are relative to `image_root` (default: the file's folder).
+
+        `length_cache_dir`: folder caching the start-up tokenisation pass (None: no cache).
+        """
         data_path = Path(data_path)
         root = Path(image_root) if image_root is not None else data_path.parent
+        # Identify the file before reading it: a file rewritten meanwhile then misses the cache next time.
+        cache = LengthCache(length_cache_dir, data_path) if length_cache_dir is not None else None
         return cls(load_llava_records(data_path), processor, num_image_tokens, image_root=root,
-                   source=str(data_path), **kwargs)
+                   source=str(data_path), length_cache=cache, **kwargs)
 
     @classmethod
     def from_args(cls, args: DataArgs, processor, num_image_tokens: int, **kwargs) -> "LlavaDataset":
@@ -172,7 +196,8 @@ class LlavaDataset(Dataset):
             raise ValueError("DataArgs.data_path is required")
         return cls.from_file(args.data_path, processor, num_image_tokens, image_root=args.image_root,
                              image_aspect_ratio=args.image_aspect_ratio, max_length=args.model_max_length,
-                             template=args.template, **kwargs)
+                             template=args.template, length_cache_dir=resolve_cache_dir(args.length_cache_dir),
+                             **kwargs)
 
     def _encode(self, index: int, rec: Any):
         if not isinstance(rec, dict):

@@ -266,12 +266,25 @@ class EpochShuffleSampler(torch.utils.data.Sampler[int]):
 
 
 def build_dataset(cfg: RunConfig, processor, model):
+    """The dataset; under a multi-process launch only each node's main process runs the start-up tokenisation pass."""
+    import contextlib
+
+    from accelerate import PartialState
+
     from llava_address.data import LlavaDataset
+    from llava_address.length_cache import resolve_cache_dir
     from llava_address.model import num_image_tokens
 
     config = model.config
-    return LlavaDataset.from_args(cfg.data, processor, num_image_tokens(config),
-                                  image_token_id=getattr(config, "image_token_id", None))
+    # The main process tokenises every record and writes the length cache while the others wait, then they
+    # read it (seconds, not minutes each). One per node: ~/.cache is usually node-local, and with a shared
+    # cache folder the nodes' main processes still take one pass's time. Without a cache waiting gains
+    # nothing: all ranks tokenise at once. If a main process fails (invalid records) it exits, and the
+    # launcher stops the ranks still waiting.
+    cached = resolve_cache_dir(cfg.data.length_cache_dir) is not None
+    with PartialState().local_main_process_first() if cached else contextlib.nullcontext():
+        return LlavaDataset.from_args(cfg.data, processor, num_image_tokens(config),
+                                      image_token_id=getattr(config, "image_token_id", None))
 
 
 def build_dataloader(dataset, cfg: RunConfig, processor) -> torch.utils.data.DataLoader:

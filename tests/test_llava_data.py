@@ -289,3 +289,180 @@ def test_answer_word_boundary_for_byte_level_tokenizer():
     answer = [t for t in enc.labels if t != IGNORE_INDEX]
     assert tok.decode(answer) == " Main Street & Oak Avenue, Downtown.</s>"
     assert tok.decode(enc.input_ids).endswith("ASSISTANT: Main Street & Oak Avenue, Downtown.</s>")
+
+
+# --- start-up length cache -------------------------------------------------------------------------
+
+@pytest.fixture(autouse=True)
+def _cache_home(tmp_path, monkeypatch):
+    """The default length cache goes to a temporary folder, never the user's ~/.cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+
+
+@pytest.fixture
+def data_copy(tmp_path, tiny_llava_data):
+    """A writable copy of the tiny data file (images are not opened at construction)."""
+    out = tmp_path / "data" / "train.json"
+    out.parent.mkdir()
+    shutil.copy(tiny_llava_data / "train.json", out)
+    return out
+
+
+@pytest.fixture
+def encode_calls(monkeypatch):
+    """Counts the per-record encodings of every LlavaDataset (construction pass and __getitem__)."""
+    calls = []
+    encode = LlavaDataset._encode
+    monkeypatch.setattr(LlavaDataset, "_encode", lambda self, i, rec: (calls.append(i), encode(self, i, rec))[1])
+    return calls
+
+
+def _cached(data, processor, cache, n_img=N_IMG, **kw):
+    return LlavaDataset.from_file(data, processor, n_img, length_cache_dir=cache, **kw)
+
+
+def test_length_cache_second_construction_skips_tokenising(data_copy, tmp_path, processor, tiny_llava_dir,
+                                                           tiny_llava_data, encode_calls):
+    from transformers import AutoProcessor
+
+    cache = tmp_path / "cache"
+    args = DataArgs(data_path=str(data_copy), image_root=str(tiny_llava_data), length_cache_dir=str(cache))
+    cold = build_dataset(args, processor, _config(processor))
+    assert len(encode_calls) == 12 and len(list(cache.glob("*.json"))) == 1
+    # a freshly loaded tokenizer has the same fingerprint (as in another process)
+    warm = build_dataset(args, AutoProcessor.from_pretrained(str(tiny_llava_dir)), _config(processor))
+    assert len(encode_calls) == 12                                # nothing tokenised
+    assert (warm.ids, warm.lengths, warm.has_image) == (cold.ids, cold.lengths, cold.has_image)
+    assert warm.ids[0] == "toy-0000" and all(warm.has_image)
+    assert torch.equal(warm[5]["input_ids"], cold[5]["input_ids"]) and len(encode_calls) == 14  # items still encode
+    nocache = LlavaDataset(load_llava_records(data_copy), processor, N_IMG, image_root=data_copy.parent,
+                           image_token_id=_config(processor).image_token_id)
+    assert nocache.lengths == warm.lengths
+
+
+def test_length_cache_is_keyed_on_settings_and_the_file(data_copy, tmp_path, processor, encode_calls):
+    import os
+
+    from llava_address.prompting import Template
+
+    cache = tmp_path / "cache"
+    base = _cached(data_copy, processor, cache)
+
+    def misses(**kw):
+        before = len(encode_calls)
+        ds = _cached(data_copy, processor, cache, **kw)
+        return len(encode_calls) - before == len(ds), ds
+
+    assert not misses()[0]
+    assert misses(max_length=200)[0]
+    shorter = misses(template=Template(name="vicuna_v1", system="Short."))  # same name, other definition
+    assert shorter[0] and shorter[1].lengths[0] < base.lengths[0]
+    assert misses(n_img=8)[0] and misses(image_token_id=base.tokenizer.unk_token_id)[0]
+    st = data_copy.stat()
+    os.utime(data_copy, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))   # touched
+    assert misses()[0]
+    # rewritten: same ids, a longer answer -> the new length, never the cached one
+    recs = load_llava_records(data_copy)
+    recs[0]["conversations"][1]["value"] += " Near the old clock tower, by the river."
+    data_copy.write_text(json.dumps(recs))
+    miss, ds = misses()
+    assert miss and ds.lengths[0] > base.lengths[0] and ds.lengths[1:] == base.lengths[1:]
+    assert not misses()[0]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not-json", "fewer-records", "other-ids", "bad-length"])
+def test_corrupt_length_cache_is_recomputed_with_a_warning(damage, data_copy, tmp_path, processor, encode_calls,
+                                                           caplog):
+    cache = tmp_path / "cache"
+    good = _cached(data_copy, processor, cache)
+    (path,) = cache.glob("*.json")
+    text = path.read_text()
+    entry = json.loads(text)
+    if damage == "truncated":
+        path.write_text(text[: len(text) // 2])
+    elif damage == "not-json":
+        path.write_bytes(b"\x00\xff garbage")
+    elif damage == "fewer-records":
+        path.write_text(json.dumps({**entry, "ids": entry["ids"][:-1], "lengths": entry["lengths"][:-1],
+                                    "has_image": entry["has_image"][:-1]}))
+    elif damage == "other-ids":
+        path.write_text(json.dumps({**entry, "ids": entry["ids"][::-1]}))
+    else:
+        path.write_text(json.dumps({**entry, "lengths": ["9"] + entry["lengths"][1:]}))
+    with caplog.at_level("WARNING", logger="llava_address.length_cache"):
+        again = _cached(data_copy, processor, cache)
+    assert "length cache" in caplog.text and "ignored" in caplog.text
+    assert len(encode_calls) == 24 and again.lengths == good.lengths and again.ids == good.ids
+    _cached(data_copy, processor, cache)                          # rewritten: the next construction hits it
+    assert len(encode_calls) == 24
+
+
+def test_length_cache_none_and_default(data_copy, tmp_path, processor, encode_calls):
+    from llava_address.length_cache import resolve_cache_dir
+    from llava_address.train import parse_args
+
+    default = tmp_path / "xdg-cache" / "address-llava" / "llava-lengths"
+    assert resolve_cache_dir("default") == resolve_cache_dir(None) == default
+    build_dataset(DataArgs(data_path=str(data_copy), length_cache_dir="none"), processor, _config(processor))
+    build_dataset(DataArgs(data_path=str(data_copy), length_cache_dir="none"), processor, _config(processor))
+    assert len(encode_calls) == 24 and not (tmp_path / "xdg-cache").exists()
+    build_dataset(DataArgs(data_path=str(data_copy)), processor, _config(processor))
+    assert len(list(default.glob("*.json"))) == 1
+    # the CLI keeps "none" a string (an optional field would have read it as None = the default folder)
+    argv = ["--model-name-or-path", "m", "--data-path", str(data_copy)]
+    assert parse_args(argv).data.length_cache_dir == "default"
+    assert parse_args(argv + ["--data.length-cache-dir", "none"]).data.length_cache_dir == "none"
+
+
+def test_invalid_records_raise_and_cache_nothing(data_copy, tmp_path, processor):
+    recs = load_llava_records(data_copy)
+    recs[3]["conversations"] = []
+    data_copy.write_text(json.dumps(recs))
+    cache = tmp_path / "cache"
+    with pytest.raises(RecordError) as uncached:
+        LlavaDataset.from_file(data_copy, processor, N_IMG)
+    for _ in range(2):  # nothing was cached by the first attempt
+        with pytest.raises(RecordError) as cached:
+            _cached(data_copy, processor, cache)
+        assert str(cached.value) == str(uncached.value) and "1 of 12" in str(cached.value)
+        assert not cache.exists() or not any(cache.iterdir())
+
+
+def _build_on_rank(rank: int, world: int, port: int, data_path: str, cache: str, model_dir: str, out: str):
+    """One rank of test_only_the_main_process_tokenises (spawned: a real gloo process group)."""
+    import os
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    from accelerate import PartialState
+    from transformers import AutoProcessor
+
+    from llava_address import train
+
+    state = PartialState(cpu=True, backend="gloo")
+    processor = AutoProcessor.from_pretrained(model_dir)
+    calls = []
+    encode = LlavaDataset._encode
+    LlavaDataset._encode = lambda self, i, rec: (calls.append(i), encode(self, i, rec))[1]
+    cfg = SimpleNamespace(data=DataArgs(data_path=data_path, length_cache_dir=cache))
+    ds = train.build_dataset(cfg, processor, SimpleNamespace(config=_config(processor)))
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"calls": len(calls), "lengths": ds.lengths}))
+    state.wait_for_everyone()
+    state.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_only_the_main_process_tokenises(data_copy, tmp_path, tiny_llava_dir):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_build_on_rank, args=(2, port, str(data_copy), str(tmp_path / "cache"), str(tiny_llava_dir),
+                                   str(tmp_path)), nprocs=2)
+    main, other = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert main["calls"] == 12 and other["calls"] == 0 and main["lengths"] == other["lengths"]
