@@ -77,3 +77,9 @@ def resolve_under_root(root: str | os.PathLike, relative: str) -> Path:
     if full != root_resolved and root_resolved not in full.parents:
         raise UnsafePathError(f"image path {relative!r} escapes the image root {root}")
     return full
+
+
+def user_cache_dir(name: str) -> Path:
+    """`$XDG_CACHE_HOME` (or ~/.cache) / address-llava / name: where the toolkit's re-computable caches live."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "address-llava" / name

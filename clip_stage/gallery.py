@@ -32,6 +32,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from clip_stage.fsutil import user_cache_dir
 from clip_stage.schema import ADDRESS_STYLES, Address, read_records, read_sub_streets, render_address
 
 log = logging.getLogger(__name__)
@@ -182,8 +183,7 @@ def texts_fingerprint(texts: list[str], context: str = "") -> str:
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "address-llava" / "gallery"
+    return user_cache_dir("gallery")
 
 
 @torch.no_grad()

@@ -10,9 +10,22 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pytest
+import atexit
+import shutil
+import tempfile
 
-from tests.toy_data import make_toy_dataset
+from torch.utils.cpp_extension import get_default_build_root
+
+# Tests never write the user's caches (~/.cache/address-llava: gallery embeddings, LLaVA record lengths);
+# launched subprocesses inherit this. Compiled torch/DeepSpeed ops keep their usual folder: rebuilding them
+# would cost minutes per session.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", get_default_build_root())
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="address-llava-tests-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
+
+import pytest  # noqa: E402
+
+from tests.toy_data import make_toy_dataset  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -117,3 +117,13 @@ def test_deepspeed_zero3_stop_resume_and_reload(tiny_llava_dir, tiny_llava_data,
     ref_model, ref_processor = load_checkpoint(reference / "checkpoint-000004")
     assert torch.allclose(reference_logits(model, processor, tiny_llava_data), reference_logits(ref_model, ref_processor, tiny_llava_data),
                           atol=1e-4)
+
+
+def test_deepspeed_zero3_offload_two_processes_on_cpu(tiny_llava_dir, tiny_llava_data, tmp_path, reference):
+    """Optimizer and parameters offloaded to CPU (DeepSpeed compiles its CPU Adam on first use: ~60 s)."""
+    out = tmp_path / "zero3_offload"
+    run = _launch(["--config_file", "ds_configs/accelerate_zero3_offload.yaml", "--num_processes", "2",
+                   "--main_process_port", "29614"], _args(tiny_llava_dir, tiny_llava_data, out))
+    assert run["summary"]["world_size"] == 2
+    assert "2 process(es), DistributedType.DEEPSPEED" in run["stdout"]
+    _assert_same_as_reference(out, reference, world=2, accumulation=2)
