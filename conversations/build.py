@@ -30,13 +30,14 @@ from pathlib import Path
 
 import pandas as pd
 
+from clip_stage.cliargs import add_dataclass_args
 from clip_stage.fsutil import atomic_dir, atomic_write_json
 from clip_stage.schema import Address, DatasetPaths, read_records, render_address
 
 from conversations import formats
-from conversations.config import BuildConfig, add_dataclass_arguments, config_from_args
+from conversations.config import BuildConfig, config_from_args
 from conversations.neighbours import Neighbourhood, build_neighbourhood
-from conversations.templates import QUESTION_TYPES, fill, get_question_type, usable
+from conversations.templates import fill, get_question_type, usable
 
 log = logging.getLogger("conversations.build")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -402,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="address-llava conversations", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file of options (flags override it)")
-    add_dataclass_arguments(parser, BuildConfig)
+    add_dataclass_args(parser, BuildConfig, title="options")
     return parser
 
 

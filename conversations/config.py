@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from clip_stage.cliargs import field_docs
+from clip_stage.cliargs import dataclass_from_args
 from clip_stage.schema import ADDRESS_STYLES, SPLITS
 from conversations.templates import QUESTION_TYPES
 
@@ -148,47 +147,35 @@ class BuildConfig:
         return tuple(s.strip() for s in self.formats.split(",") if s.strip())
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
-    hints = typing.get_type_hints(cls)
-    docs = field_docs(cls)
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = docs.get(f.name, "") + (f" (default: {f.default})" if f.default is not False and f.default != "" else "")
-        kind = hints[f.name]
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            parser.add_argument(flag, type=kind, default=None, help=help_text.replace("%", "%%"))
+def load_yaml_options(cls, yaml_path: str | None) -> dict:
+    """Field values from a YAML file of `option: value` (weights may be a mapping, lists a sequence)."""
+    if not yaml_path:
+        return {}
+    import yaml
+
+    path = Path(yaml_path)
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ValueError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: malformed YAML ({e})") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: expected a mapping of option: value")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(k.replace("-", "_") for k in loaded) - names)
+    if unknown:
+        raise ValueError(f"{path}: unknown options {unknown}; valid: {sorted(names)}")
+    values = {}
+    for k, v in loaded.items():
+        if isinstance(v, dict):
+            v = ",".join(f"{a}={b}" for a, b in v.items())
+        elif isinstance(v, (list, tuple)):
+            v = ",".join(str(x) for x in v)
+        values[k.replace("-", "_")] = v
+    return values
 
 
 def config_from_args(cls, ns: argparse.Namespace, yaml_path: str | None = None):
-    """Dataclass defaults < YAML file < explicit flags."""
-    values: dict = {}
-    if yaml_path:
-        import yaml
-
-        path = Path(yaml_path)
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except FileNotFoundError:
-            raise ValueError(f"{path}: config file not found") from None
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: malformed YAML ({e})") from None
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: expected a mapping of option: value")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(k.replace("-", "_") for k in loaded) - names)
-        if unknown:
-            raise ValueError(f"{path}: unknown options {unknown}; valid: {sorted(names)}")
-        for k, v in loaded.items():
-            # YAML may write weights as a mapping and lists as sequences
-            if isinstance(v, dict):
-                v = ",".join(f"{a}={b}" for a, b in v.items())
-            elif isinstance(v, (list, tuple)):
-                v = ",".join(str(x) for x in v)
-            values[k.replace("-", "_")] = v
-    for f in dataclasses.fields(cls):
-        v = getattr(ns, f.name, None)
-        if v is not None:
-            values[f.name] = v
-    return cls(**values)
+    """Dataclass defaults < YAML file < explicit flags (options from `clip_stage.cliargs.add_dataclass_args`)."""
+    return dataclass_from_args(cls, ns, base=load_yaml_options(cls, yaml_path))
