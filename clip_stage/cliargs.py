@@ -61,12 +61,22 @@ def _str2bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean, got {s!r}")
 
 
+def _none_or(convert):
+    """An optional field's converter: 'none' / 'null' / '' give None (a flag cannot otherwise unset a value)."""
+    def parse(text: str):
+        return None if text.strip().lower() in ("none", "null", "") else convert(text)
+
+    parse.__name__ = getattr(convert, "__name__", "value")  # argparse names the type in its error messages
+    return parse
+
+
 def add_dataclass_args(parser: argparse.ArgumentParser, cls, prefix: str = "", title: str | None = None,
                        exclude: tuple[str, ...] = ()) -> argparse._ArgumentGroup:
     """Adds one `--{prefix}{field-name}` option per field of `cls` (help from its docstring).
 
-    Defaults are left as SUPPRESS so `dataclass_from_args` can tell "not given" from "given" and let a
-    YAML recipe fill what the command line did not.
+    Booleans take `--flag [BOOL]` and `--no-flag`; optional fields take `none` for None. Defaults are left
+    as SUPPRESS so `dataclass_from_args` can tell "not given" from "given" and let a YAML recipe fill what
+    the command line did not.
     """
     group = parser.add_argument_group(title or cls.__name__, (cls.__doc__ or "").strip().splitlines()[0])
     hints = typing.get_type_hints(cls)
@@ -75,15 +85,18 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, prefix: str = "", t
         if f.name in exclude:
             continue
         tp, choices, nargs = _arg_type(hints[f.name])
+        nullable = type(None) in typing.get_args(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else None
-        help_text = f"{docs.get(f.name, '')} (default: {default})"
+        help_text = f"{docs.get(f.name, '')} (default: {default})".replace("%", "%%")
         opt = "--" + (prefix + f.name).replace("_", "-")
         if tp is bool:
-            group.add_argument(opt, dest=prefix + f.name, type=_str2bool, nargs="?", const=True,
-                               default=argparse.SUPPRESS, metavar="BOOL", help=help_text)
+            group.add_argument(opt, dest=prefix + f.name, type=_none_or(_str2bool) if nullable else _str2bool,
+                               nargs="?", const=True, default=argparse.SUPPRESS, metavar="BOOL", help=help_text)
+            group.add_argument("--no-" + (prefix + f.name).replace("_", "-"), dest=prefix + f.name,
+                               action="store_false", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         else:
-            group.add_argument(opt, dest=prefix + f.name, type=tp, choices=choices, nargs=nargs,
-                               default=argparse.SUPPRESS, help=help_text.replace("%", "%%"))
+            group.add_argument(opt, dest=prefix + f.name, type=_none_or(tp) if nullable and choices is None else tp,
+                               choices=choices, nargs=nargs, default=argparse.SUPPRESS, help=help_text)
     return group
 
 

@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from clip_stage.cliargs import field_docs
+from clip_stage.cliargs import add_dataclass_args, dataclass_from_args
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -181,59 +180,18 @@ GROUPS: dict[str, type] = {"model": ModelArgs, "data": DataArgs, "loss": LossArg
 
 # --- dataclass <-> argparse ------------------------------------------------------------------------
 
-def _base_type(tp) -> type:
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if typing.get_origin(tp) is Literal:
-        return type(typing.get_args(tp)[0])
-    if args:
-        return _base_type(args[0])
-    return tp
-
-
-def _str2bool(s: str) -> bool:
-    if s.lower() in ("1", "true", "yes", "on"):
-        return True
-    if s.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean, got {s!r}")
-
-
-def _optional(kind):
-    def parse(s: str):
-        return None if s.lower() in ("none", "null", "") else kind(s)
-
-    parse.__name__ = kind.__name__
-    return parse
-
-
 def build_parser(prog: str = "train-clip", description: str | None = None,
                  groups: dict[str, type] | None = None) -> argparse.ArgumentParser:
-    """argparse options for every field of the dataclasses in `groups` (default: TrainConfig's)."""
+    """argparse options for every field of the dataclasses in `groups` (default: TrainConfig's).
+
+    Flags are the bare field names (`--lr`, not `--optim.lr`), so field names are unique across groups.
+    """
     groups = GROUPS if groups is None else groups
     parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML/JSON file of {group: {field: value}} or flat {field: value}; flags override it")
     for group, cls in groups.items():
-        g = parser.add_argument_group(group, cls.__doc__)
-        docs = {k: v.replace("%", "%%") for k, v in field_docs(cls).items()}
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            tp = hints[f.name]
-            base = _base_type(tp)
-            flag = "--" + f.name.replace("_", "-")
-            default = f.default if f.default is not dataclasses.MISSING else None
-            nullable = type(None) in typing.get_args(tp)
-            kind = _str2bool if base is bool else base
-            if nullable:
-                kind = _optional(kind)
-            if base is bool:
-                g.add_argument(flag, dest=f"{group}.{f.name}", type=kind, nargs="?", const=True, metavar="BOOL",
-                               default=argparse.SUPPRESS, help=f"{docs.get(f.name, '')} (default: {default})")
-                g.add_argument("--no-" + f.name.replace("_", "-"), dest=f"{group}.{f.name}", action="store_false",
-                               default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-            else:
-                g.add_argument(flag, dest=f"{group}.{f.name}", type=kind, default=argparse.SUPPRESS,
-                               metavar=base.__name__.upper(), help=f"{docs.get(f.name, '')} (default: {default})")
+        add_dataclass_args(parser, cls, title=group)
     return parser
 
 
@@ -261,16 +219,10 @@ def parse_groups(groups: dict[str, type], argv: list[str] | None = None, prog: s
                  description: str | None = None) -> dict[str, Any]:
     """Parses argv (plus an optional --config file) into one instance per dataclass in `groups`."""
     parser = build_parser(prog, description, groups)
-    ns = vars(parser.parse_args(argv))
-    values: dict[str, dict[str, Any]] = {g: {} for g in groups}
-    if ns.get("config"):
-        values = _load_file(ns["config"], groups)
-    for key, value in ns.items():
-        if "." in key:
-            group, name = key.split(".", 1)
-            values[group][name] = value
+    ns = parser.parse_args(argv)
+    values = _load_file(ns.config, groups) if ns.config else {g: {} for g in groups}
     try:
-        return {g: cls(**values[g]) for g, cls in groups.items()}
+        return {g: dataclass_from_args(cls, ns, base=values[g]) for g, cls in groups.items()}
     except (TypeError, ValueError, KeyError) as e:
         parser.error(str(e))
         raise  # unreachable
