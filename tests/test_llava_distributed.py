@@ -121,3 +121,19 @@ def test_deepspeed_zero3_stop_resume_and_reload(tiny_llava_dir, tiny_llava_data,
     ref_model, ref_processor = load_checkpoint(reference / "checkpoint-000004")
     assert torch.allclose(reference_logits(model, processor, tiny_llava_data), reference_logits(ref_model, ref_processor, tiny_llava_data),
                           atol=1e-4)
+
+
+def test_deepspeed_zero3_with_a_swapped_tower_matches_one_process(tiny_llava_dir, tiny_vision_tower_dir,
+                                                                   tiny_llava_data, tmp_path):
+    """A tower of another width re-initialises the projector: under ZeRO-3 (which loads the base partitioned
+    and draws random numbers differently) it must still start from, and train to, the single-process values."""
+    swap = ["--model.vision-tower", str(tiny_vision_tower_dir)]
+    reference = tmp_path / "one"
+    torch.manual_seed(123)  # whatever the caller's random state, the fresh projector is the same
+    result = train(parse_args(_args(tiny_llava_dir, tiny_llava_data, reference, *swap)))
+    assert result.global_step == 4
+    out = tmp_path / "zero3_swap"
+    run = _launch(["--config_file", "ds_configs/accelerate_zero3.yaml", "--num_processes", "2",
+                   "--main_process_port", "29615"], _args(tiny_llava_dir, tiny_llava_data, out, *swap))
+    assert run["summary"]["world_size"] == 2
+    _assert_same_as_reference(out, reference, world=2, accumulation=2)
