@@ -28,6 +28,18 @@ import pytest  # noqa: E402
 from tests.toy_data import make_toy_dataset  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a test module (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`):
+    tiny models gain nothing from more, and on a shared 2-core machine contended threads are far slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def toy_dataset(tmp_path_factory):
     """A 9-sub-street, 144-image address dataset in the on-disk format (read-only: copy to modify)."""

@@ -15,12 +15,7 @@ from clip_stage.schema import read_records, write_records
 WORDS = "a street view of the with red green blue buildings windows road car tree sky people shop sign".split()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: contended intra-op threads are slower than one
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

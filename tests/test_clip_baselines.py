@@ -5,18 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from clip_stage.baselines import VARIANTS, main, train_argv
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine they lose 10x to contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 TRAIN_ARGS = ["--batch-size", "16", "--max-steps", "36", "--lr", "2e-3", "--warmup-steps", "3", "--num-workers", "0",

@@ -14,13 +14,7 @@ from clip_stage.export_hf import (CLIP_DIR, REPORT_FILE, VISION_DIR, Unsupported
 from clip_stage.model import create_clip, save_checkpoint
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine they lose 10x to contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 ATOL = 1e-4

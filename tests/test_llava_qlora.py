@@ -16,12 +16,7 @@ from llava_address.train import build_model, parse_args, train
 from tests.llava_helpers import reference_logits
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _argv(model_dir, data_dir, out):

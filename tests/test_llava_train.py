@@ -15,13 +15,7 @@ from llava_address.train import main, parse_args, train
 from tests.llava_helpers import checkpoint_tensors, reference_logits
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The CI box has 2 shared cores: several torch threads per process only spin against each other.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _argv(recipe, model_dir, data_dir, out, *extra):
