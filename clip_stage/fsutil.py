@@ -1,12 +1,17 @@
-"""Filesystem helpers shared by every stage: atomic writes and image paths that cannot escape their root.
+"""Filesystem helpers shared by every stage: atomic writes, verified folders, and image paths that cannot
+escape their root.
 
 Atomic writes go to a temporary sibling and are `os.replace`d into place, so a killed process leaves
-either the old file/folder or the new one, never half of one.
+either the old file/folder or the new one, never half of one. A verified folder (`atomic_dir(...,
+verified=True)`, used for checkpoints) also gets a `manifest.json` (size + sha256 of every file), and its
+files and the folder itself are fsynced before the rename, so a power cut cannot leave a renamed folder
+with empty files; `verify_manifest` checks it on load. `remove_stale_temps` deletes what killed saves left.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -36,11 +41,13 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Non
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
-    """Yields a temporary folder beside `path`; on success it replaces `path`, on error it is removed.
+def atomic_dir(path: str | os.PathLike, overwrite: bool = True, verified: bool = False) -> Iterator[Path]:
+    """Yields a temporary folder beside `path` (`.<name>.XXXX.tmp`); on success it replaces `path`, on error
+    it is removed.
 
     An existing `path` is kept until the new folder is complete (then removed), so an interrupted
-    build never leaves a half-written dataset or checkpoint.
+    build never leaves a half-written dataset or checkpoint. verified: write `manifest.json` into the
+    temporary folder and fsync every file and folder before the rename (checkpoints).
     """
     path = Path(path)
     if path.exists() and not overwrite:
@@ -49,6 +56,9 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        if verified:
+            write_manifest(tmp)
+            fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -57,8 +67,144 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
         os.replace(path, old)
     os.replace(tmp, path)
+    if verified:
+        _fsync_dir(path.parent)  # the rename itself
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# verified folders
+# --------------------------------------------------------------------------------------------
+
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = 1
+
+
+class ManifestError(ValueError):
+    """A verified folder whose files do not match its manifest (missing, truncated, altered, added)."""
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files_under(folder: Path) -> list[str]:
+    """Relative POSIX paths of every file under folder (the manifest excluded), sorted."""
+    out = []
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in files:
+            rel = (Path(root) / name).relative_to(folder).as_posix()
+            if rel != MANIFEST_FILE:
+                out.append(rel)
+    return sorted(out)
+
+
+def write_manifest(folder: str | os.PathLike) -> dict[str, Any]:
+    """Writes folder/manifest.json: {"format", "files": {relative path: {"size", "sha256"}}}; returns it."""
+    folder = Path(folder)
+    files = {}
+    for rel in _files_under(folder):
+        p = folder / rel
+        files[rel] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+    manifest = {"format": MANIFEST_FORMAT, "files": files}
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    return manifest
+
+
+def verify_manifest(folder: str | os.PathLike, required: bool = True) -> bool:
+    """Checks every file of folder against its manifest.json; raises ManifestError naming the first bad file.
+
+    A file that is missing, of another size, of another sha256, or not listed at all (a file planted after
+    the save) is an error. Returns False when there is no manifest and `required` is False (folders written
+    before manifests existed, or by other tools), True when verified.
+    """
+    folder = Path(folder)
+    mpath = folder / MANIFEST_FILE
+    if not mpath.is_file():
+        if required:
+            raise ManifestError(f"{mpath}: missing (an incomplete checkpoint, or one written before checkpoints "
+                                "were verified)")
+        return False
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        listed = manifest["files"]
+        if not isinstance(listed, dict):
+            raise TypeError("'files' is not an object")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{mpath}: unreadable manifest ({e})") from None
+    present = _files_under(folder)
+    extra = sorted(set(present) - set(listed))
+    if extra:
+        raise ManifestError(f"{folder / extra[0]}: not listed in {MANIFEST_FILE} (added after the checkpoint was "
+                            "written); refusing to load it")
+    for rel, entry in sorted(listed.items()):
+        p = folder / rel
+        if not p.is_file():
+            raise ManifestError(f"{p}: missing (listed in {MANIFEST_FILE})")
+        size = p.stat().st_size
+        if size != entry.get("size"):
+            raise ManifestError(f"{p}: {size} bytes, {MANIFEST_FILE} says {entry.get('size')} (truncated or altered)")
+        if sha256_file(p) != entry.get("sha256"):
+            raise ManifestError(f"{p}: sha256 differs from {MANIFEST_FILE} (corrupted or altered)")
+    return True
+
+
+def _fsync_dir(path: Path) -> None:
+    # A folder's entries (new names, renames) are durable only once the folder itself is fsynced.
+    with contextlib.suppress(OSError):  # some file systems refuse fsync on folders; nothing more to do there
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def fsync_tree(folder: str | os.PathLike) -> None:
+    """fsyncs every file and folder under folder (itself included), so that a rename after it is durable."""
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            fd = os.open(Path(root) / name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(root))
+
+
+def remove_stale_temps(folder: str | os.PathLike, stems: tuple[str, ...]) -> list[Path]:
+    """Removes what killed atomic writes left in folder: `.<stem>*.tmp` (atomic_dir / atomic_write_text
+    staging), `.<stem>*.state-partial` (train-llava's per-rank staging) and `.<stem>*.old-<pid>` (a
+    replaced folder whose new version is in place). Returns the removed paths.
+
+    Call it once at the start of a run, before anything of this run is saved, from one process: a second
+    run writing to the same folder at the same time would lose its staging.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for p in sorted(folder.iterdir()):
+        name = p.name
+        if not any(name.startswith(f".{s}") for s in stems):
+            continue
+        stale = name.endswith((".tmp", ".state-partial"))
+        if ".old-" in name:
+            # Killed between the two renames: keep the old folder when the new one is not in place.
+            target = folder / name[1:name.index(".old-")]
+            stale = target.exists()
+        if stale:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 class UnsafePathError(ValueError):

@@ -14,6 +14,7 @@ Checkpoint folder (written atomically by `save_checkpoint`, read by `load_checkp
                                "train_config" (our TrainConfig as a dict), "step", "epoch", "format"}
         training_state.pt     optimizer, scheduler, step, epoch, RNG, data position
                               (tensors and primitives only: loads with torch.load(weights_only=True))
+        manifest.json         size + sha256 of every file (checked on load; fsynced before the rename)
     <run>/checkpoints/latest  text file naming the newest complete step folder
     <run>/final/              the same layout (without training_state.pt) at the end of training
 
@@ -30,7 +31,7 @@ from typing import Any, Callable
 
 import torch
 
-from clip_stage.fsutil import atomic_dir, atomic_write_text
+from clip_stage.fsutil import ManifestError, atomic_dir, atomic_write_text, verify_manifest
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 WEIGHTS_FILE = "model.safetensors"
@@ -175,6 +176,7 @@ def load_checkpoint(
 ) -> ClipBundle:
     """Loads a checkpoint written by train-clip. With `model_name`, a different architecture is an error."""
     d = _resolve_checkpoint_dir(path)
+    verify_checkpoint(d, required=False)
     cfg = json.loads((d / CONFIG_FILE).read_text(encoding="utf-8"))
     saved_name = cfg["model_name"]
     if model_name is not None and model_name != saved_name and model_config(model_name) != cfg.get("model_config"):
@@ -200,6 +202,15 @@ def load_checkpoint(
     model.to(device)
     tokenizer = open_clip.get_tokenizer(name)
     return ClipBundle(model, preprocess_train, preprocess_val, tokenizer, name, str(d))
+
+
+def verify_checkpoint(path: str | Path, required: bool = True) -> None:
+    """Checks a checkpoint folder against its manifest.json (CheckpointError naming the bad file).
+    required=False accepts folders without a manifest (written before manifests existed)."""
+    try:
+        verify_manifest(path, required=required)
+    except ManifestError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def _load_weights_strict(model: torch.nn.Module, weights: Path, where: Path) -> None:
@@ -260,7 +271,7 @@ def save_checkpoint(
         "step": step,
         "epoch": epoch,
     }
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, verified=True) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE))
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, default=str) + "\n", encoding="utf-8")
         if training_state is not None:
@@ -287,8 +298,16 @@ def latest_checkpoint(checkpoints_dir: str | Path) -> Path | None:
         target = d / pointer.read_text(encoding="utf-8").strip()
         if (target / CONFIG_FILE).exists() and (target / WEIGHTS_FILE).exists():
             return target
-    steps = sorted(
-        (p for p in d.glob("step-*") if (p / CONFIG_FILE).exists() and (p / WEIGHTS_FILE).exists()),
+    steps = step_checkpoints(d)
+    return steps[-1] if steps else None
+
+
+def step_checkpoints(checkpoints_dir: str | Path) -> list[Path]:
+    """The step folders of a checkpoints folder that have weights and config, oldest first (not verified)."""
+    d = Path(checkpoints_dir)
+    if not d.is_dir():
+        return []
+    return sorted(
+        (p for p in d.glob("step-*") if p.is_dir() and (p / CONFIG_FILE).exists() and (p / WEIGHTS_FILE).exists()),
         key=lambda p: p.name,
     )
-    return steps[-1] if steps else None

@@ -11,7 +11,10 @@ AdamW step under a warm-up + cosine schedule. Mixed precision and DDP come from 
 Outputs under --output-dir: checkpoints/step-NNNNNN/ (atomic; see clip_stage.model), checkpoints/latest,
 final/, tensorboard/, train_log.jsonl, run_summary.json (world size, steps, losses, throughput).
 `--resume` continues from the newest complete checkpoint; data order and augmentation are functions of
-(seed, epoch, row), so the resumed run reproduces the uninterrupted one.
+(seed, epoch, row), so the resumed run reproduces the uninterrupted one. Every checkpoint carries a
+manifest (size + sha256 per file) checked before resuming: a damaged newest checkpoint is reported and the
+previous one is used. train_log.jsonl is cut back to the checkpoint's step, and what killed saves left
+(`.step-*.tmp`, ...) is removed at the start. Errors about checkpoints are one line, exit code 2.
 """
 
 from __future__ import annotations
@@ -33,12 +36,13 @@ from clip_stage.data import (
     Collate,
     check_batch_size,
     cosine_lr,
+    drop_fold,
     epoch_batches,
     plan_losses,
     steps_per_epoch,
     total_steps,
 )
-from clip_stage.fsutil import atomic_write_json
+from clip_stage.fsutil import atomic_write_json, atomic_write_text, remove_stale_temps
 from clip_stage.losses import AddressClipLoss, logit_scale_clamp_
 from clip_stage.model import (
     STATE_FILE,
@@ -48,7 +52,9 @@ from clip_stage.model import (
     load_checkpoint,
     mark_latest,
     save_checkpoint,
+    step_checkpoints,
     step_dir_name,
+    verify_checkpoint,
 )
 from clip_stage.schema import read_records
 from clip_stage.text_encoder import ContrastiveForward, padding_trim
@@ -116,6 +122,57 @@ def _warn_truncation(tokenizer, dataset: AddressImageDataset, semantic: bool) ->
             )
 
 
+def resume_checkpoint(ck_dir: Path, report: bool = True) -> Path | None:
+    """The newest step checkpoint that passes its manifest check; a damaged one is reported (`report`) and
+    the previous one tried. None when there is no checkpoint; CheckpointError when none is intact."""
+    candidates = step_checkpoints(ck_dir)[::-1]
+    for i, ckpt in enumerate(candidates):
+        try:
+            verify_checkpoint(ckpt, required=True)
+            return ckpt
+        except CheckpointError as e:
+            if report:
+                then = (f"falling back to {candidates[i + 1].name}" if i + 1 < len(candidates)
+                        else "no earlier checkpoint")
+                print(f"train-clip: {e}; {then}", file=sys.stderr, flush=True)
+    if candidates:
+        raise CheckpointError(f"{ck_dir}: no intact checkpoint to resume from (all {len(candidates)} failed their "
+                              "manifest check, see above)")
+    return None
+
+
+def _load_training_state(ckpt: Path) -> dict:
+    import pickle
+
+    try:
+        return torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        # weights_only refuses anything but tensors and primitives: nothing in the file runs.
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{ckpt / STATE_FILE}: not a plain training-state file ({first})") from None
+
+
+def cut_log(path: Path, step: int) -> int:
+    """Keeps the rows of a JSONL metrics log with "step" <= step (a resumed run logs the later steps again);
+    a torn last line of a killed run is dropped. Returns the number of rows removed."""
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+            keep = int(row["step"]) <= step
+        except (ValueError, KeyError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        atomic_write_text(path, "".join(f"{x}\n" for x in kept))
+    return dropped
+
+
 def train(cfg: TrainConfig) -> dict:
     """Runs (or resumes) one training run; returns the run summary (also written to run_summary.json)."""
     if cfg.run.num_threads:
@@ -127,7 +184,7 @@ def train(cfg: TrainConfig) -> dict:
     ck_dir = out_dir / "checkpoints"
 
     # --- data and loss plan ---
-    df = read_records(cfg.data.dataset, cfg.data.split)
+    df = drop_fold(read_records(cfg.data.dataset, cfg.data.split), cfg.data.holdout_fold)
     with warnings.catch_warnings():
         if not main_proc:
             warnings.simplefilter("ignore")
@@ -136,7 +193,11 @@ def train(cfg: TrainConfig) -> dict:
     check_batch_size(len(df), cfg.optim.batch_size, world, cfg.data.dataset)
 
     # --- model (same seed on every rank; DDP also broadcasts rank 0's weights) ---
-    resume_from = latest_checkpoint(ck_dir) if cfg.run.resume else None
+    if main_proc:
+        # Before anything of this run is saved: staging folders of a killed save are garbage.
+        remove_stale_temps(ck_dir, ("step-", "latest"))
+        remove_stale_temps(out_dir, ("final", "run_summary.json", "train_log.jsonl"))
+    resume_from = resume_checkpoint(ck_dir, report=main_proc) if cfg.run.resume else None
     if not cfg.run.resume and latest_checkpoint(ck_dir) is not None:
         raise CheckpointError(f"{out_dir} already holds checkpoints: pass --resume to continue, or another --output-dir")
     torch.manual_seed(cfg.optim.seed)
@@ -165,7 +226,7 @@ def train(cfg: TrainConfig) -> dict:
                                   betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
     step, epoch, batch_in_epoch = 0, 0, 0
     if resume_from is not None:
-        state = torch.load(Path(resume_from) / STATE_FILE, map_location="cpu", weights_only=True)
+        state = _load_training_state(Path(resume_from))
         if state["global_batch"] != cfg.optim.batch_size * world:
             raise CheckpointError(
                 f"{resume_from} was trained with a global batch of {state['global_batch']}, now "
@@ -194,7 +255,10 @@ def train(cfg: TrainConfig) -> dict:
         if cfg.run.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+            # purge_step: TensorBoard hides the events after the checkpoint that the killed run had written.
+            writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"), purge_step=step + 1 if resume_from else None)
+        if resume_from is not None:
+            cut_log(out_dir / "train_log.jsonl", step)
         log_file = open(out_dir / "train_log.jsonl", "a", encoding="utf-8")
         print(f"train-clip: {cfg.model.model} on {len(dataset)} images, {world} process(es) x batch "
               f"{cfg.optim.batch_size}, {total} steps ({per_epoch}/epoch), warm-up {warmup}, "
@@ -326,7 +390,11 @@ def train(cfg: TrainConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(argv, prog="train-clip", description=__doc__.split("\n\n")[0])
-    train(cfg)
+    try:
+        train(cfg)
+    except CheckpointError as e:
+        print(f"train-clip: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
