@@ -80,6 +80,8 @@ class TrainArgs:
     """checkpoint folder whose non-LoRA weights (e.g. the aligned projector) start this run (LLaVA's --pretrain_mm_mlp_adapter)"""
     resume: str | None = None
     """checkpoint folder to resume from, or 'latest' for the newest one in output_dir"""
+    trust_checkpoint: bool = False
+    """allow a DeepSpeed --resume from outside output_dir (DeepSpeed unpickles its shards: only your own)"""
     stop_after_steps: int | None = None
     """stop (without a final save) after this many optimizer steps, as if killed; the schedule is unchanged"""
     num_workers: int = 0
