@@ -12,6 +12,14 @@ boundaries, where the data has them) and the UTM zone chosen from the network's 
 Only named ways of the configured highway classes are kept (default: the drivable and walkable street
 classes, without footway/cycleway/steps/service). A missing, corrupt or empty network file raises
 `NetworkFileError` naming the file.
+
+Projected files are read through the CRS they declare (pyproj): an osmnx GraphML saved after
+`project_graph` (graph attribute `crs`, e.g. `+proj=utm +zone=18 ...` or `epsg:32618`), a GeoJSON with
+a `crs` member. A GraphML without `crs` whose nodes also carry `lon`/`lat` (as osmnx writes them) is
+read through those: the UTM zone whose projection of the nodes' lon/lat gives their x/y, else the
+nodes' lon/lat for straight edges. A projected file that declares nothing is an error naming it.
+
+    city, source = resolve_city(net, args.city)   # flag > OSM place > admin boundary > ("", "none")
 """
 
 from __future__ import annotations
@@ -42,7 +50,11 @@ PLACE_KINDS: frozenset[str] = frozenset(
 
 # place=* values kept as Area polygons; administrative boundaries are kept as kind "admin<level>".
 AREA_PLACE_KINDS: frozenset[str] = frozenset({"city", "town", "village", "borough", "suburb", "quarter", "neighbourhood"})
-MIN_ADMIN_LEVEL = 7  # municipality parts and finer (admin_level 7-11)
+# Levels 6-8 are read for the city fallback (a municipality is 8 in most countries, 6-7 in some, e.g.
+# German district-free cities); 9-11 are municipality parts used as neighbourhoods. Coarser levels
+# (regions, countries) are never a city and are mostly incomplete in city extracts.
+MIN_ADMIN_LEVEL = 6
+CITY_ADMIN_LEVELS = (6, 7, 8)
 
 NETWORK_SUFFIXES = (".osm", ".osm.pbf", ".pbf", ".osm.xml", ".xml", ".graphml", ".geojson", ".json")
 
@@ -129,15 +141,28 @@ class StreetNetwork:
         lon, lat = self._inv.transform(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64))
         return np.asarray(lon, dtype=np.float64), np.asarray(lat, dtype=np.float64)
 
+    def centre(self) -> tuple[float, float]:
+        """(lon, lat) mean of all way vertices."""
+        allc = np.concatenate([w.coords for w in self.ways]) if self.ways else np.zeros((1, 2))
+        c = allc.mean(axis=0)
+        return float(c[0]), float(c[1])
+
     def city_name(self) -> str:
         """Name of the place=city node (nearest the centroid if several), else a town, else ""."""
+        c = self.centre()
         for kind in ("city", "town"):
             cands = [p for p in self.places if p.kind == kind]
             if cands:
-                allc = np.concatenate([w.coords for w in self.ways]) if self.ways else np.zeros((1, 2))
-                c = allc.mean(axis=0)
                 return min(cands, key=lambda p: (p.lon - c[0]) ** 2 + (p.lat - c[1]) ** 2).name
         return ""
+
+    def _smallest_area_at_centre(self, kinds: Iterable[str]) -> str:
+        from shapely.geometry import Point
+
+        centre = Point(*self.centre())
+        kinds = set(kinds)
+        inside = [a for a in self.areas if a.kind in kinds and a.polygon.contains(centre)]
+        return min(inside, key=lambda a: a.polygon.area).name if inside else ""
 
     def street_names(self) -> list[str]:
         return sorted({w.name for w in self.ways})
@@ -146,6 +171,27 @@ class StreetNetwork:
         """(min_lon, min_lat, max_lon, max_lat) of all ways."""
         allc = np.concatenate([w.coords for w in self.ways])
         return (float(allc[:, 0].min()), float(allc[:, 1].min()), float(allc[:, 0].max()), float(allc[:, 1].max()))
+
+
+CITY_SOURCES = ("flag", "osm_place", "admin_boundary", "none")
+
+
+def resolve_city(net: StreetNetwork, city: str | None) -> tuple[str, str]:
+    """(city name, source): the flag if given, else the OSM place=city/town node nearest the network's
+    centre (or the smallest city/town place area containing it), else the smallest administrative
+    boundary of a municipality level (admin_level 6-8) containing the centre, else ("", "none").
+
+    The source is one of CITY_SOURCES; "none" is for the caller to report (every row gets no city).
+    """
+    if city is not None and city.strip():
+        return city.strip(), "flag"
+    name = net.city_name() or net._smallest_area_at_centre(("city", "town"))
+    if name:
+        return name, "osm_place"
+    name = net._smallest_area_at_centre(f"admin{level}" for level in CITY_ADMIN_LEVELS)
+    if name:
+        return name, "admin_boundary"
+    return "", "none"
 
 
 def helsinki_pbf_path() -> Path:
@@ -272,7 +318,61 @@ def _read_osm(path: Path, classes: frozenset[str] | None) -> tuple[list[Way], li
     return ways, places, areas
 
 
-def _read_graphml(path: Path, classes: frozenset[str] | None) -> tuple[list[Way], list[Place]]:
+def _crs_to_wgs84(crs_text, path: Path, where: str):
+    """A function (n, 2) array -> WGS84 lon/lat for a declared CRS, or None if it already is WGS84."""
+    from pyproj import CRS, Transformer
+    from pyproj.exceptions import CRSError
+
+    try:
+        crs = CRS.from_user_input(crs_text)
+    except CRSError as e:
+        raise NetworkFileError(f"{path}: {where} {crs_text!r} is not a coordinate reference system pyproj knows ({e})") from None
+    if crs.equals("EPSG:4326", ignore_axis_order=True):
+        return None
+    tr = Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
+    return lambda xy: np.stack(tr.transform(xy[:, 0], xy[:, 1]), axis=1)
+
+
+def _transform_ways(ways: list[Way], fn) -> list[Way]:
+    """All ways through one batched transform (one pyproj call, not one per way)."""
+    if fn is None or not ways:
+        return ways
+    lens = np.cumsum([len(w.coords) for w in ways])[:-1]
+    parts = np.split(fn(np.concatenate([w.coords for w in ways])), lens)
+    return [Way(w.name, w.highway, np.ascontiguousarray(c, dtype=np.float64)) for w, c in zip(ways, parts)]
+
+
+def _looks_projected(xy: np.ndarray) -> bool:
+    return bool(len(xy)) and bool(np.any(np.abs(xy[:, 0]) > 180) or np.any(np.abs(xy[:, 1]) > 90))
+
+
+def _graphml_crs(g, path: Path):
+    """(transform to WGS84 or None, use the nodes' lon/lat for straight edges) for an osmnx GraphML.
+
+    The graph's `crs` attribute wins. Without it, projected node x/y next to node lon/lat (osmnx keeps
+    both after `project_graph`) identify the UTM zone osmnx projects to; failing that, only edges with
+    no geometry can be read (from the nodes' lon/lat).
+    """
+    crs = g.graph.get("crs")
+    if crs:
+        return _crs_to_wgs84(str(crs), path, "GraphML graph attribute crs"), False
+    try:
+        xy = np.array([[float(d["x"]), float(d["y"])] for _, d in g.nodes(data=True)], dtype=np.float64).reshape(-1, 2)
+        ll = np.array([[float(d["lon"]), float(d["lat"])] for _, d in g.nodes(data=True)], dtype=np.float64).reshape(-1, 2)
+    except (KeyError, TypeError, ValueError):
+        return None, False  # no full x/y + lon/lat pairs: read as is (checked later)
+    if not _looks_projected(xy) or not len(ll):
+        return None, False
+    from pyproj import Transformer
+
+    epsg = utm_epsg_for(float(np.median(ll[:, 0])), float(np.median(ll[:, 1])))
+    px, py = Transformer.from_crs("EPSG:4326", f"EPSG:{epsg}", always_xy=True).transform(ll[:, 0], ll[:, 1])
+    if np.all(np.isfinite(px)) and np.max(np.hypot(px - xy[:, 0], py - xy[:, 1])) < 1.0:
+        return _crs_to_wgs84(f"EPSG:{epsg}", path, "inferred UTM zone"), False
+    return None, True
+
+
+def _read_graphml(path: Path, classes: frozenset[str] | None) -> tuple[list[Way], list[Place], list[Area]]:
     import networkx as nx
     from shapely import wkt
 
@@ -280,6 +380,7 @@ def _read_graphml(path: Path, classes: frozenset[str] | None) -> tuple[list[Way]
         g = nx.read_graphml(path)
     except Exception as e:  # networkx raises many types (ParseError, KeyError, NetworkXError...)
         raise NetworkFileError(f"{path}: cannot read as GraphML ({type(e).__name__}: {e})") from None
+    to_wgs, node_lonlat = _graphml_crs(g, path)
     ways: list[Way] = []
     seen: set = set()
     for u, v, data in g.edges(data=True):
@@ -290,17 +391,23 @@ def _read_graphml(path: Path, classes: frozenset[str] | None) -> tuple[list[Way]
         if hw is None:
             continue
         geom = data.get("geometry")
+        if geom and node_lonlat:
+            raise NetworkFileError(
+                f"{path}: edge {u}->{v} ({name!r}) has projected geometry but the file declares no crs "
+                "(add the graph attribute crs, e.g. epsg:32618, or save the graph unprojected)"
+            )
+        kx, ky = ("lon", "lat") if node_lonlat else ("x", "y")
         try:
             if geom:
                 coords = np.asarray(wkt.loads(str(geom)).coords, dtype=np.float64)[:, :2]
             else:
                 nu, nv = g.nodes[u], g.nodes[v]
                 coords = np.array(
-                    [[float(nu["x"]), float(nu["y"])], [float(nv["x"]), float(nv["y"])]], dtype=np.float64
+                    [[float(nu[kx]), float(nu[ky])], [float(nv[kx]), float(nv[ky])]], dtype=np.float64
                 )
         except Exception as e:  # KeyError (no x/y), shapely's WKT errors, bad floats
             raise NetworkFileError(
-                f"{path}: edge {u}->{v} ({name!r}) has no usable geometry or node x/y ({type(e).__name__}: {e})"
+                f"{path}: edge {u}->{v} ({name!r}) has no usable geometry or node {kx}/{ky} ({type(e).__name__}: {e})"
             ) from None
         if len(coords) < 2:
             continue
@@ -310,7 +417,7 @@ def _read_graphml(path: Path, classes: frozenset[str] | None) -> tuple[list[Way]
             continue
         seen.add(key)
         ways.append(Way(name, hw, coords))
-    return ways, [], []
+    return _transform_ways(ways, to_wgs), [], []
 
 
 def _read_geojson(path: Path, classes: frozenset[str] | None) -> tuple[list[Way], list[Place], list[Area]]:
@@ -324,6 +431,7 @@ def _read_geojson(path: Path, classes: frozenset[str] | None) -> tuple[list[Way]
         fc = {"type": "FeatureCollection", "features": [fc]}
     if not isinstance(fc, dict) or not isinstance(fc.get("features"), list):
         raise NetworkFileError(f"{path}: not a GeoJSON FeatureCollection (no 'features' list)")
+    to_wgs = _geojson_crs(fc.get("crs"), path)
     ways: list[Way] = []
     places: list[Place] = []
     areas: list[Area] = []
@@ -362,7 +470,35 @@ def _read_geojson(path: Path, classes: frozenset[str] | None) -> tuple[list[Way]
                     ways.append(Way(name, hw, coords[:, :2].copy()))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise NetworkFileError(f"{path}: feature {i}: bad geometry ({e})") from None
+    if to_wgs is not None:
+        import shapely
+
+        ways = _transform_ways(ways, to_wgs)
+        if places:
+            ll = to_wgs(np.array([[p.lon, p.lat] for p in places], dtype=np.float64))
+            places = [Place(p.name, p.kind, float(a), float(b)) for p, (a, b) in zip(places, ll)]
+        areas = [Area(a.name, a.kind, shapely.transform(a.polygon, to_wgs)) for a in areas]
     return ways, places, areas
+
+
+def _geojson_crs(member, path: Path):
+    """The transform to WGS84 for a GeoJSON `crs` member (the 2008 spec's named or EPSG form), or None.
+
+    RFC 7946 dropped `crs` (coordinates are WGS84), but GDAL and QGIS still write it for projected data.
+    """
+    if member is None:
+        return None
+    try:
+        kind, props = member["type"], member.get("properties") or {}
+        text = props["name"] if kind == "name" else f"EPSG:{int(props['code'])}" if kind == "EPSG" else None
+    except (KeyError, TypeError, ValueError, AttributeError):
+        text = None
+    if text is None:
+        raise NetworkFileError(
+            f"{path}: unsupported 'crs' member {json.dumps(member)[:200]} "
+            '(expected {"type": "name", "properties": {"name": "EPSG:..."}})'
+        )
+    return _crs_to_wgs84(text, path, "GeoJSON crs")
 
 
 def _check_coords(path: Path, ways: Iterable[Way]) -> None:
@@ -370,7 +506,8 @@ def _check_coords(path: Path, ways: Iterable[Way]) -> None:
         c = w.coords
         if not np.all(np.isfinite(c)) or np.any(np.abs(c[:, 0]) > 180) or np.any(np.abs(c[:, 1]) > 90):
             raise NetworkFileError(
-                f"{path}: way {w.name!r} has coordinates outside lon/lat range (projected data? expected WGS84)"
+                f"{path}: way {w.name!r} has coordinates outside lon/lat range: projected data must declare its CRS "
+                "(GeoJSON 'crs' member, GraphML graph attribute 'crs') or be WGS84 lon/lat"
             )
 
 

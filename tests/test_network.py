@@ -28,6 +28,7 @@ from clip_stage.network import (
     Way,
     helsinki_pbf_path,
     load_street_network,
+    resolve_city,
 )
 
 ORIGIN = (385000.0, 6672000.0)
@@ -247,3 +248,152 @@ def test_helsinki_extract():
     assert any(p.kind == "suburb" for p in net.places)
     lon0, lat0, lon1, lat1 = net.bounds()
     assert 24.9 < lon0 < lon1 < 25.0 and 60.1 < lat0 < lat1 < 60.2
+
+
+# --------------------------------------------------------------------------------------------------
+# projected inputs
+
+UTM35 = "+proj=utm +zone=35 +ellps=WGS84 +datum=WGS84 +units=m +no_defs +type=crs"
+
+
+def write_projected_graphml(path: Path, crs: str | None, *, project=None, with_lonlat=True, ways=TOY_WAYS) -> Path:
+    """An osmnx GraphML as `project_graph` saves it: node x/y and edge WKT geometry in a projected CRS,
+    node lon/lat kept, the CRS as the graph attribute `crs` (left out when `crs` is None).
+
+    `project` maps local toy metres to the file's x/y (default: UTM 35N, EPSG:32635)."""
+    project = project or (lambda x, y: utm(x, y))
+    g = nx.MultiDiGraph(**({"crs": crs} if crs else {}))
+    ids: dict[tuple, str] = {}
+    for name, hw, pts in ways:
+        for p in (pts[0], pts[-1]):
+            if p not in ids:
+                ids[p] = str(len(ids))
+                x, y = project(*p)
+                lon, lat = lonlat(*p)
+                attrs = {"x": float(x), "y": float(y)}
+                if with_lonlat:
+                    attrs |= {"lon": float(lon), "lat": float(lat)}
+                g.add_node(ids[p], **attrs)
+        xs, ys = project([p[0] for p in pts], [p[1] for p in pts])
+        attrs = {"name": name, "highway": hw}
+        if len(pts) > 2:
+            attrs["geometry"] = "LINESTRING (" + ", ".join(f"{a:.3f} {b:.3f}" for a, b in zip(xs, ys)) + ")"
+        g.add_edge(ids[pts[0]], ids[pts[-1]], **attrs)
+    nx.write_graphml(g, path)
+    return path
+
+
+def _same_ways(net, ref, atol=1e-7):
+    got = sorted((w.name, w.coords.round(6).tolist()) for w in net.ways)
+    assert [n for n, _ in got] == sorted(w.name for w in ref.ways)
+    for w in ref.ways:
+        match = [x for x in net.ways if x.name == w.name and len(x.coords) == len(w.coords)]
+        assert match, w.name
+        np.testing.assert_allclose(match[0].coords, w.coords, atol=atol)
+
+
+@pytest.mark.parametrize("crs", [UTM35, "epsg:32635", None])
+def test_projected_graphml_is_read_through_its_crs_or_node_lonlat(tmp_path, toy_osm, crs):
+    """osmnx after project_graph: the declared crs; without one, node lon/lat identify the UTM zone."""
+    net = load_street_network(write_projected_graphml(tmp_path / "proj.graphml", crs))
+    ref = load_street_network(toy_osm)
+    _same_ways(net, ref)
+    assert net.utm_epsg == EPSG
+
+
+def test_projected_graphml_in_another_crs_without_declaration(tmp_path):
+    """Node lon/lat beside x/y of an undeclared non-UTM projection: straight edges are read from lon/lat,
+    an edge with projected geometry is a one-line error; without lon/lat the file is refused."""
+    to_merc = Transformer.from_crs(4326, 3857, always_xy=True)  # web Mercator, not a UTM zone
+
+    def merc(x, y):
+        return to_merc.transform(*lonlat(x, y))
+
+    straight = [(n, hw, [pts[0], pts[-1]]) for n, hw, pts in TOY_WAYS]
+    net = load_street_network(write_projected_graphml(tmp_path / "s.graphml", None, project=merc, ways=straight))
+    main = next(w for w in net.ways if w.name == "Main Street")
+    np.testing.assert_allclose(main.coords, np.stack(lonlat([0, 600], [0, 0]), 1), atol=1e-7)
+    path = write_projected_graphml(tmp_path / "g.graphml", None, project=merc)
+    with pytest.raises(NetworkFileError, match="declares no crs") as e:
+        load_street_network(path)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+    path = write_projected_graphml(tmp_path / "bare.graphml", None, with_lonlat=False)
+    with pytest.raises(NetworkFileError, match="must declare its CRS"):
+        load_street_network(path)
+    path = write_projected_graphml(tmp_path / "bad.graphml", "epsg:999999")
+    with pytest.raises(NetworkFileError, match="not a coordinate reference system"):
+        load_street_network(path)
+
+
+def _projected_geojson(path: Path, crs_member) -> Path:
+    feats = []
+    for name, hw, pts in TOY_WAYS:
+        x, y = utm([p[0] for p in pts], [p[1] for p in pts])
+        feats.append({"type": "Feature", "properties": {"name": name, "highway": hw},
+                      "geometry": {"type": "LineString", "coordinates": np.stack([x, y], 1).tolist()}})
+    for name, kind, px, py in TOY_PLACES:
+        x, y = utm(px, py)
+        feats.append({"type": "Feature", "properties": {"name": name, "place": kind},
+                      "geometry": {"type": "Point", "coordinates": [float(x), float(y)]}})
+    x, y = utm([p[0] for p in HARBOUR], [p[1] for p in HARBOUR])
+    feats.append({"type": "Feature", "properties": {"name": "Harbour", "place": "neighbourhood"},
+                  "geometry": {"type": "Polygon", "coordinates": [np.stack([x, y], 1).tolist()]}})
+    path.write_text(json.dumps({"type": "FeatureCollection", "crs": crs_member, "features": feats}), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("member", [
+    {"type": "name", "properties": {"name": "urn:ogc:def:crs:EPSG::32635"}},
+    {"type": "name", "properties": {"name": "EPSG:32635"}},
+    {"type": "EPSG", "properties": {"code": 32635}},
+])
+def test_projected_geojson_with_a_crs_member(tmp_path, toy_osm, member):
+    net = load_street_network(_projected_geojson(tmp_path / "proj.geojson", member))
+    _same_ways(net, load_street_network(toy_osm))
+    west = next(p for p in net.places if p.name == "Westside")
+    np.testing.assert_allclose([west.lon, west.lat], lonlat(100, 100), atol=1e-7)
+    from shapely.geometry import Point
+
+    harbour = next(a for a in net.areas if a.name == "Harbour")
+    assert harbour.polygon.contains(Point(*lonlat(550, 0))) and not harbour.polygon.contains(Point(*lonlat(300, 0)))
+
+
+def test_geojson_crs_member_errors(tmp_path):
+    path = _projected_geojson(tmp_path / "odd.geojson", {"type": "link", "properties": {"href": "x.prj"}})
+    with pytest.raises(NetworkFileError, match="unsupported 'crs' member") as e:
+        load_street_network(path)
+    assert str(path) in str(e.value)
+    # WGS84 declared but projected numbers: still the out-of-range error
+    path = _projected_geojson(tmp_path / "lying.geojson", {"type": "name", "properties": {"name": "urn:ogc:def:crs:OGC:1.3:CRS84"}})
+    with pytest.raises(NetworkFileError, match="outside lon/lat range"):
+        load_street_network(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# city fallback
+
+_CITY_RING = [(-500, -500), (1100, -500), (1100, 500), (-500, 500), (-500, -500)]
+_REGION_RING = [(-900, -900), (1500, -900), (1500, 900), (-900, 900), (-900, -900)]
+_FAR_RING = [(5000, 5000), (6000, 5000), (6000, 6000), (5000, 6000), (5000, 5000)]
+
+
+def test_resolve_city_order(tmp_path):
+    net = load_street_network(write_osm(tmp_path / "a.osm"))
+    assert resolve_city(net, " Flagtown ") == ("Flagtown", "flag")
+    assert resolve_city(net, None) == ("Toytown", "osm_place")
+    assert resolve_city(net, "") == ("Toytown", "osm_place")
+    suburbs = [p for p in TOY_PLACES if p[1] != "city"]
+    # no place=city node: a town-or-city place area containing the centre
+    net = load_street_network(write_osm(tmp_path / "b.osm", places=suburbs, areas=[("Areaville", {"place": "town"}, _CITY_RING)]))
+    assert resolve_city(net, None) == ("Areaville", "osm_place")
+    # no place at all: the smallest municipality-level boundary containing the centre
+    admin = [
+        ("Region", {"boundary": "administrative", "admin_level": "6"}, _REGION_RING),
+        ("Municipality", {"boundary": "administrative", "admin_level": "8"}, _CITY_RING),
+        ("Ward", {"boundary": "administrative", "admin_level": "10"}, _CITY_RING),  # a part, never the city
+        ("Elsewhere", {"boundary": "administrative", "admin_level": "8"}, _FAR_RING),
+    ]
+    net = load_street_network(write_osm(tmp_path / "c.osm", places=suburbs, areas=admin))
+    assert resolve_city(net, None) == ("Municipality", "admin_boundary")
+    net = load_street_network(write_osm(tmp_path / "d.osm", places=suburbs, areas=admin[2:]))
+    assert resolve_city(net, None) == ("", "none")
