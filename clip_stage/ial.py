@@ -21,6 +21,11 @@ Output: a dataset folder in the layout of `clip_stage.schema`:
 - street, cross streets and neighbourhood are parsed from the canonical address
   ("Forbes Avenue & Craig Street, Oakland"); the published verbose and canonical strings are kept as
   `address_full` and `address_canonical`, the other styles are rendered from the parsed record;
+- an intersection of three or more streets ("Centre Avenue & Negley Avenue & Baum Boulevard,
+  Shadyside") is a place where all of them meet, not a stretch between two of them: street = the
+  first name, cross streets = the others, and its `address_sub_street` keeps the intersection form
+  ("Centre Avenue & Negley Avenue & Baum Boulevard"; never "Centre Avenue between Negley Avenue and
+  Baum Boulevard"); `build_report.json` counts them as `multi_street_intersections`;
 - a sub-street is one distinct canonical address (ids `<street>/<k>`, k in sorted order);
 - lat/lon are computed from the UTM coordinates (`--utm-epsg`, e.g. 32617 Pittsburgh, 32610 SF);
 - `images` is a symlink to the image root (default) or a copy of the kept images (`--images copy`);
@@ -91,6 +96,23 @@ class IALConfig:
 _AMP = re.compile(r"\s*&\s*")
 _BETWEEN = re.compile(r"^(?P<street>.+?)\s+between\s+(?P<a>.+?)\s+and\s+(?P<b>.+)$")
 _NEAR = re.compile(r"^(?P<street>.+?)\s+near\s+(?P<a>.+)$")
+
+
+def canonical_form(text: str) -> str:
+    """Which form a canonical address has: "between", "near", "intersection" ('A & B ...', two or more
+    names) or "street" (one name). Raises ValueError like `parse_canonical`."""
+    street, cross, _ = parse_canonical(text)
+    head = text.strip().partition(",")[0].strip()
+    if _BETWEEN.match(head):
+        return "between"
+    if _NEAR.match(head):
+        return "near"
+    return "intersection" if cross else "street"
+
+
+def intersection_text(street: str, cross: tuple[str, ...]) -> str:
+    """'Centre Avenue & Negley Avenue & Baum Boulevard': every street meeting there, published order."""
+    return " & ".join((street, *cross))
 
 
 def parse_canonical(text: str) -> tuple[str, tuple[str, ...], str]:
@@ -328,6 +350,8 @@ def load_ial(annotations: list[str | Path], coords_csv: str | Path | None, image
             caption, verbose, canonical = (v.strip() for v in entry)
             try:
                 street, cross, neighbourhood = parse_canonical(canonical)
+                # 'A & B & C' is where three streets meet: rendered as such, not "A between B and C"
+                junction = len(cross) >= 2 and canonical_form(canonical) == "intersection"
             except ValueError as e:
                 rejects.append(_Reject(src, key, "canonical_address", "bad_address", str(e)))
                 continue
@@ -372,7 +396,7 @@ def load_ial(annotations: list[str | Path], coords_csv: str | Path | None, image
             seen[rel] = src
             rows.append({"image": rel, "utm_x": east, "utm_y": north, "street": street, "cross_streets": list(cross),
                          "neighbourhood": neighbourhood, "caption": caption, "verbose": verbose,
-                         "canonical": canonical, "split": split})
+                         "canonical": canonical, "split": split, "junction": junction})
     if not rows:
         raise IALFormatError(f"no usable rows in {[str(f) for f in files]} (rejected: {dict(Counter(r.reason for r in rejects))})")
 
@@ -393,9 +417,18 @@ def load_ial(annotations: list[str | Path], coords_csv: str | Path | None, image
     styles = pd.DataFrame([address_columns(a) for a in addrs])
     for col in styles.columns:
         df[col] = styles[col].to_numpy()
+    # the schema's styles read two cross streets as the ends of a stretch; a multi-street
+    # intersection keeps its intersection form (and the verbose fallback says the same)
+    junction = df["junction"].to_numpy(dtype=bool)
+    if junction.any():
+        heads = [intersection_text(r.street, tuple(r.cross_streets)) for r in df.loc[junction].itertuples()]
+        df.loc[junction, "address_sub_street"] = heads
+        df.loc[junction, "address_full"] = [
+            ", ".join(p for p in (h, r.neighbourhood, r.city) if p) for h, r in zip(heads, df.loc[junction].itertuples())
+        ]
     df["address_full"] = df["verbose"].where(df["verbose"] != "", df["address_full"])
     df["address_canonical"] = df["canonical"]
-    df = df.drop(columns=["verbose", "canonical"])
+    df = df.drop(columns=["verbose", "canonical", "junction"])
 
     features = []
     for sub, g in df.groupby("sub_street", sort=True):
@@ -423,6 +456,7 @@ def load_ial(annotations: list[str | Path], coords_csv: str | Path | None, image
         "sub_streets_per_split": {s: int(df.loc[df["split"] == s, "sub_street"].nunique()) for s in SPLITS if (df["split"] == s).any()},
         "sub_streets": int(df["sub_street"].nunique()),
         "streets": int(df["street"].nunique()),
+        "multi_street_intersections": int(df.loc[junction, "sub_street"].nunique()),
     }
     root_abs = image_root.resolve()
     with atomic_dir(out) as tmp:

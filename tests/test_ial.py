@@ -236,3 +236,38 @@ def test_sf_xl_coordinates_from_file_names(tmp_path):
     assert rejects[f"train/{names['zone']}"]["reason"] == "bad_gps" and "zone 11S" in rejects[f"train/{names['zone']}"]["detail"]
     assert rejects["train/000123.jpg"]["reason"] == "missing_gps"
     assert report["kept"] == 1 and report["rejected_total"] == 2
+
+
+def test_three_street_intersection_is_not_rendered_as_a_stretch(tmp_path):
+    """'Centre Avenue & Negley Avenue & Baum Boulevard, Shadyside' is where three streets meet."""
+    assert ial.canonical_form("Centre Avenue & Negley Avenue & Baum Boulevard, Shadyside") == "intersection"
+    assert ial.canonical_form("Forbes Avenue between Craig Street and Bellefield Avenue, Oakland") == "between"
+    assert ial.canonical_form("Market Street near 5th Street") == "near"
+    assert ial.canonical_form("Craig Street, Shadyside") == "street"
+    three = "Centre Avenue & Negley Avenue & Baum Boulevard, Shadyside"
+    between = "Forbes Avenue between Craig Street and Bellefield Avenue, Oakland"
+    extra = {"Pitts-IAL/002/centre_1.jpg": ["cap", "", three],
+             "Pitts-IAL/002/centre_2.jpg": ["cap", "5800 Centre Avenue, Shadyside, Pittsburgh, PA", three],
+             "Pitts-IAL/002/forbes.jpg": ["cap", "", between]}
+    ann, coords, image_root = _write_release(
+        tmp_path, extra_train=extra,
+        extra_coords=("centre_1.jpg,589500,4480000", "centre_2.jpg,589510,4480005", "forbes.jpg,587000,4477000"))
+    (image_root / "002").mkdir()
+    for key in extra:
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image_root / key.split("/", 1)[1], format="JPEG")
+    out = tmp_path / "dataset"
+    report = ial.load_ial([ann], coords, image_root, out, _cfg())
+    df = schema.read_records(out).set_index("image")
+    c1, c2, fb = df.loc["002/centre_1.jpg"], df.loc["002/centre_2.jpg"], df.loc["002/forbes.jpg"]
+    assert c1["street"] == "Centre Avenue" and list(c1["cross_streets"]) == ["Negley Avenue", "Baum Boulevard"]
+    assert c1["address_sub_street"] == "Centre Avenue & Negley Avenue & Baum Boulevard"
+    assert c1["address_full"] == "Centre Avenue & Negley Avenue & Baum Boulevard, Shadyside, Pittsburgh"
+    assert c2["address_full"] == "5800 Centre Avenue, Shadyside, Pittsburgh, PA"  # the published verbose wins
+    assert c1["address_canonical"] == three and c1["sub_street"] == c2["sub_street"]
+    for col in ("address_sub_street", "address_full"):
+        assert "between" not in c1[col] and "between" not in c2[col]
+    # a published "between" stretch keeps its form
+    assert fb["address_sub_street"] == "Forbes Avenue between Craig Street and Bellefield Avenue"
+    assert report["multi_street_intersections"] == 1
+    sub = next(s for s in schema.read_sub_streets(out) if s["sub_street"] == c1["sub_street"])
+    assert sub["address_sub_street"] == "Centre Avenue & Negley Avenue & Baum Boulevard" and sub["n_images"] == 2
