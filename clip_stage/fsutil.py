@@ -207,6 +207,28 @@ def remove_stale_temps(folder: str | os.PathLike, stems: tuple[str, ...]) -> lis
     return removed
 
 
+def cut_jsonl_log(path: str | os.PathLike, step: int) -> int:
+    """Keeps the rows of a JSONL metrics log with "step" <= step (a resumed run logs the later steps again);
+    a torn last line of a killed run is dropped. Returns the number of rows removed."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+            keep = int(row["step"]) <= step
+        except (ValueError, KeyError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        atomic_write_text(path, "".join(f"{x}\n" for x in kept))
+    return dropped
+
+
 class UnsafePathError(ValueError):
     """An image path that is absolute or resolves outside its image root."""
 

@@ -42,7 +42,7 @@ from clip_stage.data import (
     steps_per_epoch,
     total_steps,
 )
-from clip_stage.fsutil import atomic_write_json, atomic_write_text, remove_stale_temps
+from clip_stage.fsutil import atomic_write_json, cut_jsonl_log, remove_stale_temps
 from clip_stage.losses import AddressClipLoss, logit_scale_clamp_
 from clip_stage.model import (
     STATE_FILE,
@@ -152,27 +152,6 @@ def _load_training_state(ckpt: Path) -> dict:
         raise CheckpointError(f"{ckpt / STATE_FILE}: not a plain training-state file ({first})") from None
 
 
-def cut_log(path: Path, step: int) -> int:
-    """Keeps the rows of a JSONL metrics log with "step" <= step (a resumed run logs the later steps again);
-    a torn last line of a killed run is dropped. Returns the number of rows removed."""
-    if not path.exists():
-        return 0
-    kept, dropped = [], 0
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-            keep = int(row["step"]) <= step
-        except (ValueError, KeyError, TypeError):
-            keep = False
-        if keep:
-            kept.append(line)
-        else:
-            dropped += 1
-    if dropped:
-        atomic_write_text(path, "".join(f"{x}\n" for x in kept))
-    return dropped
-
-
 def train(cfg: TrainConfig) -> dict:
     """Runs (or resumes) one training run; returns the run summary (also written to run_summary.json)."""
     if cfg.run.num_threads:
@@ -257,8 +236,8 @@ def train(cfg: TrainConfig) -> dict:
 
             # purge_step: TensorBoard hides the events after the checkpoint that the killed run had written.
             writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"), purge_step=step + 1 if resume_from else None)
-        if resume_from is not None:
-            cut_log(out_dir / "train_log.jsonl", step)
+        # The log holds this run's steps only: none after the checkpoint (or a killed run's before any).
+        cut_jsonl_log(out_dir / "train_log.jsonl", step)
         log_file = open(out_dir / "train_log.jsonl", "a", encoding="utf-8")
         print(f"train-clip: {cfg.model.model} on {len(dataset)} images, {world} process(es) x batch "
               f"{cfg.optim.batch_size}, {total} steps ({per_epoch}/epoch), warm-up {warmup}, "

@@ -9,14 +9,23 @@ entries for `--resume`:
       non_lora_trainables.safetensors                  other trained parameters (and the projector), plain names
       llava_args.json                                  ModelArgs + TrainablesArgs + data/train args + recipe text
       llava_config.json, processor files               the model config and the run's processor
-      trainer_state.json                               step, epoch, data position, world size, accumulation
-      state/                                           accelerate save_state: optimizer, scheduler, RNG, DeepSpeed shards
+      trainer_state.json                               step, epoch, data position, world size, accumulation,
+                                                       the LR scheduler's state (JSON: nothing pickled)
+      state/                                           accelerate save_state: model, optimizer, RNG, DeepSpeed shards
+      manifest.json                                    size + sha256 of every file above
 
 `load_checkpoint(folder)` (= model.load_for_inference) rebuilds the base model from the stored ModelArgs
 and applies the trained weights: no training code and no `state/` needed.
 
 The folder appears atomically (clip_stage.fsutil.atomic_dir, written by rank 0): a run killed while saving
-leaves the previous checkpoints and no half-written one. Under DeepSpeed ZeRO-3 every process holds a
+leaves the previous checkpoints and no half-written one; its files are fsynced before the rename and listed
+in manifest.json, which `resolve_resume` and `load_checkpoint` check (a damaged file is a one-line
+CheckpointError naming it; `--resume latest` then falls back to the previous checkpoint).
+
+Nothing in a checkpoint is unpickled on resume: the scheduler is JSON, accelerate reads the optimizer and
+RNG files with torch.load(weights_only=True) (enforced here), no custom pickled objects are registered.
+DeepSpeed's own shard loader unpickles (weights_only=False), so a DeepSpeed resume from a checkpoint outside
+the run's --output-dir needs --trust-checkpoint (`check_resume_trust`). Under DeepSpeed ZeRO-3 every process holds a
 shard of each parameter, so the trainable parameters are gathered (deepspeed.zero.GatheredParameters,
 collectively, in chunks) before rank 0 writes them: the adapter is never the empty tensors that
 `model.state_dict()` returns under ZeRO-3.
@@ -32,9 +41,15 @@ from typing import Any
 
 import torch
 
-from clip_stage.fsutil import atomic_dir, atomic_write_json
+from clip_stage.fsutil import ManifestError, atomic_dir, atomic_write_json, verify_manifest
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+STATE_DIR = "state"
+TRAINER_STATE = "trainer_state.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, damaged, untrusted or does not fit the run (a one-line user error)."""
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
@@ -128,7 +143,7 @@ def save_checkpoint(
 
         if not any(p.requires_grad for p in unwrapped.parameters()):
             raise RuntimeError("nothing to save: the model has no trainable parameters")
-        with atomic_dir(path) as tmp:
+        with atomic_dir(path, verified=True) as tmp:
             # state_dict= keeps peft from reading model.state_dict(), which is empty under ZeRO-3.
             counts = save_model_part(unwrapped, processor, tmp, model_args, trainables, state_dict=state, extra=config)
             atomic_write_json(tmp / "trainer_state.json", {**trainer_state, "saved_tensors": counts})
@@ -155,19 +170,69 @@ def prune_checkpoints(output_dir: str | os.PathLike, keep: int | None) -> list[P
 # --------------------------------------------------------------------------------------------
 
 
-def resolve_resume(resume: str, output_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint folder `--resume` names; 'latest' is the newest in output_dir (None if there is none)."""
+def verify_checkpoint(path: str | os.PathLike, required: bool = True) -> None:
+    """Checks a checkpoint folder against its manifest.json; CheckpointError names the first bad file.
+    required=False accepts a folder without a manifest (written before manifests, or by other tools)."""
+    try:
+        verify_manifest(path, required=required)
+    except ManifestError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def resolve_resume(resume: str, output_dir: str | os.PathLike, report=print) -> Path | None:
+    """The verified checkpoint folder `--resume` names; 'latest' is the newest intact one in output_dir
+    (None if there is none). A damaged 'latest' candidate is reported through `report` (None: silent, for
+    ranks other than 0) and the previous one is tried; an explicit folder that fails is an error."""
     if resume == "latest":
-        ckpts = [p for p in list_checkpoints(output_dir) if (p / "state").is_dir()]
-        return ckpts[-1] if ckpts else None
+        ckpts = [p for p in list_checkpoints(output_dir) if (p / STATE_DIR).is_dir()][::-1]
+        for i, ckpt in enumerate(ckpts):
+            try:
+                verify_checkpoint(ckpt, required=True)
+                return ckpt
+            except CheckpointError as e:
+                if report is not None:
+                    then = f"falling back to {ckpts[i + 1].name}" if i + 1 < len(ckpts) else "no earlier checkpoint"
+                    report(f"train-llava: {e}; {then}")
+        if ckpts:
+            raise CheckpointError(f"{output_dir}: no intact checkpoint to resume from (all {len(ckpts)} failed "
+                                  "their manifest check, see above)")
+        return None
     path = Path(resume)
-    if not (path / "state").is_dir() or not (path / "trainer_state.json").is_file():
-        raise FileNotFoundError(f"--resume {resume}: not a checkpoint folder with training state (state/)")
+    if not (path / STATE_DIR).is_dir() or not (path / TRAINER_STATE).is_file():
+        raise CheckpointError(f"--resume {resume}: not a checkpoint folder with training state ({STATE_DIR}/)")
+    verify_checkpoint(path, required=True)
     return path
+
+
+def check_resume_trust(checkpoint: str | os.PathLike, output_dir: str | os.PathLike, deepspeed: bool,
+                       trust: bool) -> None:
+    """Refuses a DeepSpeed resume from outside the run's own output folder unless the user trusts it:
+    DeepSpeed reads its shards with torch.load(weights_only=False), so a crafted file can run code."""
+    if not deepspeed or trust:
+        return
+    ckpt, out = Path(checkpoint).resolve(), Path(output_dir).resolve()
+    if out not in ckpt.parents:
+        raise CheckpointError(
+            f"--resume {checkpoint}: a DeepSpeed checkpoint outside --output-dir {output_dir}; DeepSpeed unpickles "
+            "its files, which can run code: pass --trust-checkpoint if you made it (or copy it into the run folder)"
+        )
+
+
+def check_state_files(state_dir: str | os.PathLike) -> None:
+    """Reads accelerate's RNG files with weights_only=True before load_state does: accelerate silently skips
+    an unreadable one, and the resumed run would then quietly differ from the uninterrupted one."""
+    from accelerate.utils import load
+
+    for f in sorted(Path(state_dir).glob("random_states_*.pkl")):
+        try:
+            load(f, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any failure means the same thing: not a plain RNG state file
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"{f}: not a plain RNG state file ({first})") from None
 
 
 def load_checkpoint(path: str | os.PathLike, base=None, **model_overrides):
     """(model, processor) of a checkpoint folder in eval mode: base model + trained weights + adapter."""
     from llava_address.model import load_for_inference
 
-    return load_for_inference(base, path, **model_overrides)
+    return load_for_inference(base, path, **model_overrides)  # checks the manifest when there is one

@@ -12,7 +12,11 @@ warm-up then cosine/linear/constant) are always ours: the DeepSpeed configs in d
 Each optimizer step: gradient accumulation (global batch = per-device x processes x accumulation),
 clipping, one scheduler step. Rank 0 shows a tqdm bar and logs loss, learning rates, tokens/s and memory
 to TensorBoard (<output>/tb) and <output>/metrics.jsonl. Checkpoints: see llava_address.checkpoint.
-`--resume` restores model, optimizer, scheduler, RNG and the position in the data.
+`--resume` restores model, optimizer, scheduler, RNG and the position in the data, after checking the
+checkpoint's manifest (`--resume latest` falls back to the previous checkpoint if the newest is damaged),
+and cuts metrics.jsonl back to the checkpoint's step. An output folder that already holds checkpoints is
+refused without --resume; staging folders of a killed save are removed at the start. Checkpoint errors
+are one line on stderr, exit code 2.
 """
 
 from __future__ import annotations
@@ -30,8 +34,15 @@ from typing import Any
 
 import torch
 
+from clip_stage.fsutil import cut_jsonl_log, remove_stale_temps
 from llava_address.checkpoint import (
+    STATE_DIR,
+    TRAINER_STATE,
+    CheckpointError,
+    check_resume_trust,
+    check_state_files,
     checkpoint_name,
+    list_checkpoints,
     prune_checkpoints,
     resolve_resume,
     save_checkpoint,
@@ -317,12 +328,20 @@ def train(cfg: RunConfig) -> TrainResult:
 
     args = cfg.train
     out = Path(args.output_dir)
+    existing = list_checkpoints(out)
+    if existing and not args.resume:
+        # Another run's checkpoints would be overwritten and its metrics mixed with this run's.
+        raise CheckpointError(f"{out} already holds checkpoints ({existing[-1].name}): pass --resume latest to "
+                              "continue, or another --output-dir")
     world = world_size_from_env()
     accumulation = args.accumulation_for(world)
     accelerator = make_accelerator(args, accumulation)
     if accelerator.num_processes != world:
         raise RuntimeError(f"launcher said {world} processes, accelerate sees {accelerator.num_processes}")
     is_main = accelerator.is_main_process
+    if is_main:
+        # Before anything of this run is saved: what a killed save left is garbage.
+        remove_stale_temps(out, ("checkpoint-", "metrics.jsonl"))
     set_seed(args.seed)
 
     model, processor, summary = build_model(cfg)
@@ -347,24 +366,41 @@ def train(cfg: RunConfig) -> TrainResult:
     micro_per_epoch = len(loader)
     total_steps = args.total_steps(micro_per_epoch, accumulation)
     # Made after prepare, on the optimizer that really steps (DeepSpeed may swap in its own CPU Adam).
+    # Not registered with accelerate (it would pickle it): its state goes into trainer_state.json.
     scheduler = make_scheduler(optimizer, args, total_steps)
-    accelerator.register_for_checkpointing(scheduler)
 
     global_step, epoch, batches_done = 0, 0, 0
-    resume_from = resolve_resume(args.resume, out) if args.resume else None
+    resume_from = None
+    if args.resume:
+        resume_from = resolve_resume(args.resume, out, report=(lambda m: print(m, file=sys.stderr, flush=True))
+                                     if is_main else None)
     if resume_from is not None:
-        accelerator.load_state(str(resume_from / "state"))
-        st = json.loads((resume_from / "trainer_state.json").read_text())
-        global_step, epoch, batches_done = st["global_step"], st["epoch"], st["batches_done_in_epoch"]
+        st = json.loads((resume_from / TRAINER_STATE).read_text())
+        if "scheduler" not in st:
+            raise CheckpointError(f"{resume_from / TRAINER_STATE}: no scheduler state (a checkpoint of an older "
+                                  "version, whose scheduler was pickled): start a new run")
         if st["world_size"] != accelerator.num_processes or st["accumulation"] != accumulation:
-            raise ValueError(
+            raise CheckpointError(
                 f"{resume_from} was written with {st['world_size']} processes x {st['accumulation']} accumulation; "
                 f"resuming needs the same (now {accelerator.num_processes} x {accumulation})"
             )
+        check_resume_trust(resume_from, out, deepspeed=accelerator.state.deepspeed_plugin is not None,
+                           trust=args.trust_checkpoint)
+        check_state_files(resume_from / STATE_DIR)
+        try:
+            # weights_only=True: accelerate's default today, stated so that no version can turn it off.
+            accelerator.load_state(str(resume_from / STATE_DIR), load_kwargs={"weights_only": True})
+        except Exception as e:  # noqa: BLE001 - one line naming the folder instead of a library traceback
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"{resume_from / STATE_DIR}: cannot be loaded ({type(e).__name__}: {first})") from e
+        scheduler.load_state_dict(st["scheduler"])
+        global_step, epoch, batches_done = st["global_step"], st["epoch"], st["batches_done_in_epoch"]
 
     run_json = cfg.to_json()
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
+        # The log holds this run's steps only: none after the checkpoint (or a killed run's before any).
+        cut_jsonl_log(out / "metrics.jsonl", global_step)
         accelerator.print(
             f"train-llava: {accelerator.num_processes} process(es), {accelerator.distributed_type}, "
             f"accumulation {accumulation}, {total_steps} optimizer steps, trainables: {summary}"
@@ -372,7 +408,9 @@ def train(cfg: RunConfig) -> TrainResult:
     if args.report_to == "tensorboard":
         flat = {f"{s}.{k}": (v if isinstance(v, (int, float, str, bool)) else str(v))
                 for s in ("model", "trainables", "data", "train") for k, v in run_json[s].items()}
-        accelerator.init_trackers("train_llava", config=flat)
+        # purge_step: TensorBoard hides the events a killed run wrote after the checkpoint.
+        init_kwargs = {"tensorboard": {"purge_step": global_step + 1}} if resume_from is not None else {}
+        accelerator.init_trackers("train_llava", config=flat, init_kwargs=init_kwargs)
 
     history: list[dict[str, Any]] = []
     checkpoints: list[Path] = []
@@ -388,7 +426,7 @@ def train(cfg: RunConfig) -> TrainResult:
         state = {
             "global_step": step, "epoch": epoch_now, "batches_done_in_epoch": batches_now,
             "total_steps": total_steps, "world_size": accelerator.num_processes, "accumulation": accumulation,
-            "micro_batches_per_epoch": micro_per_epoch,
+            "micro_batches_per_epoch": micro_per_epoch, "scheduler": _jsonable(scheduler.state_dict()),
         }
         extra = {k: v for k, v in run_json.items() if k not in ("model", "trainables")}
         save_checkpoint(path, accelerator=accelerator, model=model, processor=processor, model_args=cfg.model,
@@ -493,7 +531,11 @@ def _jsonable(obj: Any) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except CheckpointError as e:
+        print(f"train-llava: {e}", file=sys.stderr)
+        return 2
     if result.model is not None and int(os.environ.get("RANK", "0")) == 0:
         last = result.checkpoints[-1] if result.checkpoints else None
         print(json.dumps({"global_step": result.global_step, "world_size": result.world_size,
