@@ -24,6 +24,7 @@ import io
 import json
 import math
 import os
+import posixpath
 import shutil
 import sys
 import time
@@ -31,33 +32,38 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Iterator, Literal
 
 import numpy as np
 import pandas as pd
 
+from clip_stage.exif_gps import exif_orientation, scan_exif_gps
 from clip_stage.fsutil import UnsafePathError, atomic_dir, atomic_write_json, resolve_under_root
 from clip_stage.geocode import GeocodeConfig, ReverseGeocoder
 from clip_stage.network import DEFAULT_HIGHWAYS, NetworkFileError, helsinki_pbf_path, load_street_network
-from clip_stage.schema import COLUMNS, DatasetPaths, address_columns, write_records
+from clip_stage.schema import COLUMNS, DatasetPaths, RecordsWriter, address_columns
 from clip_stage.substreets import SubStreetConfig, ZoneFileError, load_zones, partition_sub_streets, sub_streets_geojson
 
-BUILDER_VERSION = 1
+if TYPE_CHECKING:
+    import pyarrow as pa
 
-# reject reasons, in the order rows are checked
+BUILDER_VERSION = 2
+
+# reject reasons, in the order rows are checked: each row gets the first that applies
 REJECT_REASONS = {
     "malformed_row": "a CSV row with more fields than the header, or a JSONL line that is not a JSON object",
+    "no_exif_gps": "EXIF mode (no --gps): a photo without a readable GPS position in its EXIF",
     "missing_image": "empty image path",
-    "unsafe_path": "absolute image path or one escaping the image root",
-    "image_not_found": "the image file does not exist",
-    "duplicate_path": "the same image path as an earlier row",
-    "duplicate_image_id": "the same image_id as an earlier row",
+    "unsafe_path": "absolute image path or one escaping the image root (also through a symlink)",
     "missing_gps": "lat or lon empty or NaN",
     "bad_gps": "lat or lon not a number",
     "gps_out_of_range": "lat outside [-90, 90] or lon outside [-180, 180] (or infinite)",
     "far_from_street": "no named street within geocode max_distance_m",
     "ambiguous": "two streets with nearly equal votes (e.g. in the middle of a crossing)",
-    "corrupt_image": "the image cannot be opened/decoded",
+    "duplicate_path": "the same image path as an earlier kept row",
+    "duplicate_image_id": "the same image_id as an earlier kept row",
+    "image_not_found": "the image file does not exist",
+    "corrupt_image": "the image cannot be read or decoded",
     "duplicate_image": "the same file content as an earlier kept row",
     "no_sub_street": "no sub-street of its street near the point (should not happen)",
 }
@@ -74,7 +80,7 @@ class BuildArgs:
     images: str = ""
     """Image root folder; the GPS table's `image` paths are relative to it."""
     gps: str = ""
-    """GPS table: .csv or .jsonl with columns image, lat, lon and optional caption, image_id."""
+    """GPS table: .csv or .jsonl with columns image, lat, lon and optional caption, image_id ('' = read each photo's EXIF GPS)."""
     out: str = ""
     """Output dataset folder (written atomically: all or nothing)."""
     network: str = ""
@@ -85,18 +91,22 @@ class BuildArgs:
     """Optional GeoJSON of neighbourhood polygons (name in --zone-name-property); else OSM place nodes."""
     highway_classes: str = ""
     """Comma-separated OSM highway classes to keep ('' = the default street classes, 'all' = any named way)."""
-    image_mode: Literal["hardlink", "copy", "symlink"] = "hardlink"
-    """How images enter <out>/images: hard links (copy when across devices), copies, or symlinks to the originals."""
+    image_mode: Literal["hardlink", "copy", "symlink", "root"] = "hardlink"
+    """How images enter <out>/images: hard links (copy when across devices), copies, symlinks to the originals, or root: <out>/images is one symlink to the image root (millions of images; nothing is linked per file)."""
     image_check: Literal["load", "verify", "none"] = "load"
-    """How images are checked: decode fully (load), check the header/structure (verify), or not at all."""
+    """How images are checked: read, hash and decode fully (load) or check the header (verify); none: only that the file exists (not read: no corrupt/duplicate-content/EXIF-rotation checks)."""
     workers: int = 4
-    """Threads that read, hash and check images."""
+    """Threads that find, read, hash and check images (and read EXIF GPS)."""
+    chunk_rows: int = 100_000
+    """GPS-table rows read, checked and geocoded at a time: bounds the memory of the table stage."""
     overwrite: bool = False
     """Replace an existing dataset folder at --out."""
 
     def __post_init__(self):
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be >= 1, got {self.chunk_rows}")
 
 
 @dataclass(frozen=True)
@@ -125,66 +135,108 @@ class SplitConfig:
 
 
 # --------------------------------------------------------------------------------------------------
-# the GPS table
+# the GPS table, read in chunks
 
 
 _ALIASES = {"lat": ("lat", "latitude"), "lon": ("lon", "lng", "long", "longitude")}
+TABLE_COLUMNS = ["row", "image", "lat", "lon", "caption", "image_id"]
 
 
-def read_gps_table(path: str | Path) -> tuple[pd.DataFrame, list[dict]]:
-    """The table as strings (columns row, image, lat, lon, caption, image_id) and the malformed rows.
-
-    `row` is the 1-based record number (CSV: not counting the header; JSONL: the line number).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise GpsTableError(f"{path}: GPS table not found")
-    suffix = path.suffix.lower()
-    records: list[dict] = []
-    bad: list[dict] = []
-    try:
-        if suffix in (".jsonl", ".ndjson"):
-            with path.open(encoding="utf-8-sig") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        bad.append({"row": lineno, "field": "row", "reason": "malformed_row", "detail": f"bad JSON: {e}"})
-                        continue
-                    if not isinstance(obj, dict):
-                        bad.append({"row": lineno, "field": "row", "reason": "malformed_row", "detail": "not a JSON object"})
-                        continue
-                    records.append({"row": lineno, **{k: obj[k] for k in obj}})
-        elif suffix in (".csv", ".tsv"):
-            with path.open(encoding="utf-8-sig", newline="") as f:
-                reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-                if not reader.fieldnames:
-                    raise GpsTableError(f"{path}: empty file (expected a header with image, lat, lon)")
-                for rowno, rec in enumerate(reader, 1):
-                    if None in rec:
-                        bad.append({"row": rowno, "field": "row", "reason": "malformed_row",
-                                    "detail": f"{len(rec[None])} more fields than the header"})
-                        continue
-                    records.append({"row": rowno, **rec})
-        else:
-            raise GpsTableError(f"{path}: unknown GPS table format {suffix!r}; expected .csv, .tsv or .jsonl")
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise GpsTableError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
-    df = pd.DataFrame.from_records(records) if records else pd.DataFrame({"row": []})
+def _table_frame(path: Path, records: list[dict], columns_checked: bool) -> pd.DataFrame:
+    """One chunk of records -> the canonical columns (aliases renamed, missing optional ones None)."""
+    df = pd.DataFrame.from_records(records) if records else pd.DataFrame({"row": pd.Series(dtype=np.int64)})
     for canon, names in _ALIASES.items():
         found = [n for n in names if n in df.columns]
         if found and found[0] != canon:
             df = df.rename(columns={found[0]: canon})
-    if records:
+    if records and not columns_checked:
         missing = [c for c in ("image", "lat", "lon") if c not in df.columns]
         if missing:
             raise GpsTableError(f"{path}: missing column(s) {missing}; found {[c for c in df.columns if c != 'row']}")
-    for c in ("image", "lat", "lon", "caption", "image_id"):
+    for c in TABLE_COLUMNS[1:]:
         if c not in df.columns:
             df[c] = None
-    return df[["row", "image", "lat", "lon", "caption", "image_id"]].reset_index(drop=True), bad
+    return df[TABLE_COLUMNS].reset_index(drop=True)
+
+
+def _records(path: Path) -> Iterator[tuple[dict | None, dict | None]]:
+    """(record with its `row`, None) or (None, malformed-row reject) per record of a CSV/TSV/JSONL table."""
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        with path.open(encoding="utf-8-sig") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield None, {"row": lineno, "field": "row", "reason": "malformed_row", "detail": f"bad JSON: {e}"}
+                    continue
+                if not isinstance(obj, dict):
+                    yield None, {"row": lineno, "field": "row", "reason": "malformed_row", "detail": "not a JSON object"}
+                    continue
+                yield {"row": lineno, **obj}, None
+    elif suffix in (".csv", ".tsv"):
+        # the csv module, not pandas' chunked reader: it reports each over-long record with its exact
+        # record number (quoted newlines included), which pandas' fast engine cannot
+        with path.open(encoding="utf-8-sig", newline="") as f:
+            reader = csv.reader(f, delimiter="\t" if suffix == ".tsv" else ",")
+            header = next(reader, None)
+            if not header:
+                raise GpsTableError(f"{path}: empty file (expected a header with image, lat, lon)")
+            width = len(header)
+            for rowno, rec in enumerate(reader, 1):
+                if len(rec) > width:
+                    yield None, {"row": rowno, "field": "row", "reason": "malformed_row",
+                                 "detail": f"{len(rec) - width} more fields than the header"}
+                    continue
+                if not rec:
+                    continue  # a blank line is no record (as csv.DictReader)
+                yield {"row": rowno, **dict(zip(header, rec))}, None
+    else:
+        raise GpsTableError(f"{path}: unknown GPS table format {suffix!r}; expected .csv, .tsv or .jsonl")
+
+
+def _check_table_path(path: Path) -> None:
+    if not path.is_file():
+        raise GpsTableError(f"{path}: GPS table not found")
+    if path.suffix.lower() not in (".csv", ".tsv", ".jsonl", ".ndjson"):
+        raise GpsTableError(f"{path}: unknown GPS table format {path.suffix.lower()!r}; expected .csv, .tsv or .jsonl")
+
+
+def iter_gps_table(path: str | Path, chunk_rows: int = 100_000) -> Iterator[tuple[pd.DataFrame, list[dict]]]:
+    """The table in chunks of at most `chunk_rows` records: (columns row, image, lat, lon, caption,
+    image_id as read, malformed-row rejects). Memory is bounded by one chunk, whatever the table's size.
+
+    `row` is the 1-based record number (CSV: not counting the header; JSONL: the line number).
+    """
+    path = Path(path)
+    _check_table_path(path)
+    records: list[dict] = []
+    bad: list[dict] = []
+    checked = False
+    try:
+        for rec, rej in _records(path):
+            if rej is not None:
+                bad.append(rej)
+                continue
+            records.append(rec)
+            if len(records) >= chunk_rows:
+                yield _table_frame(path, records, checked), bad
+                checked, records, bad = True, [], []
+        if records or bad or not checked:
+            yield _table_frame(path, records, checked), bad
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise GpsTableError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
+
+
+def read_gps_table(path: str | Path) -> tuple[pd.DataFrame, list[dict]]:
+    """The whole table at once (see `iter_gps_table`)."""
+    frames, bad = [], []
+    for df, rej in iter_gps_table(path, chunk_rows=1 << 62):
+        frames.append(df)
+        bad += rej
+    return pd.concat(frames, ignore_index=True), bad
 
 
 def _str_or_empty(v) -> str:
@@ -202,35 +254,192 @@ def _parse_gps(values: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return num, missing.to_numpy(), bad
 
 
+def _syntactic_path(image: str) -> tuple[str | None, str]:
+    """(normalised relative posix path, '') or (None, why it is unsafe), without touching the disk."""
+    if image.startswith(("/", "\\")) or os.path.isabs(image):
+        return None, f"image path {image!r} is absolute; it must be relative to the image root"
+    rel = posixpath.normpath(image)
+    if rel == ".." or rel.startswith("../"):
+        return None, f"image path {image!r} escapes the image root"
+    return rel, ""
+
+
+# --------------------------------------------------------------------------------------------------
+# the per-chunk step: check rows + geocode (pure)
+
+
+@dataclass
+class ChunkResult:
+    """The kept rows of one chunk (parallel arrays, in row order) and its rejects."""
+
+    row: np.ndarray
+    image: np.ndarray  # normalised relative path (object)
+    image_id: np.ndarray
+    caption: np.ndarray
+    lat: np.ndarray
+    lon: np.ndarray
+    utm_x: np.ndarray
+    utm_y: np.ndarray
+    street: np.ndarray
+    distance_m: np.ndarray
+    rejects: list[dict]
+
+    FIELDS = ("row", "image", "image_id", "caption", "lat", "lon", "utm_x", "utm_y", "street", "distance_m")
+
+    def take(self, mask: np.ndarray) -> "ChunkResult":
+        return ChunkResult(**{f: getattr(self, f)[mask] for f in self.FIELDS}, rejects=self.rejects)
+
+    @classmethod
+    def concat(cls, parts: list["ChunkResult"]) -> "ChunkResult":
+        if not parts:
+            empty = {f: np.zeros(0, dtype=object if f in ("image", "image_id", "caption", "street") else
+                                 (np.int64 if f == "row" else np.float64)) for f in cls.FIELDS}
+            return cls(**empty, rejects=[])
+        return cls(**{f: np.concatenate([getattr(p, f) for p in parts]) for f in cls.FIELDS},
+                   rejects=[r for p in parts for r in p.rejects])
+
+
+def check_chunk(table: pd.DataFrame, geocoder: ReverseGeocoder) -> ChunkResult:
+    """Checks one chunk of the GPS table and reverse-geocodes its points: a pure function.
+
+    Inputs are the chunk (as `iter_gps_table` yields it) and the read-only geocoder; the output
+    depends on nothing else (no file system, no global state, no other chunk), so any engine can run
+    it on shards of a table (see README "Beyond one machine"). The checks that need every row
+    (duplicates) or the image files come after, in `build_dataset`.
+    """
+    n = len(table)
+    alive = np.ones(n, dtype=bool)
+    rows = table["row"].to_numpy(dtype=np.int64)
+    images = table["image"].map(_str_or_empty).to_numpy(dtype=object)
+    rejects: list[dict] = []
+
+    def reject(mask: np.ndarray, reason: str, field: str, detail=None) -> None:
+        for i in np.flatnonzero(mask & alive):
+            rejects.append({"row": int(rows[i]), "field": field, "reason": reason, "image": images[i],
+                            **({"detail": detail(i) if callable(detail) else detail} if detail else {})})
+        alive[mask] = False
+
+    reject(images == "", "missing_image", "image")
+    rel = np.full(n, "", dtype=object)
+    unsafe = np.zeros(n, dtype=bool)
+    why: dict[int, str] = {}
+    for i in np.flatnonzero(alive):
+        r, msg = _syntactic_path(images[i])
+        if r is None:
+            unsafe[i], why[i] = True, msg
+        else:
+            rel[i] = r
+    reject(unsafe, "unsafe_path", "image", lambda i: why[i])
+
+    lat, lat_missing, lat_bad = _parse_gps(table["lat"])
+    lon, lon_missing, lon_bad = _parse_gps(table["lon"])
+    reject(lat_missing, "missing_gps", "lat")
+    reject(lon_missing, "missing_gps", "lon")
+    reject(lat_bad, "bad_gps", "lat", lambda i: f"not a number: {table['lat'].iloc[i]!r}")
+    reject(lon_bad, "bad_gps", "lon", lambda i: f"not a number: {table['lon'].iloc[i]!r}")
+    with np.errstate(invalid="ignore"):
+        reject(~(np.abs(lat) <= 90), "gps_out_of_range", "lat", lambda i: f"lat={lat[i]}")
+        reject(~(np.abs(lon) <= 180), "gps_out_of_range", "lon", lambda i: f"lon={lon[i]}")
+
+    utm_x, utm_y = np.full(n, np.nan), np.full(n, np.nan)
+    street = np.full(n, "", dtype=object)
+    dist = np.full(n, np.nan)
+    idx = np.flatnonzero(alive)
+    if len(idx):
+        utm_x[idx], utm_y[idx] = geocoder.network.to_utm(lon[idx], lat[idx])
+        geo = geocoder.geocode_xy(utm_x[idx], utm_y[idx])
+        street[idx], dist[idx] = geo.street, geo.distance_m
+        for reason in ("far_from_street", "ambiguous"):
+            m = np.zeros(n, dtype=bool)
+            m[idx[geo.reason == reason]] = True
+            detail = (lambda i: f"nearest named street {dist[i]:.1f} m away") if reason == "far_from_street" else None
+            reject(m, reason, "lat,lon", detail)
+
+    ids = table["image_id"].map(_str_or_empty).to_numpy(dtype=object)
+    ids = np.where(ids == "", rel, ids)
+    caption = table["caption"].map(_str_or_empty).to_numpy(dtype=object)
+    return ChunkResult(rows[alive], rel[alive], ids[alive], caption[alive], lat[alive], lon[alive], utm_x[alive],
+                       utm_y[alive], street[alive], dist[alive], rejects)
+
+
 # --------------------------------------------------------------------------------------------------
 # images
 
 
-def _check_image(path: Path, mode: str) -> tuple[str | None, str | None]:
-    """(content hash, error) of one image file."""
+@dataclass(frozen=True)
+class ImageCheck:
+    """What the image step found for one row."""
+
+    error: str = ""  # '' = fine
+    reason: str = ""  # the reject reason when error is set
+    digest: str = ""  # content hash ('' when the file is not read)
+    orientation: int = 1  # EXIF orientation (1 = upright or unknown)
+
+
+def _check_image(root: Path, rel: str, mode: str) -> ImageCheck:
+    """Resolves (no symlink escaping the root), finds, and (unless mode is none) hashes and decodes one image."""
+    try:
+        path = resolve_under_root(root, rel)
+    except UnsafePathError as e:
+        return ImageCheck(str(e), "unsafe_path")
+    if mode == "none":
+        return ImageCheck() if os.path.isfile(path) else ImageCheck("not found", "image_not_found")
     try:
         data = path.read_bytes()
+    except FileNotFoundError:
+        return ImageCheck("not found", "image_not_found")
+    except IsADirectoryError:
+        return ImageCheck("a folder, not a file", "image_not_found")
     except OSError as e:
-        return None, f"cannot read: {e}"
+        return ImageCheck(f"cannot read: {e}", "corrupt_image")
     digest = hashlib.blake2b(data, digest_size=16).hexdigest()
-    if mode == "none":
-        return digest, None
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as im:
             if mode == "verify":
-                im.verify()
+                im.verify()  # must come straight after open: EXIF is read from a second opening
             else:
                 im.load()
                 if im.width < 1 or im.height < 1:
-                    return digest, "empty image"
+                    return ImageCheck("empty image", "corrupt_image", digest)
+                orientation = exif_orientation(im)
+        if mode == "verify":
+            with Image.open(io.BytesIO(data)) as im:
+                orientation = exif_orientation(im)
     except Exception as e:  # PIL raises many types for broken files (OSError, SyntaxError, ValueError...)
-        return digest, f"{type(e).__name__}: {e}"
-    return digest, None
+        return ImageCheck(f"{type(e).__name__}: {e}", "corrupt_image", digest)
+    return ImageCheck("", "", digest, orientation)
 
 
-def _place_image(src: Path, dst: Path, mode: str) -> None:
+def check_images(root: Path, rels: np.ndarray, mode: str, workers: int, progress: bool = False) -> list[ImageCheck]:
+    """`_check_image` for every path, in `workers` threads (file reads and PIL decoding release the GIL).
+
+    Paths go to the threads in batches: one future per image costs more than a stat at a million rows.
+    """
+    from tqdm.auto import tqdm
+
+    batch = 512
+    starts = range(0, len(rels), batch)
+    out: list[ImageCheck] = []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        jobs = pool.map(lambda s: [_check_image(root, r, mode) for r in rels[s : s + batch]], starts)
+        with tqdm(total=len(rels), desc="images", unit="img", disable=not progress or len(rels) < 2000) as bar:
+            for part in jobs:
+                out += part
+                bar.update(len(part))
+    return out
+
+
+def _place_image(src: Path, dst: Path, mode: str, orientation: int = 1) -> None:
+    if orientation != 1:  # stored upright, so that no later stage needs to know about EXIF
+        from PIL import Image, ImageOps
+
+        with Image.open(src) as im:
+            upright = ImageOps.exif_transpose(im)  # also resets the orientation tag in its EXIF
+            kw = {"quality": 95} if (im.format or "").upper() in ("JPEG", "WEBP") else {}
+            upright.save(dst, format=im.format, exif=upright.getexif(), **kw)
+        return
     if mode == "symlink":
         os.symlink(src.resolve(), dst)
         return
@@ -312,6 +521,28 @@ def _highways(spec: str):
     return frozenset(h.strip() for h in spec.split(",") if h.strip())
 
 
+def _resolve_city(network, flag: str) -> tuple[str, str]:
+    """(city name, where it came from: flag / osm_place / admin_boundary / none)."""
+    from clip_stage import network as network_module
+
+    resolve = getattr(network_module, "resolve_city", None)
+    if resolve is not None:
+        return resolve(network, flag)
+    if flag:
+        return flag, "flag"
+    name = network.city_name()
+    return (name, "osm_place") if name else ("", "none")
+
+
+def _records_table(cols: dict[str, list | np.ndarray]) -> "pa.Table":
+    """One slice of records as an Arrow table with fixed column types (every slice writes the same schema)."""
+    import pyarrow as pa
+
+    types = {"lat": pa.float64(), "lon": pa.float64(), "utm_x": pa.float64(), "utm_y": pa.float64(),
+             "street_distance_m": pa.float64(), "source_row": pa.int64(), "cross_streets": pa.list_(pa.string())}
+    return pa.table({c: pa.array(v, type=types.get(c, pa.string())) for c, v in cols.items()})
+
+
 def build_dataset(
     args: BuildArgs,
     geocode: GeocodeConfig | None = None,
@@ -335,192 +566,151 @@ def build_dataset(
         timings[name] = round(now - clock[0], 3)
         clock[0] = now
 
-    if not args.images or not args.gps or not args.out:
-        raise ValueError("build-dataset needs --images, --gps and --out")
+    if not args.images or not args.out:
+        raise ValueError("build-dataset needs --images and --out (and --gps, unless the photos carry EXIF GPS)")
     image_root = Path(args.images)
     if not image_root.is_dir():
         raise FileNotFoundError(f"{image_root}: image root folder not found")
     out = Path(args.out)
     root_res, out_res = image_root.resolve(), out.resolve()
-    if out_res == root_res or out_res in root_res.parents:
-        raise ValueError(f"--out {out} must not be the image root {image_root} or contain it")
+    if out_res == root_res or out_res in root_res.parents or (not args.gps and root_res in out_res.parents):
+        raise ValueError(f"--out {out} must not be the image root {image_root}, contain it, or (EXIF mode) lie in it")
     if out.exists():
         if not args.overwrite:
             raise FileExistsError(f"{out} exists (pass --overwrite to replace it)")
         if not out.is_dir() or (any(out.iterdir()) and not DatasetPaths(out).info.exists()):
             raise FileExistsError(f"{out} exists and is not an address dataset; refusing to replace it")
+    if args.gps:
+        _check_table_path(Path(args.gps))  # before the network is read
 
     network = load_street_network(_resolve_network(args.network), _highways(args.highway_classes))
     zones = load_zones(args.zones, network, sub_streets.zone_name_property) if args.zones else None
-    city = args.city or network.city_name()
+    city, city_source = _resolve_city(network, args.city)
+    geocoder = ReverseGeocoder(network, geocode)
     lap("network")
 
-    table, rejects = read_gps_table(args.gps)
-    n_rows = len(table) + len(rejects)
-    alive = np.ones(len(table), dtype=bool)
-    rows = table["row"].to_numpy()
-    images = table["image"].map(_str_or_empty).to_numpy(dtype=object)
-
-    def reject(mask: np.ndarray, reason: str, field: str, detail=None) -> None:
-        for i in np.flatnonzero(mask & alive):
-            rejects.append({"row": int(rows[i]), "field": field, "reason": reason, "image": images[i],
-                            **({"detail": detail(i) if callable(detail) else detail} if detail else {})})
-        alive[mask] = False
-
-    # image paths: present, safe, existing, unique
-    reject(images == "", "missing_image", "image")
-    rel = np.array([""] * len(table), dtype=object)
-    unsafe = np.zeros(len(table), dtype=bool)
-    not_found = np.zeros(len(table), dtype=bool)
-    unsafe_msg: dict[int, str] = {}
-    for i in np.flatnonzero(alive):
-        try:
-            full = resolve_under_root(image_root, images[i])
-        except UnsafePathError as e:
-            unsafe[i], unsafe_msg[i] = True, str(e)
-            continue
-        rel[i] = full.relative_to(root_res).as_posix()
-        not_found[i] = not full.is_file()
-    reject(unsafe, "unsafe_path", "image", lambda i: unsafe_msg[i])
-    reject(not_found, "image_not_found", "image")
-    first_row: dict[str, int] = {}
-    dup = np.zeros(len(table), dtype=bool)
-    for i in np.flatnonzero(alive):
-        if rel[i] in first_row:
-            dup[i] = True
-        else:
-            first_row[rel[i]] = int(rows[i])
-    reject(dup, "duplicate_path", "image", lambda i: f"same path as row {first_row[rel[i]]}")
-    ids = table["image_id"].map(_str_or_empty).to_numpy(dtype=object)
-    ids = np.where(ids == "", rel, ids)
-    seen_ids: dict[str, int] = {}
-    dup_id = np.zeros(len(table), dtype=bool)
-    for i in np.flatnonzero(alive):
-        if ids[i] in seen_ids:
-            dup_id[i] = True
-        else:
-            seen_ids[ids[i]] = int(rows[i])
-    reject(dup_id, "duplicate_image_id", "image_id", lambda i: f"same image_id as row {seen_ids[ids[i]]}")
-
-    # GPS: present, numeric, in range
-    lat, lat_missing, lat_bad = _parse_gps(table["lat"])
-    lon, lon_missing, lon_bad = _parse_gps(table["lon"])
-    reject(lat_missing, "missing_gps", "lat")
-    reject(lon_missing, "missing_gps", "lon")
-    reject(lat_bad, "bad_gps", "lat", lambda i: f"not a number: {table['lat'].iloc[i]!r}")
-    reject(lon_bad, "bad_gps", "lon", lambda i: f"not a number: {table['lon'].iloc[i]!r}")
-    with np.errstate(invalid="ignore"):
-        reject(~(np.abs(lat) <= 90), "gps_out_of_range", "lat", lambda i: f"lat={lat[i]}")
-        reject(~(np.abs(lon) <= 180), "gps_out_of_range", "lon", lambda i: f"lon={lon[i]}")
-    lap("table")
-
-    # reverse geocoding of every remaining point at once
-    utm_x = np.full(len(table), np.nan)
-    utm_y = np.full(len(table), np.nan)
-    street = np.array([""] * len(table), dtype=object)
-    dist = np.full(len(table), np.nan)
-    idx = np.flatnonzero(alive)
-    if len(idx):
-        utm_x[idx], utm_y[idx] = network.to_utm(lon[idx], lat[idx])
-        geo = ReverseGeocoder(network, geocode).geocode_xy(utm_x[idx], utm_y[idx])
-        street[idx], dist[idx] = geo.street, geo.distance_m
-        for reason in ("far_from_street", "ambiguous"):
-            m = np.zeros(len(table), dtype=bool)
-            m[idx[geo.reason == reason]] = True
-            if reason == "far_from_street":
-                reject(m, reason, "lat,lon", lambda i: f"nearest named street {dist[i]:.1f} m away")
+    # 1. the table in chunks: check rows + geocode (pure, per chunk), then duplicates across chunks
+    if args.gps:
+        chunks = iter_gps_table(args.gps, args.chunk_rows)
+    else:
+        table, exif_rejects = scan_exif_gps(image_root, args.workers)
+        chunks = iter([(table, exif_rejects)])
+    parts: list[ChunkResult] = []
+    rejects: list[dict] = []
+    n_rows = 0
+    seen_path: dict[str, int] = {}
+    seen_id: dict[str, int] = {}
+    for table, bad in chunks:
+        n_rows += len(table) + len(bad)
+        rejects += bad
+        res = check_chunk(table, geocoder)
+        rejects += res.rejects
+        keep = np.ones(len(res.row), dtype=bool)
+        for i, (r, p, q) in enumerate(zip(res.row.tolist(), res.image, res.image_id)):
+            if p in seen_path:
+                keep[i] = False
+                rejects.append({"row": r, "field": "image", "reason": "duplicate_path", "image": p,
+                                "detail": f"same path as row {seen_path[p]}"})
+            elif q in seen_id:
+                keep[i] = False
+                rejects.append({"row": r, "field": "image_id", "reason": "duplicate_image_id", "image": p,
+                                "detail": f"same image_id as row {seen_id[q]}"})
             else:
-                reject(m, reason, "lat,lon")
-    lap("geocode")
+                seen_path[p], seen_id[q] = r, r
+        parts.append(res.take(keep))
+        parts[-1].rejects = []
+    del seen_path, seen_id
+    kept = ChunkResult.concat(parts)
+    del parts
+    lap("table_geocode")
 
-    # images: open, decode, hash (threads: file reads and PIL decoding release the GIL)
-    idx = np.flatnonzero(alive)
-    with ThreadPoolExecutor(max_workers=args.workers) as pool:
-        results = list(
-            tqdm(
-                pool.map(lambda i: _check_image(image_root / rel[i], args.image_check), idx),
-                total=len(idx), desc="images", unit="img", disable=not progress or len(idx) < 2000,
-            )
-        )
-    corrupt = np.zeros(len(table), dtype=bool)
-    err: dict[int, str] = {}
-    digests: dict[int, str] = {}
-    for i, (digest, e) in zip(idx, results):
-        if e:
-            corrupt[i], err[i] = True, e
-        else:
-            digests[i] = digest
-    reject(corrupt, "corrupt_image", "image", lambda i: err[i])
+    # 2. images: found, inside the root, read, decoded, hashed (threads)
+    checks = check_images(image_root, kept.image, args.image_check, args.workers, progress)
+    keep = np.ones(len(kept.row), dtype=bool)
     first_hash: dict[str, int] = {}
-    dup_content = np.zeros(len(table), dtype=bool)
-    for i in np.flatnonzero(alive):
-        if digests[i] in first_hash:
-            dup_content[i] = True
-        else:
-            first_hash[digests[i]] = int(rows[i])
-    reject(dup_content, "duplicate_image", "image", lambda i: f"same content as row {first_hash[digests[i]]}")
+    for i, c in enumerate(checks):
+        r = int(kept.row[i])
+        if c.error:
+            keep[i] = False
+            rejects.append({"row": r, "field": "image", "reason": c.reason, "image": kept.image[i], "detail": c.error})
+        elif c.digest and c.digest in first_hash:
+            keep[i] = False
+            rejects.append({"row": r, "field": "image", "reason": "duplicate_image", "image": kept.image[i],
+                            "detail": f"same content as row {first_hash[c.digest]}"})
+        elif c.digest:
+            first_hash[c.digest] = r
+    del first_hash
+    orientation = np.array([c.orientation for c in checks], dtype=np.int8)[keep] if checks else np.ones(0, np.int8)
+    del checks
+    kept = kept.take(keep)
     lap("images")
 
-    # sub-streets
-    idx = np.flatnonzero(alive)
+    # 3. sub-streets over every kept point (the partition needs all of them: small ones merge)
     part = partition_sub_streets(
-        network, utm_x[idx], utm_y[idx], street[idx], sub_streets, city=city, zones=zones,
+        network, kept.utm_x, kept.utm_y, kept.street, sub_streets, city=city, zones=zones,
         max_point_distance_m=geocode.max_distance_m + 1.0,
     )
-    none = np.zeros(len(table), dtype=bool)
-    none[idx[part.point_sub < 0]] = True
-    reject(none, "no_sub_street", "lat,lon")
-    keep_sub = part.point_sub[part.point_sub >= 0]
-    idx = np.flatnonzero(alive)
+    none = part.point_sub < 0
+    for i in np.flatnonzero(none):
+        rejects.append({"row": int(kept.row[i]), "field": "lat,lon", "reason": "no_sub_street", "image": kept.image[i]})
+    sub_of = part.point_sub[~none]
+    orientation = orientation[~none]
+    kept = kept.take(~none)
     lap("sub_streets")
 
-    splits = assign_splits(utm_x[idx], utm_y[idx], keep_sub, split)
-    addr_cols = [address_columns(s.address()) for s in part.sub_streets]
-    caption = table["caption"].map(_str_or_empty).to_numpy(dtype=object)
+    splits = assign_splits(kept.utm_x, kept.utm_y, sub_of, split)
     subs = part.sub_streets
-    df = pd.DataFrame({
-        "image_id": ids[idx].astype(str),
-        "image": rel[idx].astype(str),
-        "lat": lat[idx], "lon": lon[idx], "utm_x": utm_x[idx], "utm_y": utm_y[idx],
-        "street": [subs[k].street for k in keep_sub],
-        "sub_street": [subs[k].sub_street for k in keep_sub],
-        "cross_streets": [list(subs[k].cross_streets) for k in keep_sub],
-        "neighbourhood": [subs[k].neighbourhood for k in keep_sub],
-        "city": [subs[k].city for k in keep_sub],
-        **({c: [addr_cols[k][c] for k in keep_sub] for c in addr_cols[0]} if subs else {}),
-        "caption": caption[idx].astype(str),
-        "split": splits.astype(str),
-        "street_distance_m": np.round(dist[idx], 2),
-        "source_row": rows[idx].astype(np.int64),
-    })  # fmt: skip
-    if not len(df):
-        df = pd.DataFrame({c: pd.Series(dtype=object) for c in COLUMNS})
+    n = len(kept.row)
 
     rejects.sort(key=lambda r: r["row"])
     by_reason = Counter(r["reason"] for r in rejects)
-    split_counts = {s: int((df["split"] == s).sum()) for s in ("train", "val", "test")}
+    split_counts = {s: int((splits == s).sum()) for s in ("train", "val", "test")}
+    no_hood = [s.sub_street for s in subs if not s.neighbourhood]
+    warnings = []
+    if city_source == "none":
+        warnings.append("no city name: none given (--city), no OSM place=city, no administrative boundary containing "
+                        "the network; the addresses have no city")
+    if subs and len(no_hood) == len(subs):
+        warnings.append("no neighbourhood for any sub-street (no --zones and no OSM neighbourhood places/areas "
+                        "near the images): the neighbourhood style renders only the city and no 'place' "
+                        "questions can be asked")
+    elif no_hood:
+        warnings.append(f"{len(no_hood)} of {len(subs)} sub-streets have no neighbourhood: their neighbourhood "
+                        "style renders only the city")
+    rotated = int((orientation != 1).sum())
+    if rotated and args.image_mode == "root":
+        warnings.append(f"{rotated} kept images carry an EXIF rotation; --image-mode root links the folder as it "
+                        "is, so they are not stored upright")
     report = {
         "input_rows": int(n_rows),
-        "kept": int(len(df)),
+        "kept": int(n),
         "rejected": dict(sorted(by_reason.items())),
         "rejected_total": len(rejects),
         "splits": split_counts,
-        "streets": int(df["street"].nunique()),
+        "streets": int(len({subs[k].street for k in np.unique(sub_of)})),
         "sub_streets": len(subs),
+        "sub_streets_without_neighbourhood": len(no_hood),
+        "city": city,
+        "city_source": city_source,
+        "gps_source": "table" if args.gps else "exif",
+        "images_rotated": rotated,
+        "warnings": warnings,
         "partition": part.stats,
         "timings_s": timings,
     }
     info = {
         "city": city,
+        "city_source": city_source,
         "utm_epsg": int(network.utm_epsg),
         "network": str(network.source),
         "image_source": str(image_root),
-        "gps_table": str(args.gps),
-        "num_images": int(len(df)),
+        "gps_table": str(args.gps) if args.gps else "exif",
+        "num_images": int(n),
         "splits": split_counts,
         "streets": report["streets"],
         "sub_streets": len(subs),
         "neighbourhoods": sorted({s.neighbourhood for s in subs if s.neighbourhood}),
+        "warnings": warnings,
         "created_by": "address-llava build-dataset",
         "builder_version": BUILDER_VERSION,
         "config": {
@@ -531,17 +721,44 @@ def build_dataset(
         },
     }
 
+    # per-sub-street values once; rows take them by index, so a slice of rows costs only its own size
+    sub_cols: dict[str, list] = {
+        "street": [s.street for s in subs], "sub_street": [s.sub_street for s in subs],
+        "cross_streets": [list(s.cross_streets) for s in subs], "neighbourhood": [s.neighbourhood for s in subs],
+        "city": [s.city for s in subs],
+    }
+    addr = [address_columns(s.address()) for s in subs]
+    for c in (addr[0] if addr else {c: None for c in COLUMNS if c.startswith("address_")}):
+        sub_cols[c] = [a[c] for a in addr]
+    for c, v in sub_cols.items():
+        sub_cols[c] = np.empty(len(v), dtype=object)
+        sub_cols[c][:] = v  # element by element: a list of lists must not become a 2-D array
+
     with atomic_dir(out, overwrite=args.overwrite) as tmp:
         paths = DatasetPaths(tmp)
-        paths.images.mkdir()
-        made: set[str] = set()
-        for r in tqdm(df["image"], desc="write", unit="img", disable=not progress or len(df) < 2000):
-            parent = os.path.dirname(r)
-            if parent and parent not in made:
-                (paths.images / parent).mkdir(parents=True, exist_ok=True)
-                made.add(parent)
-            _place_image(image_root / r, paths.images / r, args.image_mode)
-        write_records(df, paths.records)
+        if args.image_mode == "root":
+            os.symlink(root_res, paths.images, target_is_directory=True)
+        else:
+            paths.images.mkdir()
+            made: set[str] = set()
+            for i in tqdm(range(n), desc="write", unit="img", disable=not progress or n < 2000):
+                r = kept.image[i]
+                parent = os.path.dirname(r)
+                if parent and parent not in made:
+                    (paths.images / parent).mkdir(parents=True, exist_ok=True)
+                    made.add(parent)
+                _place_image(image_root / r, paths.images / r, args.image_mode, int(orientation[i]))
+        with RecordsWriter(paths.records) as writer:
+            for a in range(0, max(n, 1), args.chunk_rows):
+                sl = slice(a, min(a + args.chunk_rows, n))
+                k = sub_of[sl]
+                writer.write(_records_table({
+                    "image_id": kept.image_id[sl], "image": kept.image[sl], "lat": kept.lat[sl], "lon": kept.lon[sl],
+                    "utm_x": kept.utm_x[sl], "utm_y": kept.utm_y[sl],
+                    **{c: v[k] for c, v in sub_cols.items()},
+                    "caption": kept.caption[sl], "split": splits[sl],
+                    "street_distance_m": np.round(kept.distance_m[sl], 2), "source_row": kept.row[sl],
+                }))  # fmt: skip
         paths.sub_streets.write_text(
             json.dumps(sub_streets_geojson(part, network), ensure_ascii=False) + "\n", encoding="utf-8"
         )

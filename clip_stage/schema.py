@@ -50,7 +50,7 @@ COLUMNS: dict[str, str] = {
     "address_canonical": "address in the 'canonical' style (str)",
     "address_street": "address in the 'street' style (str)",
     "address_sub_street": "address in the 'sub_street' style (str)",
-    "address_neighbourhood": "address in the 'neighbourhood' style (str)",
+    "address_neighbourhood": "address in the 'neighbourhood' style: 'neighbourhood, city'; only the city (or '') where no neighbourhood is known, never the street (str)",
     "caption": "scene caption, '' until captioned (str)",
     "split": "train / val / test (str)",
 }
@@ -114,7 +114,9 @@ register_style("full", _full)
 register_style("canonical", _canonical)
 register_style("street", lambda a: a.street)
 register_style("sub_street", _segment)
-register_style("neighbourhood", lambda a: _place(a) or a.street)
+# never the street name: a row with no neighbourhood renders only its city ('' with no city either), so a
+# street can never pose as a place; the conversation builder asks no "place" question for such rows
+register_style("neighbourhood", _place)
 register_style("intersection", _intersection)
 
 # The styles stored as `address_<style>` columns.
@@ -183,6 +185,37 @@ def write_records(df: pd.DataFrame, path: str | Path) -> None:
         raise DatasetFormatError(f"cannot write {path}: missing columns {missing}")
     extra = [c for c in df.columns if c not in COLUMNS]
     df[list(COLUMNS) + extra].to_parquet(path, index=False)
+
+
+class RecordsWriter:
+    """Writes `records.parquet` slice by slice (Arrow tables with all COLUMNS; extra columns after them),
+    so that a million-row dataset never has to be one DataFrame. Use as a context manager."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._writer = None
+        self._order: list[str] = []
+
+    def write(self, table) -> None:
+        import pyarrow.parquet as pq
+
+        if self._writer is None:
+            missing = [c for c in COLUMNS if c not in table.column_names]
+            if missing:
+                raise DatasetFormatError(f"cannot write {self.path}: missing columns {missing}")
+            self._order = list(COLUMNS) + [c for c in table.column_names if c not in COLUMNS]
+            table = table.select(self._order)
+            self._writer = pq.ParquetWriter(self.path, table.schema)
+        else:
+            table = table.select(self._order)
+        self._writer.write_table(table)
+
+    def __enter__(self) -> "RecordsWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._writer is not None:
+            self._writer.close()
 
 
 def read_info(dataset_dir: str | Path) -> dict:

@@ -169,7 +169,7 @@ def test_a_failure_mid_build_leaves_no_dataset(tmp_path, monkeypatch, built):
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(build, "write_records", boom)
+    monkeypatch.setattr(build, "RecordsWriter", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         main(_argv(images, table, network, out))
     assert not out.exists()
