@@ -64,9 +64,9 @@ def test_exactly_answer_tokens_and_eos_carry_loss(tok):
     assert len(pos) == N_IMG and pos == list(range(pos[0], pos[0] + N_IMG))
     assert all(enc.labels[i] == IGNORE_INDEX for i in pos)
     assert enc.input_ids[0] == tok.bos_token_id
-    # the system prompt of LLaVA-1.5's Vicuna v1 template is there
+    # the system prompt of LLaVA-1.5's Vicuna v1 template (conv_vicuna_v1) is there
     text = tok.decode([t for t in enc.input_ids if t != img], skip_special_tokens=True)
-    assert text.startswith("A chat between a curious human and an artificial intelligence assistant.")
+    assert text.startswith("A chat between a curious user and an artificial intelligence assistant.")
     assert "USER:" in text and "ASSISTANT:" in text
 
 
