@@ -170,6 +170,8 @@ class Demo:
     gazetteer: Any | None
     limits: UploadLimits = UploadLimits()
     max_new_tokens: int = 128
+    query_mapper: Any | None = None
+    """clip_stage.query_map.QueryMapper over the test images, for the "address query" box (None: box says so)"""
 
     def on_upload(self, path):
         """(preview, top-5 table rows, map figure, cleared chat) for an uploaded photo.
@@ -188,6 +190,22 @@ class Demo:
         rows = [[t["rank"], t["address"], t["similarity"], t["probability"]] for t in top]
         fig = city_map(self.gazetteer, top) if self.gazetteer is not None else None
         return image, rows, fig, []
+
+    def on_query(self, text: str):
+        """(map figure, summary) of how similar every test image is to an address text (`address-llava query-map`)."""
+        import gradio as gr
+
+        if not text or not text.strip():
+            raise gr.Error("type an address")
+        if self.query_mapper is None:
+            raise gr.Error("no AddressCLIP model loaded")
+        res = self.query_mapper.query([text])[0]
+        s = res.summary()
+        where = ("no geometry matched" if s["level"] is None
+                 else f"{s['level']} **{s['matched']}** ({len(s['sub_streets'])} sub-streets, {s['method']} match)")
+        auc = "n/a" if s["auc"] is None else f"{s['auc']:.3f}"
+        return self.query_mapper.figure(res), (f"{where}; AUC {auc}, {s['n_inside']} images inside / "
+                                               f"{s['n_outside']} outside")
 
     def on_ask(self, path, message: str, history: list | None):
         """The chat history (messages) with the user's message and the model's answer appended."""
@@ -239,6 +257,16 @@ class Demo:
             photo.upload(self.on_upload, inputs=photo, outputs=[preview, table, plot, chatbot], api_name="rank")
             ask.click(self.on_ask, inputs=[photo, box, chatbot], outputs=[chatbot, box], api_name="ask")
             box.submit(self.on_ask, inputs=[photo, box, chatbot], outputs=[chatbot, box])
+            gr.Markdown("### Where does AddressCLIP see an address?\nEvery test image coloured by its similarity "
+                        "to your text; the area the text names is outlined.")
+            with gr.Row():
+                query = gr.Textbox(label="address query", placeholder="a street, a neighbourhood, or any wording",
+                                   scale=4)
+                show = gr.Button("Show on map", scale=1)
+            query_info = gr.Markdown()
+            query_plot = gr.Plot(label="similarity map")
+            show.click(self.on_query, inputs=query, outputs=[query_plot, query_info], api_name="query_map")
+            query.submit(self.on_query, inputs=query, outputs=[query_plot, query_info])
         return app
 
 
@@ -287,9 +315,14 @@ def main(argv: list[str] | None = None) -> int:
     gen = load_generator(args.model, args.adapter, device) if (args.model or args.adapter) else None
     if ranker is None and gen is None:
         raise SystemExit("give --clip/--clip-model and/or --model/--adapter")
+    mapper = None
+    if ranker is not None:
+        from clip_stage.query_map import QueryMapConfig, QueryMapper
+
+        mapper = QueryMapper(ranker.bundle, args.dataset, QueryMapConfig(split="test", device=device))
     demo = Demo(ranker, gen, Gazetteer.from_dataset(args.dataset),
                 UploadLimits(max_bytes=int(args.max_upload_mb * 2**20), max_side=args.max_side),
-                args.max_new_tokens)
+                args.max_new_tokens, query_mapper=mapper)
     launch(demo, args.host, args.port, block=True)
     return 0
 
