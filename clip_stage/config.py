@@ -51,6 +51,8 @@ class DataArgs:
     """Dataset folder (records.parquet + images/)."""
     split: str = "train"
     """Split to train on."""
+    holdout_fold: str = ""
+    """'k/n': train on the split minus its k-th of n folds (folds by a hash of image_id; k in 1..n): the fold models of cross-fitted candidates."""
     address_style: str = "full"
     """Address text style (clip_stage.schema.ADDRESS_STYLES: full, canonical, street, sub_street, neighbourhood, intersection)."""
     semantic_template: str = "{caption}. {address}"
@@ -67,6 +69,10 @@ class DataArgs:
             raise ValueError("--semantic-template must contain {caption} and {address}")
         if self.num_workers < 0:
             raise ValueError("--num-workers must be >= 0")
+        if self.holdout_fold:
+            from clip_stage.data import parse_fold
+
+            parse_fold(self.holdout_fold)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ Each global batch of `batch_size x world_size` rows is split into contiguous per
 
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -95,6 +96,32 @@ def plan_losses(df: pd.DataFrame, address_weight: float, semantic_weight: float,
     if address_weight + semantic_weight + geo <= 0:
         raise DataCheckError("all loss weights are 0 after checking the data: nothing to train")
     return LossPlan(address_weight, semantic_weight, geo, tuple(notes))
+
+
+def parse_fold(text: str) -> tuple[int, int]:
+    """'k/n' -> (k, n), with 1 <= k <= n and n >= 2."""
+    k, sep, n = str(text).partition("/")
+    try:
+        k_i, n_i = int(k), int(n)
+    except ValueError:
+        k_i = n_i = 0
+    if not sep or n_i < 2 or not 1 <= k_i <= n_i:
+        raise ValueError(f"fold {text!r}: expected k/n with n >= 2 and 1 <= k <= n, e.g. 1/3")
+    return k_i, n_i
+
+
+def fold_of(image_ids: Sequence[str], n: int) -> np.ndarray:
+    """Fold number (1..n) of each image id: a hash of the id alone, so every command agrees on it."""
+    return np.array([int(hashlib.sha256(str(i).encode("utf-8")).hexdigest()[:12], 16) % n + 1 for i in image_ids],
+                    dtype=np.int64)
+
+
+def drop_fold(df: pd.DataFrame, holdout_fold: str) -> pd.DataFrame:
+    """The rows of `df` outside fold k of n (`holdout_fold` = 'k/n'; '' keeps every row)."""
+    if not holdout_fold:
+        return df
+    k, n = parse_fold(holdout_fold)
+    return df[fold_of(df["image_id"].astype(str).tolist(), n) != k].reset_index(drop=True)
 
 
 def item_seed(seed: int, epoch: int, index: int) -> int:

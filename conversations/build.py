@@ -35,6 +35,7 @@ from clip_stage.fsutil import atomic_dir, atomic_write_json
 from clip_stage.schema import Address, DatasetPaths, read_records, render_address
 
 from conversations import formats
+from conversations.candidates import NONE_FITS, with_candidates
 from conversations.config import BuildConfig, config_from_args
 from conversations.neighbours import Neighbourhood, build_neighbourhood
 from conversations.templates import fill, get_question_type, usable
@@ -160,6 +161,7 @@ class ConversationBuilder:
             "yes_no": bool(self.street_negatives(a) or self.sibling_negatives(a)),
             "multiple_choice": bool(self.mc_distractors(a)),
             "caption": bool(caption_sentence(s.caption)),
+            "scene": bool(caption_sentence(s.caption)),
         }
         return {t: w for t, w in weights.items() if w > 0 and ok.get(t, True)}
 
@@ -210,17 +212,33 @@ class ConversationBuilder:
             qvalues["choices"] = "\n".join(f"{LETTERS[j]}. {c}" for j, c in enumerate(choices))
             values.update(letter=LETTERS[i], choice=values["full"])
             extra = {"expected_answer": LETTERS[i], "choices": choices, "correct_choice": values["full"]}
-        elif qtype == "caption":
+        elif qtype in ("caption", "scene"):
             values["caption"] = caption_sentence(s.caption)
+            values["caption_lower"] = values["caption"][:1].lower() + values["caption"][1:]
         answer_tpl = rng.choice(usable(answers, values))
         return fill(question_tpl, qvalues), fill(answer_tpl, values), extra
 
+    def truth_missing(self, qtype: str, a: Address, candidates: list[dict]) -> bool:
+        """Whether the answer to `qtype` is absent from the candidates (sub-street level; street for 'street')."""
+        subs = {sid for c in candidates for sid in c.get("sub_streets", ())}
+        if qtype in ("full_address", "cross_streets"):
+            return a.sub_street not in subs
+        if qtype == "street":
+            streets = {self.hood.addresses[sid].street for sid in subs if sid in self.hood.addresses}
+            return a.street not in streets
+        return False
+
     def conversation(self, s: Sample, types: list[str], rng: random.Random, held_out: bool,
-                     yes_answers: list[bool]) -> tuple[list[dict], list[dict]]:
+                     yes_answers: list[bool], candidates: list[dict] | None = None) -> tuple[list[dict], list[dict]]:
         turns, extras = [], []
         yes_iter = iter(yes_answers)
         for j, qtype in enumerate(types):
             q, ans, extra = self.render(qtype, s, rng, held_out, next(yes_iter) if qtype == "yes_no" else None)
+            if candidates:
+                if j == 0:
+                    q = with_candidates(q, candidates, self.config.candidate_scores)
+                if self.truth_missing(qtype, s.address, candidates):
+                    ans = f"{NONE_FITS} {ans}"
             turns.append({"from": "human", "value": f"{formats.IMAGE_TOKEN}\n{q}" if j == 0 else q})
             turns.append({"from": "gpt", "value": ans})
             extras.append(extra)
@@ -246,9 +264,14 @@ def samples_of(df: pd.DataFrame) -> list[Sample]:
             for i, im, sub, cap, la, lo, x, y in zip(*cols)]
 
 
-def build_train(builder: ConversationBuilder, samples: list[Sample]) -> tuple[list[dict], int]:
-    """Training conversations, and the number of images that had no usable question type."""
+def build_train(builder: ConversationBuilder, samples: list[Sample],
+                candidates: dict[str, list[dict]] | None = None) -> tuple[list[dict], int]:
+    """Training conversations, and the number of images that had no usable question type.
+
+    With `candidates` (image_id -> cross-fitted AddressCLIP top-K), a seeded `candidate_fraction` of the
+    conversations carry them in their first user turn; the others stay plain, so one model serves both uses."""
     cfg = builder.config
+    candidates = candidates or {}
     plans, skipped = [], 0
     weights = cfg.weights
     for s in samples:
@@ -264,9 +287,15 @@ def build_train(builder: ConversationBuilder, samples: list[Sample]) -> tuple[li
     out = []
     for s, k, types in plans:
         rng = make_rng(cfg.seed, "render", "train", s.image_id, k)
-        turns, _ = builder.conversation(s, types, rng, False, [next(yes) for t in types if t == "yes_no"])
+        cands = candidates.get(s.image_id)
+        use = bool(cands) and make_rng(cfg.seed, "candidates", s.image_id, k).random() < cfg.candidate_fraction
+        cands = cands[: cfg.candidate_k or None] if use else None
+        turns, _ = builder.conversation(s, types, rng, False, [next(yes) for t in types if t == "yes_no"], cands)
         rid = s.image_id if cfg.conversations_per_image == 1 else f"{s.image_id}-{k}"
-        out.append({"id": rid, "image": s.image, "conversations": turns, "turn_types": types})
+        rec = {"id": rid, "image": s.image, "conversations": turns, "turn_types": types}
+        if cands:
+            rec["candidates"] = [c["address"] for c in cands]
+        out.append(rec)
     return out, skipped
 
 
@@ -360,7 +389,18 @@ def build(config: BuildConfig) -> dict:
     train_samples, eval_samples = split_samples(config.train_split_list), split_samples(config.eval_split_list)
     if not train_samples and not eval_samples:
         raise ValueError(f"{paths.records}: no images in splits {config.train_splits} / {config.eval_splits}")
-    train, train_skipped = build_train(builder, train_samples)
+    candidates = None
+    if config.candidates:
+        from clip_stage.candidates import read_candidates
+
+        candidates = read_candidates(config.candidates)
+        missing = sum(s.image_id not in candidates for s in train_samples)
+        if missing == len(train_samples) and train_samples:
+            raise ValueError(f"{config.candidates}: no candidates for any training image of {config.dataset}")
+        if missing:
+            log.warning("%d training images have no candidates in %s; their conversations stay plain", missing,
+                        config.candidates)
+    train, train_skipped = build_train(builder, train_samples, candidates)
     evaluation, eval_skipped = build_eval(builder, eval_samples)
     for name, n in (("training", train_skipped), ("evaluation", eval_skipped)):
         if n:
@@ -370,7 +410,9 @@ def build(config: BuildConfig) -> dict:
         "dataset": str(Path(config.dataset).resolve()),
         "image_root": str(paths.images.resolve()),
         "config": asdict(config),
-        "train": {**summarise(train), "images": len(train_samples), "skipped_images": train_skipped},
+        "train": {**summarise(train), "images": len(train_samples), "skipped_images": train_skipped,
+                  "with_candidates": sum("candidates" in r for r in train),
+                  "candidates_without_truth": sum(NONE_FITS in t["value"] for r in train for t in r["conversations"][1:2])},
         "eval": {**summarise(evaluation), "images": len(eval_samples), "skipped_images": eval_skipped},
         "files": {},
     }

@@ -89,6 +89,14 @@ class BuildConfig:
     """dataset splits that become evaluation questions (comma list)"""
     formats: str = "llava"
     """outputs to write (comma list): llava (JSON array), jsonl, messages (LLaMA-Factory), messages-trl, hf-disk, hf-parquet"""
+    candidates: str = ""
+    """AddressCLIP candidates (folder or candidates.jsonl of `address-llava candidates`, cross-fitted) written into the first user turn of training conversations ('' = none)"""
+    candidate_fraction: float = 0.5
+    """share of training conversations that carry candidates (the rest stay plain: one model serves both)"""
+    candidate_k: int = 5
+    """candidates per conversation (the first K of each list; 0 = all in the file)"""
+    candidate_scores: bool = False
+    """write each candidate's retrieval probability after it ("(p=0.42)")"""
     limit: int = 0
     """use at most this many images per split (0: all); for quick demos"""
     overwrite: bool = False
@@ -117,6 +125,10 @@ class BuildConfig:
             raise ValueError(f"unknown address style {self.address_style!r}; valid: {sorted(ADDRESS_STYLES)}")
         if self.limit < 0:
             raise ValueError("limit must be >= 0")
+        if not 0.0 <= self.candidate_fraction <= 1.0:
+            raise ValueError(f"candidate_fraction must be in [0, 1], got {self.candidate_fraction}")
+        if self.candidate_k < 0:
+            raise ValueError("candidate_k must be >= 0")
         bad = [f for f in self.format_list if f not in FORMATS]
         if bad or not self.format_list:
             raise ValueError(f"unknown formats {bad}; valid: {FORMATS}")

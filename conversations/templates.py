@@ -2,7 +2,9 @@
 
 Each question type has at least 15 training question phrasings, a disjoint set of held-out phrasings
 used only for the evaluation split (to test whether the model generalises beyond the wording it was
-trained on), and several answer phrasings. Every answer names an address: there is no refusal style.
+trained on), and several answer phrasings. Every answer names an address (there is no refusal style),
+except the `scene` type: plain scene descriptions that name no place at all, which is what a general
+(not address-tuned) base model is trained on.
 
 Placeholders: questions may use `{candidate}` (yes/no) and `{choices}` (multiple choice); answers use
 `{full}` (address in the configured style), `{street}`, `{segment}` (street between / near its cross
@@ -29,7 +31,7 @@ MIN_QUESTIONS = 15
 ADDRESS_FIELDS = frozenset({"full", "street", "segment", "place", "neighbourhood", "choice"})
 QUESTION_FIELDS = frozenset({"candidate", "choices"})
 ANSWER_FIELDS = frozenset({"full", "street", "segment", "between", "neighbourhood", "city", "place",
-                           "candidate", "letter", "choice", "caption"})
+                           "candidate", "letter", "choice", "caption", "caption_lower"})
 REFUSAL_WORDS = ("cannot", "can't", "unable", "sorry", "impossible", "not possible", "no way to")
 
 
@@ -66,6 +68,8 @@ class QuestionType:
     """answer phrasings (yes/no uses `answers_yes` / `answers_no` instead)"""
     answers_yes: tuple[str, ...] = ()
     answers_no: tuple[str, ...] = ()
+    names_address: bool = True
+    """False only for plain scene descriptions: their answers must then name NO address field"""
 
     def __post_init__(self):
         where = f"question type {self.name!r}"
@@ -91,8 +95,10 @@ class QuestionType:
                 names = placeholders(a)
                 if names - ANSWER_FIELDS:
                     raise ValueError(f"{where}: answer {a!r} uses unknown placeholders {sorted(names - ANSWER_FIELDS)}")
-                if not names & ADDRESS_FIELDS:
+                if self.names_address and not names & ADDRESS_FIELDS:
                     raise ValueError(f"{where}: answer {a!r} names no address (needs one of {sorted(ADDRESS_FIELDS)})")
+                if not self.names_address and names & (ADDRESS_FIELDS | {"street", "city", "between", "candidate"}):
+                    raise ValueError(f"{where}: answer {a!r} names an address, but this type must not")
                 if any(w in a.lower() for w in REFUSAL_WORDS):
                     raise ValueError(f"{where}: answer {a!r} reads as a refusal")
         if not self.answers and not all(a.startswith("Yes") for a in self.answers_yes):
@@ -128,7 +134,9 @@ def classify_question(text: str) -> tuple[str, bool] | None:
         _MATCHERS = [(template_regex(q), qt.name, held)
                      for qt in QUESTION_TYPES.values()
                      for held, qs in ((False, qt.questions), (True, qt.held_out)) for q in qs]
-    text = text.replace("<image>", "").strip()
+    from conversations.candidates import split_candidates
+
+    text = split_candidates(text.replace("<image>", "").strip())[1]
     for pattern, name, held in _MATCHERS:
         if pattern.match(text):
             return name, held
@@ -399,6 +407,39 @@ register_question_type(QuestionType(
         "{caption} The address is {full}.",
         "This photo was taken on {full}. {caption}",
         "{caption} This is {full}.",
+    ),
+))
+
+register_question_type(QuestionType(
+    name="scene",
+    description="describe the scene only (from the caption); names no address: the general base model's data",
+    names_address=False,
+    questions=(
+        "Describe this scene.",
+        "What can you see in this photo?",
+        "Describe the image.",
+        "What does this street look like?",
+        "Give a short description of this photo.",
+        "Describe what is shown here.",
+        "Tell me about this picture.",
+        "What is in this image?",
+        "Describe this street view.",
+        "Can you describe this place?",
+        "Briefly describe the scene.",
+        "Describe the photo in one sentence.",
+        "What do you see here?",
+        "Summarise this image.",
+        "Write a caption for this photo.",
+    ),
+    held_out=(
+        "Paint me a picture in words of this view.",
+        "Narrate what the camera captured.",
+        "Explain the contents of this frame.",
+    ),
+    answers=(
+        "{caption}",
+        "This photo shows {caption_lower}",
+        "In this picture: {caption_lower}",
     ),
 ))
 

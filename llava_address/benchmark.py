@@ -11,6 +11,9 @@ A system is `NAME=KIND:TARGET[,key=value...]`; the kinds are a registry (`SYSTEM
 
 - llava: a LLaVA folder or hub id (merged, or the untuned base); `adapter=CKPT` applies a train-llava
   checkpoint. Prompts are the training template (`llava_address.prompting`), batched with the KV cache.
+  `candidates=CLIP_CHECKPOINT` (with `top_k=5`, `scores=true`) writes AddressCLIP's top-K addresses of the
+  photo into the question (`conversations.candidates`): the candidate-grounded system, e.g.
+  `--system ours_candidates=llava:runs/merged,candidates=runs/clip`.
 - clip: AddressCLIP retrieval: a train-clip checkpoint (or `model=NAME` + `pretrained=TAG` for open_clip);
   the answer is the top-1 address of the city's gallery (`style=full` by default). Multiple-choice
   questions are answered by ranking the options listed in the question; yes/no questions are not
@@ -36,7 +39,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from clip_stage.registry import Registry
-from llava_address.infer import InferenceInputError, eval_items, llava_answer_batch, load_generator, run_answers
+from llava_address.infer import (InferenceInputError, candidate_answer_batch, eval_items, llava_answer_batch,
+                                 load_generator, load_ranker, run_answers)
 from llava_address.scoring import METRICS, Scorer, eval_references, read_jsonl, read_records_file
 
 log = logging.getLogger(__name__)
@@ -124,14 +128,20 @@ def _check_options(spec: SystemSpec, allowed: Sequence[str]) -> None:
 # --- llava ---------------------------------------------------------------------------------------------
 
 def _load_llava(spec: SystemSpec, ctx: RunContext) -> System:
-    _check_options(spec, ("adapter", "max_new_tokens", "pad_to_square"))
+    _check_options(spec, ("adapter", "max_new_tokens", "pad_to_square", "candidates", "top_k", "scores"))
+    ranker = load_ranker(spec.options["candidates"], ctx.dataset) if spec.options.get("candidates") else None
     gen = load_generator(spec.target or None, spec.options.get("adapter"), ctx.device, ctx.dtype)
     gen.pad_to_square = spec.options.get("pad_to_square", "true").lower() != "false"
-    return System(llava_answer_batch(gen, int(spec.options.get("max_new_tokens", ctx.max_new_tokens))))
+    answer_batch = llava_answer_batch(gen, int(spec.options.get("max_new_tokens", ctx.max_new_tokens)))
+    if ranker is not None:
+        answer_batch = candidate_answer_batch(answer_batch, ranker, int(spec.options.get("top_k", 5)),
+                                              spec.options.get("scores", "false").lower() == "true")
+    return System(answer_batch)
 
 
-register_system_kind(SystemKind("llava", "LLaVA folder/hub id (merged or base), adapter=train-llava checkpoint",
-                                _load_llava))
+register_system_kind(SystemKind("llava", "LLaVA folder/hub id (merged or base), adapter=train-llava checkpoint, "
+                                         "candidates=CLIP_CHECKPOINT[,top_k=5,scores=true] for candidate-grounded "
+                                         "answers", _load_llava))
 
 
 # --- AddressCLIP retrieval -----------------------------------------------------------------------------

@@ -25,19 +25,33 @@ import threading
 from dataclasses import dataclass, field
 from typing import Sequence, TextIO
 
-from llava_address.infer import Generator, InferenceInputError, load_generator, open_image, user_turn
+from llava_address.infer import Generator, InferenceInputError, load_generator, load_ranker, open_image, user_turn
 
 History = Sequence[tuple[str, str]]
 
 
-def conversation(question: str, history: History = ()) -> list[dict]:
-    """LLaVA-format messages: the history's (question, answer) pairs, then `question`; image in turn one."""
+def conversation(question: str, history: History = (), candidates: Sequence | None = None,
+                 scores: bool = False) -> list[dict]:
+    """LLaVA-format messages: the history's (question, answer) pairs, then `question`; the image, and the
+    candidate addresses if any (`conversations.candidates` format, as in training), in turn one."""
+    from conversations.candidates import with_candidates
+
+    questions = [q for q, _ in history] + [question]
+    if candidates:
+        questions[0] = with_candidates(questions[0], candidates, scores)
     msgs: list[dict] = []
-    for i, (q, a) in enumerate(history):
+    for i, (q, (_, a)) in enumerate(zip(questions, history)):
         msgs.append(user_turn(q, with_image=i == 0))
         msgs.append({"from": "gpt", "value": a})
-    msgs.append(user_turn(question, with_image=not history))
+    msgs.append(user_turn(questions[-1], with_image=not history))
     return msgs
+
+
+def resolve_candidates(candidates, image, top_k: int = 5) -> list | None:
+    """A candidate list: as given (addresses or ranker dicts), or an AddressRanker's top-k for `image`."""
+    if candidates is None or isinstance(candidates, (list, tuple)):
+        return list(candidates) if candidates else None
+    return candidates.top_k(image, top_k)
 
 
 def _recording_streamer(tokenizer):
@@ -61,14 +75,15 @@ def _recording_streamer(tokenizer):
     return RecordingStreamer()
 
 
-def stream_answer(gen: Generator, image, question: str, history: History = (), max_new_tokens: int = 256):
+def stream_answer(gen: Generator, image, question: str, history: History = (), max_new_tokens: int = 256,
+                  candidates: Sequence | None = None, scores: bool = False):
     """Yields the answer's text as it is generated, then returns the whole answer (StopIteration.value).
 
     Generation runs in a thread feeding a TextIteratorStreamer; errors are re-raised here.
     """
     import torch
 
-    inputs = gen.batch_inputs([conversation(question, history)], [image])
+    inputs = gen.batch_inputs([conversation(question, history, candidates, scores)], [image])
     streamer = _recording_streamer(gen.tokenizer)
     errors: list[BaseException] = []
 
@@ -104,19 +119,23 @@ def _as_image(image):
 
 def answer(image, question: str, history: History | None = None, *, model: str | Generator | None = None,
            adapter: str | None = None, device: str = "auto", dtype: str = "auto", max_new_tokens: int = 256,
-           stream: TextIO | None = None) -> str:
+           stream: TextIO | None = None, candidates=None, top_k: int = 5, candidate_scores: bool = False) -> str:
     """The model's answer to `question` about `image` (a path or PIL image), after `history`.
 
     model: a loaded `Generator`, or a LLaVA folder / hub id (loaded once and cached); adapter: a
     train-llava checkpoint. history: earlier (question, answer) pairs about the same image.
     stream: a text stream (e.g. sys.stdout) that receives the tokens as they are generated.
+    candidates: candidate-grounded answers (a model trained with `conversations --candidates`): an
+    `clip_stage.candidates.AddressRanker` (its top_k for the image) or a list of addresses, written into the
+    first user turn in the training format.
     """
     if not question or not question.strip():
         raise ValueError("empty question")
     gen = model if isinstance(model, Generator) else _cached_generator(
         None if model is None else str(model), None if adapter is None else str(adapter), device, dtype)
     img = _as_image(image)
-    chunks = stream_answer(gen, img, question, tuple(history or ()), max_new_tokens)
+    cands = resolve_candidates(candidates, img, top_k)
+    chunks = stream_answer(gen, img, question, tuple(history or ()), max_new_tokens, cands, candidate_scores)
     while True:
         try:
             piece = next(chunks)
@@ -135,10 +154,16 @@ class ChatSession:
     image: object
     history: list[tuple[str, str]] = field(default_factory=list)
     max_new_tokens: int = 256
+    ranker: object | None = None
+    """an AddressRanker: candidate-grounded answers (candidates computed once per image)"""
+    top_k: int = 5
+    _candidates: list | None = None
 
     def ask(self, question: str, stream: TextIO | None = None) -> str:
+        if self.ranker is not None and self._candidates is None:
+            self._candidates = self.ranker.top_k(self.image, self.top_k)
         reply = answer(self.image, question, self.history, model=self.generator, max_new_tokens=self.max_new_tokens,
-                       stream=stream)
+                       stream=stream, candidates=self._candidates)
         self.history.append((question, reply))
         return reply
 
@@ -167,6 +192,7 @@ def repl(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = sys.s
             path = line[len("/image"):].strip()
             try:
                 session.image = open_image(path)
+                session._candidates = None
             except InferenceInputError as e:
                 stdout.write(f"error: {e}\n")
                 continue
@@ -188,6 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit in tokens")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--candidates", default=None, metavar="CLIP_CHECKPOINT",
+                   help="candidate-grounded answers: this AddressCLIP model's top-K addresses go into the first question")
+    p.add_argument("--dataset", default=None, help="with --candidates: the address dataset (candidate gallery)")
+    p.add_argument("--top-k", type=int, default=5, help="with --candidates: how many candidates")
     return p
 
 
@@ -196,9 +226,12 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None, stdout: Tex
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     if args.model is None and args.adapter is None:
         raise SystemExit("give --model and/or --adapter")
+    if args.candidates and not args.dataset:
+        raise SystemExit("--candidates needs --dataset (the address gallery)")
     image = open_image(args.image)  # fail on a bad image before loading the model
+    ranker = load_ranker(args.candidates, args.dataset) if args.candidates else None
     gen = load_generator(args.model, args.adapter, args.device, args.dtype)
-    session = ChatSession(gen, image, max_new_tokens=args.max_new_tokens)
+    session = ChatSession(gen, image, max_new_tokens=args.max_new_tokens, ranker=ranker, top_k=args.top_k)
     if args.question is not None:
         session.ask(args.question, stream=stdout)
         stdout.write("\n")

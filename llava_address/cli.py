@@ -42,6 +42,7 @@ register_command("caption", "clip_stage.caption:main", "fill the caption column 
 register_command("train-clip", "clip_stage.train:main", "fine-tune an open_clip model with the AddressCLIP losses")
 register_command("eval-clip", "clip_stage.evaluate:main", "SSA/SA top-1/top-5 of a CLIP model against a candidate address gallery")
 register_command("export-clip", "clip_stage.export_hf:main", "export an AddressCLIP checkpoint to Hugging Face CLIPVisionModel / CLIPModel")
+register_command("candidates", "clip_stage.candidates:main", "cross-fitted AddressCLIP top-K candidate addresses of every image (for candidate-grounded LLaVA)")
 register_command("clip-baselines", "clip_stage.baselines:main", "zero-shot, address-only and loss-ablation runs of AddressCLIP in one table")
 register_command("query-map", "clip_stage.query_map:main", "map how similar every image is to an address text, with the AUC of the named area")
 # Stage 3: conversations

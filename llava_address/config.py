@@ -37,10 +37,10 @@ class ModelArgs:
     """CLIPVisionModel folder (e.g. the AddressCLIP export) swapped into the base model, or used to compose one."""
     projector_hidden_act: str = "gelu"
     """Activation of the 2-layer MLP projector of a freshly built projector (LLaVA-1.5 mlp2x_gelu)."""
-    vision_feature_layer: int = -2
-    """Vision tower hidden layer fed to the projector when composing (LLaVA-1.5: the penultimate)."""
-    vision_feature_select_strategy: Literal["default", "full"] = "default"
-    """'default' drops the CLS token (LLaVA-1.5), 'full' keeps it; used when composing."""
+    vision_feature_layer: int | None = None
+    """Vision tower hidden layer fed to the projector (LLaVA-1.5: -2, the penultimate). Unset: the checkpoint's own, or -2 when composing; set with --vision-tower to choose the swapped tower's features."""
+    vision_feature_select_strategy: Literal["default", "full"] | None = None
+    """'default' drops the CLS token (LLaVA-1.5), 'full' keeps it (one more image token). Unset: the checkpoint's own, or 'default' when composing."""
     torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weights dtype; 'auto' keeps the checkpoint's dtype."""
     attn_implementation: str | None = None
@@ -71,7 +71,7 @@ class ModelArgs:
             raise ValueError("--load-in-4bit and --load-in-8bit are exclusive")
         if self.torch_dtype not in DTYPES:
             raise ValueError(f"torch_dtype {self.torch_dtype!r} is not one of {DTYPES}")
-        if self.vision_feature_select_strategy not in ("default", "full"):
+        if self.vision_feature_select_strategy not in (None, "default", "full"):
             raise ValueError("vision_feature_select_strategy must be 'default' or 'full'")
 
     @property

@@ -266,6 +266,31 @@ def llava_answer_batch(gen: Generator, max_new_tokens: int = 64):
     return answer_batch
 
 
+def candidate_answer_batch(answer_batch, ranker, top_k: int = 5, scores: bool = False):
+    """`answer_batch` with AddressCLIP's top-k addresses of each image written before its question.
+
+    The block is `conversations.candidates.with_candidates`, the format the model was trained with."""
+    from conversations.candidates import with_candidates
+
+    def answer(questions: list[str], images: list) -> list[str]:
+        tops = ranker.top_k_batch(images, top_k)
+        return answer_batch([with_candidates(q, top, scores) for q, top in zip(questions, tops)], images)
+
+    return answer
+
+
+def load_ranker(checkpoint: str | os.PathLike, dataset: str | os.PathLike, style: str = "full", device: str = "cpu"):
+    """An AddressCLIP ranker over the dataset's address gallery (text embeddings from the gallery cache)."""
+    from clip_stage.candidates import AddressRanker
+
+    if not Path(checkpoint).exists():
+        raise InferenceInputError(f"candidates checkpoint {checkpoint}: not found")
+    if not (Path(dataset) / "records.parquet").is_file():
+        raise InferenceInputError(f"--dataset {dataset}: not a dataset folder (no records.parquet); the candidate "
+                                  "gallery is the dataset's addresses")
+    return AddressRanker.from_checkpoint(checkpoint, dataset, style, device)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="address-llava infer", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="merged LLaVA folder, base LLaVA folder or hub id (with --adapter: "
@@ -281,6 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="weights dtype")
     p.add_argument("--no-pad-to-square", action="store_true", help="resize/crop like the processor instead of "
                                                                    "LLaVA-1.5's pad-to-square")
+    g = p.add_argument_group("candidate-grounded answers (a model trained with `conversations --candidates`)")
+    g.add_argument("--candidates", default=None, metavar="CLIP_CHECKPOINT",
+                   help="write this AddressCLIP model's top-K addresses into each question")
+    g.add_argument("--dataset", default=None, help="address dataset whose addresses form the candidate gallery")
+    g.add_argument("--top-k", type=int, default=5, help="candidates per question")
+    g.add_argument("--candidate-scores", action="store_true", help="write each candidate's probability after it")
     return p
 
 
@@ -288,11 +319,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:
         raise SystemExit("--batch-size must be at least 1")
+    if args.candidates and not args.dataset:
+        raise SystemExit("--candidates needs --dataset (the address gallery)")
     items = eval_items(args.eval, args.limit)
+    ranker = load_ranker(args.candidates, args.dataset, device=args.device if args.device != "auto" else "cpu") \
+        if args.candidates else None
     gen = load_generator(args.model, args.adapter, args.device, args.dtype)
     gen.pad_to_square = not args.no_pad_to_square
-    counts = run_answers(llava_answer_batch(gen, args.max_new_tokens), items, args.image_root, args.out,
-                         args.batch_size)
+    answer_batch = llava_answer_batch(gen, args.max_new_tokens)
+    if ranker is not None:
+        answer_batch = candidate_answer_batch(answer_batch, ranker, args.top_k, args.candidate_scores)
+    counts = run_answers(answer_batch, items, args.image_root, args.out, args.batch_size)
     print(f"{counts['answered']} answered, {counts['skipped']} already in {args.out}, {counts['total']} in the split")
     return 0
 

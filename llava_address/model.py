@@ -137,7 +137,15 @@ def build_llava(args: ModelArgs):
     else:
         model, processor = _compose_llava(args)
     if args.vision_tower is not None and args.model_name_or_path is not None:
-        model, processor = swap_vision_tower(model, processor, args.vision_tower, args.attn_implementation)
+        model, processor = swap_vision_tower(model, processor, args.vision_tower, args.attn_implementation,
+                                             args.vision_feature_layer, args.vision_feature_select_strategy)
+    elif args.model_name_or_path is not None and (
+            args.vision_feature_layer not in (None, model.config.vision_feature_layer)
+            or args.vision_feature_select_strategy not in (None, model.config.vision_feature_select_strategy)):
+        raise ValueError("--vision-feature-layer / --vision-feature-select-strategy change what a trained projector "
+                         "reads: set them together with --vision-tower (a tower swap aligns a fresh projector), "
+                         f"or leave them unset to keep the checkpoint's ({model.config.vision_feature_layer}, "
+                         f"{model.config.vision_feature_select_strategy!r})")
     if args.model_max_length is not None:
         processor.tokenizer.model_max_length = args.model_max_length
     check_processor(model.config, processor)
@@ -229,13 +237,24 @@ def fresh_projector(config, device, dtype) -> torch.nn.Module:
     return projector.to(device=device, dtype=dtype)
 
 
-def swap_vision_tower(model, processor, tower_path: str, attn_implementation: str | None = None):
+def swap_vision_tower(model, processor, tower_path: str, attn_implementation: str | None = None,
+                      feature_layer: int | None = None, select_strategy: str | None = None):
     """Replaces the model's vision tower by the CLIPVisionModel in `tower_path`; returns (model, processor).
 
-    The projector is kept when the new tower has the same width and patch grid as the old one, and
-    re-initialised (logged) otherwise; config.vision_config, image_seq_length and the processor (crop/resize
-    size, mean/std, patch size) always follow the new tower.
+    The projector is kept when the new tower has the same width and patch grid as the old one (and the same
+    features are read), and re-initialised (logged) otherwise; config.vision_config, image_seq_length and the
+    processor (crop/resize size, mean/std, patch size) always follow the new tower. `feature_layer` and
+    `select_strategy` (stock LLaVA config fields; None keeps the model's) choose which tower features the
+    projector reads: e.g. -1 + 'full' gives it the last layer with the CLS token.
     """
+    features_changed = False
+    if feature_layer is not None and feature_layer != model.config.vision_feature_layer:
+        model.config.vision_feature_layer, features_changed = feature_layer, True
+    if select_strategy is not None and select_strategy != model.config.vision_feature_select_strategy:
+        model.config.vision_feature_select_strategy, features_changed = select_strategy, True
+    if model.model.config is not model.config:
+        model.model.config.vision_feature_layer = model.config.vision_feature_layer
+        model.model.config.vision_feature_select_strategy = model.config.vision_feature_select_strategy
     old_vc = model.config.vision_config
     device, dtype = _param_device_dtype(model.model.vision_tower)
     tower, image_processor = _load_tower(tower_path, dtype=dtype, device=device, attn_implementation=attn_implementation)
@@ -247,7 +266,7 @@ def swap_vision_tower(model, processor, tower_path: str, attn_implementation: st
     if model.model.config is not model.config:
         model.model.config.vision_config = new_vc
     model.config.image_seq_length = num_image_tokens(model.config)
-    if new_vc.hidden_size != old_vc.hidden_size or new_grid != old_grid:
+    if new_vc.hidden_size != old_vc.hidden_size or new_grid != old_grid or features_changed:
         pdev, pdtype = _param_device_dtype(model.model.multi_modal_projector)
         model.model.multi_modal_projector = fresh_projector(model.config, pdev, pdtype)
         log.warning("vision tower %s: hidden %d -> %d, grid %s -> %s: projector re-initialised (train it: "
@@ -296,8 +315,10 @@ def _compose_llava(args: ModelArgs):
     config = LlavaConfig(
         vision_config=tower.config, text_config=llm.config,
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        projector_hidden_act=args.projector_hidden_act, vision_feature_layer=args.vision_feature_layer,
-        vision_feature_select_strategy=args.vision_feature_select_strategy, pad_token_id=tokenizer.pad_token_id,
+        projector_hidden_act=args.projector_hidden_act,
+        vision_feature_layer=-2 if args.vision_feature_layer is None else args.vision_feature_layer,
+        vision_feature_select_strategy=args.vision_feature_select_strategy or "default",
+        pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=bool(getattr(llm.config, "tie_word_embeddings", False)),
     )
     config.image_seq_length = num_image_tokens(config)

@@ -8,10 +8,14 @@ the demo doubles as a worked example. A finished stage leaves `<out>/.done/<stag
 skips it unless `--force`, so an interrupted demo continues where it stopped.
 
 Stages: city (render images + GPS) -> dataset (reverse-geocode, sub-streets, splits) -> clip (train
-AddressCLIP, evaluate it and the zero-shot model, export to Hugging Face) -> conversations (build +
-validate) -> llava (a tiny LLaVA "base" model trained on scene captions; swap in the AddressCLIP tower,
-align the projector, LoRA-tune on the address Q&A, merge) -> benchmark (ours vs the untuned base vs
-AddressCLIP retrieval, scored the same way; one chat exchange).
+AddressCLIP, evaluate it and the zero-shot model, export to Hugging Face) -> candidates (cross-fitted
+AddressCLIP top-K addresses of every image) -> conversations (address Q&A, half of it candidate-grounded;
+plain scene descriptions for the base) -> llava (a tiny LLaVA "base" model trained on scene descriptions
+that name no address; swap in the AddressCLIP tower, align the projector, tune on the address Q&A, merge)
+-> benchmark (ours, ours with candidates, the base, AddressCLIP retrieval, scored the same way; one chat).
+
+`--network FILE [--city NAME]` runs every stage on another street network (.osm.pbf, .osm, .osm.bz2,
+GraphML, GeoJSON) instead of central Helsinki.
 """
 
 from __future__ import annotations
@@ -35,6 +39,10 @@ class DemoConfig:
     """output folder of the whole run"""
     seed: int = 0
     """seed of every stage"""
+    network: str = ""
+    """street network of the demo city (.osm.pbf/.osm/.osm.bz2/.graphml/.geojson); '' = central Helsinki"""
+    city: str = ""
+    """city name for the addresses ('' = from the network's place data)"""
     num_images: int = 3000
     """pictures rendered for the demo city"""
     image_size: int = 96
@@ -45,8 +53,18 @@ class DemoConfig:
     """AddressCLIP training epochs"""
     llava_config: str = "demo-llava"
     """tiny LLaVA shape (llava_address/model_configs)"""
+    folds: int = 2
+    """cross-fitting folds of the candidate addresses of training images"""
+    top_k: int = 5
+    """AddressCLIP candidate addresses per question (candidate-grounded answers)"""
+    candidate_fraction: float = 0.5
+    """share of training conversations that carry candidates"""
+    vision_feature_layer: int = -2
+    """tower layer the projector reads after the swap (stock LLaVA config field)"""
+    vision_feature_select_strategy: str = "default"
+    """'default' (patches only) or 'full' (patches + CLS) after the swap"""
     base_steps: int = 300
-    """steps of the base LLaVA's caption pre-training"""
+    """steps of the base LLaVA's scene-description pre-training"""
     align_steps: int = 60
     """steps of projector alignment after the tower swap"""
     lora_steps: int = 400
@@ -80,6 +98,8 @@ class Paths:
     @property
     def export(self): return self.root / "clip" / "hf"
     @property
+    def candidates(self): return self.root / "candidates"
+    @property
     def conversations(self): return self.root / "conversations"
     @property
     def captions(self): return self.root / "conversations_captions"
@@ -101,14 +121,20 @@ def run_command(name: str, argv: list[str]) -> None:
         raise SystemExit(f"demo: `address-llava {name}` failed with exit status {code}")
 
 
+def _network_args(cfg: DemoConfig) -> list[str]:
+    return ["--network", cfg.network] if cfg.network else []
+
+
 def stage_city(cfg: DemoConfig, p: Paths) -> dict:
-    run_command("demo-city", ["--out", str(p.city), "--num-images", str(cfg.num_images),
+    run_command("demo-city", ["--out", str(p.city), "--num-images", str(cfg.num_images), *_network_args(cfg),
                               "--image-size", str(cfg.image_size), "--seed", str(cfg.seed), "--overwrite"])
     return {"gps": str(p.city / "gps.csv")}
 
 
 def stage_dataset(cfg: DemoConfig, p: Paths) -> dict:
+    city = ["--city", cfg.city] if cfg.city else []
     run_command("build-dataset", ["--images", str(p.city / "images"), "--gps", str(p.city / "gps.csv"),
+                                  *_network_args(cfg), *city,
                                   "--out", str(p.dataset), "--seed", str(cfg.seed), "--overwrite", "--quiet"])
     run_command("dataset-summary", [str(p.dataset)])
     return json.loads((p.dataset / "build_report.json").read_text())
@@ -130,14 +156,24 @@ def stage_clip(cfg: DemoConfig, p: Paths) -> dict:
     return {"addressclip": ours, "zero_shot": zero}
 
 
+def stage_candidates(cfg: DemoConfig, p: Paths) -> dict:
+    # Cross-fitted: training images are ranked by fold models that never saw them (clip_stage.candidates).
+    run_command("candidates", ["--checkpoint", str(p.clip_run), "--dataset", str(p.dataset), "--out", str(p.candidates),
+                               "--folds", str(cfg.folds), "--top-k", str(cfg.top_k)])
+    return json.loads((p.candidates / "candidates_info.json").read_text())["accuracy"]
+
+
 def stage_conversations(cfg: DemoConfig, p: Paths) -> dict:
     run_command("conversations", ["--dataset", str(p.dataset), "--out", str(p.conversations),
-                                  "--seed", str(cfg.seed), "--overwrite"])
+                                  "--seed", str(cfg.seed), "--candidates", str(p.candidates),
+                                  "--candidate-k", str(cfg.top_k), "--candidate-fraction", str(cfg.candidate_fraction),
+                                  "--overwrite"])
     run_command("validate", [str(p.conversations / "train.json"), str(p.conversations / "eval.json"),
                              "--image-root", str(p.dataset / "images")])
-    # Scene-description-only dialogues: what the "general" base model and the projector alignment learn from.
+    # Plain scene descriptions that name no address: what the "general" base model and the projector
+    # alignment learn from (so the base is an honest, not address-tuned baseline).
     run_command("conversations", ["--dataset", str(p.dataset), "--out", str(p.captions), "--seed", str(cfg.seed),
-                                  "--type-weights", "caption=1", "--min-turns", "1", "--max-turns", "1",
+                                  "--type-weights", "scene=1", "--min-turns", "1", "--max-turns", "1",
                                   "--overwrite"])
     run_command("conv-stats", [str(p.conversations / "train.json"), "--png", str(p.conversations / "train_stats.png"),
                                "--json", str(p.conversations / "train_stats.json")])
@@ -161,7 +197,8 @@ def last_checkpoint(run_dir: Path) -> Path:
     return checkpoints[-1]
 
 
-def stage_llava(cfg: DemoConfig, p: Paths) -> dict:
+def build_base_init(cfg: DemoConfig, p: Paths) -> Path:
+    """The random-weight tiny LLaVA the demo starts from (tokenizer trained on the demo's dialogues)."""
     from llava_address.prompting import VICUNA_V1_SYSTEM
     from llava_address.tiny import build_tiny_llava, train_tokenizer
 
@@ -171,41 +208,61 @@ def stage_llava(cfg: DemoConfig, p: Paths) -> dict:
         tokenizer = train_tokenizer([VICUNA_V1_SYSTEM, *texts], p.llava / "tokenizer", vocab_size=1000)
         build_tiny_llava(tokenizer, seed=cfg.seed, out_dir=base_init, config_name=cfg.llava_config)
         print(f"built a random-weight tiny LLaVA ({cfg.llava_config}) at {base_init}")
+    return base_init
 
-    def train_and_merge(recipe: str, model: Path, data: Path, name: str, steps: int, lr: str, *extra: str) -> Path:
-        """One LLaVA stage: `train-llava` from `model`, then `merge` its last checkpoint into llava/<name>."""
-        run = p.llava / f"{name}_run"
-        # float32 without gradient checkpointing: the fastest settings for a small model on CPU cores.
-        run_command("train-llava", ["--recipe", recipe, "--model-name-or-path", str(model), *extra,
-                                    "--data-path", str(data), "--image-root", str(p.dataset / "images"),
-                                    "--output-dir", str(run), "--max-steps", str(steps), "--learning-rate", lr,
-                                    "--per-device-batch-size", "16", "--global-batch-size", "16",
-                                    "--seed", str(cfg.seed), "--torch-dtype", "float32", "--mixed-precision", "no",
-                                    "--no-gradient-checkpointing", "--no-progress-bar"])
-        run_command("merge", ["--checkpoint", str(last_checkpoint(run)), "--out", str(p.llava / name)])
-        return p.llava / name
 
-    # 1. The "general" base model: LLM + projector trained on scene captions, no addresses.
-    base = train_and_merge("address_full", base_init, p.captions / "train.json", "base", cfg.base_steps, "2e-3")
-    # 2. Swap in the AddressCLIP tower and align a fresh projector (LLaVA stage 1).
-    aligned = train_and_merge("align_projector", base, p.captions / "train.json", "aligned", cfg.align_steps, "2e-3",
-                              "--model.vision-tower", str(p.export / "vision_tower"))
-    # 3. Address instruction tuning: LoRA on the LLM + projector.
-    train_and_merge("address_lora", aligned, p.conversations / "train.json", "merged", cfg.lora_steps, "3e-3",
-                    "--projector-lr", "1e-3", "--trainables.lora-r", "64", "--lora-alpha", "128")
-    return {"base": str(p.llava / "base"), "merged": str(p.llava / "merged")}
+def train_and_merge(cfg: DemoConfig, p: Paths, recipe: str, model: Path, data: Path, name: str, steps: int, lr: str,
+                    *extra: str) -> Path:
+    """One LLaVA stage: `train-llava` from `model`, then `merge` its last checkpoint into llava/<name>."""
+    run = p.llava / f"{name}_run"
+    # float32 without gradient checkpointing: the fastest settings for a small model on CPU cores.
+    run_command("train-llava", ["--recipe", recipe, "--model-name-or-path", str(model), *extra,
+                                "--data-path", str(data), "--image-root", str(p.dataset / "images"),
+                                "--output-dir", str(run), "--max-steps", str(steps), "--learning-rate", lr,
+                                "--per-device-batch-size", "16", "--global-batch-size", "16",
+                                "--seed", str(cfg.seed), "--torch-dtype", "float32", "--mixed-precision", "no",
+                                "--no-gradient-checkpointing", "--no-progress-bar", "--resume", "latest"])
+    run_command("merge", ["--checkpoint", str(last_checkpoint(run)), "--out", str(p.llava / name)])
+    return p.llava / name
+
+
+def align_and_tune(cfg: DemoConfig, p: Paths, base: Path, suffix: str = "") -> Path:
+    """Swap in the AddressCLIP tower (with the configured features), align a fresh projector, address-tune."""
+    aligned = train_and_merge(cfg, p, "align_projector", base, p.captions / "train.json", f"aligned{suffix}",
+                              cfg.align_steps, "2e-3", "--model.vision-tower", str(p.export / "vision_tower"),
+                              "--vision-feature-layer", str(cfg.vision_feature_layer),
+                              "--vision-feature-select-strategy", cfg.vision_feature_select_strategy)
+    return train_and_merge(cfg, p, "address_lora", aligned, p.conversations / "train.json", f"merged{suffix}",
+                           cfg.lora_steps, "3e-3", "--projector-lr", "1e-3", "--trainables.lora-r", "64",
+                           "--lora-alpha", "128")
+
+
+def stage_llava(cfg: DemoConfig, p: Paths) -> dict:
+    base_init = build_base_init(cfg, p)
+    # 1. The "general" base model: LLM + projector trained on scene descriptions that name no address.
+    base = train_and_merge(cfg, p, "address_full", base_init, p.captions / "train.json", "base", cfg.base_steps, "2e-3")
+    # 2.-3. Swap in the AddressCLIP tower, align a fresh projector (LLaVA stage 1), tune on the address Q&A
+    # (half of it candidate-grounded, so one model answers with and without candidates).
+    merged = align_and_tune(cfg, p, base)
+    return {"base": str(base), "merged": str(merged)}
+
+
+def benchmark_systems(cfg: DemoConfig, p: Paths, merged: Path | None = None) -> list[str]:
+    merged = merged or p.llava / "merged"
+    return ["--system", f"ours=llava:{merged}",
+            "--system", f"ours_candidates=llava:{merged},candidates={p.clip_run},top_k={cfg.top_k}",
+            "--system", f"base=llava:{p.llava / 'base'}",
+            "--system", f"addressclip_retrieval=clip:{p.clip_run}"]
 
 
 def stage_benchmark(cfg: DemoConfig, p: Paths) -> dict:
     eval_file = p.conversations / "eval.json"
     run_command("benchmark", ["--dataset", str(p.dataset), "--eval", str(eval_file), "--out", str(p.benchmark),
-                              "--limit", str(cfg.eval_questions),
-                              "--system", f"ours=llava:{p.llava / 'merged'}",
-                              "--system", f"base_llava_untuned=llava:{p.llava / 'base'}",
-                              "--system", f"addressclip_retrieval=clip:{p.clip_run}"])
+                              "--limit", str(cfg.eval_questions), *benchmark_systems(cfg, p)])
     first = json.loads(eval_file.read_text())[0]
     image = p.dataset / "images" / first["image"]
     run_command("chat", ["--model", str(p.llava / "merged"), "--image", str(image),
+                         "--candidates", str(p.clip_run), "--dataset", str(p.dataset),
                          "--question", "Where was this photo taken?"])
     print(f"(reference: {first['reference'].get('address', first['reference'])})")
     return {"table": (p.benchmark / "benchmark.md").read_text() if (p.benchmark / "benchmark.md").exists() else ""}
@@ -215,6 +272,7 @@ STAGES: dict[str, Callable[[DemoConfig, Paths], dict]] = {
     "city": stage_city,
     "dataset": stage_dataset,
     "clip": stage_clip,
+    "candidates": stage_candidates,
     "conversations": stage_conversations,
     "llava": stage_llava,
     "benchmark": stage_benchmark,

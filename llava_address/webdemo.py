@@ -81,38 +81,8 @@ def load_upload(path: str | os.PathLike | None, limits: UploadLimits = UploadLim
         raise UploadError(f"not a readable image ({type(e).__name__})") from None
 
 
-class AddressRanker:
-    """AddressCLIP over the city's address gallery: top-k addresses of a photo, with their sub-streets."""
-
-    def __init__(self, bundle, dataset_dir: str | os.PathLike, style: str = "full", device: str = "cpu"):
-        from clip_stage.gallery import GalleryEncoder, gallery_from_dataset
-
-        self.bundle = bundle
-        self.device = device
-        self.gallery = gallery_from_dataset(dataset_dir, style)
-        self.text_emb = GalleryEncoder(None, device=device)(bundle.model, bundle.tokenizer, self.gallery.texts)
-
-    @classmethod
-    def from_args(cls, checkpoint: str | None, model: str | None, pretrained: str | None, dataset_dir, device="cpu"):
-        from clip_stage.model import create_clip, load_checkpoint
-
-        bundle = load_checkpoint(checkpoint, device=device) if checkpoint else create_clip(model, pretrained, device=device)
-        return cls(bundle, dataset_dir, device=device)
-
-    def top_k(self, image, k: int = 5) -> list[dict]:
-        import torch
-
-        with torch.no_grad():
-            model = self.bundle.model.eval()
-            pix = self.bundle.preprocess_val(image).unsqueeze(0).to(self.device)
-            emb = model.encode_image(pix, normalize=True).float().cpu()[0]
-            sims = self.text_emb @ emb
-            scale = float(model.logit_scale.exp()) if hasattr(model, "logit_scale") else 100.0
-            probs = torch.softmax(sims * scale, dim=0)
-            order = torch.argsort(sims, descending=True)[:k].tolist()
-        return [{"rank": r + 1, "address": self.gallery.candidates[i].text, "similarity": round(float(sims[i]), 4),
-                 "probability": round(float(probs[i]), 4), "sub_streets": sorted(self.gallery.candidates[i].sub_streets)}
-                for r, i in enumerate(order)]
+# The ranker lives with AddressCLIP (clip_stage.candidates): infer, chat and benchmark use the same one.
+from clip_stage.candidates import AddressRanker  # noqa: E402
 
 
 def city_map(gazetteer, top: list[dict], title: str = ""):
@@ -207,8 +177,11 @@ class Demo:
         return self.query_mapper.figure(res), (f"{where}; AUC {auc}, {s['n_inside']} images inside / "
                                                f"{s['n_outside']} outside")
 
-    def on_ask(self, path, message: str, history: list | None):
-        """The chat history (messages) with the user's message and the model's answer appended."""
+    def on_ask(self, path, message: str, history: list | None, use_candidates: bool = False):
+        """The chat history (messages) with the user's message and the model's answer appended.
+
+        use_candidates: give the model AddressCLIP's top-5 addresses in the first question (candidate-grounded
+        answers, for a model trained with `conversations --candidates`)."""
         import gradio as gr
 
         from llava_address.chat import answer
@@ -232,7 +205,10 @@ class Demo:
             elif role == "assistant" and pending is not None:
                 pairs.append((pending, text))
                 pending = None
-        reply = answer(image, message, pairs, model=self.generator, max_new_tokens=self.max_new_tokens)
+        if use_candidates and self.ranker is None:
+            raise gr.Error("candidate-grounded answers need an AddressCLIP model (--clip)")
+        reply = answer(image, message, pairs, model=self.generator, max_new_tokens=self.max_new_tokens,
+                       candidates=self.ranker if use_candidates else None)
         return history + [{"role": "user", "content": message}, {"role": "assistant", "content": reply}], ""
 
     def build(self):
@@ -254,9 +230,11 @@ class Demo:
             with gr.Row():
                 box = gr.Textbox(placeholder="Where was this photo taken?", show_label=False, scale=4)
                 ask = gr.Button("Ask", scale=1)
+            grounded = gr.Checkbox(label="give the model AddressCLIP's top-5 candidates (candidate-grounded answers)",
+                                   value=False)
             photo.upload(self.on_upload, inputs=photo, outputs=[preview, table, plot, chatbot], api_name="rank")
-            ask.click(self.on_ask, inputs=[photo, box, chatbot], outputs=[chatbot, box], api_name="ask")
-            box.submit(self.on_ask, inputs=[photo, box, chatbot], outputs=[chatbot, box])
+            ask.click(self.on_ask, inputs=[photo, box, chatbot, grounded], outputs=[chatbot, box], api_name="ask")
+            box.submit(self.on_ask, inputs=[photo, box, chatbot, grounded], outputs=[chatbot, box])
             gr.Markdown("### Where does AddressCLIP see an address?\nEvery test image coloured by its similarity "
                         "to your text; the area the text names is outlined.")
             with gr.Row():

@@ -1,0 +1,269 @@
+"""AddressCLIP candidate addresses for candidate-grounded LLaVA answers, cross-fitted on the training split.
+
+    address-llava candidates --checkpoint runs/clip --dataset data/city --out data/city_candidates \
+        [--folds 2] [--top-k 5] [--style full]
+
+A candidate-grounded LLaVA reads AddressCLIP's top-K addresses in its first user turn (format:
+`conversations.candidates`) and learns to pick, re-rank, or say that none fits. That only works if the
+candidates it trains with look like the ones it will see at inference: there, AddressCLIP ranks photos it
+never trained on, so the truth is sometimes second, or missing. Ranking training photos with the model that
+was trained on them would put the truth first almost always, and the LLaVA would learn to copy candidate 1.
+
+So the candidates of training images are **cross-fitted**: the training split is cut into `--folds` folds by
+a hash of the image id; for each fold, a copy of the AddressCLIP run (same recorded train-clip settings,
+`--holdout-fold k/n`) trains on the other folds and ranks the held-out fold. Images of the other splits (val,
+test) are ranked by the given, fully trained model, which never saw them. No candidate list is ever built
+from the image's own label. `candidates_info.json` reports top-1 / top-K accuracy per source, so one can check
+that the training candidates are about as good as the test ones (fold models see (n-1)/n of the data).
+
+Outputs (folder `--out`, its own kind: `candidates_info.json` marks it):
+    candidates.jsonl        {"image_id", "split", "source", "candidates": [{"address", "sub_streets", "score"}]}
+    candidates_info.json    settings, per-source counts and accuracy
+    fold-K/                 the fold models' train-clip runs (resumed if interrupted)
+
+`AddressRanker` is also what `infer`, `chat`, `benchmark` and `web-demo` use at inference: the top-K of a
+photo against the city's address gallery, whose text embeddings are cached (`clip_stage.gallery`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from clip_stage.fsutil import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+INFO_FILE = "candidates_info.json"
+CANDIDATES_FILE = "candidates.jsonl"
+
+
+class CandidatesError(ValueError):
+    """A user error: missing checkpoint or dataset, bad options, an output folder of another kind."""
+
+
+class AddressRanker:
+    """AddressCLIP over the city's address gallery: the top-k addresses of photos, with their sub-streets."""
+
+    def __init__(self, bundle, dataset_dir: str | os.PathLike, style: str = "full", device: str = "cpu",
+                 cache_dir: str | os.PathLike | None = None):
+        from clip_stage.gallery import GalleryEncoder, default_cache_dir, gallery_from_dataset
+
+        self.bundle = bundle
+        self.device = device
+        self.gallery = gallery_from_dataset(dataset_dir, style)
+        cache = default_cache_dir() if cache_dir is None else cache_dir
+        self.text_emb = GalleryEncoder(cache, device=device)(bundle.model, bundle.tokenizer, self.gallery.texts)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | os.PathLike, dataset_dir, style: str = "full", device: str = "cpu"):
+        from clip_stage.model import load_checkpoint
+
+        return cls(load_checkpoint(checkpoint, device=device), dataset_dir, style, device)
+
+    @classmethod
+    def from_args(cls, checkpoint: str | None, model: str | None, pretrained: str | None, dataset_dir, device="cpu"):
+        from clip_stage.model import create_clip, load_checkpoint
+
+        bundle = load_checkpoint(checkpoint, device=device) if checkpoint else create_clip(model, pretrained, device=device)
+        return cls(bundle, dataset_dir, device=device)
+
+    @torch.no_grad()
+    def image_embeddings(self, images: Sequence) -> torch.Tensor:
+        model = self.bundle.model.eval()
+        pix = torch.stack([self.bundle.preprocess_val(im) for im in images]).to(self.device)
+        return model.encode_image(pix, normalize=True).float().cpu()
+
+    @torch.no_grad()
+    def rank(self, image_emb: torch.Tensor, k: int) -> list[list[dict]]:
+        """Top-k gallery entries per image embedding row: address, sub_streets, similarity, probability."""
+        sims = image_emb @ self.text_emb.T
+        model = self.bundle.model
+        scale = float(model.logit_scale.exp()) if hasattr(model, "logit_scale") else 100.0
+        probs = torch.softmax(sims * scale, dim=1)
+        k = min(k, sims.shape[1])
+        top = torch.topk(sims, k, dim=1).indices.tolist()
+        return [[{"rank": r + 1, "address": self.gallery.candidates[i].text,
+                  "sub_streets": sorted(self.gallery.candidates[i].sub_streets),
+                  "similarity": round(float(sims[row, i]), 4), "probability": round(float(probs[row, i]), 4)}
+                 for r, i in enumerate(idx)] for row, idx in enumerate(top)]
+
+    def top_k_batch(self, images: Sequence, k: int = 5) -> list[list[dict]]:
+        return self.rank(self.image_embeddings(images), k)
+
+    def top_k(self, image, k: int = 5) -> list[dict]:
+        return self.top_k_batch([image], k)[0]
+
+
+# --- cross-fitting -------------------------------------------------------------------------------------
+
+def fold_train_config(checkpoint: str | os.PathLike, dataset: str, fold: int, folds: int, out_dir: Path,
+                      progress: bool = False):
+    """The recorded train-clip config of `checkpoint`, retargeted to train without fold `fold` of `folds`."""
+    from clip_stage.config import TrainConfig
+    from clip_stage.model import read_checkpoint_config
+
+    recorded = read_checkpoint_config(checkpoint).get("train_config")
+    if not recorded:
+        raise CandidatesError(f"{checkpoint}: no recorded train-clip config (clip_config.json 'train_config'); "
+                              "cross-fitting retrains with the same settings, so it needs a train-clip run")
+    cfg = TrainConfig.from_dict(recorded)
+    return dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, dataset=str(dataset), holdout_fold=f"{fold}/{folds}"),
+        run=dataclasses.replace(cfg.run, output_dir=str(out_dir / f"fold-{fold}"), resume=True, stop_at_step=None,
+                                progress=progress, tensorboard=False),
+    )
+
+
+def _encode_split_images(ranker: AddressRanker, image_root: Path, rel_paths: list[str], batch_size: int = 64):
+    from clip_stage.evaluate import encode_images
+
+    return encode_images(ranker.bundle.model, ranker.bundle.preprocess_val, image_root, rel_paths, batch_size,
+                         ranker.device)
+
+
+def _accuracy(rows: list[dict], truth: dict[str, str]) -> dict:
+    n = len(rows)
+    top1 = sum(truth[r["image_id"]] in r["candidates"][0]["sub_streets"] for r in rows if r["candidates"])
+    topk = sum(any(truth[r["image_id"]] in c["sub_streets"] for c in r["candidates"]) for r in rows)
+    return {"images": n, "top1": round(top1 / n, 4) if n else None, "top_k_recall": round(topk / n, 4) if n else None}
+
+
+def cross_fit_candidates(checkpoint: str | os.PathLike, dataset: str | os.PathLike, out: str | os.PathLike,
+                         folds: int = 2, top_k: int = 5, style: str = "full", splits: Sequence[str] = ("train", "val", "test"),
+                         device: str = "cpu", progress: bool = False) -> dict:
+    """Trains the fold models (resuming), ranks every image of `splits`, writes the outputs; returns the info."""
+    from clip_stage.data import fold_of
+    from clip_stage.model import load_checkpoint
+    from clip_stage.schema import DatasetPaths, read_records
+    from clip_stage.train import train
+
+    out, dataset = Path(out), Path(dataset)
+    if folds < 2:
+        raise CandidatesError(f"--folds {folds}: cross-fitting needs at least 2 folds")
+    if top_k < 1:
+        raise CandidatesError(f"--top-k {top_k}: must be >= 1")
+    if out.exists() and any(out.iterdir()) and not (out / INFO_FILE).exists() and not (out / "fold-1").exists():
+        raise CandidatesError(f"{out}: not empty and not a candidates folder; give a new or empty --out")
+    records = read_records(dataset)
+    truth = dict(zip(records["image_id"].astype(str), records["sub_street"].astype(str)))
+    image_root = DatasetPaths(dataset).images
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    train_df = records[records["split"] == "train"]
+    fold_ids = fold_of(train_df["image_id"].astype(str).tolist(), folds)
+    if "train" in splits:
+        for k in range(1, folds + 1):
+            cfg = fold_train_config(checkpoint, str(dataset), k, folds, out, progress)
+            final = Path(cfg.run.output_dir) / "final"
+            if not (final / "model.safetensors").exists():
+                log.info("candidates: training fold model %d/%d (%s)", k, folds, cfg.run.output_dir)
+                train(cfg)
+            ranker = AddressRanker(load_checkpoint(final, device=device), dataset, style, device)
+            held = train_df[fold_ids == k]
+            emb = _encode_split_images(ranker, image_root, held["image"].astype(str).tolist())
+            for image_id, split, cands in zip(held["image_id"].astype(str), held["split"], ranker.rank(emb, top_k)):
+                rows.append({"image_id": image_id, "split": split, "source": f"fold-{k}/{folds}", "candidates": cands})
+    others = records[records["split"].isin([s for s in splits if s != "train"])]
+    if len(others):
+        ranker = AddressRanker(load_checkpoint(checkpoint, device=device), dataset, style, device)
+        emb = _encode_split_images(ranker, image_root, others["image"].astype(str).tolist())
+        for image_id, split, cands in zip(others["image_id"].astype(str), others["split"], ranker.rank(emb, top_k)):
+            rows.append({"image_id": image_id, "split": split, "source": "full", "candidates": cands})
+    by_source: dict[str, list[dict]] = {}
+    for r in rows:
+        by_source.setdefault("train (cross-fitted)" if r["source"] != "full" else f"{r['split']} (full model)", []).append(r)
+    info = {"checkpoint": str(checkpoint), "dataset": str(dataset.resolve()), "folds": folds, "top_k": top_k,
+            "style": style, "splits": list(splits), "images": len(rows),
+            "accuracy": {src: _accuracy(rs, truth) for src, rs in sorted(by_source.items())}}
+    tmp = out / f".{CANDIDATES_FILE}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out / CANDIDATES_FILE)
+    atomic_write_json(out / INFO_FILE, info)
+    return info
+
+
+def read_candidates(path: str | os.PathLike) -> dict[str, list[dict]]:
+    """image_id -> candidate list, from a candidates folder or its candidates.jsonl; errors name the line."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CANDIDATES_FILE
+    if not path.is_file():
+        raise CandidatesError(f"{path}: candidates file not found (write it with `address-llava candidates`)")
+    out: dict[str, list[dict]] = {}
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                cands = row["candidates"]
+                if not isinstance(cands, list) or not all(isinstance(c, dict) and c.get("address") for c in cands):
+                    raise ValueError("'candidates' must be a list of {address, ...}")
+                out[str(row["image_id"])] = cands
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise CandidatesError(f"{path}:{n}: not a candidates line ({e})") from None
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="address-llava candidates", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="the train-clip run whose settings the fold models repeat, "
+                                                       "and which ranks the val/test images")
+    p.add_argument("--dataset", required=True, help="address dataset folder (the one the run trained on)")
+    p.add_argument("--out", required=True, help="output folder (candidates.jsonl, candidates_info.json, fold-K/)")
+    p.add_argument("--folds", type=int, default=2, help="cross-fitting folds of the training split (>= 2)")
+    p.add_argument("--top-k", type=int, default=5, help="candidate addresses per image")
+    p.add_argument("--style", default="full", help="address style of the gallery (clip_stage.schema.ADDRESS_STYLES)")
+    p.add_argument("--splits", default="train,val,test", help="splits to rank (comma list)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    p.add_argument("--progress", action="store_true", help="progress bars of the fold trainings")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    from clip_stage.model import CheckpointError
+
+    try:
+        if not Path(args.checkpoint).exists():
+            raise CandidatesError(f"--checkpoint {args.checkpoint}: not found")
+        if not (Path(args.dataset) / "records.parquet").is_file():
+            raise CandidatesError(f"--dataset {args.dataset}: not a dataset folder (no records.parquet)")
+        info = cross_fit_candidates(args.checkpoint, args.dataset, args.out, args.folds, args.top_k, args.style,
+                                    [s.strip() for s in args.splits.split(",") if s.strip()], args.device,
+                                    args.progress)
+    except (CandidatesError, CheckpointError, ValueError, OSError) as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for src, acc in info["accuracy"].items():
+        print(f"{src}: {acc['images']} images, top-1 {100 * (acc['top1'] or 0):.1f}%, "
+              f"top-{info['top_k']} recall {100 * (acc['top_k_recall'] or 0):.1f}%")
+    print(f"wrote {Path(args.out) / CANDIDATES_FILE}")
+    return 0
+
+
+__all__ = ["AddressRanker", "CandidatesError", "cross_fit_candidates", "fold_train_config", "read_candidates",
+           "CANDIDATES_FILE", "INFO_FILE"]
+
+if __name__ == "__main__":
+    sys.exit(main())
