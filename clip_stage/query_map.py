@@ -300,11 +300,8 @@ class QueryMapper:
 
     def figure(self, result: QueryResult):
         """A matplotlib figure: grey streets, images coloured by similarity (colour bar), the area outlined."""
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
         from matplotlib.collections import LineCollection
+        from matplotlib.figure import Figure  # not pyplot: a long-running web demo keeps no figure registry
 
         from clip_stage.plots import _lines
 
@@ -312,7 +309,8 @@ class QueryMapper:
         allxy = np.concatenate([*segs, self.points]) if segs else self.points
         x0, y0 = allxy.min(axis=0)
         span = np.ptp(allxy, axis=0) + 1.0
-        fig, ax = plt.subplots(figsize=(8, float(np.clip(7 * span[1] / span[0] + 1.2, 4, 11))), dpi=110)
+        fig = Figure(figsize=(8, float(np.clip(7 * span[1] / span[0] + 1.2, 4, 11))), dpi=110)
+        ax = fig.subplots()
         ax.add_collection(LineCollection([s - (x0, y0) for s in segs], colors="#c8c8c8", linewidths=1.4, zorder=1))
         m, st = result.match, result.stats
         geom = self.outline(m)
@@ -346,9 +344,7 @@ class QueryMapper:
 
 
 def save_figure(fig, path: str | Path) -> Path:
-    """PNG written beside its destination and moved into place (never half a file); closes the figure."""
-    import matplotlib.pyplot as plt
-
+    """PNG written beside its destination and moved into place (never half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
@@ -357,7 +353,6 @@ def save_figure(fig, path: str | Path) -> Path:
         fig.savefig(tmp, format="png")
         os.replace(tmp, path)
     finally:
-        plt.close(fig)
         Path(tmp).unlink(missing_ok=True)
     return path
 
