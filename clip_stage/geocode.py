@@ -120,20 +120,23 @@ class SegmentIndex:
         With `allowed` (per point) and `label_group` (per label), only labels whose group equals the
         point's `allowed` value are considered (e.g. sub-street pieces of the point's own street).
         """
-        n = len(np.asarray(x))
+        x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        n = len(x)
         best = np.full(n, -1, dtype=np.int64)
         best_d = np.full(n, np.inf)
-        pi, si, dist, *_ = self.candidates(x, y, radius)
-        lab = self.label[si]
-        if allowed is not None:
-            keep = label_group[lab] == np.asarray(allowed)[pi]
-            pi, lab, dist = pi[keep], lab[keep], dist[keep]
-        if len(pi):
-            order = np.lexsort((dist, pi))
-            pi, lab, dist = pi[order], lab[order], dist[order]
-            first = np.r_[True, pi[1:] != pi[:-1]]
-            best[pi[first]] = lab[first]
-            best_d[pi[first]] = dist[first]
+        step = 65_536  # points per slice: the candidate pairs of a million points at once need gigabytes
+        for s in range(0, n, step):
+            pi, si, dist, *_ = self.candidates(x[s : s + step], y[s : s + step], radius)
+            lab = self.label[si]
+            if allowed is not None:
+                keep = label_group[lab] == np.asarray(allowed)[s : s + step][pi]
+                pi, lab, dist = pi[keep], lab[keep], dist[keep]
+            if len(pi):
+                order = np.lexsort((dist, pi))
+                pi, lab, dist = pi[order] + s, lab[order], dist[order]
+                first = np.r_[True, pi[1:] != pi[:-1]]
+                best[pi[first]] = lab[first]
+                best_d[pi[first]] = dist[first]
         return best, best_d
 
 
