@@ -26,6 +26,7 @@ import math
 import os
 import posixpath
 import shutil
+import stat
 import sys
 import time
 from collections import Counter
@@ -97,7 +98,7 @@ class BuildArgs:
     """How images are checked: read, hash and decode fully (load) or check the header (verify); none: only that the file exists (not read: no corrupt/duplicate-content/EXIF-rotation checks)."""
     workers: int = 4
     """Threads that find, read, hash and check images (and read EXIF GPS)."""
-    chunk_rows: int = 100_000
+    chunk_rows: int = 50_000
     """GPS-table rows read, checked and geocoded at a time: bounds the memory of the table stage."""
     overwrite: bool = False
     """Replace an existing dataset folder at --out."""
@@ -376,20 +377,49 @@ class ImageCheck:
     orientation: int = 1  # EXIF orientation (1 = upright or unknown)
 
 
-def _check_image(root: Path, rel: str, mode: str) -> ImageCheck:
-    """Resolves (no symlink escaping the root), finds, and (unless mode is none) hashes and decodes one image."""
+def _locate(root: str, rel: str, parents: dict[str, str | None]) -> tuple[Path | None, ImageCheck | None]:
+    """(path, None) of an image inside the root, or (None, the reject); `rel` is already normalised.
+
+    A full `resolve_under_root` (one realpath per file) costs more than the whole geocoding at a
+    million rows; instead each folder is resolved once (`parents` caches it) and each file is one lstat;
+    only a file that is itself a symlink takes the full check.
+    """
+    folder = posixpath.dirname(rel)
+    where = parents.get(folder, "")
+    if where == "":
+        real = os.path.realpath(os.path.join(root, folder))
+        where = parents[folder] = real if (real == root or real.startswith(root + os.sep)) else None
+    if where is None:
+        return None, ImageCheck(f"image path {rel!r} escapes the image root {root} (through a symlinked folder)", "unsafe_path")
+    path = os.path.join(where, posixpath.basename(rel))
     try:
-        path = resolve_under_root(root, rel)
-    except UnsafePathError as e:
-        return ImageCheck(str(e), "unsafe_path")
+        st = os.lstat(path)
+    except OSError:
+        return None, ImageCheck("not found", "image_not_found")
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            full = resolve_under_root(root, rel)
+        except UnsafePathError as e:
+            return None, ImageCheck(str(e), "unsafe_path")
+        if not full.is_file():
+            return None, ImageCheck("not found", "image_not_found")
+        return full, None
+    if not stat.S_ISREG(st.st_mode):
+        return None, ImageCheck("not a regular file", "image_not_found")
+    return Path(path), None
+
+
+def _check_image(root: str, rel: str, mode: str, parents: dict[str, str | None]) -> ImageCheck:
+    """Finds (inside the root, also through symlinks) and, unless mode is none, hashes and decodes one image."""
+    path, problem = _locate(root, rel, parents)
+    if problem is not None:
+        return problem
     if mode == "none":
-        return ImageCheck() if os.path.isfile(path) else ImageCheck("not found", "image_not_found")
+        return ImageCheck()
     try:
         data = path.read_bytes()
-    except FileNotFoundError:
+    except FileNotFoundError:  # removed since it was found
         return ImageCheck("not found", "image_not_found")
-    except IsADirectoryError:
-        return ImageCheck("a folder, not a file", "image_not_found")
     except OSError as e:
         return ImageCheck(f"cannot read: {e}", "corrupt_image")
     digest = hashlib.blake2b(data, digest_size=16).hexdigest()
@@ -422,8 +452,10 @@ def check_images(root: Path, rels: np.ndarray, mode: str, workers: int, progress
     batch = 512
     starts = range(0, len(rels), batch)
     out: list[ImageCheck] = []
+    real_root = os.path.realpath(root)
+    parents: dict[str, str | None] = {}  # shared by the threads: a race only resolves a folder twice
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        jobs = pool.map(lambda s: [_check_image(root, r, mode) for r in rels[s : s + batch]], starts)
+        jobs = pool.map(lambda s: [_check_image(real_root, r, mode, parents) for r in rels[s : s + batch]], starts)
         with tqdm(total=len(rels), desc="images", unit="img", disable=not progress or len(rels) < 2000) as bar:
             for part in jobs:
                 out += part
