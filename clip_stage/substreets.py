@@ -8,6 +8,10 @@ The paper's construction, offline and in UTM metres:
    `shapely.intersection`); split points along a polyline closer than `min_intersection_gap_m` are
    merged into one (the "drop intersections that are too close" rule), and a crossing that close to an
    end of the polyline becomes that end's cross street;
+   parallel ways of one street (the two carriageways of a dual road, other ways of the same name
+   within `parallel_merge_m` running alongside) share one set of split points: a split point of one
+   is carried across to the other (cutting it there, or merged with the split point it already has
+   within `min_intersection_gap_m`, under one cross-street name), so both get the same pieces;
 3. pieces between consecutive split points are joined across same-street junctions (forks, the ends of
    a dual carriageway) and pieces with the same cross streets are one sub-street;
 4. each image point goes to the nearest piece of its own (geocoded) street; a sub-street with fewer
@@ -48,6 +52,8 @@ class SubStreetConfig:
     """A sub-street with fewer images is merged into a neighbour on the same street (the paper uses 5)."""
     snap_tolerance_m: float = 2.0
     """Streets closer than this count as touching / crossing (metres)."""
+    parallel_merge_m: float = 25.0
+    """Ways of the same street name closer than this and running alongside (the two carriageways of a dual road, parallel service ways) share one set of split points and one sequence of sub-streets (metres; 0 turns it off)."""
     merge_max_gap_m: float = 100.0
     """A small sub-street with no touching neighbour is merged only into one of its street within this distance (metres)."""
     neighbourhood_kinds: str = "neighbourhood,quarter,suburb,admin10,admin9"
@@ -60,8 +66,10 @@ class SubStreetConfig:
     def __post_init__(self):
         if self.min_points < 1:
             raise ValueError(f"SubStreetConfig: min_points must be >= 1, got {self.min_points}")
-        if self.min_intersection_gap_m < 0 or self.snap_tolerance_m <= 0:
-            raise ValueError("SubStreetConfig: min_intersection_gap_m must be >= 0 and snap_tolerance_m > 0")
+        if self.min_intersection_gap_m < 0 or self.snap_tolerance_m <= 0 or self.parallel_merge_m < 0:
+            raise ValueError(
+                "SubStreetConfig: min_intersection_gap_m and parallel_merge_m must be >= 0 and snap_tolerance_m > 0"
+            )
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -255,8 +263,178 @@ def split_streets(network: StreetNetwork, config: SubStreetConfig | None = None)
                     seg, n0, n1, a0, a1 = shapely.reverse(seg), n1, n0, a1, a0
                 pieces.append(Piece(name, seg, n0, n1, a0, a1, (rank, float(p0))))
     stats = {"streets": len(names), "crossings": int(sum(len(v) for v in crossings.values()) // 2),
-             "split_points": n_split, "dropped_intersections": n_dropped, "pieces": len(pieces)}
+             "split_points": n_split, "dropped_intersections": n_dropped}
+    if cfg.parallel_merge_m > 0:
+        pieces, stats["parallel_cuts"], stats["parallel_site_merges"] = _align_parallel_ways(pieces, cfg)
+    stats["pieces"] = len(pieces)
     return pieces, stats
+
+
+# --------------------------------------------------------------------------------------------------
+# parallel ways of one street (dual carriageways): one set of split points
+
+
+def _direction(geom: LineString, s: float, half: float = 15.0) -> np.ndarray:
+    """Unit direction of the line around position s (over +-half metres: junction flares bend the last metres)."""
+    a, b = geom.interpolate(max(s - half, 0.0)), geom.interpolate(min(s + half, geom.length))
+    v = np.array([b.x - a.x, b.y - a.y])
+    n = float(np.hypot(*v))
+    return v / n if n > 1e-9 else np.array([1.0, 0.0])
+
+
+def _is_loop_turn(ps: list[Piece], e: int, j: int, xy: np.ndarray, tol: float) -> bool:
+    """Whether piece j meets the unnamed end e of another piece with an unnamed end of its own (the two
+    halves of a closed loop meeting where nothing crosses), rather than part-way or at a crossing."""
+    for f in (2 * j, 2 * j + 1):
+        if np.hypot(*(xy[f] - xy[e])) <= tol:
+            return not (ps[j].start if f % 2 == 0 else ps[j].end)
+    return False
+
+
+def _parallel_pairs(geoms: np.ndarray, tree, distance: float, step: float = 10.0) -> set[tuple[int, int]]:
+    """Index pairs (i < j) of pieces running alongside each other: at least half of one of them lies
+    within `distance` of the other, beside it (sampled every `step` metres)."""
+    gi, gj = tree.query(geoms, predicate="dwithin", distance=distance)
+    out: set[tuple[int, int]] = set()
+    for i, j in zip(gi.tolist(), gj.tolist()):
+        if i >= j:
+            continue
+        for a, b in ((i, j), (j, i)):
+            g = geoms[a]
+            n = max(2, int(np.ceil(g.length / step)) + 1)
+            samples = shapely.line_interpolate_point(g, np.linspace(0.0, g.length, n))
+            # beside, not beyond: a sample counts where its nearest point on the other piece is inside
+            # it (a piece carrying on in line from the other's end is not a parallel way)
+            at = shapely.line_locate_point(geoms[b], samples)
+            beside = (shapely.distance(samples, geoms[b]) <= distance) & (at > 1e-6) & (at < geoms[b].length - 1e-6)
+            if float(np.mean(beside)) >= 0.5:
+                out.add((i, j))
+                break
+    return out
+
+
+def _align_parallel_ways(pieces: list[Piece], cfg: SubStreetConfig) -> tuple[list[Piece], int, int]:
+    """Gives the parallel ways of each street (both carriageways of a dual road) one set of split points.
+
+    A split point of one way (a crossing, at a piece end) lying beside another way of the same street
+    (within `parallel_merge_m`, the two running in the same direction there) is the same split point for
+    that way: where the other way already has a split point within `min_intersection_gap_m`, the two
+    are one split point (the cross street named by most of its members, then alphabetically: on a dual
+    road the two sides are often bounded by different streets); otherwise the other way is cut there.
+    Pieces of the two ways between the same split points then carry the same label and become one
+    sub-street. Returns (pieces, cuts added, split points merged).
+    """
+    cos_parallel = float(np.cos(np.radians(35.0)))
+    out: list[Piece] = []
+    n_cuts = n_merged = 0
+    by_street: dict[str, list[int]] = {}
+    for i, p in enumerate(pieces):
+        by_street.setdefault(p.street, []).append(i)
+    for street, idx in by_street.items():
+        ps = [pieces[i] for i in idx]
+        if len(ps) < 2:
+            out += ps
+            continue
+        # sites: the named ends of the pieces; site ids 2k (start of piece k) and 2k+1 (end)
+        names = [n for p in ps for n in (p.start, p.end)]
+        xy = np.array([c for p in ps for c in (p.geom.coords[0], p.geom.coords[-1])], dtype=np.float64)[:, :2]
+        uf = _UnionFind(len(names))
+        geoms = np.array([p.geom for p in ps], dtype=object)
+        tree = shapely.STRtree(geoms)
+        site_ids = [k for k, n in enumerate(names) if n]
+        parallel = _parallel_pairs(geoms, tree, cfg.parallel_merge_m)
+        # an unnamed end touching no other piece of the street but the ways alongside it (a loop's
+        # U-turn) is a dead end; one touching a way that carries on is a fork, joined later
+        ends = shapely.points(xy)
+        ei, ej = tree.query(ends, predicate="dwithin", distance=cfg.snap_tolerance_m)
+        touching: dict[int, set[int]] = {}
+        for e, j in zip(ei.tolist(), ej.tolist()):
+            if e // 2 != j:
+                touching.setdefault(e, set()).add(j)
+        dead_end = np.ones(len(names), dtype=bool)
+        for e, js in touching.items():
+            if all((min(e // 2, j), max(e // 2, j)) in parallel for j in js):
+                continue  # only the way alongside: the U-turn at the end of a dual carriageway
+            # a closed loop cut open where nothing crosses leaves two unnamed ends meeting: a U-turn too
+            dead_end[e] = len(js) == 1 and _is_loop_turn(ps, e, next(iter(js)), xy, cfg.snap_tolerance_m)
+        cuts: dict[int, list[tuple[float, int]]] = {}
+        free_names: dict[int, list[int]] = {}  # dead ends beside another way's split point
+        if site_ids:
+            pts = shapely.points(xy[site_ids])
+            # the same crossing seen from the two pieces it separates: one site
+            qa, qb = shapely.STRtree(pts).query(pts, predicate="dwithin", distance=cfg.snap_tolerance_m)
+            for u, v in zip(qa.tolist(), qb.tolist()):
+                uf.union(site_ids[u], site_ids[v])
+            # a junction flare bends a carriageway away near its ends: split points count up to twice
+            # the parallel distance away from a way running alongside theirs
+            qi, pj = tree.query(pts, predicate="dwithin", distance=2.0 * cfg.parallel_merge_m)
+            for q, j in zip(qi.tolist(), pj.tolist()):
+                k = site_ids[q]
+                own, g = k // 2, ps[j].geom
+                if j == own or (min(own, j), max(own, j)) not in parallel:
+                    continue
+                pt = pts[q]
+                if float(g.distance(pt)) <= cfg.snap_tolerance_m:
+                    continue  # an end of that piece (handled above) or a crossing it shares
+                s = float(g.project(pt))
+                own_geom = ps[own].geom
+                # the way's heading over its first 50 m from the split point: slip roads turn in the first metres
+                reach = min(50.0, own_geom.length)
+                d_own = _direction(own_geom, reach / 2 if k % 2 == 0 else own_geom.length - reach / 2, half=reach / 2)
+                if abs(float(d_own @ _direction(g, s))) < cos_parallel:
+                    continue  # a way of the same name meeting at an angle (a branch), not a parallel one
+                length = g.length
+                if s < cfg.min_intersection_gap_m or length - s < cfg.min_intersection_gap_m:
+                    e = 2 * j if s <= length - s else 2 * j + 1
+                    if names[e]:
+                        uf.union(k, e)  # the other way's split point opposite this one
+                    elif not dead_end[e]:
+                        pass  # a fork where the ways join: joined to the single way later
+                    else:
+                        free_names.setdefault(e, []).append(k)
+                    continue
+                cuts.setdefault(j, []).append((s, k))
+        # one name per group of merged split points
+        groups: dict[int, list[int]] = {}
+        for k in site_ids:
+            groups.setdefault(uf.find(k), []).append(k)
+        group_name: dict[int, str] = {}
+        for root, members in groups.items():
+            count = Counter(names[k] for k in members)
+            group_name[root] = min(count, key=lambda n: (-count[n], n))
+            n_merged += len(count) > 1
+        def name_of(k: int) -> str:
+            if names[k]:
+                return group_name[uf.find(k)]
+            if k in free_names:  # a dead end opposite another way's split point is bounded by it
+                cnt = Counter(group_name[uf.find(q)] for q in free_names[k])
+                return min(cnt, key=lambda n: (-cnt[n], n))
+            return ""
+
+        for j, p in enumerate(ps):
+            cj = sorted(cuts.get(j, []))
+            merged_cuts: list[list] = []
+            for s, k in cj:  # cuts closer than the gap rule allows are one cut (one name)
+                if merged_cuts and s - merged_cuts[-1][0][-1] < cfg.min_intersection_gap_m:
+                    merged_cuts[-1][0].append(s)
+                    merged_cuts[-1][1].append(k)
+                else:
+                    merged_cuts.append([[s], [k]])
+            bounds = [(0.0, name_of(2 * j))]
+            for ss, ks in merged_cuts:
+                cnt = Counter(name_of(k) for k in ks)
+                bounds.append((float(np.mean(ss)), min(cnt, key=lambda n: (-cnt[n], n))))
+            bounds.append((p.geom.length, name_of(2 * j + 1)))
+            n_cuts += len(bounds) - 2
+            span = p.end_proj - p.start_proj
+            for (s0, n0), (s1, n1) in zip(bounds[:-1], bounds[1:]):
+                seg = p.geom if len(bounds) == 2 else substring(p.geom, s0, s1)
+                if not isinstance(seg, LineString) or seg.length <= 1e-6:
+                    continue
+                f0, f1 = s0 / p.geom.length, s1 / p.geom.length
+                out.append(Piece(street, seg, n0, n1, p.start_proj + f0 * span, p.start_proj + f1 * span,
+                                 (p.order[0], p.order[1] + s0)))
+    return out, n_cuts, n_merged
 
 
 # --------------------------------------------------------------------------------------------------
@@ -498,7 +676,8 @@ def partition_sub_streets(
     root_to_sub: dict[int, int] = {}
     for street in sorted(by_street):
         roots = by_street[street]
-        order = sorted(roots, key=lambda r: min(pieces[i].order for i in groups[r]))
+        # along the street's axis (west to east / south to north), whichever carriageway a unit is on
+        order = sorted(roots, key=lambda r: (min(pieces[i].start_proj for i in groups[r]), min(pieces[i].order for i in groups[r])))
         for k, r in enumerate(order):
             root_to_sub[r] = len(sub_streets)
             geom = shapely.line_merge(units.geom(groups[r]))
@@ -527,6 +706,29 @@ def partition_sub_streets(
     stats["streets_with_images"] = len(by_street)
     stats["sub_streets_below_min_points"] = sum(1 for s in sub_streets if s.n_points < cfg.min_points)
     return SubStreetPartition(sub_streets, point_sub, stats)
+
+
+def side_by_side(sub_streets: list[SubStreet], within_m: float = 20.0, min_fraction: float = 0.5,
+                 min_length_m: float = 50.0) -> list[tuple[str, str, float]]:
+    """Pairs of sub-streets of one street that run side by side: (id, id, metres alongside).
+
+    The shorter one lies within `within_m` of the other along more than `min_fraction` of its length
+    and more than `min_length_m` metres; pieces that merely meet end to end do not count (the stretch
+    near the shared end is under `min_length_m`). On a partition that groups parallel ways this is
+    empty: photos of one block get one label whichever carriageway they are nearer.
+    """
+    by_street: dict[str, list[SubStreet]] = {}
+    for s in sub_streets:
+        by_street.setdefault(s.street, []).append(s)
+    out = []
+    for subs in by_street.values():
+        for i, a in enumerate(subs):
+            for b in subs[i + 1:]:
+                short, long_ = (a, b) if a.geometry.length <= b.geometry.length else (b, a)
+                along = float(short.geometry.intersection(long_.geometry.buffer(within_m)).length)
+                if along > min_fraction * short.geometry.length and along > min_length_m:
+                    out.append((a.sub_street, b.sub_street, round(along, 1)))
+    return out
 
 
 def sub_streets_geojson(partition: SubStreetPartition, network: StreetNetwork) -> dict:
