@@ -12,8 +12,15 @@ from shapely.geometry import LineString
 from clip_stage.geocode import ReverseGeocoder
 from clip_stage.network import helsinki_pbf_path, load_street_network
 from clip_stage.schema import address_columns
-from clip_stage.substreets import SubStreetConfig, load_zones, partition_sub_streets, split_streets, sub_streets_geojson
-from tests.test_network import HARBOUR, lonlat, utm, write_geojson, write_osm
+from clip_stage.substreets import (
+    SubStreetConfig,
+    load_zones,
+    partition_sub_streets,
+    side_by_side,
+    split_streets,
+    sub_streets_geojson,
+)
+from tests.test_network import HARBOUR, ORIGIN, lonlat, utm, write_geojson, write_osm
 
 MAIN_X = {0: [20, 40, 60, 80, 90], 1: [150, 170, 200, 230, 250], 2: [350, 380, 400, 420, 450], 3: [520, 540, 560, 570, 580]}
 
@@ -189,3 +196,72 @@ def test_helsinki_partition_is_consistent():
     assert (names[part.point_sub[ok]] == geo.street[ok]).all()
     assert np.bincount(part.point_sub[ok], minlength=len(subs)).tolist() == [s.n_points for s in subs]
     assert sum(len(s.cross_streets) == 2 for s in subs) > len(subs) / 2
+    # dual carriageways (Mannerheimintie, Mikonkatu, Kaisaniemenkatu...): one sub-street per block;
+    # measured: 8 pairs side by side before parallel ways shared their split points, 0 after
+    assert side_by_side(subs) == []
+    assert side_by_side(partition_sub_streets(net, x, y, geo.street, SubStreetConfig(parallel_merge_m=0)).sub_streets)
+
+
+# A dual carriageway, y = 0 (southbound... any direction) and y = 14, x 0..600 (the north one to 640),
+# with crossings that reach only one side, two offset T-junctions and a dead end at the east.
+DUAL_WAYS = [
+    ("Avenue", "primary", [(0, 0), (600, 0)]),
+    ("Avenue", "primary", [(0, 14), (640, 14)]),
+    ("West Road", "residential", [(100, -100), (100, 120)]),  # crosses both
+    ("North Lane", "residential", [(250, 14), (250, 120)]),  # reaches the north side only
+    ("South Lane", "residential", [(260, -100), (260, 0)]),  # the south side only, 10 m further east
+    ("Mid Street", "residential", [(400, -100), (400, 0)]),  # the south side only
+    ("East Road", "residential", [(500, -100), (500, 120)]),  # crosses both; then a dead end
+]
+BLOCKS = [(20, 80), (150, 220), (300, 370), (430, 470), (540, 590)]
+
+
+def test_dual_carriageway_with_offset_crossings_is_one_sequence(tmp_path):
+    net = load_street_network(write_geojson(tmp_path / "dual.geojson", DUAL_WAYS, []))
+    xs = [x for a, b in BLOCKS for x in (a, b, a, b)]
+    ys = [y for _ in BLOCKS for y in (1, 1, 13, 13)]  # the same block, each carriageway
+    x, y = utm(xs, ys)
+    streets = np.array(["Avenue"] * len(xs), dtype=object)
+    part = partition_sub_streets(net, x, y, streets, SubStreetConfig(min_points=1))
+    subs = part.sub_streets
+    assert [s.sub_street for s in subs] == [f"Avenue/{k}" for k in range(5)]  # west to east
+    assert [s.cross_streets for s in subs] == [
+        ("West Road",), ("West Road", "North Lane"), ("North Lane", "Mid Street"), ("Mid Street", "East Road"),
+        ("East Road",),
+    ]
+    # both carriageways' photos of a block share one label
+    assert list(part.point_sub) == [k for k in range(5) for _ in range(4)]
+    assert all(s.geometry.geom_type == "MultiLineString" and len(s.geometry.geoms) == 2 for s in subs)
+    assert side_by_side(subs) == []
+    # Mid Street cuts the north side; North Lane and South Lane (10 m apart) are one split point
+    assert part.stats["parallel_cuts"] == 1 and part.stats["parallel_site_merges"] == 1
+    # no place data: no neighbourhood, never a street name in its place
+    assert {s.neighbourhood for s in subs} == {""}
+    # without the parallel rule the sides are split differently and run side by side
+    old = partition_sub_streets(net, x, y, streets, SubStreetConfig(min_points=1, parallel_merge_m=0))
+    assert side_by_side(old.sub_streets)
+    assert len({old.point_sub[i] for i in range(4, 8)}) == 2  # one block, two labels
+
+
+def test_parallel_merge_distance_is_respected(tmp_path):
+    far = [(n, hw, [(x, 60 if y == 14 else y) for x, y in pts]) if n == "Avenue" and pts[0][1] == 14 else (n, hw, pts)
+           for n, hw, pts in DUAL_WAYS]
+    net = load_street_network(write_geojson(tmp_path / "far.geojson", far, []))
+    pieces, stats = split_streets(net, SubStreetConfig(parallel_merge_m=25))
+    assert stats["parallel_cuts"] == 0  # 60 m apart: two streets of one name, not one dual road
+    north = sorted((p.start, p.end) for p in pieces if p.street == "Avenue" and p.geom.coords[0][1] > ORIGIN[1] + 30)
+    # the north way is crossed by West Road, North Lane and East Road only: Mid Street is not carried over
+    assert north == sorted([("", "West Road"), ("West Road", "North Lane"), ("North Lane", "East Road"), ("East Road", "")])
+    with pytest.raises(ValueError, match="parallel_merge_m"):
+        SubStreetConfig(parallel_merge_m=-1)
+
+
+def test_side_by_side_ignores_pieces_meeting_end_to_end():
+    from clip_stage.substreets import SubStreet
+
+    def sub(k, coords):
+        return SubStreet(f"A/{k}", "A", (), LineString(coords))
+
+    assert side_by_side([sub(0, [(0, 0), (100, 0)]), sub(1, [(100, 0), (200, 0)])]) == []
+    assert side_by_side([sub(0, [(0, 0), (100, 0)]), sub(1, [(0, 10), (100, 10)])]) == [("A/0", "A/1", 100.0)]
+    assert side_by_side([sub(0, [(0, 0), (40, 0)]), sub(1, [(0, 10), (40, 10)])]) == []  # under 50 m
