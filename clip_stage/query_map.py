@@ -413,7 +413,11 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyError, ValueError, OSError, RuntimeError) as e:
         print(f"query-map: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2
-    report = run(mapper, args.query, args.out)
+    try:
+        report = run(mapper, args.query, args.out)
+    except (OSError, ValueError) as e:  # an image that is missing, unreadable or outside the image root
+        print(f"query-map: {e}", file=sys.stderr)
+        return 2
     for q in report["queries"]:
         auc = "n/a" if q["auc"] is None else f"{q['auc']:.3f}"
         where = "no geometry matched" if q["level"] is None else f"{q['level']} {q['matched']!r} ({len(q['sub_streets'])} sub-streets)"

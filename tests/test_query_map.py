@@ -4,6 +4,7 @@ and the web demo's "address query" box."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -124,6 +125,7 @@ def test_slugged_names_never_clash():
     ("unknown split", "unknown split 'tst'"),
     ("empty split", "split 'val' has no images"),
     ("missing checkpoint", "no such checkpoint folder"),
+    ("missing image", "No such file"),
 ])
 def test_bad_inputs_are_one_line_errors(case, message, toy_dataset, tmp_path, capsys):
     args = {"--model": "addressclip-tiny", "--dataset": str(toy_dataset), "--query": "Esplanadi",
@@ -136,6 +138,9 @@ def test_bad_inputs_are_one_line_errors(case, message, toy_dataset, tmp_path, ca
         args["--split"] = "tst"
     elif case == "empty split":
         args["--split"] = "val"
+    elif case == "missing image":
+        args["--dataset"] = str(shutil.copytree(toy_dataset, tmp_path / "broken"))
+        (tmp_path / "broken" / "images" / read_records(toy_dataset, "test")["image"].iloc[5]).unlink()
     else:
         del args["--model"]
         args["--checkpoint"] = str(tmp_path / "no-run")
