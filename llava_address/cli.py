@@ -52,6 +52,7 @@ register_command("conv-stats", "conversations.stats:main", "statistics of a LLaV
 # Stage 4: LLaVA
 register_command("train-llava", "llava_address.train:main", "projector alignment / LoRA / QLoRA / full fine-tuning of LLaVA")
 register_command("merge", "llava_address.merge:main", "fold a LoRA checkpoint into a plain Hugging Face LLaVA directory")
+register_command("convert-llava", "llava_address.convert_llava:main", "convert an original LLaVA checkpoint (llava_llama + mm_projector) to a Hugging Face LLaVA folder")
 register_command("infer", "llava_address.infer:main", "batched, resumable answers of a LLaVA model for an evaluation split (JSONL)")
 register_command("chat", "llava_address.chat:main", "chat about one image's address in the terminal (streaming), or --question once")
 # Stage 5: use and benchmark

@@ -133,6 +133,9 @@ def _load_kwargs(args: ModelArgs, skip_modules: list[str]) -> dict[str, Any]:
 def build_llava(args: ModelArgs):
     """(LlavaForConditionalGeneration, LlavaProcessor) as `args` describes; see the module docstring."""
     if args.model_name_or_path is not None:
+        from llava_address.convert_llava import refuse_original_llava
+
+        refuse_original_llava(args.model_name_or_path)  # before transformers builds a default-config model
         model, processor = _load_llava(args)
     else:
         model, processor = _compose_llava(args)

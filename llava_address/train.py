@@ -48,6 +48,7 @@ from llava_address.checkpoint import (
     save_checkpoint,
 )
 from llava_address.config import DataArgs, ModelArgs, TrainablesArgs
+from llava_address.prompting import attach_chat_template
 from llava_address.train_args import ConfigGroup, TrainArgs, parse_config, to_plain
 
 GROUPS = [
@@ -210,19 +211,24 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def load_stage_weights(model: torch.nn.Module, checkpoint: str | os.PathLike) -> list[str]:
     """Loads a previous stage's non-LoRA weights (non_lora_trainables.safetensors, e.g. the projector of a
-    projector-alignment run) into a plain LLaVA before this stage's trainables are applied."""
+    projector-alignment run, or LLaVA's own `mm_projector.bin`) into a plain LLaVA before this stage's
+    trainables are applied."""
     from safetensors.torch import load_file
 
     from llava_address.model import ADAPTER_WEIGHTS, NON_LORA_WEIGHTS
+
+    from llava_address.convert_llava import mm_projector_file, read_mm_projector
 
     ckpt = Path(checkpoint)
     if (ckpt / ADAPTER_WEIGHTS).is_file():
         raise ValueError(f"--init-from {ckpt} holds a LoRA adapter: merge it first (address-llava merge) and "
                          "pass the merged folder as --model-name-or-path")
-    file = ckpt / NON_LORA_WEIGHTS
-    if not file.is_file():
-        raise FileNotFoundError(f"--init-from {ckpt}: no {NON_LORA_WEIGHTS}")
-    weights = load_file(str(file))
+    if (projector := mm_projector_file(ckpt)) is not None:  # LLaVA's own projector pre-training output
+        weights = read_mm_projector(projector)
+    elif not (ckpt / NON_LORA_WEIGHTS).is_file():
+        raise FileNotFoundError(f"--init-from {ckpt}: no {NON_LORA_WEIGHTS} or LLaVA mm_projector.bin")
+    else:
+        weights = load_file(str(ckpt / NON_LORA_WEIGHTS))
     own = dict(model.named_parameters())
     unknown = sorted(set(weights) - set(own))
     if unknown:
@@ -244,6 +250,8 @@ def build_model(cfg: RunConfig):
     from llava_address import model as model_lib
 
     model, processor = model_lib.build_llava(cfg.model)
+    # Every checkpoint's processor then carries the chat template of the prompts it was trained on.
+    attach_chat_template(processor, cfg.data.template)
     if cfg.train.init_from:
         load_stage_weights(model, cfg.train.init_from)
     # New parts (LoRA) are initialised from the seed alone: how the base loaded (e.g. transformers' ZeRO-3
