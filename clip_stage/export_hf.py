@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from clip_stage.model import add_model_source_args, bundle_from_args
+from clip_stage.model_card import CardError, ModelCard, add_hub_args, push_folder, read_metrics, write_card
 
 VISION_DIR = "vision_tower"
 CLIP_DIR = "clip_model"
@@ -458,7 +459,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--require-full", action="store_true", help="error if the full CLIPModel cannot be exported")
     p.add_argument("--no-verify", action="store_true", help="skip the numeric comparison with open_clip")
     p.add_argument("--atol", type=float, default=1e-4, help="largest allowed absolute difference in verification")
+    add_hub_args(p)  # README.md model card (+ --benchmark metrics) and --push-to-hub
     return p
+
+
+def export_card(source: dict, res: ExportResult, args) -> ModelCard:
+    """The export folder's model card: source checkpoint, what was written, metrics of `--benchmark`."""
+    base = source.get("pretrained") and f"{source.get('model_name')} ({source.get('pretrained')})"
+    repo = args.push_to_hub or "PATH/TO/EXPORT"
+    return ModelCard(
+        title=(args.push_to_hub or "addressclip").split("/")[-1], license=args.license,
+        summary="An AddressCLIP image encoder (open_clip fine-tuned with the AddressCLIP losses) exported to "
+                "transformers: `vision_tower/` is the CLIP vision tower the LLaVA stage uses, `clip_model/` the "
+                "full CLIPModel for address retrieval.",
+        pipeline_tag="zero-shot-image-classification" if res.clip_dir else "image-feature-extraction",
+        tags=("clip", "addressclip", "address-llava", "geolocalization"),
+        details={k: str(v) for k, v in {"source": source.get("checkpoint") or base, "architecture": source.get("model_name"),
+                                        "written": ", ".join(p.name for p in (res.vision_dir, res.clip_dir) if p),
+                                        "verified": "max |diff| " + ", ".join(f"{k} {v:.2g}" for k, v in res.max_abs_diff.items())
+                                        if res.max_abs_diff else None}.items() if v},
+        metrics=read_metrics(args.benchmark) if args.benchmark else {}, metrics_source=args.benchmark,
+        usage=f'from transformers import CLIPVisionModel\n\ntower = CLIPVisionModel.from_pretrained("{repo}", '
+              f'subfolder="{VISION_DIR}")',
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -476,6 +499,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"vision tower -> {res.vision_dir}")
     if res.clip_dir:
         print(f"CLIPModel    -> {res.clip_dir}" + ("" if res.tokenizer else " (no tokenizer)"))
+    try:
+        write_card(args.out, export_card(source, res, args))
+        if args.push_to_hub:
+            print(f"pushed -> {push_folder(args.out, args.push_to_hub, private=args.hub_private)}")
+    except (CardError, OSError, ValueError) as e:  # huggingface_hub's HTTP and auth errors are OSError/ValueError
+        print(f"export-clip: {e}", file=sys.stderr)
+        return 2 if isinstance(e, CardError) else 1
     for s in res.skipped:
         print(f"skipped: {s}")
     if res.max_abs_diff:

@@ -7,6 +7,13 @@ and writes `LlavaForConditionalGeneration` + processor as safetensors, which sto
     address-llava merge --checkpoint runs/lora/checkpoint-000120 --out models/address-llava-merged
     LlavaForConditionalGeneration.from_pretrained("models/address-llava-merged")
 
+The merged folder carries the chat template of the training prompts (`llava_address.prompting`, the
+checkpoint's `data.template`), so `processor.apply_chat_template` prompts it as it was trained, and a
+model card (README.md: base, tower, data, recipe, metrics of `--benchmark FILE`, licence).
+`--push-to-hub REPO` uploads the folder (token from HF_TOKEN or the local login):
+
+    address-llava merge --checkpoint CKPT --out DIR --benchmark runs/bench/benchmark.json --push-to-hub me/model
+
 The base is always loaded unquantised for merging (folding LoRA into 4-bit weights would round it away):
 a QLoRA checkpoint merges into a `--torch-dtype` model. `--check` compares the merged model's logits with
 the adapter model's on a synthetic input before writing.
@@ -22,6 +29,7 @@ from pathlib import Path
 import torch
 
 from clip_stage.fsutil import atomic_dir
+from clip_stage.model_card import CardError, ModelCard, add_hub_args, push_folder, read_metrics, write_card
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +48,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=float, default=1e-4, help="tolerance of --check (default 1e-4)")
     p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
     p.add_argument("--no-overwrite", action="store_true", help="refuse to replace an existing --out")
+    add_hub_args(p)
     return p
+
+
+USAGE = """from transformers import AutoProcessor, LlavaForConditionalGeneration
+from PIL import Image
+
+model = LlavaForConditionalGeneration.from_pretrained("{repo}")
+processor = AutoProcessor.from_pretrained("{repo}")  # carries the training prompt as its chat template
+messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "Where was this photo taken?"}}]}}]
+prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+inputs = processor(images=Image.open("street.jpg"), text=prompt, return_tensors="pt")
+print(processor.decode(model.generate(**inputs, max_new_tokens=64)[0], skip_special_tokens=True))"""
+
+
+def model_card(stored: dict, checkpoint: Path, *, base: str | None, vision_tower: str | None, repo: str | None,
+               license: str, metrics_file: str | None) -> ModelCard:
+    """The merged model's card from the checkpoint's llava_args.json (+ the benchmark's numbers)."""
+    model, data = stored.get("model", {}), stored.get("data", {})
+    trainables = stored.get("trainables", {})
+    base_model = base or model.get("model_name_or_path") or model.get("llm")
+    details = {
+        "base model": base_model, "vision tower": vision_tower or model.get("vision_tower") or "the base model's",
+        "trained": ", ".join(f"{k} {trainables[k]}" for k in ("vision_tower", "projector", "llm") if k in trainables),
+        "data": data.get("data_path"), "prompt template": data.get("template", "vicuna_v1"),
+        "recipe": Path(stored["recipe"]).name if stored.get("recipe") else None, "checkpoint": checkpoint.name,
+    }
+    metrics = read_metrics(metrics_file) if metrics_file else {}
+    return ModelCard(
+        title=repo.split("/")[-1] if repo else "address-llava", base_model=base_model, license=license,
+        summary="A LLaVA-1.5 model fine-tuned with address-llava to answer where a street-level photo was taken "
+                "(street, cross streets, neighbourhood), optionally grounded on AddressCLIP's top-k candidates.",
+        pipeline_tag="image-text-to-text", tags=("llava", "address-llava", "geolocalization", "street-address"),
+        details={k: str(v) for k, v in details.items() if v}, metrics=metrics, metrics_source=metrics_file,
+        usage=USAGE.format(repo=repo or "PATH/TO/MERGED"),
+    )
 
 
 def merge_checkpoint(checkpoint: str | Path, base: str | None = None, vision_tower: str | None = None,
@@ -101,7 +144,19 @@ def main(argv: list[str] | None = None) -> int:
     if out.exists() and args.no_overwrite:
         print(f"merge: {out} exists (--no-overwrite)", file=sys.stderr)
         return 2
+    from llava_address.model import read_checkpoint_args
+    from llava_address.prompting import attach_chat_template
+
+    try:
+        stored = read_checkpoint_args(ckpt)[2]
+        card = model_card(stored, ckpt, base=args.base, vision_tower=args.vision_tower, repo=args.push_to_hub,
+                          license=args.license, metrics_file=args.benchmark)
+    except (CardError, OSError, ValueError) as e:
+        print(f"merge: {e}", file=sys.stderr)
+        return 2
     merged, processor = merge_checkpoint(ckpt, args.base, args.vision_tower, args.torch_dtype, args.device_map)
+    # Checkpoints written before chat templates were saved get theirs here, from the template they trained on.
+    attach_chat_template(processor, stored.get("data", {}).get("template", "vicuna_v1"))
     if args.check:
         from llava_address.model import load_for_inference
 
@@ -118,7 +173,15 @@ def main(argv: list[str] | None = None) -> int:
     with atomic_dir(out) as tmp:
         merged.save_pretrained(str(tmp), safe_serialization=True, max_shard_size=args.max_shard_size)
         processor.save_pretrained(str(tmp))
+        write_card(tmp, card)
     log.info("merged %s -> %s", ckpt, out)
+    if args.push_to_hub:
+        try:
+            url = push_folder(out, args.push_to_hub, private=args.hub_private)
+        except (CardError, OSError, ValueError) as e:  # huggingface_hub's HTTP and auth errors are OSError/ValueError
+            print(f"merge: pushing {out} to {args.push_to_hub} failed: {e}", file=sys.stderr)
+            return 1
+        log.info("pushed %s -> %s", out, url)
     print(str(out))
     return 0
 

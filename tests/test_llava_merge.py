@@ -76,8 +76,9 @@ def test_merge_swapped_tower_projector_alignment(tiny_llava_dir, tiny_vision_tow
                               trained(input_ids=ids, pixel_values=pv).logits, atol=1e-5)
 
 
-def test_merge_refuses_non_checkpoint(tmp_path, tiny_llava_dir):
-    with pytest.raises(FileNotFoundError, match="not a LLaVA training checkpoint"):
-        main(["--checkpoint", str(tiny_llava_dir), "--out", str(tmp_path / "m")])
+def test_merge_refuses_non_checkpoint(tmp_path, tiny_llava_dir, capsys):
+    assert main(["--checkpoint", str(tiny_llava_dir), "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("merge: ") and "not a LLaVA training checkpoint" in err and "\n" not in err
     assert main(["--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "m")]) == 2
     assert not (tmp_path / "m").exists()
