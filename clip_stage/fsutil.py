@@ -155,6 +155,17 @@ def verify_manifest(folder: str | os.PathLike, required: bool = True) -> bool:
     return True
 
 
+def load_error_text(e: BaseException) -> str:
+    """One line describing why a checkpoint file did not load: for torch.load(weights_only=True) refusing a
+    pickle, say so (torch's own text advises weights_only=False, the very thing not to do)."""
+    import pickle
+
+    if isinstance(e, pickle.UnpicklingError):
+        return "holds pickled objects beyond plain tensors; refused unread (unpickling them could run code)"
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
 def _fsync_dir(path: Path) -> None:
     # A folder's entries (new names, renames) are durable only once the folder itself is fsynced.
     with contextlib.suppress(OSError):  # some file systems refuse fsync on folders; nothing more to do there

@@ -42,7 +42,7 @@ from clip_stage.data import (
     steps_per_epoch,
     total_steps,
 )
-from clip_stage.fsutil import atomic_write_json, cut_jsonl_log, remove_stale_temps
+from clip_stage.fsutil import atomic_write_json, cut_jsonl_log, load_error_text, remove_stale_temps
 from clip_stage.losses import AddressClipLoss, logit_scale_clamp_
 from clip_stage.model import (
     STATE_FILE,
@@ -145,11 +145,10 @@ def _load_training_state(ckpt: Path) -> dict:
     import pickle
 
     try:
+        # weights_only refuses anything but tensors and primitives: nothing in the file runs.
         return torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
-        # weights_only refuses anything but tensors and primitives: nothing in the file runs.
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{ckpt / STATE_FILE}: not a plain training-state file ({first})") from None
+        raise CheckpointError(f"{ckpt / STATE_FILE}: not a plain training-state file ({load_error_text(e)})") from None
 
 
 def train(cfg: TrainConfig) -> dict:

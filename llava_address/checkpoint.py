@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from clip_stage.fsutil import ManifestError, atomic_dir, atomic_write_json, verify_manifest
+from clip_stage.fsutil import ManifestError, atomic_dir, atomic_write_json, load_error_text, verify_manifest
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_DIR = "state"
@@ -219,16 +219,20 @@ def check_resume_trust(checkpoint: str | os.PathLike, output_dir: str | os.PathL
 
 
 def check_state_files(state_dir: str | os.PathLike) -> None:
-    """Reads accelerate's RNG files with weights_only=True before load_state does: accelerate silently skips
-    an unreadable one, and the resumed run would then quietly differ from the uninterrupted one."""
+    """Refuses pickled custom objects, and reads accelerate's RNG files with weights_only=True before
+    load_state does: accelerate silently skips an unreadable one, and the resumed run would then quietly
+    differ from the uninterrupted one."""
     from accelerate.utils import load
 
+    for f in sorted(Path(state_dir).glob("custom_checkpoint_*.pkl")):
+        # accelerate would unpickle it with weights_only=False; train-llava registers no custom objects.
+        raise CheckpointError(f"{f}: a pickled object (train-llava writes none: an older checkpoint, or planted); "
+                              "refusing to load it")
     for f in sorted(Path(state_dir).glob("random_states_*.pkl")):
         try:
             load(f, weights_only=True)
         except Exception as e:  # noqa: BLE001 - any failure means the same thing: not a plain RNG state file
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"{f}: not a plain RNG state file ({first})") from None
+            raise CheckpointError(f"{f}: not a plain RNG state file ({load_error_text(e)})") from None
 
 
 def load_checkpoint(path: str | os.PathLike, base=None, **model_overrides):

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from clip_stage.fsutil import cut_jsonl_log, remove_stale_temps
+from clip_stage.fsutil import cut_jsonl_log, load_error_text, remove_stale_temps
 from llava_address.checkpoint import (
     STATE_DIR,
     TRAINER_STATE,
@@ -399,8 +399,7 @@ def train(cfg: RunConfig) -> TrainResult:
             # weights_only=True: accelerate's default today, stated so that no version can turn it off.
             accelerator.load_state(str(resume_from / STATE_DIR), load_kwargs={"weights_only": True})
         except Exception as e:  # noqa: BLE001 - one line naming the folder instead of a library traceback
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"{resume_from / STATE_DIR}: cannot be loaded ({type(e).__name__}: {first})") from e
+            raise CheckpointError(f"{resume_from / STATE_DIR}: cannot be loaded ({load_error_text(e)})") from e
         scheduler.load_state_dict(st["scheduler"])
         global_step, epoch, batches_done = st["global_step"], st["epoch"], st["batches_done_in_epoch"]
 
