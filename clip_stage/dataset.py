@@ -5,7 +5,8 @@
 
 `summary(dataset_dir)` returns the numbers as a dict: images per split, streets, sub-streets, images
 per sub-street (min / median / max, overall and in train), sub-streets of the test split never seen in
-train, neighbourhoods, and the rejected input rows by reason (from rejects.jsonl).
+train, neighbourhoods, the rejected input rows by reason (from rejects.jsonl), and the builder's
+warnings (from build_report.json: no city found, sub-streets without a neighbourhood, ...).
 """
 
 from __future__ import annotations
@@ -43,6 +44,15 @@ def _rejects(paths: DatasetPaths) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+def _report(paths: DatasetPaths) -> dict:
+    if not paths.report.exists():
+        return {}
+    try:
+        return json.loads(paths.report.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DatasetFormatError(f"{paths.report}: malformed JSON ({e})") from None
+
+
 def summary(dataset_dir: str | Path) -> dict:
     """The dataset's numbers (see the module docstring)."""
     paths = DatasetPaths(dataset_dir)
@@ -52,6 +62,8 @@ def summary(dataset_dir: str | Path) -> dict:
     train = df[df["split"] == "train"]
     test_subs = set(df.loc[df["split"] == "test", "sub_street"])
     rejects = _rejects(paths)
+    report = _report(paths)
+    no_hood = df.loc[df["neighbourhood"].astype(str) == "", "sub_street"].nunique()
     return {
         "dataset": str(dataset_dir),
         "city": info.get("city", ""),
@@ -68,6 +80,8 @@ def summary(dataset_dir: str | Path) -> dict:
         "captioned": int((df["caption"].astype(str).str.len() > 0).sum()),
         "rejected": rejects,
         "rejected_total": int(sum(rejects.values())),
+        "sub_streets_without_neighbourhood": int(no_hood),
+        "warnings": list(report.get("warnings", [])),
     }
 
 
@@ -87,8 +101,10 @@ def format_summary(s: dict) -> str:
     rows.append(("captioned images", str(s["captioned"])))
     rows.append(("neighbourhoods", str(len(s["neighbourhoods"]))))
     rows += [(f"  {k}", str(v)) for k, v in s["neighbourhoods"].items()]
+    rows.append(("sub-streets without neighbourhood", str(s["sub_streets_without_neighbourhood"])))
     rows.append(("rejected rows", str(s["rejected_total"])))
     rows += [(f"  {k}", str(v)) for k, v in s["rejected"].items()]
+    rows += [("warning", w) for w in s["warnings"]]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
