@@ -86,14 +86,17 @@ def test_accelerate_yaml_loads(path, monkeypatch):
     monkeypatch.chdir(REPO)
     cfg = load_config_from_file(str(path))
     dist = str(cfg.distributed_type).split(".")[-1]
-    if path.stem == "accelerate_ddp":
+    # accelerate_multinode_<kind>.yaml is <kind> over several machines (tests/test_llava_multinode.py)
+    kind = path.stem[len("accelerate_"):].removeprefix("multinode_")
+    assert (cfg.num_machines > 1) == path.stem.startswith("accelerate_multinode_")
+    if kind == "ddp":
         assert dist == "MULTI_GPU"
         assert not cfg.deepspeed_config
     else:
         assert dist == "DEEPSPEED"
         ds_file = REPO / cfg.deepspeed_config["deepspeed_config_file"]
         assert ds_file.is_file(), f"{path.name} points at a missing {ds_file}"
-        assert ds_file.stem == path.stem[len("accelerate_"):]
+        assert ds_file.stem == kind
         # Under ZeRO-3, transformers' from_pretrained loads the base already partitioned (zero.Init); accelerate
         # does so whatever this flag says, so the files say what happens.
         assert cfg.deepspeed_config.get("zero3_init_flag") is (ds_file.stem.startswith("zero3"))
