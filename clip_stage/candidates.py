@@ -39,6 +39,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from clip_stage.cliargs import ArgumentParser
 from clip_stage.fsutil import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -221,7 +222,7 @@ def read_candidates(path: str | os.PathLike) -> dict[str, list[dict]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="address-llava candidates", description=__doc__,
+    p = ArgumentParser(prog="address-llava candidates", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="the train-clip run whose settings the fold models repeat, "
                                                        "and which ranks the val/test images")
@@ -238,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    log.setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
     from clip_stage.model import CheckpointError
 

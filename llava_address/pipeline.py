@@ -63,12 +63,14 @@ class DemoConfig:
     """tower layer the projector reads after the swap (stock LLaVA config field)"""
     vision_feature_select_strategy: str = "default"
     """'default' (patches only) or 'full' (patches + CLS) after the swap"""
-    base_steps: int = 300
+    base_steps: int = 200
     """steps of the base LLaVA's scene-description pre-training"""
     align_steps: int = 60
     """steps of projector alignment after the tower swap"""
-    lora_steps: int = 400
-    """steps of address LoRA tuning"""
+    tune_steps: int = 800
+    """steps of address tuning (full fine-tuning of the tiny LLM + projector)"""
+    tune_lr: str = "1.5e-3"
+    """peak learning rate of address tuning"""
     eval_questions: int = 200
     """evaluation questions per system in the benchmark"""
     until: str = ""
@@ -232,9 +234,10 @@ def align_and_tune(cfg: DemoConfig, p: Paths, base: Path, suffix: str = "") -> P
                               cfg.align_steps, "2e-3", "--model.vision-tower", str(p.export / "vision_tower"),
                               "--vision-feature-layer", str(cfg.vision_feature_layer),
                               "--vision-feature-select-strategy", cfg.vision_feature_select_strategy)
-    return train_and_merge(cfg, p, "address_lora", aligned, p.conversations / "train.json", f"merged{suffix}",
-                           cfg.lora_steps, "3e-3", "--projector-lr", "1e-3", "--trainables.lora-r", "64",
-                           "--lora-alpha", "128")
+    # Full fine-tuning, not LoRA: the tiny base never saw a street name (its data names no address), so the
+    # embedding and output rows of those tokens must train too; a real LLaVA-1.5 uses recipe address_lora.
+    return train_and_merge(cfg, p, "address_full", aligned, p.conversations / "train.json", f"merged{suffix}",
+                           cfg.tune_steps, cfg.tune_lr, "--projector-lr", "1e-3")
 
 
 def stage_llava(cfg: DemoConfig, p: Paths) -> dict:
