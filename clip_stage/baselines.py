@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from clip_stage.cliargs import ArgumentParser
 from clip_stage.evaluate import TABLE_METRICS, evaluate, format_table
 from clip_stage.fsutil import atomic_write_json, atomic_write_text
 from clip_stage.gallery import GalleryEncoder, gallery_from_dataset
@@ -203,7 +204,7 @@ def render_markdown(report: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="address-llava clip-baselines", description=__doc__,
+    p = ArgumentParser(prog="address-llava clip-baselines", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", required=True, help="address dataset folder")
     p.add_argument("--out", required=True, help="output folder (runs/, baselines.json, baselines.md)")

@@ -4,6 +4,11 @@ A config field's docstring (the string literal under it, litgpt-style) is its `-
 does not keep attribute docstrings at runtime, so `field_docs` reads them from the class source.
 `add_dataclass_args` / `dataclass_from_args` turn a dataclass into `--field-name` options and back,
 letting a YAML recipe fill what the command line did not give.
+
+Flags are kebab-case (`--batch-size`), and the snake_case spelling of LLaVA's and transformers' scripts
+(`--batch_size`, `--model_name_or_path`) is read as the same flag: `add_dataclass_args` registers it as a
+hidden alias, and `ArgumentParser` (a drop-in for argparse's) does the same for any hand-written parser.
+Either way `--help` lists each flag once.
 """
 
 from __future__ import annotations
@@ -12,9 +17,43 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import sys
 import textwrap
 import typing
 from typing import Any, Literal
+
+
+def dash_flags(argv: list[str], known) -> list[str]:
+    """`argv` with each `--snake_case` option written `--snake-case` where only the dashed form is `known`.
+
+    Only option tokens are rewritten (a value after `=` keeps its underscores); tokens after a bare `--`,
+    unknown options and options that really contain `_` are left alone, so the parser's own error still
+    names what the user typed.
+    """
+    out = list(argv)
+    for i, tok in enumerate(out):
+        if tok == "--":
+            break
+        if not tok.startswith("--") or "_" not in tok:
+            continue
+        name, eq, value = tok.partition("=")
+        dashed = "--" + name[2:].replace("_", "-")
+        if name not in known and dashed in known:
+            out[i] = dashed + eq + value
+    return out
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser that also takes `--foo_bar` for a `--foo-bar` option (LLaVA / HF users type underscores).
+
+    The argv is normalised before parsing (`dash_flags`) rather than every option being added twice, so
+    `--help` stays one line per option; subparsers made with `add_subparsers` are of this class too.
+    """
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        # argparse keeps its option table in this attribute since Python 2.7; no public accessor exists
+        return super().parse_known_args(dash_flags(args, self._option_string_actions), namespace)
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -53,7 +92,8 @@ def _arg_type(tp) -> tuple[Any, tuple | None, str | None]:
     return tp, None, None
 
 
-def _str2bool(s: str) -> bool:
+def str2bool(s: str) -> bool:
+    """A flag value as a boolean (true/false, yes/no, on/off, 1/0, any case)."""
     if s.lower() in ("1", "true", "yes", "y", "on"):
         return True
     if s.lower() in ("0", "false", "no", "n", "off"):
@@ -76,7 +116,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, prefix: str = "", t
 
     Booleans take `--flag [BOOL]` and `--no-flag`; optional fields take `none` for None. Defaults are left
     as SUPPRESS so `dataclass_from_args` can tell "not given" from "given" and let a YAML recipe fill what
-    the command line did not.
+    the command line did not. A field with `_` in its name also answers to `--{prefix}{field_name}` (hidden
+    from `--help`), so the helpers work the same in any parser class.
     """
     group = parser.add_argument_group(title or cls.__name__, (cls.__doc__ or "").strip().splitlines()[0])
     hints = typing.get_type_hints(cls)
@@ -88,15 +129,19 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, prefix: str = "", t
         nullable = type(None) in typing.get_args(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else None
         help_text = f"{docs.get(f.name, '')} (default: {default})".replace("%", "%%")
-        opt = "--" + (prefix + f.name).replace("_", "-")
-        if tp is bool:
-            group.add_argument(opt, dest=prefix + f.name, type=_none_or(_str2bool) if nullable else _str2bool,
-                               nargs="?", const=True, default=argparse.SUPPRESS, metavar="BOOL", help=help_text)
-            group.add_argument("--no-" + (prefix + f.name).replace("_", "-"), dest=prefix + f.name,
-                               action="store_false", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-        else:
-            group.add_argument(opt, dest=prefix + f.name, type=_none_or(tp) if nullable and choices is None else tp,
-                               choices=choices, nargs=nargs, default=argparse.SUPPRESS, help=help_text)
+        name = prefix + f.name
+        dashed = name.replace("_", "-")
+        spellings = [dashed] + ([name] if name != dashed else [])  # the snake_case twin is hidden from --help
+        for k, spelling in enumerate(spellings):
+            shown = help_text if k == 0 else argparse.SUPPRESS
+            if tp is bool:
+                group.add_argument("--" + spelling, dest=name, type=_none_or(str2bool) if nullable else str2bool,
+                                   nargs="?", const=True, default=argparse.SUPPRESS, metavar="BOOL", help=shown)
+                group.add_argument("--no-" + spelling, dest=name, action="store_false", default=argparse.SUPPRESS,
+                                   help=argparse.SUPPRESS)
+            else:
+                group.add_argument("--" + spelling, dest=name, type=_none_or(tp) if nullable and choices is None else tp,
+                                   choices=choices, nargs=nargs, default=argparse.SUPPRESS, help=shown)
     return group
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from clip_stage.cliargs import ArgumentParser
 from clip_stage.schema import SPLITS, DatasetFormatError, DatasetPaths, read_info, read_records
 
 
@@ -110,7 +111,7 @@ def format_summary(s: dict) -> str:
 
 
 def summary_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="address-llava dataset-summary", description="Print the summary of a built address dataset.")
+    parser = ArgumentParser(prog="address-llava dataset-summary", description="Print the summary of a built address dataset.")
     parser.add_argument("dataset", help="dataset folder (written by build-dataset or load-ial)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     ns = parser.parse_args(argv)

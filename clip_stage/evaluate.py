@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from clip_stage.cliargs import ArgumentParser
 from clip_stage.fsutil import atomic_write_json, atomic_write_text, resolve_under_root
 from clip_stage.gallery import (Gallery, GalleryEncoder, default_cache_dir, encode_in_batches, gallery_from_dataset,
                                 gallery_from_file)
@@ -167,7 +168,7 @@ def format_table(rows: dict[str, dict], metrics=TABLE_METRICS) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="address-llava eval-clip", description=__doc__,
+    p = ArgumentParser(prog="address-llava eval-clip", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_source_args(p, "evaluate it zero-shot (no fine-tuning)")
     p.add_argument("--dataset", required=True, help="address dataset folder (records.parquet, sub_streets.geojson)")

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from clip_stage.cliargs import ArgumentParser
 from clip_stage.model import add_model_source_args, bundle_from_args
 from clip_stage.model_card import CardError, ModelCard, add_hub_args, push_folder, read_metrics, write_card
 
@@ -451,7 +452,7 @@ def export_open_clip(model: nn.Module, tokenizer, out_dir: str | Path, *, full: 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="address-llava export-clip", description=__doc__,
+    p = ArgumentParser(prog="address-llava export-clip", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_source_args(p, "export a base (not fine-tuned) model")
     p.add_argument("--out", required=True, help="output folder (vision_tower/, clip_model/, export_report.json)")

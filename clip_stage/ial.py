@@ -56,6 +56,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
+from clip_stage.cliargs import ArgumentParser
 from clip_stage.fsutil import UnsafePathError, atomic_dir, atomic_write_json, resolve_under_root
 from clip_stage.schema import SPLITS, Address, DatasetPaths, address_columns, write_records
 
@@ -506,7 +507,7 @@ def _pair(text: str) -> tuple[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="address-llava load-ial",
         description="Convert a published AddressCLIP dataset (Pitts-IAL / SF-IAL) to the toolkit's dataset layout.",
     )

@@ -20,6 +20,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from clip_stage.cliargs import ArgumentParser
 from clip_stage.fsutil import atomic_write_json
 
 from conversations.formats import iter_records
@@ -198,7 +199,7 @@ def plot(st: Stats, png: str | Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="address-llava conv-stats", description=__doc__,
+    p = ArgumentParser(prog="address-llava conv-stats", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("file", help="LLaVA JSON (array) or JSON lines file")
     p.add_argument("--tokenizer", help="tokenizer folder (AutoTokenizer) for answer lengths; whitespace words otherwise")

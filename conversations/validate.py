@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from clip_stage.cliargs import ArgumentParser
 from clip_stage.fsutil import UnsafePathError, resolve_under_root
 
 from conversations.formats import IMAGE_TOKEN, iter_records
@@ -234,7 +235,7 @@ def validate_file(path: str | os.PathLike, image_root: str | os.PathLike | None,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="address-llava validate", description=__doc__,
+    p = ArgumentParser(prog="address-llava validate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("files", nargs="+", help="LLaVA JSON (array) or JSON lines files")
     p.add_argument("--image-root", help="folder the `image` paths are relative to (required unless --no-image-check)")

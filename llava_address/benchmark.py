@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from clip_stage.cliargs import ArgumentParser
 from clip_stage.registry import Registry
 from llava_address.infer import (InferenceInputError, candidate_answer_batch, eval_items, llava_answer_batch,
                                  load_generator, load_ranker, run_answers)
@@ -379,7 +380,7 @@ def write_outputs(results: dict[str, dict], out_dir: str | Path) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     kinds = "\n".join(f"  {k.name:<6} {k.help}" for k in SYSTEM_KINDS.values())
-    p = argparse.ArgumentParser(prog="address-llava benchmark", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="address-llava benchmark", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=f"system kinds:\n{kinds}")
     p.add_argument("--dataset", help="address dataset folder (gazetteer, geometry, photo positions)")

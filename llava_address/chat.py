@@ -25,6 +25,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Sequence, TextIO
 
+from clip_stage.cliargs import ArgumentParser
 from llava_address.infer import Generator, InferenceInputError, load_generator, load_ranker, open_image, user_turn
 
 History = Sequence[tuple[str, str]]
@@ -206,7 +207,7 @@ def repl(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = sys.s
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="address-llava chat", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="address-llava chat", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="merged or base LLaVA folder / hub id (with --adapter: the base)")
     p.add_argument("--adapter", default=None, help="train-llava checkpoint folder (LoRA + projector)")
     p.add_argument("--image", required=True, help="the photo to talk about")

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from clip_stage.cliargs import ArgumentParser
 from llava_address.checkpoint import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -231,7 +232,7 @@ def convert(model_path: str | os.PathLike, vision_tower: str | os.PathLike, torc
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="address-llava convert-llava", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="address-llava convert-llava", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-path", "--model_path", required=True,
                    help="original LLaVA checkpoint folder (config.json model_type llava_llama, weights, tokenizer)")

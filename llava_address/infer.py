@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from clip_stage.cliargs import ArgumentParser
+
 log = logging.getLogger(__name__)
 
 
@@ -292,7 +294,7 @@ def load_ranker(checkpoint: str | os.PathLike, dataset: str | os.PathLike, style
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="address-llava infer", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="address-llava infer", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="merged LLaVA folder, base LLaVA folder or hub id (with --adapter: "
                                                  "replaces the checkpoint's stored base)")
     p.add_argument("--adapter", default=None, help="train-llava checkpoint folder (LoRA + projector) to apply")

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from clip_stage.cliargs import ArgumentParser
 from clip_stage.fsutil import atomic_dir
 from clip_stage.model_card import CardError, ModelCard, add_hub_args, push_folder, read_metrics, write_card
 
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="address-llava merge", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="address-llava merge", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a train-llava checkpoint folder (llava_args.json, adapter, ...)")
     p.add_argument("--out", required=True, help="output folder (replaced atomically)")

@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from clip_stage.cliargs import ArgumentParser
 from llava_address.gazetteer import EmbeddingMatcher, Gazetteer, ParsedAddress, load_aliases, tokens
 
 QUESTION_TYPES = ("full", "street", "cross", "neighbourhood", "yesno", "mc", "scene")
@@ -486,7 +487,7 @@ def clip_text_embedder(path: str | Path, device: str = "cpu") -> Callable[[list[
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="address-llava score", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="address-llava score", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", required=True, help="address dataset folder (records.parquet + sub_streets.geojson)")
     p.add_argument("--answers", required=True, help="answers JSONL: id, question, answer, reference")

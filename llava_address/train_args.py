@@ -4,7 +4,9 @@ A run is described by four dataclasses, one per concern: ModelArgs, TrainablesAr
 (llava_address.config) and TrainArgs (here). A YAML recipe with the sections `model:`, `trainables:`,
 `data:` and `train:` stands in for flags; flags given on the command line override it. Every field's
 one-line docstring is its `--help`. Flags are the field names with dashes (`--learning-rate`); a name
-that two groups share is spelled with its group (`--train.seed`).
+that two groups share is spelled with its group (`--train.seed`). The snake_case spelling of LLaVA's and
+transformers' scripts is the same flag (`--model_name_or_path`, `--train.per_device_batch_size`), and a
+boolean takes an optional value as they write it (`--gradient_checkpointing True`, `--no-gradient-checkpointing`).
 
     train-llava --recipe address_lora --data-path convs.json --output-dir runs/lora
     train-llava --recipe path/to/my_recipe.yaml --learning-rate 1e-4
@@ -23,7 +25,7 @@ from typing import Any, Literal
 
 import yaml
 
-from clip_stage.cliargs import field_docs
+from clip_stage.cliargs import ArgumentParser, str2bool, field_docs
 
 RECIPE_DIR = Path(__file__).with_name("recipes")
 
@@ -210,7 +212,7 @@ class ConfigGroup:
 
 def build_parser(groups: list[ConfigGroup], prog: str, description: str) -> tuple[argparse.ArgumentParser, dict]:
     """An argparse parser with one flag per field of every group; returns it and dest -> (section, field)."""
-    parser = argparse.ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
+    parser = ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
     parser.add_argument(
         "--recipe",
         default=None,
@@ -242,8 +244,11 @@ def build_parser(groups: list[ConfigGroup], prog: str, description: str) -> tupl
             help_text = docs.get(f.name, "")
             help_text = f"{help_text} (default: {default!r})" if help_text else f"(default: {default!r})"
             help_text = help_text.replace("%", "%%")
-            if conv is bool:
-                arg_group.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction, help=help_text)
+            if conv is bool:  # `--flag`, `--flag true|false` (LLaVA's scripts write `--bf16 True`) and `--no-flag`
+                arg_group.add_argument(*flags, dest=dest, type=_none_or(str2bool, _strip_optional(tp)[1]), nargs="?",
+                                       const=True, metavar="BOOL", help=help_text)
+                arg_group.add_argument(*(f"--no-{f[2:]}" for f in flags), dest=dest, action="store_false",
+                                       help=argparse.SUPPRESS)
             else:
                 arg_group.add_argument(
                     *flags, dest=dest, type=_none_or(conv, _strip_optional(tp)[1]), choices=choices, nargs=nargs,

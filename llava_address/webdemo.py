@@ -83,6 +83,7 @@ def load_upload(path: str | os.PathLike | None, limits: UploadLimits = UploadLim
 
 # The ranker lives with AddressCLIP (clip_stage.candidates): infer, chat and benchmark use the same one.
 from clip_stage.candidates import AddressRanker  # noqa: E402
+from clip_stage.cliargs import ArgumentParser  # noqa: E402
 
 
 def city_map(gazetteer, top: list[dict], title: str = ""):
@@ -261,7 +262,7 @@ def launch(demo: Demo, host: str = "127.0.0.1", port: int | None = 7860, block: 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="address-llava web-demo", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="address-llava web-demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", required=True, help="address dataset folder (gallery and map)")
     p.add_argument("--clip", default=None, help="train-clip checkpoint for the top-5 panel")
     p.add_argument("--clip-model", default=None, help="or an open_clip model name (with --clip-pretrained)")

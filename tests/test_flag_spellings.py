@@ -1,0 +1,109 @@
+"""Every command takes `--snake_case` for its `--kebab-case` flags (LLaVA / transformers users type underscores).
+
+One test per parser family: dataclass configs (`clip_stage.cliargs.add_dataclass_args`), train-llava's recipe
+parser (`llava_address.train_args`), and hand-written parsers (`clip_stage.cliargs.ArgumentParser`); plus a
+check that no registered command builds a parser that would miss the snake_case spellings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import re
+
+import pytest
+
+from clip_stage.cliargs import ArgumentParser, add_dataclass_args, dash_flags
+from llava_address.cli import COMMANDS
+
+
+def test_dash_flags_rewrites_only_known_option_names():
+    known = {"--image-root", "--max-new-tokens", "--x_y"}
+    argv = ["--image_root", "a_b", "--max_new_tokens=5", "--x_y", "1", "--not_known", "--", "--image_root"]
+    assert dash_flags(argv, known) == ["--image-root", "a_b", "--max-new-tokens=5", "--x_y", "1", "--not_known",
+                                       "--", "--image_root"]
+
+
+def test_dataclass_family_accepts_both_spellings_in_any_parser(capsys):
+    from conversations.build import build_parser
+    from conversations.config import BuildConfig, config_from_args
+
+    def parse(*argv):
+        return config_from_args(BuildConfig, build_parser().parse_args(["--dataset", "d", "--out", "o", *argv]), None)
+
+    snake = parse("--eval_held_out_prob", "0.25", "--sub_street_prob=0.5", "--formats", "llava,messages")
+    kebab = parse("--eval-held-out-prob", "0.25", "--sub-street-prob=0.5", "--formats", "llava,messages")
+    assert snake == kebab and snake.eval_held_out_prob == 0.25 and snake.sub_street_prob == 0.5
+    assert snake != parse()  # the flags did something
+
+    # the twin is registered by the helper itself, so even argparse's own parser takes it (booleans too)
+    from dataclasses import dataclass
+
+    @dataclass
+    class Opts:
+        max_steps: int = 1
+        """cap"""
+        use_cache: bool = True
+        """cache"""
+
+    p = argparse.ArgumentParser()
+    add_dataclass_args(p, Opts)
+    assert vars(p.parse_args(["--max_steps", "4", "--no-use_cache"])) == {"max_steps": 4, "use_cache": False}
+    p.print_help()
+    shown = capsys.readouterr().out
+    assert "--max-steps" in shown and "--max_steps" not in shown  # each flag once in --help
+
+
+def test_train_llava_family_accepts_llava_style_flags():
+    from llava_address.train import GROUPS
+    from llava_address.train_args import parse_config
+
+    def parse(*argv):
+        return parse_config(GROUPS, ["--data-path", "d.json", *argv], "train-llava", "")[0]
+
+    snake = parse("--model_name_or_path", "X", "--train.per_device_batch_size", "3", "--learning_rate=1e-4",
+                  "--gradient_checkpointing", "True")
+    kebab = parse("--model-name-or-path", "X", "--train.per-device-batch-size", "3", "--learning-rate=1e-4",
+                  "--gradient-checkpointing")
+    assert snake == kebab
+    assert snake["model"].model_name_or_path == "X" and snake["train"].per_device_batch_size == 3
+    assert snake["train"].gradient_checkpointing is True and snake["train"].learning_rate == 1e-4
+    assert parse("--model_name_or_path", "X", "--gradient_checkpointing", "false")["train"].gradient_checkpointing is False
+    assert parse("--model-name-or-path", "X", "--gradient-checkpointing",
+                 "--no-gradient_checkpointing")["train"].gradient_checkpointing is False
+    with pytest.raises(SystemExit):
+        parse("--model_name_or_pathh", "X")  # an unknown option is still an error
+
+
+@pytest.mark.parametrize("module,snake_argv,kebab_argv", [
+    ("llava_address.infer", ["--eval", "e.json", "--image_root", "im_a", "--out", "o.jsonl", "--max_new_tokens", "7",
+                             "--batch_size=3", "--no_pad_to_square"],
+     ["--eval", "e.json", "--image-root", "im_a", "--out", "o.jsonl", "--max-new-tokens", "7", "--batch-size=3",
+      "--no-pad-to-square"]),
+    ("llava_address.benchmark", ["--image_root", "r", "--max_new_tokens", "7", "--list_kinds"],
+     ["--image-root", "r", "--max-new-tokens", "7", "--list-kinds"]),
+    ("llava_address.chat", ["--image", "a_b.jpg", "--max_new_tokens", "7", "--top_k", "2"],
+     ["--image", "a_b.jpg", "--max-new-tokens", "7", "--top-k", "2"]),
+])
+def test_hand_written_parsers_accept_both_spellings(module, snake_argv, kebab_argv):
+    parser = importlib.import_module(module).build_parser()
+    assert isinstance(parser, ArgumentParser)
+    snake, kebab = vars(parser.parse_args(snake_argv)), vars(parser.parse_args(kebab_argv))
+    assert snake == kebab and snake["max_new_tokens"] == 7
+    assert snake != vars(parser.parse_args(snake_argv[:2] if module != "llava_address.infer" else snake_argv[:6]))
+
+
+def _modules_of_commands():
+    return sorted({c.target.split(":")[0] for c in COMMANDS.values()})
+
+
+@pytest.mark.parametrize("module", _modules_of_commands())
+def test_no_command_parser_misses_the_snake_spellings(module):
+    """A command's parser is `cliargs.ArgumentParser`, or argparse's with only dataclass fields (whose twins the
+    helper registers) and dash-free hand-written flags."""
+    source = inspect.getsource(importlib.import_module(module))
+    if "argparse.ArgumentParser(" not in source:
+        return
+    dashed = re.findall(r"add_argument\(\s*\"(--[a-z0-9]+-[a-z0-9-]+)\"", source)
+    assert not dashed, f"{module}: use clip_stage.cliargs.ArgumentParser so {dashed} also take underscores"
