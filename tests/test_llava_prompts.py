@@ -162,3 +162,18 @@ def test_chat_template_survives_save_and_string_content(processor, tmp_path):
     assert _flat(ids) == encode_conversation(conv, tok, 1, template="vicuna_v1").input_ids
     # another template gives another text: the template is not a constant
     assert chat_template("llava_v1") != chat_template("vicuna_v1")
+
+
+def test_train_llava_checkpoint_carries_its_chat_template(tiny_llava_dir, tiny_llava_data, tmp_path):
+    from transformers import AutoProcessor
+
+    from llava_address.prompting import special_boundary
+    from llava_address.train import parse_args, train
+    from tests.test_llava_distributed import _args
+
+    out = tmp_path / "run"
+    result = train(parse_args(_args(tiny_llava_dir, tiny_llava_data, out, "--max-steps", 1, "--save-every", 1,
+                                    "--data.template", "llava_v1")))
+    saved = AutoProcessor.from_pretrained(str(result.checkpoints[-1]))
+    assert saved.chat_template == chat_template("llava_v1", special_boundary(saved.tokenizer))
+    assert "curious human" in saved.chat_template
