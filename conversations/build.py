@@ -15,6 +15,7 @@ Writes, atomically (the folder appears complete or not at all):
     CONV/eval.json         the same, one question per image, plus question_type and reference
     CONV/build_info.json   configuration, image root, counts, question-type and yes/no counts
     (+ train.jsonl/eval.jsonl, *_messages.json, *_messages_trl.json, hf/ as chosen by --formats)
+    CONV/dataset_info.json LLaMA-Factory's entries for the *_messages.json files (with `messages`)
 """
 
 from __future__ import annotations
@@ -435,6 +436,10 @@ def build(config: BuildConfig) -> dict:
             if f"hf-{kind}" in fmt:
                 formats.export_hf(tmp / "hf" if kind == "disk" else tmp / "hf_parquet", {"train": train, "eval": evaluation}, kind)
                 info["files"][f"hf_{kind}"] = "hf" if kind == "disk" else "hf_parquet"
+        if "messages" in fmt:  # LLaMA-Factory finds the messages files through this registry (--dataset_dir CONV)
+            atomic_write_json(tmp / "dataset_info.json", formats.llamafactory_dataset_info(
+                {name: f"{name}_messages.json" for name in ("train", "eval")}))
+            info["files"]["llamafactory"] = "dataset_info.json"
         atomic_write_json(tmp / "build_info.json", info)
         for p in (tmp, *tmp.rglob("*")):  # mkdtemp/mkstemp create owner-only files; outputs are shared
             p.chmod(0o755 if p.is_dir() else 0o644)
