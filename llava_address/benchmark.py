@@ -13,7 +13,8 @@ A system is `NAME=KIND:TARGET[,key=value...]`; the kinds are a registry (`SYSTEM
   checkpoint. Prompts are the training template (`llava_address.prompting`), batched with the KV cache.
   `candidates=CLIP_CHECKPOINT` (with `top_k=5`, `scores=true`) writes AddressCLIP's top-K addresses of the
   photo into the question (`conversations.candidates`): the candidate-grounded system, e.g.
-  `--system ours_candidates=llava:runs/merged,candidates=runs/clip`.
+  `--system ours_candidates=llava:runs/merged,candidates=runs/clip`. `--engine vllm` serves every llava
+  system through vLLM (merged folders only; `llava_address.vllm_engine`).
 - clip: AddressCLIP retrieval: a train-clip checkpoint (or `model=NAME` + `pretrained=TAG` for open_clip);
   the answer is the top-1 address of the city's gallery (`style=full` by default). Multiple-choice
   questions are answered by ranking the options listed in the question; yes/no questions are not
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import sys
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +94,8 @@ class RunContext:
     dtype: str = "auto"
     max_new_tokens: int = 64
     batch_size: int = 8
+    engine: str = "hf"
+    """what serves `llava` systems: hf (transformers generate) or vllm (`llava_address.vllm_engine`)"""
 
 
 @dataclass
@@ -131,9 +135,16 @@ def _check_options(spec: SystemSpec, allowed: Sequence[str]) -> None:
 def _load_llava(spec: SystemSpec, ctx: RunContext) -> System:
     _check_options(spec, ("adapter", "max_new_tokens", "pad_to_square", "candidates", "top_k", "scores"))
     ranker = load_ranker(spec.options["candidates"], ctx.dataset) if spec.options.get("candidates") else None
-    gen = load_generator(spec.target or None, spec.options.get("adapter"), ctx.device, ctx.dtype)
-    gen.pad_to_square = spec.options.get("pad_to_square", "true").lower() != "false"
-    answer_batch = llava_answer_batch(gen, int(spec.options.get("max_new_tokens", ctx.max_new_tokens)))
+    if ctx.engine == "vllm":
+        from llava_address.vllm_engine import load_vllm, vllm_answer_batch
+
+        vgen = load_vllm(spec.target or None, spec.options.get("adapter"), ctx.dtype)
+        vgen.pad_to_square = spec.options.get("pad_to_square", "true").lower() != "false"
+        answer_batch = vllm_answer_batch(vgen, int(spec.options.get("max_new_tokens", ctx.max_new_tokens)))
+    else:
+        gen = load_generator(spec.target or None, spec.options.get("adapter"), ctx.device, ctx.dtype)
+        gen.pad_to_square = spec.options.get("pad_to_square", "true").lower() != "false"
+        answer_batch = llava_answer_batch(gen, int(spec.options.get("max_new_tokens", ctx.max_new_tokens)))
     if ranker is not None:
         answer_batch = candidate_answer_batch(answer_batch, ranker, int(spec.options.get("top_k", 5)),
                                               spec.options.get("scores", "false").lower() == "true")
@@ -394,6 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--limit", type=int, default=None, help="only the first N questions of the split")
+    p.add_argument("--engine", default="hf", choices=["hf", "vllm"],
+                   help="what serves the llava systems: hf (transformers generate) or vllm (merged models, CUDA GPU "
+                        "+ vLLM; refused at once otherwise)")
     p.add_argument("--aliases", default=None, help="JSON {alias: canonical name} for the scorer's gazetteer")
     p.add_argument("--list-kinds", action="store_true", help="list the system kinds and exit")
     return p
@@ -405,6 +419,13 @@ def main(argv: list[str] | None = None) -> int:
         for k in SYSTEM_KINDS.values():
             print(f"{k.name:<6} {k.help}")
         return 0
+    if args.engine == "vllm":  # refused before any system is loaded
+        from llava_address.vllm_engine import vllm_unavailable
+
+        reason = vllm_unavailable()
+        if reason:
+            print(f"error: {reason}", file=sys.stderr)
+            return 2
     missing = [f for f in ("dataset", "eval", "out") if getattr(args, f) is None]
     if missing or not args.system:
         raise SystemExit(f"benchmark needs --dataset, --eval, --out and at least one --system "
@@ -415,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     specs = [parse_system_spec(s) for s in args.system]
-    ctx = RunContext(Path(args.dataset), device, args.dtype, args.max_new_tokens, args.batch_size)
+    ctx = RunContext(Path(args.dataset), device, args.dtype, args.max_new_tokens, args.batch_size, args.engine)
     scorer = Scorer.from_dataset(args.dataset, aliases=args.aliases)
     results = run_benchmark(specs, args.dataset, args.eval, args.out, args.image_root, ctx, scorer, args.limit)
     print(markdown_table(results))

@@ -8,6 +8,8 @@ human turn. Prompts are rendered by `llava_address.prompting` (the Vicuna v1 tem
 left-padded, and generated greedily in batches with the KV cache. Output lines are
 `{"id", "question", "answer", "reference", "image"}`; `llava_address.scoring` reads them.
 
+`--engine vllm` serves a merged model through vLLM instead (`llava_address.vllm_engine`: CUDA GPU only).
+
 Resumable: ids already in the output are skipped; each batch is appended in one write and fsynced, and a
 torn last line left by a killed run is cut off on the next start, so the file always holds whole batches.
 """
@@ -18,6 +20,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -306,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="answer only the first N records")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="weights dtype")
+    p.add_argument("--engine", default="hf", choices=["hf", "vllm"],
+                   help="hf: transformers generate (batched, KV cache); vllm: vLLM's offline engine on a merged "
+                        "model with its chat template (CUDA GPU + vLLM; refused at once otherwise)")
     p.add_argument("--no-pad-to-square", action="store_true", help="resize/crop like the processor instead of "
                                                                    "LLaVA-1.5's pad-to-square")
     g = p.add_argument_group("candidate-grounded answers (a model trained with `conversations --candidates`)")
@@ -319,6 +325,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.engine == "vllm":  # refused before anything is read or loaded
+        from llava_address.vllm_engine import vllm_unavailable
+
+        reason = vllm_unavailable()
+        if reason:
+            print(f"error: {reason}", file=sys.stderr)
+            return 2
     if args.batch_size < 1:
         raise SystemExit("--batch-size must be at least 1")
     if args.candidates and not args.dataset:
@@ -326,9 +339,20 @@ def main(argv: list[str] | None = None) -> int:
     items = eval_items(args.eval, args.limit)
     ranker = load_ranker(args.candidates, args.dataset, device=args.device if args.device != "auto" else "cpu") \
         if args.candidates else None
-    gen = load_generator(args.model, args.adapter, args.device, args.dtype)
-    gen.pad_to_square = not args.no_pad_to_square
-    answer_batch = llava_answer_batch(gen, args.max_new_tokens)
+    if args.engine == "vllm":
+        from llava_address.vllm_engine import load_vllm, vllm_answer_batch
+
+        try:
+            vgen = load_vllm(args.model, args.adapter, args.dtype)
+        except InferenceInputError as e:  # adapter not merged, no config.json or chat template: before any weights
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        vgen.pad_to_square = not args.no_pad_to_square
+        answer_batch = vllm_answer_batch(vgen, args.max_new_tokens)
+    else:
+        gen = load_generator(args.model, args.adapter, args.device, args.dtype)
+        gen.pad_to_square = not args.no_pad_to_square
+        answer_batch = llava_answer_batch(gen, args.max_new_tokens)
     if ranker is not None:
         answer_batch = candidate_answer_batch(answer_batch, ranker, args.top_k, args.candidate_scores)
     counts = run_answers(answer_batch, items, args.image_root, args.out, args.batch_size)
