@@ -11,7 +11,8 @@ was trained on them would put the truth first almost always, and the LLaVA would
 
 So the candidates of training images are **cross-fitted**: the training split is cut into `--folds` folds by
 a hash of the image id; for each fold, a copy of the AddressCLIP run (same recorded train-clip settings,
-`--holdout-fold k/n`) trains on the other folds and ranks the held-out fold. Images of the other splits (val,
+`--holdout-fold k/n`, and as many optimiser steps: epochs x n/(n-1)) trains on the other folds and ranks the
+held-out fold. Images of the other splits (val,
 test) are ranked by the given, fully trained model, which never saw them. No candidate list is ever built
 from the image's own label. `candidates_info.json` reports top-1 / top-K accuracy per source, so one can check
 that the training candidates are about as good as the test ones (fold models see (n-1)/n of the data).
@@ -31,6 +32,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -118,8 +120,12 @@ def fold_train_config(checkpoint: str | os.PathLike, dataset: str, fold: int, fo
         raise CandidatesError(f"{checkpoint}: no recorded train-clip config (clip_config.json 'train_config'); "
                               "cross-fitting retrains with the same settings, so it needs a train-clip run")
     cfg = TrainConfig.from_dict(recorded)
+    # As many optimiser steps as the full run (a fold model sees (n-1)/n of the images per epoch): fewer steps
+    # would make the training candidates clearly worse than the test ones (measured on the demo city).
+    epochs = math.ceil(cfg.optim.epochs * folds / (folds - 1))
     return dataclasses.replace(
         cfg,
+        optim=dataclasses.replace(cfg.optim, epochs=epochs),
         data=dataclasses.replace(cfg.data, dataset=str(dataset), holdout_fold=f"{fold}/{folds}"),
         run=dataclasses.replace(cfg.run, output_dir=str(out_dir / f"fold-{fold}"), resume=True, stop_at_step=None,
                                 progress=progress, tensorboard=False),

@@ -1,0 +1,110 @@
+"""Where does the address signal go? Linear probes on each stage of a finished demo's LLaVA, same images.
+
+    python scripts/probe_stages.py --demo runs/demo [--model runs/demo/llava/merged] [--limit 0]
+
+For every image of the train and test splits, the script reads out features at each stage of the LLaVA that
+answers (the merged model, with its own tower features and projector), then trains a multinomial logistic
+regression (torch, full batch, L2) on the train split and reports test accuracy for the street and the
+sub-street label:
+
+- `tower CLS (last layer)`: the tower's last hidden state, CLS token (what AddressCLIP retrieval is built on);
+- `tower patches (mean, layer L)`: the mean of the patch features of the layer the projector reads;
+- `projector output (mean)`: the mean of the image tokens the LLM receives;
+- `LLM last hidden (prompt end)`: the LLM's last hidden state at the last prompt token, when it is about to
+  answer "Where was this photo taken?" (plain question, no candidates).
+
+A drop between two rows is signal lost by that stage. Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def fit_probe(x_tr, y_tr, x_te, y_te, classes: int, steps: int = 300, wd: float = 1e-3) -> float:
+    mean, std = x_tr.mean(0, keepdim=True), x_tr.std(0, keepdim=True) + 1e-6
+    x_tr, x_te = (x_tr - mean) / std, (x_te - mean) / std
+    lin = torch.nn.Linear(x_tr.shape[1], classes)
+    opt = torch.optim.LBFGS(lin.parameters(), lr=0.5, max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(lin(x_tr), y_tr) + wd * lin.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return float((lin(x_te).argmax(1) == y_te).float().mean())
+
+
+@torch.no_grad()
+def stage_features(model_dir: Path, image_root: Path, images: list[str], batch: int = 32) -> dict[str, torch.Tensor]:
+    from llava_address.infer import load_generator, open_image, user_turn
+
+    gen = load_generator(str(model_dir), device="cpu", dtype="float32")
+    model, cfg = gen.model, gen.model.config
+    layer, strategy = cfg.vision_feature_layer, cfg.vision_feature_select_strategy
+    feats: dict[str, list[torch.Tensor]] = {"tower CLS (last layer)": [], f"tower patches (mean, layer {layer})": [],
+                                            "projector output (mean)": [], "LLM last hidden (prompt end)": []}
+    for i in range(0, len(images), batch):
+        pil = [open_image(image_root / p) for p in images[i:i + batch]]
+        pv = gen.pixel_values(pil)
+        out = model.model.vision_tower(pv, output_hidden_states=True)
+        feats["tower CLS (last layer)"].append(out.hidden_states[-1][:, 0])
+        hs = out.hidden_states[layer]
+        feats[f"tower patches (mean, layer {layer})"].append(hs[:, 1:].mean(1))
+        selected = hs[:, 1:] if strategy == "default" else hs
+        feats["projector output (mean)"].append(model.model.multi_modal_projector(selected).mean(1))
+        inputs = gen.batch_inputs([[user_turn("Where was this photo taken?", True)] for _ in pil], pil)
+        h = model(**inputs, output_hidden_states=True).hidden_states[-1]
+        feats["LLM last hidden (prompt end)"].append(h[:, -1])  # left-padded: the last position is the prompt end
+    return {k: torch.cat(v).float() for k, v in feats.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--demo", required=True, help="a demo run folder whose llava stage finished")
+    ap.add_argument("--model", default=None, help="LLaVA folder to probe (default: <demo>/llava/merged)")
+    ap.add_argument("--limit", type=int, default=0, help="images per split (0: all)")
+    ap.add_argument("--json", default=None, help="also write the numbers here")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    from clip_stage.schema import read_records
+
+    demo = Path(args.demo)
+    model_dir = Path(args.model) if args.model else demo / "llava" / "merged"
+    if not (model_dir / "config.json").is_file():
+        print(f"error: {model_dir}: no LLaVA model (config.json)", file=sys.stderr)
+        return 2
+    records = read_records(demo / "dataset")
+    splits = {s: records[records["split"] == s] for s in ("train", "test")}
+    if args.limit:
+        splits = {s: df.head(args.limit) for s, df in splits.items()}
+    feats = {s: stage_features(model_dir, demo / "dataset" / "images", df["image"].astype(str).tolist())
+             for s, df in splits.items()}
+    rows, result = ["| stage | street | sub-street |", "|---|---:|---:|"], {}
+    for stage in feats["train"]:
+        accs = {}
+        for label in ("street", "sub_street"):
+            names = sorted(set(records[label].astype(str)))
+            index = {n: i for i, n in enumerate(names)}
+            y = {s: torch.tensor([index[v] for v in df[label].astype(str)]) for s, df in splits.items()}
+            accs[label] = fit_probe(feats["train"][stage], y["train"], feats["test"][stage], y["test"], len(names))
+        result[stage] = accs
+        rows.append(f"| {stage} | {100 * accs['street']:.1f}% | {100 * accs['sub_street']:.1f}% |")
+    print("\n".join(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
