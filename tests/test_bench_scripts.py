@@ -35,3 +35,15 @@ def test_bench_clip_runs_every_step_kind_and_the_gallery(tmp_path, capsys):
     for label in bench.TRAIN_LABELS.values():
         assert label in printed
     assert "target >= 0.95x plain" in printed and "speed-up" in printed
+
+
+def test_bench_infer_compares_our_engine_with_the_pipeline_loop(tmp_path, capsys):
+    bench = _load("bench_infer")
+    out = tmp_path / "bench.json"
+    assert bench.main(["--questions", "4", "--batch-size", "2", "--max-new-tokens", "3", "--repeats", "1",
+                       "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    s = json.loads(out.read_text())["summary"]
+    assert s["ours_answers_per_s"] > 0 and s["pipeline_answers_per_s"] > 0 and s["ours_peak_memory_mb"] > 0
+    assert s["same_answers"] == 1.0  # same prompt (the saved chat template), same greedy decoding
+    assert "transformers pipeline, one at a time" in printed and "target >= 2x" in printed
