@@ -89,11 +89,14 @@ def test_ddp_two_processes_on_cpu(tiny_llava_dir, tiny_llava_data, tmp_path, ref
     _assert_same_as_reference(out, reference, world=2, accumulation=2)
 
 
-@pytest.mark.parametrize("config,port", [
-    ("zero2", 29612),
-    ("zero3_offload", 29614),  # optimizer and parameters on CPU; DeepSpeed compiles its CPU Adam on first use (~60 s)
+@pytest.mark.parametrize("config,port,atol", [
+    ("zero2", 29612, 2e-5),
+    # Optimizer and parameters on CPU: the update is DeepSpeed's own CPU Adam kernel (vectorised, its own order
+    # of operations), not torch's AdamW, so the weights agree to ~1e-4 after 4 steps at lr 1e-3, not to float
+    # rounding (measured: 1.0e-4 with the LLaVA-1.5 prompt). DeepSpeed compiles it on first use (~60 s).
+    ("zero3_offload", 29614, 2e-4),
 ])
-def test_deepspeed_two_processes_on_cpu(tiny_llava_dir, tiny_llava_data, tmp_path, reference, config, port):
+def test_deepspeed_two_processes_on_cpu(tiny_llava_dir, tiny_llava_data, tmp_path, reference, config, port, atol):
     out = tmp_path / config
     run = _launch(["--config_file", f"ds_configs/accelerate_{config}.yaml", "--num_processes", "2",
                    "--main_process_port", str(port)], _args(tiny_llava_dir, tiny_llava_data, out))
@@ -101,7 +104,7 @@ def test_deepspeed_two_processes_on_cpu(tiny_llava_dir, tiny_llava_data, tmp_pat
     assert "2 process(es), DistributedType.DEEPSPEED" in run["stdout"]
     assert any(p.name.startswith("zero_pp_rank_1") or "rank_1" in p.name
                for p in (out / "checkpoint-000004" / "state").rglob("*")), "rank 1 wrote no DeepSpeed shard"
-    _assert_same_as_reference(out, reference, world=2, accumulation=2)
+    _assert_same_as_reference(out, reference, world=2, accumulation=2, atol=atol)
 
 
 def test_deepspeed_zero3_stop_resume_and_reload(tiny_llava_dir, tiny_llava_data, tmp_path, reference):
