@@ -49,7 +49,8 @@ from clip_stage.exif_gps import exif_orientation, scan_exif_gps
 from clip_stage.fsutil import UnsafePathError, atomic_dir, atomic_write_json, resolve_under_root
 from clip_stage.geocode import GeocodeConfig, ReverseGeocoder
 from clip_stage.network import DEFAULT_HIGHWAYS, NetworkFileError, helsinki_pbf_path, load_street_network, resolve_city
-from clip_stage.schema import COLUMNS, DatasetPaths, RecordsWriter, address_columns
+from clip_stage.outdir import check_out_dir, write_marker
+from clip_stage.schema import COLUMNS, INFO_FILE, DatasetPaths, RecordsWriter, address_columns
 from clip_stage.substreets import SubStreetConfig, ZoneFileError, load_zones, partition_sub_streets, sub_streets_geojson
 
 if TYPE_CHECKING:
@@ -598,14 +599,11 @@ def build_dataset(
     if not image_root.is_dir():
         raise FileNotFoundError(f"{image_root}: image root folder not found")
     out = Path(args.out)
-    root_res, out_res = image_root.resolve(), out.resolve()
-    if out_res == root_res or out_res in root_res.parents or (not args.gps and root_res in out_res.parents):
-        raise ValueError(f"--out {out} must not be the image root {image_root}, contain it, or (EXIF mode) lie in it")
-    if out.exists():
-        if not args.overwrite:
-            raise FileExistsError(f"{out} exists (pass --overwrite to replace it)")
-        if not out.is_dir() or (any(out.iterdir()) and not DatasetPaths(out).info.exists()):
-            raise FileExistsError(f"{out} exists and is not an address dataset; refusing to replace it")
+    root_res = image_root.resolve()
+    # One rule for every command's --out (clip_stage.outdir); dataset_info.json marks datasets built before it.
+    check_out_dir(out, "build-dataset", inputs=[image_root, args.gps or None, args.zones or None,
+                                                  args.network if os.path.exists(args.network or "") else None],
+                  overwrite=args.overwrite, legacy=[INFO_FILE])
     if args.gps:
         _check_table_path(Path(args.gps))  # before the network is read
 
@@ -760,8 +758,9 @@ def build_dataset(
         sub_cols[c] = np.empty(len(v), dtype=object)
         sub_cols[c][:] = v  # element by element: a list of lists must not become a 2-D array
 
-    with atomic_dir(out, overwrite=args.overwrite) as tmp:
+    with atomic_dir(out) as tmp:  # --out was checked at the start (check_out_dir)
         paths = DatasetPaths(tmp)
+        write_marker(tmp, "build-dataset")
         if args.image_mode == "root":
             os.symlink(root_res, paths.images, target_is_directory=True)
         else:

@@ -43,6 +43,7 @@ import torch
 
 from clip_stage.cliargs import ArgumentParser
 from clip_stage.fsutil import atomic_write_json
+from clip_stage.outdir import check_out_dir, write_marker
 
 log = logging.getLogger(__name__)
 
@@ -160,12 +161,15 @@ def cross_fit_candidates(checkpoint: str | os.PathLike, dataset: str | os.PathLi
         raise CandidatesError(f"--folds {folds}: cross-fitting needs at least 2 folds")
     if top_k < 1:
         raise CandidatesError(f"--top-k {top_k}: must be >= 1")
-    if out.exists() and any(out.iterdir()) and not (out / INFO_FILE).exists() and not (out / "fold-1").exists():
-        raise CandidatesError(f"{out}: not empty and not a candidates folder; give a new or empty --out")
+    # One rule for every command's --out (clip_stage.outdir): an earlier candidates folder is continued (its
+    # fold runs resume); anything else non-empty, or a folder that is or holds an input, is refused.
+    check_out_dir(out, "candidates", resume=True, legacy=[INFO_FILE, "fold-1"],
+                  inputs=[checkpoint, dataset, DatasetPaths(dataset).images])
     records = read_records(dataset)
     truth = dict(zip(records["image_id"].astype(str), records["sub_street"].astype(str)))
     image_root = DatasetPaths(dataset).images
     out.mkdir(parents=True, exist_ok=True)
+    write_marker(out, "candidates")
     rows: list[dict] = []
     train_df = records[records["split"] == "train"]
     fold_ids = fold_of(train_df["image_id"].astype(str).tolist(), folds)

@@ -49,6 +49,7 @@ from PIL import Image
 
 from clip_stage.fsutil import atomic_dir
 from clip_stage.network import StreetNetwork, helsinki_pbf_path, load_street_network
+from clip_stage.outdir import check_out_dir, write_marker
 from clip_stage.render import MARKINGS, PALETTE, ROAD_SURFACES, WINDOW_COLOURS, Facade, Scene, caption_scene, render_scene
 
 GPS_FILE = "gps.csv"
@@ -355,6 +356,7 @@ def generate_demo_city(out_dir: str | Path, cfg: DemoCityConfig = DemoCityConfig
     workers = cfg.workers or min(2, os.cpu_count() or 1)
 
     with atomic_dir(out_dir) as tmp:
+        write_marker(tmp, "demo-city")
         images = tmp / "images"
         images.mkdir()
         tasks = []
@@ -425,13 +427,15 @@ def main(argv: list[str] | None = None) -> int:
         description="Render the built-in demo city: synthetic street-view images + GPS along real Helsinki streets.",
     )
     parser.add_argument("--out", required=True, help="output folder (images/, gps.csv, demo_truth.csv, demo_city.json)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out even if it is not an earlier demo-city folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier demo-city folder at --out (any other non-empty folder is refused)")
     add_dataclass_args(parser, DemoCityConfig, title="demo city")
     ns = parser.parse_args(argv)
     try:
         cfg = dataclass_from_args(DemoCityConfig, ns)
     except ValueError as e:
         parser.error(str(e))
+    # One rule for every command's --out (clip_stage.outdir); demo_city.json marks folders from before it.
+    check_out_dir(ns.out, "demo-city", inputs=[cfg.network or None], overwrite=ns.overwrite, legacy=[META_FILE])
     gps = generate_demo_city(ns.out, cfg, overwrite=ns.overwrite)
     meta = json.loads((gps.parent / META_FILE).read_text(encoding="utf-8"))
     print(f"demo city: {meta['images']} rows ({sum(meta['bad_rows'].values())} deliberately bad) on "

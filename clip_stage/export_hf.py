@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ from torch import nn
 from clip_stage.cliargs import ArgumentParser
 from clip_stage.model import add_model_source_args, bundle_from_args
 from clip_stage.model_card import CardError, ModelCard, add_hub_args, push_folder, read_metrics, write_card
+from clip_stage.outdir import check_out_dir, write_marker
 
 VISION_DIR = "vision_tower"
 CLIP_DIR = "clip_model"
@@ -456,6 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_source_args(p, "export a base (not fine-tuned) model")
     p.add_argument("--out", required=True, help="output folder (vision_tower/, clip_model/, export_report.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export at --out (any other non-empty folder is refused)")
     p.add_argument("--vision-only", action="store_true", help="export only the image tower")
     p.add_argument("--require-full", action="store_true", help="error if the full CLIPModel cannot be exported")
     p.add_argument("--no-verify", action="store_true", help="skip the numeric comparison with open_clip")
@@ -485,8 +488,17 @@ def export_card(source: dict, res: ExportResult, args) -> ModelCard:
     )
 
 
+def _existing(spec: str | None) -> str | None:
+    """spec when it names an existing file or folder (a weights file), else None (an open_clip tag)."""
+    return spec if spec and os.path.exists(spec) else None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # One rule for every command's --out (clip_stage.outdir), before the model loads; export_report.json marks
+    # exports written before it. The export may sit inside the run folder (the demo's clip/hf): nothing reads it.
+    check_out_dir(args.out, "export-clip", inputs=[_existing(args.pretrained)], inside_ok=[args.checkpoint],
+                  overwrite=args.overwrite, legacy=[REPORT_FILE])
     bundle = bundle_from_args(args)
     source = {"checkpoint": str(args.checkpoint)} if args.checkpoint else {"model": args.model, "pretrained": args.pretrained}
     source.update(model_name=bundle.model_name, pretrained=bundle.pretrained)
@@ -497,6 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     except UnsupportedArchitectureError as e:
         print(f"export-clip: cannot export {bundle.model_name}: {e}", file=sys.stderr)
         return 2
+    write_marker(args.out, "export-clip")
     print(f"vision tower -> {res.vision_dir}")
     if res.clip_dir:
         print(f"CLIPModel    -> {res.clip_dir}" + ("" if res.tokenizer else " (no tokenizer)"))

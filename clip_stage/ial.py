@@ -58,7 +58,8 @@ import pandas as pd
 
 from clip_stage.cliargs import ArgumentParser
 from clip_stage.fsutil import UnsafePathError, atomic_dir, atomic_write_json, resolve_under_root
-from clip_stage.schema import SPLITS, Address, DatasetPaths, address_columns, write_records
+from clip_stage.outdir import check_out_dir, write_marker
+from clip_stage.schema import INFO_FILE, SPLITS, Address, DatasetPaths, address_columns, write_records
 
 
 class IALFormatError(ValueError):
@@ -462,6 +463,7 @@ def load_ial(annotations: list[str | Path], coords_csv: str | Path | None, image
     root_abs = image_root.resolve()
     with atomic_dir(out) as tmp:
         paths = DatasetPaths(tmp)
+        write_marker(tmp, "load-ial")
         if cfg.images == "symlink":
             try:
                 os.symlink(root_abs, paths.images, target_is_directory=True)
@@ -517,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
                    "omit it for SF-XL images whose names carry @easting@northing@zone@band@...")
     p.add_argument("--image-root", required=True, help="folder the annotation image paths are relative to")
     p.add_argument("--out", required=True, help="output dataset folder (replaced atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier dataset at --out (any other non-empty folder is refused)")
     p.add_argument("--city", required=True, help="city name written to every record, e.g. Pittsburgh")
     p.add_argument("--utm-epsg", type=int, required=True, help="EPSG code of the coordinates' UTM zone (Pittsburgh 32617, SF 32610)")
     p.add_argument("--images", choices=("symlink", "copy"), default="symlink",
@@ -530,6 +533,9 @@ def main(argv: list[str] | None = None) -> int:
                         split_map=tuple(ns.split_map))
     except ValueError as e:
         p.error(str(e))
+    # One rule for every command's --out (clip_stage.outdir); dataset_info.json marks datasets from before it.
+    check_out_dir(ns.out, "load-ial", inputs=[ns.image_root, ns.coords, *ns.annotations], overwrite=ns.overwrite,
+                  legacy=[INFO_FILE])
     try:
         report = load_ial(ns.annotations, ns.coords, ns.image_root, ns.out, cfg)
     except IALFormatError as e:

@@ -39,6 +39,7 @@ import torch
 
 from clip_stage.cliargs import add_dataclass_args, asdict, dataclass_from_args
 from clip_stage.fsutil import atomic_write_json
+from clip_stage.outdir import check_out_dir, write_marker
 from clip_stage.schema import ADDRESS_STYLES, SPLITS, STORED_STYLES, DatasetPaths, read_records, render_address
 
 JSON_FILE = "query_map.json"
@@ -373,6 +374,8 @@ def run(mapper: QueryMapper, queries: list[str], out_dir: str | Path) -> dict:
     """Writes one PNG per query and query_map.json (last) into `out_dir`; returns the JSON object."""
     out_dir = Path(out_dir)
     results = mapper.query(queries)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_marker(out_dir, "query-map")
     summaries = []
     for res, png in zip(results, png_names(queries)):
         save_figure(mapper.figure(res), out_dir / png)
@@ -408,6 +411,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--query: empty query text")
         if not DatasetPaths(args.dataset).root.is_dir():
             raise ValueError(f"{args.dataset}: no such dataset folder")
+        # One rule for every command's --out (clip_stage.outdir), before the model loads: maps are added to an
+        # earlier query-map folder (it replaces only its own file names); anything else non-empty is refused.
+        check_out_dir(args.out, "query-map", resume=True, legacy=[JSON_FILE, "query_map*.png"],
+                      inputs=[args.dataset, args.checkpoint, args.pretrained if os.path.exists(args.pretrained or "") else None])
         bundle = bundle_from_args(args, device=config.device)
         mapper = QueryMapper(bundle, args.dataset, config)
     except (KeyError, ValueError, OSError, RuntimeError) as e:

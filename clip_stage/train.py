@@ -56,6 +56,7 @@ from clip_stage.model import (
     step_dir_name,
     verify_checkpoint,
 )
+from clip_stage.outdir import check_out_dir, write_marker
 from clip_stage.schema import read_records
 from clip_stage.text_encoder import ContrastiveForward, padding_trim
 
@@ -151,6 +152,11 @@ def _load_training_state(ckpt: Path) -> dict:
         raise CheckpointError(f"{ckpt / STATE_FILE}: not a plain training-state file ({load_error_text(e)})") from None
 
 
+def _path_or_none(spec: str | None) -> str | None:
+    """spec when it names an existing file or folder (a weights file or checkpoint), else None (a hub tag)."""
+    return spec if spec and os.path.exists(spec) else None
+
+
 def train(cfg: TrainConfig) -> dict:
     """Runs (or resumes) one training run; returns the run summary (also written to run_summary.json)."""
     if cfg.run.num_threads:
@@ -160,6 +166,10 @@ def train(cfg: TrainConfig) -> dict:
     main_proc = accelerator.is_main_process
     out_dir = Path(cfg.run.output_dir)
     ck_dir = out_dir / "checkpoints"
+    # One rule for every command's output folder (clip_stage.outdir): a run folder (marker, or the files of runs
+    # from before it) is continued, anything else non-empty is refused, as is a folder holding an input.
+    check_out_dir(out_dir, "train-clip", inputs=[cfg.data.dataset, _path_or_none(cfg.model.pretrained)], resume=True,
+                  legacy=["checkpoints", "train_log.jsonl", "run_summary.json"], flag="--output-dir")
 
     # --- data and loss plan ---
     df = drop_fold(read_records(cfg.data.dataset, cfg.data.split), cfg.data.holdout_fold)
@@ -230,6 +240,7 @@ def train(cfg: TrainConfig) -> dict:
     log_file = None
     if main_proc:
         out_dir.mkdir(parents=True, exist_ok=True)
+        write_marker(out_dir, "train-clip")
         if cfg.run.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -33,6 +33,7 @@ import pandas as pd
 
 from clip_stage.cliargs import add_dataclass_args
 from clip_stage.fsutil import atomic_dir, atomic_write_json
+from clip_stage.outdir import check_out_dir, write_marker
 from clip_stage.schema import Address, DatasetPaths, read_records, render_address
 
 from conversations import formats
@@ -379,6 +380,10 @@ def check_records(records: pd.DataFrame, path) -> None:
 def build(config: BuildConfig) -> dict:
     """Builds and writes everything; returns the build info."""
     paths = DatasetPaths(config.dataset)
+    # One rule for every command's --out (clip_stage.outdir), checked before anything is read; build_info.json
+    # marks conversation folders written before it. --out = the dataset (or its parent) is refused.
+    check_out_dir(config.out, "conversations", inputs=[config.dataset, paths.images, config.candidates or None],
+                  overwrite=config.overwrite, legacy=["build_info.json"])
     records = read_records(config.dataset)
     check_records(records, paths.records)
     builder = ConversationBuilder(config, build_neighbourhood(records, config.dataset))
@@ -418,7 +423,8 @@ def build(config: BuildConfig) -> dict:
         "files": {},
     }
     fmt = config.format_list
-    with atomic_dir(config.out, overwrite=config.overwrite) as tmp:
+    with atomic_dir(config.out) as tmp:  # --out was checked at the start (check_out_dir)
+        write_marker(tmp, "conversations")
         for name, recs in (("train", train), ("eval", evaluation)):
             if "llava" in fmt:
                 formats.write_json_array(tmp / f"{name}.json", recs)

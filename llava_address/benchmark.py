@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import sys
 import traceback
@@ -41,6 +42,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from clip_stage.cliargs import ArgumentParser
+from clip_stage.outdir import check_out_dir, write_marker
 from clip_stage.registry import Registry
 from llava_address.infer import (InferenceInputError, candidate_answer_batch, eval_items, llava_answer_batch,
                                  load_generator, load_ranker, run_answers)
@@ -436,6 +438,13 @@ def main(argv: list[str] | None = None) -> int:
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     specs = [parse_system_spec(s) for s in args.system]
+    # One rule for every command's --out (clip_stage.outdir), before any system loads: an earlier benchmark
+    # folder is continued (answers already there are skipped); anything else non-empty, or an input, is refused.
+    check_out_dir(args.out, "benchmark", resume=True, legacy=["benchmark.json", "answers"],
+                  inputs=[args.dataset, args.eval, args.image_root,
+                          *(s.target for s in specs if s.target and os.path.exists(s.target))])
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    write_marker(args.out, "benchmark")
     ctx = RunContext(Path(args.dataset), device, args.dtype, args.max_new_tokens, args.batch_size, args.engine)
     scorer = Scorer.from_dataset(args.dataset, aliases=args.aliases)
     results = run_benchmark(specs, args.dataset, args.eval, args.out, args.image_root, ctx, scorer, args.limit)

@@ -239,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vision-tower", "--vision_tower", required=True,
                    help="local CLIP vision folder (weights + preprocessor_config.json) the checkpoint was trained with")
     p.add_argument("--out", required=True, help="output Hugging Face LLaVA folder (replaced atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier conversion at --out (any other non-empty folder is refused)")
     p.add_argument("--template", default="vicuna_v1",
                    help="chat template stored with the processor (default vicuna_v1: LLaVA-1.5's --version v1)")
     p.add_argument("--torch-dtype", "--torch_dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -249,10 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from clip_stage.fsutil import atomic_dir
+    from clip_stage.outdir import check_out_dir, write_marker
     from llava_address.prompting import attach_chat_template, get_template
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # One rule for every command's --out (clip_stage.outdir), before anything loads.
+    check_out_dir(args.out, "convert-llava", inputs=[args.model_path, args.vision_tower], overwrite=args.overwrite)
     try:
         get_template(args.template)
         model, processor = convert(args.model_path, args.vision_tower, args.torch_dtype)
@@ -261,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"convert-llava: {e}", file=sys.stderr)
         return 2
     with atomic_dir(args.out) as tmp:
+        write_marker(tmp, "convert-llava")
         model.save_pretrained(str(tmp), safe_serialization=True, max_shard_size=args.max_shard_size)
         processor.save_pretrained(str(tmp))
     log.info("converted %s (+ tower %s) -> %s", args.model_path, args.vision_tower, args.out)

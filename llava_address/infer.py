@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from clip_stage.cliargs import ArgumentParser
+from clip_stage.outdir import check_not_input
 
 log = logging.getLogger(__name__)
 
@@ -323,6 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _existing(spec: str | None) -> str | None:
+    """spec when it names an existing file or folder, else None (a hub id)."""
+    return spec if spec and os.path.exists(spec) else None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.engine == "vllm":  # refused before anything is read or loaded
@@ -334,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     if args.batch_size < 1:
         raise SystemExit("--batch-size must be at least 1")
+    # The output-folder rule (clip_stage.outdir) for a file: --out must not be, or lie inside, an input.
+    check_not_input(args.out, [args.eval, args.image_root, _existing(args.model), args.adapter, args.candidates,
+                               args.dataset])
     if args.candidates and not args.dataset:
         raise SystemExit("--candidates needs --dataset (the address gallery)")
     items = eval_items(args.eval, args.limit)

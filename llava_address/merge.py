@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -31,6 +32,7 @@ import torch
 from clip_stage.cliargs import ArgumentParser
 from clip_stage.fsutil import atomic_dir
 from clip_stage.model_card import CardError, ModelCard, add_hub_args, push_folder, read_metrics, write_card
+from clip_stage.outdir import check_out_dir, write_marker
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="verify merged logits == adapter logits before writing")
     p.add_argument("--atol", type=float, default=1e-4, help="tolerance of --check (default 1e-4)")
     p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
-    p.add_argument("--no-overwrite", action="store_true", help="refuse to replace an existing --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier merge at --out (any other non-empty folder is refused)")
+    p.add_argument("--no-overwrite", action="store_true", help="refuse to replace an existing --out (the default now; kept for old scripts)")
     add_hub_args(p)
     return p
 
@@ -134,6 +137,11 @@ def max_logit_difference(a, b, processor) -> float:
     return float((la - lb.to(la.device)).abs().max())
 
 
+def _existing(spec: str | None) -> str | None:
+    """spec when it names an existing file or folder, else None (a hub id)."""
+    return spec if spec and os.path.exists(spec) else None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -142,9 +150,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"merge: {ckpt} is not a folder", file=sys.stderr)
         return 2
     out = Path(args.out)
-    if out.exists() and args.no_overwrite:
-        print(f"merge: {out} exists (--no-overwrite)", file=sys.stderr)
-        return 2
+    # One rule for every command's --out (clip_stage.outdir), before any model loads: --out may not be (or hold)
+    # the checkpoint or its run folder, and replaces only an earlier merge, with --overwrite.
+    check_out_dir(out, "merge", inputs=[ckpt, _existing(args.base), _existing(args.vision_tower)],
+                  inside_ok=[ckpt.parent], overwrite=args.overwrite and not args.no_overwrite)
     from llava_address.model import read_checkpoint_args
     from llava_address.prompting import attach_chat_template
 
@@ -172,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"merge: merged logits differ from the adapter model's by {diff:.3g} > {args.atol}", file=sys.stderr)
             return 1
     with atomic_dir(out) as tmp:
+        write_marker(tmp, "merge")
         merged.save_pretrained(str(tmp), safe_serialization=True, max_shard_size=args.max_shard_size)
         processor.save_pretrained(str(tmp))
         write_card(tmp, card)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from clip_stage.fsutil import atomic_write_json
+from clip_stage.outdir import check_out_dir, write_marker
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,7 @@ def stage_clip(cfg: DemoConfig, p: Paths) -> dict:
     # Zero-shot: the same architecture before fine-tuning (random init here: nothing can be downloaded).
     run_command("eval-clip", ["--model", cfg.clip_model, "--pretrained", "none", "--dataset", str(p.dataset),
                               "--split", "test", "--out", str(p.zero_shot_eval), "--no-plot"])
-    run_command("export-clip", ["--checkpoint", str(p.clip_run), "--out", str(p.export)])
+    run_command("export-clip", ["--checkpoint", str(p.clip_run), "--out", str(p.export), "--overwrite"])
     ours = json.loads((p.clip_eval / "metrics.json").read_text())
     zero = json.loads((p.zero_shot_eval / "metrics.json").read_text())
     return {"addressclip": ours, "zero_shot": zero}
@@ -224,7 +225,7 @@ def train_and_merge(cfg: DemoConfig, p: Paths, recipe: str, model: Path, data: P
                                 "--per-device-batch-size", "16", "--global-batch-size", "16",
                                 "--seed", str(cfg.seed), "--torch-dtype", "float32", "--mixed-precision", "no",
                                 "--no-gradient-checkpointing", "--no-progress-bar", "--resume", "latest"])
-    run_command("merge", ["--checkpoint", str(last_checkpoint(run)), "--out", str(p.llava / name)])
+    run_command("merge", ["--checkpoint", str(last_checkpoint(run)), "--out", str(p.llava / name), "--overwrite"])
     return p.llava / name
 
 
@@ -310,7 +311,11 @@ def parse_args(argv: list[str] | None) -> DemoConfig:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     p = Paths(Path(cfg.out))
+    # One rule for every command's --out (clip_stage.outdir): an earlier demo folder is continued (its .done/
+    # markers skip finished stages); anything else non-empty, or a folder holding the network file, is refused.
+    check_out_dir(p.root, "demo", resume=True, legacy=[".done"], inputs=[cfg.network or None])
     p.done.mkdir(parents=True, exist_ok=True)
+    write_marker(p.root, "demo")
     started = time.time()
     results: dict[str, dict] = {}
     ran: set[str] = set()

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from clip_stage.fsutil import cut_jsonl_log, load_error_text, remove_stale_temps
+from clip_stage.outdir import check_out_dir, write_marker
 from llava_address.checkpoint import (
     STATE_DIR,
     TRAINER_STATE,
@@ -330,12 +331,23 @@ def build_dataloader(dataset, cfg: RunConfig, processor) -> torch.utils.data.Dat
 # --------------------------------------------------------------------------------------------
 
 
+def _existing(spec: str | None) -> str | None:
+    """spec when it names an existing file or folder, else None (a hub id)."""
+    return spec if spec and os.path.exists(spec) else None
+
+
 def train(cfg: RunConfig) -> TrainResult:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
     args = cfg.train
     out = Path(args.output_dir)
+    # One rule for every command's output folder (clip_stage.outdir), before any model loads: a run folder
+    # (marker, or the files of a run from before it) is continued; anything else non-empty, or a folder holding
+    # an input, is refused.
+    check_out_dir(out, "train-llava", resume=True, legacy=["checkpoint-*", "metrics.jsonl"], flag="--output-dir",
+                  inputs=[cfg.data.data_path, cfg.data.image_root, *(_existing(p) for p in (
+                      cfg.model.model_name_or_path, cfg.model.llm, cfg.model.vision_tower, args.init_from))])
     existing = list_checkpoints(out)
     if existing and not args.resume:
         # Another run's checkpoints would be overwritten and its metrics mixed with this run's.
@@ -350,6 +362,8 @@ def train(cfg: RunConfig) -> TrainResult:
     if is_main:
         # Before anything of this run is saved: what a killed save left is garbage.
         remove_stale_temps(out, ("checkpoint-", "metrics.jsonl"))
+        out.mkdir(parents=True, exist_ok=True)
+        write_marker(out, "train-llava")
     set_seed(args.seed)
 
     model, processor, summary = build_model(cfg)

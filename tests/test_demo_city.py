@@ -197,8 +197,8 @@ def test_cli_and_config_checks(tmp_path, capsys):
     assert "12 rows" in capsys.readouterr().out
     with open(out / "gps.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == 12
-    # an earlier demo folder is replaced; any other non-empty folder is refused
-    assert demo_city.main(["--out", str(out), "--num-images", "5", "--image-size", "64"]) == 0
+    # an earlier demo folder is replaced (--overwrite); any other non-empty folder is refused
+    assert demo_city.main(["--out", str(out), "--num-images", "5", "--image-size", "64", "--overwrite"]) == 0
     assert len(list((out / "images").iterdir())) == 5
     precious = tmp_path / "precious"
     precious.mkdir()

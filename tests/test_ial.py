@@ -203,7 +203,7 @@ def test_cli_load_ial(tmp_path, capsys):
     # errors are reported on stderr with the file's name, not as a traceback
     (ann / "train.json").write_text("{", encoding="utf-8")
     rc = ial.main(["--annotations", str(ann), "--coords", str(coords), "--image-root", str(image_root),
-                   "--out", str(out), "--city", "Pittsburgh", "--utm-epsg", str(EPSG)])
+                   "--out", str(out), "--city", "Pittsburgh", "--utm-epsg", str(EPSG), "--overwrite"])
     assert rc == 2 and "train.json: malformed JSON" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         ial.main(["--annotations", str(ann), "--coords", str(coords), "--image-root", str(image_root),

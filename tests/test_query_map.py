@@ -109,7 +109,7 @@ def test_query_map_command_writes_maps_and_scores_the_area(trained_clip, toy_dat
 
     one = tmp_path / "one"
     assert main(argv[:4] + ["--out", str(one), "--query", "Esplanadi between Kaivokatu and Fredrikinkatu"]) == 0
-    assert {p.name for p in one.iterdir()} == {SINGLE_PNG, JSON_FILE}  # no temporary files left
+    assert {p.name for p in one.iterdir()} == {SINGLE_PNG, JSON_FILE, ".address-llava.json"}  # no temporary files left
     assert json.loads((one / JSON_FILE).read_text())["queries"][0]["sub_streets"] == ["Esplanadi/1"]
 
 

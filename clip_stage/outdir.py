@@ -1,0 +1,113 @@
+"""One rule for output folders, shared by every command that writes one.
+
+A command calls `check_out_dir(out, kind, inputs=[...], overwrite=..., resume=...)` at the start of its
+`main`, before anything loads, and writes `write_marker(folder, kind)` into what it produces
+(inside its `atomic_dir` temporary folder, or into `--out` at the start of a run that writes in place). The rule:
+
+* `--out` must not equal, contain or lie inside any input (dataset, image root, checkpoint, run folder; an
+  input file such as a street network may sit beside `--out`, but not inside it): replacing `--out` would
+  delete the input. Paths are compared after resolving symlinks.
+* A missing or empty folder is fine.
+* A non-empty folder is this command's own kind when it holds the marker `.address-llava.json` with its
+  kind, or one of the files the command wrote before markers existed (e.g. `dataset_info.json`). Anything
+  else is refused, even with `--overwrite`: it is someone else's data.
+* Its own kind is replaced only with `--overwrite`; commands that resume (train-clip, train-llava, demo,
+  candidates) continue it instead (`resume=True`).
+
+Refusals are `OutputFolderError` (a project ValueError: the command guard of clip_stage.errors prints it as one
+line, `<command>: error: ...`, exit code 2), raised before anything is written or deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable
+
+from clip_stage.fsutil import atomic_write_json
+
+MARKER_FILE = ".address-llava.json"
+MARKER_FORMAT = 1
+
+
+class OutputFolderError(ValueError):
+    """An --out folder this command must not write (someone else's data, an input, or its own without --overwrite)."""
+
+
+def write_marker(folder: str | os.PathLike, kind: str, **info) -> Path:
+    """Writes folder/.address-llava.json {"format", "kind", ...info}: the folder is `kind`'s output."""
+    path = Path(folder) / MARKER_FILE
+    atomic_write_json(path, {"format": MARKER_FORMAT, "kind": kind, **info})
+    return path
+
+
+def read_marker_kind(folder: str | os.PathLike) -> str | None:
+    """The kind named by folder's marker, or None when there is none; an unreadable marker is an error."""
+    path = Path(folder) / MARKER_FILE
+    if not path.is_file():
+        return None
+    try:
+        kind = json.loads(path.read_text(encoding="utf-8"))["kind"]
+        if not isinstance(kind, str):
+            raise TypeError("'kind' is not a string")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise OutputFolderError(f"{path}: unreadable output marker ({e}); refusing to write into {folder}") from None
+    return kind
+
+
+def _real(p: str | os.PathLike) -> Path:
+    return Path(os.path.realpath(os.path.expanduser(os.fspath(p))))
+
+
+def check_not_input(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None], flag: str = "--out",
+                    inside_ok: Iterable[str | os.PathLike | None] = ()) -> None:
+    """Refuses `out` equal to, containing or inside an input (folders), or equal to / containing an input file.
+
+    inside_ok: inputs that `out` may lie inside (only equal / containing is refused): a run folder that keeps
+    its own exports beside its checkpoints.
+    """
+    out_r = _real(out)
+    nested_ok = {_real(p) for p in inside_ok if p is not None and os.fspath(p) != ""}
+    for inp in [*inputs, *inside_ok]:
+        if inp is None or os.fspath(inp) == "":
+            continue
+        in_r = _real(inp)
+        if out_r == in_r:
+            raise OutputFolderError(f"{flag} {out} is the input {inp}; choose another folder (writing it would "
+                                    "delete the input)")
+        if out_r in in_r.parents:
+            raise OutputFolderError(f"{flag} {out} contains the input {inp}; choose another folder (writing it "
+                                    "would delete the input)")
+        if in_r in out_r.parents and in_r not in nested_ok:
+            raise OutputFolderError(f"{flag} {out} lies inside the input {inp}; choose a folder outside it")
+
+
+def check_out_dir(out: str | os.PathLike, kind: str, *, inputs: Iterable[str | os.PathLike | None] = (),
+                  overwrite: bool = False, resume: bool = False, legacy: Iterable[str] = (),
+                  flag: str = "--out", inside_ok: Iterable[str | os.PathLike | None] = ()) -> str:
+    """Applies the rule (module docstring) to `out` for command kind `kind`; raises OutputFolderError.
+
+    legacy: names (glob patterns) of files whose presence marks a folder this command wrote before markers existed.
+    inside_ok: inputs that `out` may lie inside (see check_not_input).
+    Returns "new" (missing or empty folder), "replace" (own kind, --overwrite) or "resume" (own kind, resume).
+    """
+    check_not_input(out, inputs, flag, inside_ok)
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise OutputFolderError(f"{flag} {out} is a file, not a folder")
+    if not path.exists() or not any(path.iterdir()):
+        return "new"
+    found = read_marker_kind(path)
+    if found is None and any(next(path.glob(pattern), None) is not None for pattern in legacy):
+        found = kind
+    if found is None:
+        raise OutputFolderError(f"{flag} {out} exists, is not empty and is not a {kind} output (no {MARKER_FILE}); "
+                                "choose a new or empty folder (nothing was deleted)")
+    if found != kind:
+        raise OutputFolderError(f"{flag} {out} holds a {found} output, not a {kind} one; choose another folder")
+    if resume:
+        return "resume"
+    if overwrite:
+        return "replace"
+    raise OutputFolderError(f"{flag} {out} exists and holds an earlier {kind} output; pass --overwrite to replace it")
