@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from clip_stage.cliargs import ArgumentParser
+from clip_stage.errors import command_main
 from clip_stage.evaluate import TABLE_METRICS, evaluate, format_table
 from clip_stage.fsutil import atomic_write_json, atomic_write_text
 from clip_stage.gallery import GalleryEncoder, gallery_from_dataset
@@ -221,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@command_main("clip-baselines")
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     train_args: list[str] = []

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Iterator, Literal
 import numpy as np
 import pandas as pd
 
+from clip_stage.errors import command_main
 from clip_stage.exif_gps import exif_orientation, scan_exif_gps
 from clip_stage.fsutil import UnsafePathError, atomic_dir, atomic_write_json, resolve_under_root
 from clip_stage.geocode import GeocodeConfig, ReverseGeocoder
@@ -834,6 +835,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@command_main("build-dataset")
 def main(argv: list[str] | None = None) -> int:
     from clip_stage.cliargs import dataclass_from_args
 

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from clip_stage.cliargs import ArgumentParser
+from clip_stage.errors import command_main
 from clip_stage.fsutil import atomic_write_json
 from clip_stage.outdir import check_out_dir, write_marker
 
@@ -248,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@command_main("candidates")
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)

@@ -22,6 +22,7 @@ import torch
 
 from clip_stage.config import parse_groups
 from clip_stage.data import empty_captions
+from clip_stage.errors import command_main
 from clip_stage.fsutil import atomic_write_json, resolve_under_root
 from clip_stage.schema import DatasetPaths, read_info, read_records, write_records
 
@@ -154,6 +155,7 @@ def run(args: CaptionArgs) -> dict:
     return {"captioned": done, "skipped": skipped, "remaining": remaining}
 
 
+@command_main("caption")
 def main(argv: list[str] | None = None) -> int:
     args = parse_groups({"caption": CaptionArgs}, argv, prog="caption", description=__doc__.split("\n\n")[0])["caption"]
     run(args)

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from clip_stage.cliargs import ArgumentParser
+from clip_stage.errors import command_main
 from clip_stage.schema import SPLITS, DatasetFormatError, DatasetPaths, read_info, read_records
 
 
@@ -110,6 +111,7 @@ def format_summary(s: dict) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
+@command_main("dataset-summary")
 def summary_main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="address-llava dataset-summary", description="Print the summary of a built address dataset.")
     parser.add_argument("dataset", help="dataset folder (written by build-dataset or load-ial)")

@@ -47,6 +47,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
+from clip_stage.errors import command_main
 from clip_stage.fsutil import atomic_dir
 from clip_stage.network import StreetNetwork, helsinki_pbf_path, load_street_network
 from clip_stage.outdir import check_out_dir, write_marker
@@ -419,6 +420,7 @@ def _write_csv(path: Path, columns, rows) -> None:
         w.writerows(rows)
 
 
+@command_main("demo-city")
 def main(argv: list[str] | None = None) -> int:
     from clip_stage.cliargs import add_dataclass_args, dataclass_from_args
 

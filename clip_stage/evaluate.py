@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from clip_stage.cliargs import ArgumentParser
+from clip_stage.errors import command_main
 from clip_stage.fsutil import atomic_write_json, atomic_write_text, resolve_under_root
 from clip_stage.gallery import (Gallery, GalleryEncoder, default_cache_dir, encode_in_batches, gallery_from_dataset,
                                 gallery_from_file)
@@ -190,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@command_main("eval-clip")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.top_k < 1:

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from clip_stage.cliargs import ArgumentParser
+from clip_stage.errors import command_main
 from clip_stage.model import add_model_source_args, bundle_from_args
 from clip_stage.model_card import CardError, ModelCard, add_hub_args, push_folder, read_metrics, write_card
 from clip_stage.outdir import check_out_dir, write_marker
@@ -493,6 +494,7 @@ def _existing(spec: str | None) -> str | None:
     return spec if spec and os.path.exists(spec) else None
 
 
+@command_main("export-clip")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # One rule for every command's --out (clip_stage.outdir), before the model loads; export_report.json marks

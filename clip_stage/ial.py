@@ -57,6 +57,7 @@ import numpy as np
 import pandas as pd
 
 from clip_stage.cliargs import ArgumentParser
+from clip_stage.errors import command_main
 from clip_stage.fsutil import UnsafePathError, atomic_dir, atomic_write_json, resolve_under_root
 from clip_stage.outdir import check_out_dir, write_marker
 from clip_stage.schema import INFO_FILE, SPLITS, Address, DatasetPaths, address_columns, write_records
@@ -508,6 +509,7 @@ def _pair(text: str) -> tuple[str, str]:
     return name, split
 
 
+@command_main("load-ial")
 def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(
         prog="address-llava load-ial",

@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import torch
 
-from clip_stage.fsutil import ManifestError, atomic_dir, atomic_write_text, verify_manifest
+from clip_stage.fsutil import ManifestError, atomic_dir, atomic_write_text, load_error_text, verify_manifest
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 WEIGHTS_FILE = "model.safetensors"
@@ -218,7 +218,10 @@ def _load_weights_strict(model: torch.nn.Module, weights: Path, where: Path) -> 
 
     if not weights.exists():
         raise CheckpointError(f"{where}: {WEIGHTS_FILE} missing (incomplete checkpoint?)")
-    state = load_file(str(weights))
+    try:
+        state = load_file(str(weights))
+    except Exception as e:  # truncated or not safetensors (a folder without a manifest is not verified first)
+        raise CheckpointError(f"{weights}: cannot be read: {load_error_text(e)}") from e
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from clip_stage.cliargs import add_dataclass_args, asdict, dataclass_from_args
+from clip_stage.errors import command_main
 from clip_stage.fsutil import atomic_write_json
 from clip_stage.outdir import check_out_dir, write_marker
 from clip_stage.schema import ADDRESS_STYLES, SPLITS, STORED_STYLES, DatasetPaths, read_records, render_address
@@ -401,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@command_main("query-map")
 def main(argv: list[str] | None = None) -> int:
     from clip_stage.model import bundle_from_args
 

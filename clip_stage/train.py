@@ -10,6 +10,8 @@ AdamW step under a warm-up + cosine schedule. Mixed precision and DDP come from 
 
 Outputs under --output-dir: checkpoints/step-NNNNNN/ (atomic; see clip_stage.model), checkpoints/latest,
 final/, tensorboard/, train_log.jsonl, run_summary.json (world size, steps, losses, throughput).
+`--report-to tensorboard,wandb,mlflow | none` picks the trackers (clip_stage.trackers; wandb/ and mlruns/
+are written offline under --output-dir unless WANDB_MODE / MLFLOW_TRACKING_URI say otherwise).
 `--resume` continues from the newest complete checkpoint; data order and augmentation are functions of
 (seed, epoch, row), so the resumed run reproduces the uninterrupted one. Every checkpoint carries a
 manifest (size + sha256 per file) checked before resuming: a damaged newest checkpoint is reported and the
@@ -42,6 +44,7 @@ from clip_stage.data import (
     steps_per_epoch,
     total_steps,
 )
+from clip_stage.errors import command_main
 from clip_stage.fsutil import atomic_write_json, cut_jsonl_log, load_error_text, remove_stale_temps
 from clip_stage.losses import AddressClipLoss, logit_scale_clamp_
 from clip_stage.model import (
@@ -59,6 +62,7 @@ from clip_stage.model import (
 from clip_stage.outdir import check_out_dir, write_marker
 from clip_stage.schema import read_records
 from clip_stage.text_encoder import ContrastiveForward, padding_trim
+from clip_stage.trackers import plan_trackers, start_trackers
 
 log = logging.getLogger("clip_stage.train")
 
@@ -71,7 +75,8 @@ def _mixed_precision(precision: str) -> str:
     return {"fp32": "no"}.get(precision, precision)
 
 
-def make_accelerator(precision: str):
+def make_accelerator(precision: str, log_with=None):
+    """An Accelerator for one run (gloo when launched without a GPU); `log_with` from clip_stage.trackers."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
@@ -86,7 +91,7 @@ def make_accelerator(precision: str):
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
     handlers = [InitProcessGroupKwargs(backend="gloo")] if launched and not torch.cuda.is_available() else []
-    return Accelerator(mixed_precision=_mixed_precision(precision), kwargs_handlers=handlers)
+    return Accelerator(mixed_precision=_mixed_precision(precision), kwargs_handlers=handlers, log_with=log_with)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -98,14 +103,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         exclude = p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
         (no_decay if exclude else decay).append(p)
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
-
-
-class _NullWriter:
-    def add_scalar(self, *a, **k):
-        pass
-
-    def close(self):
-        pass
 
 
 def _warn_truncation(tokenizer, dataset: AddressImageDataset, semantic: bool) -> None:
@@ -161,15 +158,17 @@ def train(cfg: TrainConfig) -> dict:
     """Runs (or resumes) one training run; returns the run summary (also written to run_summary.json)."""
     if cfg.run.num_threads:
         torch.set_num_threads(cfg.run.num_threads)
-    accelerator = make_accelerator(cfg.model.precision)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    main_proc = accelerator.is_main_process
     out_dir = Path(cfg.run.output_dir)
     ck_dir = out_dir / "checkpoints"
     # One rule for every command's output folder (clip_stage.outdir): a run folder (marker, or the files of runs
     # from before it) is continued, anything else non-empty is refused, as is a folder holding an input.
     check_out_dir(out_dir, "train-clip", inputs=[cfg.data.dataset, _path_or_none(cfg.model.pretrained)], resume=True,
                   legacy=["checkpoints", "train_log.jsonl", "run_summary.json"], flag="--output-dir")
+    # The trackers' packages are checked before any data or model is loaded; they start once the step is known.
+    trackers = plan_trackers(cfg.run.report_to, out_dir, "train_clip", tensorboard_dir=out_dir / "tensorboard")
+    accelerator = make_accelerator(cfg.model.precision, log_with=trackers.log_with)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    main_proc = accelerator.is_main_process
 
     # --- data and loss plan ---
     df = drop_fold(read_records(cfg.data.dataset, cfg.data.split), cfg.data.holdout_fold)
@@ -236,23 +235,20 @@ def train(cfg: TrainConfig) -> dict:
     loss_fn = AddressClipLoss(plan.address_weight, plan.semantic_weight, plan.geo_weight, cfg.loss.geo_target,
                               cfg.loss.geo_tau, rank=rank, world_size=world, gather_with_grad=cfg.loss.gather_with_grad)
 
-    writer = _NullWriter()
     log_file = None
     if main_proc:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_marker(out_dir, "train-clip")
-        if cfg.run.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            # purge_step: TensorBoard hides the events after the checkpoint that the killed run had written.
-            writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"), purge_step=step + 1 if resume_from else None)
+    start_trackers(accelerator, trackers, config=cfg.to_dict(), resume_step=step if resume_from else None)
+    if main_proc:
         # The log holds this run's steps only: none after the checkpoint (or a killed run's before any).
         cut_jsonl_log(out_dir / "train_log.jsonl", step)
         log_file = open(out_dir / "train_log.jsonl", "a", encoding="utf-8")
         print(f"train-clip: {cfg.model.model} on {len(dataset)} images, {world} process(es) x batch "
               f"{cfg.optim.batch_size}, {total} steps ({per_epoch}/epoch), warm-up {warmup}, "
               f"weights a={plan.address_weight} b={plan.semantic_weight} c={plan.geo_weight}, "
-              f"precision {accelerator.mixed_precision}" + (f", resumed from {resume_from}" if resume_from else ""),
+              f"precision {accelerator.mixed_precision}, trackers: {trackers.describe()}"
+              + (f", resumed from {resume_from}" if resume_from else ""),
               flush=True)
 
     from tqdm.auto import tqdm
@@ -319,11 +315,9 @@ def train(cfg: TrainConfig) -> dict:
                 dt = max(time.perf_counter() - window_t0, 1e-9)
                 ips = window_images / dt
                 window_images, window_t0 = 0, time.perf_counter()
-                for k, v in last_terms.items():
-                    writer.add_scalar(f"train/{k}", v, step)
-                writer.add_scalar("train/lr", lr, step)
-                writer.add_scalar("train/images_per_s", ips, step)
-                writer.add_scalar("train/logit_scale", float(model.logit_scale.detach().exp()), step)
+                accelerator.log({**{f"train/{k}": v for k, v in last_terms.items()}, "train/lr": lr,
+                                 "train/images_per_s": ips,
+                                 "train/logit_scale": float(model.logit_scale.detach().exp())}, step=step)
                 bar.set_postfix(loss=f"{last_terms['loss']:.4f}", lr=f"{lr:.2e}", ips=f"{ips:.0f}")
                 log_file.write(json.dumps({"step": step, "epoch": epoch, "lr": lr, "images_per_s": ips, **last_terms}) + "\n")
                 log_file.flush()
@@ -365,8 +359,8 @@ def train(cfg: TrainConfig) -> dict:
         "final": str(out_dir / "final") if step >= total else None,
         "config": cfg.to_dict(),
     }
+    accelerator.end_training()  # closes the TensorBoard writer, ends the wandb / MLflow runs
     if main_proc:
-        writer.close()
         log_file.close()
         atomic_write_json(out_dir / "run_summary.json", summary)
         if step >= total:
@@ -377,6 +371,7 @@ def train(cfg: TrainConfig) -> dict:
     return summary
 
 
+@command_main("train-clip")
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(argv, prog="train-clip", description=__doc__.split("\n\n")[0])
     try:

@@ -32,6 +32,7 @@ from pathlib import Path
 import pandas as pd
 
 from clip_stage.cliargs import add_dataclass_args
+from clip_stage.errors import command_main
 from clip_stage.fsutil import atomic_dir, atomic_write_json
 from clip_stage.outdir import check_out_dir, write_marker
 from clip_stage.schema import Address, DatasetPaths, read_records, render_address
@@ -460,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@command_main("conversations")
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     ns = build_parser().parse_args(argv)

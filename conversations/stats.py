@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clip_stage.cliargs import ArgumentParser
+from clip_stage.errors import command_main
 from clip_stage.fsutil import atomic_write_json
 
 from conversations.formats import iter_records
@@ -208,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@command_main("conv-stats")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not Path(args.file).is_file():

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Iterator
 
 from clip_stage.cliargs import ArgumentParser
+from clip_stage.errors import command_main
 from clip_stage.fsutil import UnsafePathError, resolve_under_root
 
 from conversations.formats import IMAGE_TOKEN, iter_records
@@ -49,8 +50,11 @@ def _id_text(rec) -> str:
     return "?"
 
 
-def check_record(rec, image_root: Path | None, allow_text_only: bool = False) -> Iterator[tuple[str, str]]:
-    """(field, message) for every problem of one record."""
+def check_record(rec, image_root: Path | None, allow_text_only: bool = False,
+                 need_answer: bool = True) -> Iterator[tuple[str, str]]:
+    """(field, message) for every problem of one record.
+
+    need_answer=False accepts a conversation ending with a human turn (an evaluation record: its question)."""
     if not isinstance(rec, dict):
         yield "record", f"must be a JSON object, got {type(rec).__name__}"
         return
@@ -91,7 +95,7 @@ def check_record(rec, image_root: Path | None, allow_text_only: bool = False) ->
     if not conv:
         yield "conversations", "empty"
         return
-    n_tokens, first_human_tokens = 0, 0
+    n_tokens, first_human_tokens, starts_with_gpt = 0, 0, False
     for t, turn in enumerate(conv):
         where = f"conversations[{t}]"
         if not isinstance(turn, dict):
@@ -102,7 +106,11 @@ def check_record(rec, image_root: Path | None, allow_text_only: bool = False) ->
             yield f"{where}.from", "missing"
         elif role not in ROLES:
             yield f"{where}.from", f"must be 'human' or 'gpt', got {role!r}"
-        elif role != ROLES[t % 2]:
+        elif t == 0 and role == "gpt":
+            starts_with_gpt = True  # one problem, not one per turn of a conversation shifted by one
+            yield f"{where}.from", ("the conversation starts with an assistant message (gpt): roles must alternate "
+                                    "starting with human")
+        elif role != ROLES[t % 2] and not starts_with_gpt:
             yield f"{where}.from", f"roles must alternate starting with human: expected {ROLES[t % 2]!r}, got {role!r}"
         if "value" not in turn:
             yield f"{where}.value", "missing"
@@ -119,7 +127,7 @@ def check_record(rec, image_root: Path | None, allow_text_only: bool = False) ->
             first_human_tokens = count
         elif count:
             yield f"{where}.value", f"{IMAGE_TOKEN} may appear only in the first human turn"
-    if len(conv) % 2:
+    if len(conv) % 2 and need_answer and not starts_with_gpt:
         yield "conversations", f"last turn (conversations[{len(conv) - 1}]) is not a gpt answer"
     if has_image:
         if first_human_tokens != 1:
@@ -188,7 +196,8 @@ def _duplicate_ids(path: str, id_hashes: array) -> Iterator[tuple[int, str, int]
 
 
 def validate_file(path: str | os.PathLike, image_root: str | os.PathLike | None, allow_text_only: bool = False,
-                  on_problem=None, keep: int = 0, allow_duplicate_ids: bool = False) -> Report:
+                  on_problem=None, keep: int = 0, allow_duplicate_ids: bool = False,
+                  need_answer: bool = True) -> Report:
     """Streams `path`, calling `on_problem(Problem)` for each problem; keeps the first `keep` in the report."""
     path = str(path)
     root = Path(image_root) if image_root is not None else None
@@ -216,7 +225,7 @@ def validate_file(path: str | os.PathLike, image_root: str | os.PathLike | None,
             report.records += 1
             continue
         report.records += 1
-        problems = list(check_record(item.value, root, allow_text_only))
+        problems = list(check_record(item.value, root, allow_text_only, need_answer))
         id_hashes.append(_id_hash(item.value))
         for fld, msg in problems:
             emit(Problem(path, item.index, _id_text(item.value), fld, msg))
@@ -234,6 +243,31 @@ def validate_file(path: str | os.PathLike, image_root: str | os.PathLike | None,
     return report
 
 
+class ConversationFileError(ValueError):
+    """A conversation file that `require_valid` refused; the message is one line naming the file and record."""
+
+
+def require_valid(path: str | os.PathLike, image_root: str | os.PathLike | None, *, allow_text_only: bool = False,
+                  allow_duplicate_ids: bool = False, need_answer: bool = True, command: str = "") -> Report:
+    """The one record check of every consumer (validate, train-llava, infer, benchmark), run before any model loads.
+
+    Raises ConversationFileError with the first problem and the count of the others; returns the report when
+    the file is clean. `command` (e.g. "train-llava") only words the hint of how to list every problem.
+    """
+    report = validate_file(path, image_root, allow_text_only, keep=1, allow_duplicate_ids=allow_duplicate_ids,
+                           need_answer=need_answer)
+    if report.ok:
+        return report
+    first = report.shown[0]
+    more = report.problems - 1
+    hint = (f" (and {more} more problem{'s' * (more > 1)} in {report.bad_records} record"
+            f"{'s' * (report.bad_records > 1)}; `address-llava validate {path}"
+            + (f" --image-root {image_root}" if image_root is not None else " --no-image-check")
+            + "` lists them all)") if more else ""
+    used_by = f" for {command}" if command else ""
+    raise ConversationFileError(f"invalid conversation file{used_by}: {first}{hint}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="address-llava validate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -249,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@command_main("validate")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.image_root is None and not args.no_image_check:

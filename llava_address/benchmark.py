@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from clip_stage.cliargs import ArgumentParser
+from clip_stage.errors import command_main
 from clip_stage.outdir import check_out_dir, write_marker
 from clip_stage.registry import Registry
 from llava_address.infer import (InferenceInputError, candidate_answer_batch, eval_items, llava_answer_batch,
@@ -268,7 +269,7 @@ def run_benchmark(specs: Sequence[SystemSpec], dataset: str | Path, eval_file: s
     out_dir = Path(out_dir)
     image_root = Path(image_root) if image_root is not None else dataset / "images"
     ctx = ctx or RunContext(dataset)
-    items = eval_items(eval_file, limit)
+    items = eval_items(eval_file, limit, command="benchmark")
     references = eval_references(read_records_file(eval_file), where=f"{eval_file}: ")
     if limit is not None:
         references = {it.id: references[it.id] for it in items}
@@ -415,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@command_main("benchmark")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.list_kinds:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Sequence, TextIO
 
 from clip_stage.cliargs import ArgumentParser
+from clip_stage.errors import command_main
 from llava_address.infer import Generator, InferenceInputError, load_generator, load_ranker, open_image, user_turn
 
 History = Sequence[tuple[str, str]]
@@ -222,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@command_main("chat")
 def main(argv: list[str] | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
     args = build_parser().parse_args(argv)
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout

@@ -77,18 +77,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("command", choices=sorted(COMMANDS), metavar="command", help="one of the commands below")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="the command's own options (see `<command> --help`)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of user errors too (before the "
+                        "command or among its options; or set ADDRESS_LLAVA_DEBUG=1)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from clip_stage.errors import DEBUG_FLAG, run_guarded
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = []
+    while argv and argv[0] == DEBUG_FLAG:  # `address-llava --debug CMD ...`: tracebacks for user errors too
+        debug, argv = [DEBUG_FLAG], argv[1:]
     parser = build_parser()
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0
     ns = parser.parse_args(argv[:1])
-    result = _resolve(COMMANDS[ns.command].target)(argv[1:])
-    return int(result or 0)
+    # The same one-line-error guard as each command's own main: it also covers the import of the command.
+    return run_guarded(f"address-llava {ns.command}",
+                       lambda args: _resolve(COMMANDS[ns.command].target)(args), debug + argv[1:])
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from clip_stage.cliargs import ArgumentParser
+from clip_stage.errors import command_main
 from llava_address.checkpoint import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -248,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@command_main("convert-llava")
 def main(argv: list[str] | None = None) -> int:
     from clip_stage.fsutil import atomic_dir
     from clip_stage.outdir import check_out_dir, write_marker

@@ -207,6 +207,8 @@ class LlavaDataset(Dataset):
         if not isinstance(conv, list) or not conv:
             raise RecordError(f"record {rid!r}: `conversations` must be a non-empty list")
         images = record_images(rec, rid)
+        if isinstance(conv[0], dict) and str(conv[0].get("from", conv[0].get("role"))).lower() in ("gpt", "assistant"):
+            raise RecordError(f"record {rid!r}: the conversation starts with an assistant message")
         if conv and isinstance(conv[-1], dict) and str(conv[-1].get("from", conv[-1].get("role"))).lower() in ("human", "user"):
             raise RecordError(f"record {rid!r}: the conversation ends with a user message (nothing to learn)")
         enc = encode_conversation(conv, self.tokenizer, self.num_image_tokens, num_images=len(images),
@@ -349,6 +351,23 @@ class LengthGroupedSampler(Sampler[int]):
 
 
 # --- entry points used by train-llava ----------------------------------------------------------------
+
+def validate_data(args: DataArgs) -> None:
+    """The shared record check (`conversations.validate`) of the training file, before any model loads.
+
+    Text-only records are accepted (LLaVA's mix665k has them) and so are repeated ids (training keys nothing
+    by id); an empty answer, a record starting with an assistant turn, an unsafe or missing image path are
+    refused in one line naming the file and record. Raises ConversationFileError (a ValueError).
+    """
+    from conversations.validate import require_valid
+
+    if args.data_path is None:
+        raise RecordError("DataArgs.data_path is required")
+    root = args.image_root if args.image_root is not None else str(Path(args.data_path).parent)
+    if not Path(root).is_dir():
+        raise RecordError(f"image root {root} is not a folder")
+    require_valid(args.data_path, root, allow_text_only=True, allow_duplicate_ids=True, command="train-llava")
+
 
 def build_dataset(args: DataArgs, processor, model_config, **kwargs) -> LlavaDataset:
     """The training dataset of `args`, with the image-token count of `model_config` (a LlavaConfig)."""

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from clip_stage.cliargs import ArgumentParser
+from clip_stage.errors import command_main
 from clip_stage.outdir import check_not_input
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,8 @@ def open_image(path: str | os.PathLike):
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
+    # PIL reports broken files as OSError, SyntaxError ("broken PNG file") or ValueError, huge ones as a bomb
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
         raise InferenceInputError(f"{path}: not a readable image ({e})") from None
 
 
@@ -167,25 +169,42 @@ def load_generator(model_path: str | os.PathLike | None, adapter: str | os.PathL
 
 # --- resumable output ----------------------------------------------------------------------------------
 
-def read_done_ids(path: str | os.PathLike) -> set[str]:
-    """Ids already answered in `path`; a torn last line (a killed write) is cut off the file."""
+def read_done_ids(path: str | os.PathLike, retry_errors: bool = False) -> set[str]:
+    """Ids already answered in `path` (error rows too, unless `retry_errors`); a torn last line is cut off.
+
+    With `retry_errors` the error rows are removed from the file (rewritten atomically) so that their retried
+    answers do not stand beside them.
+    """
     path = Path(path)
     if not path.exists():
         return set()
     data = path.read_bytes()
     good_end = data.rfind(b"\n") + 1
     done: set[str] = set()
+    kept: list[bytes] = []
+    n_errors = 0
     for n, line in enumerate(data[:good_end].splitlines(), 1):
         if not line.strip():
             continue
         try:
-            done.add(str(json.loads(line)["id"]))
+            row = json.loads(line)
+            rid = str(row["id"])
         except (json.JSONDecodeError, KeyError, TypeError):
             raise InferenceInputError(f"{path}:{n}: not an answers line; refusing to append to it") from None
+        if retry_errors and "error" in row:
+            n_errors += 1
+            continue
+        done.add(rid)
+        kept.append(line)
     if good_end < len(data):
         log.warning("%s: dropping a torn last line (%d bytes) from an interrupted run", path, len(data) - good_end)
         with path.open("r+b") as f:
             f.truncate(good_end)
+    if n_errors:
+        from clip_stage.fsutil import atomic_write_text
+
+        log.warning("%s: retrying %d error rows", path, n_errors)
+        atomic_write_text(path, "".join(x.decode("utf-8") + "\n" for x in kept))
     return done
 
 
@@ -213,56 +232,97 @@ class EvalItem:
     reference: dict | None
 
 
-def eval_items(path: str | os.PathLike, limit: int | None = None) -> list[EvalItem]:
-    """One item per evaluation record: its first human turn as the question."""
+def eval_items(path: str | os.PathLike, limit: int | None = None, command: str = "infer") -> list[EvalItem]:
+    """One item per evaluation record: its first human turn as the question.
+
+    LLaVA-format files go through the shared record check (`conversations.validate.require_valid`: ids
+    present and unique, an image path, the question turn with its <image>) before any model loads; the image
+    files themselves are opened while answering, where a bad one becomes an error row (see `run_answers`).
+    """
+    from conversations.validate import require_valid
     from llava_address.scoring import first_question, read_records_file
 
-    items = []
-    for i, r in enumerate(read_records_file(path)):
+    records = read_records_file(path)
+    if records and all("conversations" in r for r in records):
+        require_valid(path, None, need_answer=False, command=command)
+    items, seen = [], set()
+    for i, r in enumerate(records):
         if "id" not in r or not r.get("image"):
             raise InferenceInputError(f"{path}: record {i} lacks an id or an image")
         q = first_question(r)
         if not q:
             raise InferenceInputError(f"{path}: record {i} (id {r['id']}) has no question")
+        if str(r["id"]) in seen:  # answers are keyed by id: the second would be skipped as done
+            raise InferenceInputError(f"{path}: record {i}: id {r['id']!r} is used twice")
+        seen.add(str(r["id"]))
         items.append(EvalItem(str(r["id"]), str(r["image"]), q, r.get("reference")))
         if limit is not None and len(items) >= limit:
             break
     return items
 
 
-def run_answers(answer_batch, items: Sequence[EvalItem], image_root: str | os.PathLike, out: str | os.PathLike,
-                batch_size: int = 8, progress: bool = True) -> dict:
-    """Answers every item not yet in `out`, batch by batch, with `answer_batch(questions, images) -> answers`.
-
-    Shared by `infer` and every system of `benchmark`. Returns counts {'total', 'skipped', 'answered'}.
-    """
+def unusable_images(items: Sequence[EvalItem], image_root: str | os.PathLike) -> list[tuple[str, str]]:
+    """(id, reason) of the items whose image path is unsafe or missing: cheap, checked before the model loads."""
     from clip_stage.fsutil import UnsafePathError, resolve_under_root
 
-    done = read_done_ids(out)
-    todo = [it for it in items if it.id not in done]
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    bad = []
+    for it in items:
+        try:
+            if not resolve_under_root(image_root, it.image).is_file():
+                bad.append((it.id, f"image {it.image!r} not found under the image root"))
+        except UnsafePathError as e:
+            bad.append((it.id, str(e)))
+    return bad
 
-        bar = tqdm(total=len(todo), desc=f"answering -> {Path(out).name}", unit="q")
+
+def _error_reason(e: BaseException, image_root: str | os.PathLike) -> str:
+    # Rows may be shared: name the image relative to the root, never the server's absolute path.
+    return str(e).replace(str(Path(image_root).resolve()), "<image-root>").replace(str(image_root), "<image-root>")
+
+
+def run_answers(answer_batch, items: Sequence[EvalItem], image_root: str | os.PathLike, out: str | os.PathLike,
+                batch_size: int = 8, progress: bool = True, retry_errors: bool = False) -> dict:
+    """Answers every item not yet in `out`, batch by batch, with `answer_batch(questions, images) -> answers`.
+
+    A record whose image cannot be used (unsafe path, missing or unreadable file) becomes an error row
+    `{"id", "error", "question", "reference", "image"}` and the run goes on with the rest of its batch; each
+    batch's rows are appended (and fsynced) before the next batch starts. Error rows count as done on a
+    resumed run unless `retry_errors`. Shared by `infer` and every system of `benchmark`.
+    Returns counts {'total', 'skipped', 'answered', 'errors'}.
+    """
+    from clip_stage.fsutil import UnsafePathError, resolve_under_root
+    from clip_stage.progress import progress as progress_bar
+
+    done = read_done_ids(out, retry_errors=retry_errors)
+    todo = [it for it in items if it.id not in done]
+    bar = progress_bar(total=len(todo), desc=f"answering -> {Path(out).name}", unit="q", disable=not progress)
+    n_errors = 0
     for start in range(0, len(todo), batch_size):
         batch = todo[start:start + batch_size]
-        images = []
+        good, images, rows = [], [], {}
         for it in batch:
             try:
                 images.append(open_image(resolve_under_root(image_root, it.image)))
+                good.append(it)
             except (UnsafePathError, InferenceInputError) as e:
-                raise InferenceInputError(f"id {it.id}: {e} (answers so far are kept in {out})") from None
-        answers = answer_batch([it.question for it in batch], images)
-        if len(answers) != len(batch):
-            raise RuntimeError(f"got {len(answers)} answers for a batch of {len(batch)}")
-        append_lines(out, ({"id": it.id, "question": it.question, "answer": a, "reference": it.reference,
-                            "image": it.image} for it, a in zip(batch, answers)))
-        if bar is not None:
-            bar.update(len(batch))
-    if bar is not None:
-        bar.close()
-    return {"total": len(items), "skipped": len(items) - len(todo), "answered": len(todo)}
+                rows[it.id] = {"id": it.id, "error": _error_reason(e, image_root), "question": it.question,
+                               "reference": it.reference, "image": it.image}
+        if good:
+            answers = answer_batch([it.question for it in good], images)
+            if len(answers) != len(good):
+                raise RuntimeError(f"got {len(answers)} answers for a batch of {len(good)}")
+            for it, a in zip(good, answers):
+                rows[it.id] = {"id": it.id, "question": it.question, "answer": a, "reference": it.reference,
+                               "image": it.image}
+        n_errors += len(batch) - len(good)
+        append_lines(out, (rows[it.id] for it in batch))  # in the split's order
+        bar.update(len(batch))
+    bar.close()
+    if n_errors:
+        log.warning("%s: %d of %d records could not be answered (error rows; --retry-errors retries them)",
+                    out, n_errors, len(todo))
+    return {"total": len(items), "skipped": len(items) - len(todo), "answered": len(todo) - n_errors,
+            "errors": n_errors}
 
 
 def llava_answer_batch(gen: Generator, max_new_tokens: int = 64):
@@ -308,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="questions per generate() call")
     p.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit in tokens")
     p.add_argument("--limit", type=int, default=None, help="answer only the first N records")
+    p.add_argument("--retry-errors", action="store_true",
+                   help="answer again the records that are error rows in --out (by default they count as done)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="weights dtype")
     p.add_argument("--engine", default="hf", choices=["hf", "vllm"],
@@ -329,6 +391,7 @@ def _existing(spec: str | None) -> str | None:
     return spec if spec and os.path.exists(spec) else None
 
 
+@command_main("infer")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.engine == "vllm":  # refused before anything is read or loaded
@@ -346,6 +409,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.candidates and not args.dataset:
         raise SystemExit("--candidates needs --dataset (the address gallery)")
     items = eval_items(args.eval, args.limit)
+    bad = unusable_images(items, args.image_root)
+    if bad:  # said before the model loads; the run still answers the others
+        print(f"infer: warning: {len(bad)} of {len(items)} records have unusable images (first: id {bad[0][0]}: "
+              f"{_error_reason(ValueError(bad[0][1]), args.image_root)}); they become error rows", file=sys.stderr)
     ranker = load_ranker(args.candidates, args.dataset, device=args.device if args.device != "auto" else "cpu") \
         if args.candidates else None
     if args.engine == "vllm":
@@ -364,8 +431,10 @@ def main(argv: list[str] | None = None) -> int:
         answer_batch = llava_answer_batch(gen, args.max_new_tokens)
     if ranker is not None:
         answer_batch = candidate_answer_batch(answer_batch, ranker, args.top_k, args.candidate_scores)
-    counts = run_answers(answer_batch, items, args.image_root, args.out, args.batch_size)
-    print(f"{counts['answered']} answered, {counts['skipped']} already in {args.out}, {counts['total']} in the split")
+    counts = run_answers(answer_batch, items, args.image_root, args.out, args.batch_size,
+                         retry_errors=args.retry_errors)
+    print(f"{counts['answered']} answered, {counts['errors']} error rows, {counts['skipped']} already in {args.out}, "
+          f"{counts['total']} in the split")
     return 0
 
 

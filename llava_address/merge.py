@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from clip_stage.cliargs import ArgumentParser
+from clip_stage.errors import command_main
 from clip_stage.fsutil import atomic_dir
 from clip_stage.model_card import CardError, ModelCard, add_hub_args, push_folder, read_metrics, write_card
 from clip_stage.outdir import check_out_dir, write_marker
@@ -142,6 +143,7 @@ def _existing(spec: str | None) -> str | None:
     return spec if spec and os.path.exists(spec) else None
 
 
+@command_main("merge")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from clip_stage.errors import command_main
 from clip_stage.fsutil import atomic_write_json
 from clip_stage.outdir import check_out_dir, write_marker
 
@@ -308,6 +309,7 @@ def parse_args(argv: list[str] | None) -> DemoConfig:
     return dataclass_from_args(DemoConfig, parser.parse_args(argv))
 
 
+@command_main("demo")
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     p = Paths(Path(cfg.out))

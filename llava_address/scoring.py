@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from clip_stage.cliargs import ArgumentParser
+from clip_stage.errors import command_main
 from llava_address.gazetteer import EmbeddingMatcher, Gazetteer, ParsedAddress, load_aliases, tokens
 
 QUESTION_TYPES = ("full", "street", "cross", "neighbourhood", "yesno", "mc", "scene")
@@ -267,6 +268,8 @@ class ScoreReport:
     by_phrasing: dict[str, dict] = field(default_factory=dict)
     """metrics per question wording ('seen' in training / 'held_out'): does the model generalise?"""
     details: list[ScoredAnswer] = field(default_factory=list, repr=False)
+    errors: list[dict] = field(default_factory=list)
+    """error rows of the answers ({id, error}: e.g. an unreadable image): unanswered, like the missing ids"""
 
     def to_dict(self, details: bool = False) -> dict:
         d = asdict(self)
@@ -276,7 +279,7 @@ class ScoreReport:
 
     def markdown(self, name: str = "") -> str:
         lines = [f"### {name}" if name else "### scores",
-                 f"answers {self.n_answers} of {self.n_eval} (missing {self.n_missing}), "
+                 f"answers {self.n_answers} of {self.n_eval} (missing {self.n_missing}, errors {len(self.errors)}), "
                  f"unparseable {len(self.unparseable)}", "",
                  "| metric | value | correct / total |", "|---|---|---|"]
         for m, v in self.metrics.items():
@@ -396,7 +399,14 @@ class Scorer:
         """Scores answer rows; `references` (from the evaluation split) is authoritative when given."""
         seen: set[str] = set()
         rows = []
+        errors: list[dict] = []
         for i, a in enumerate(answers):
+            if "id" in a and "error" in a and "answer" not in a:  # infer could not answer it (bad image)
+                if str(a["id"]) in seen:
+                    raise AnswersError(f"{source}: id {str(a['id'])!r} answered twice")
+                seen.add(str(a["id"]))
+                errors.append({"id": str(a["id"]), "error": str(a["error"])})
+                continue
             if "id" not in a or "answer" not in a:
                 raise AnswersError(f"{source}: row {i} lacks 'id' or 'answer'")
             rid = str(a["id"])
@@ -405,7 +415,7 @@ class Scorer:
             seen.add(rid)
             rows.append(a)
         if references is not None:
-            unknown = [str(a["id"]) for a in rows if str(a["id"]) not in references]
+            unknown = [str(a["id"]) for a in [*rows, *errors] if str(a["id"]) not in references]
             if unknown:
                 more = f" (and {len(unknown) - 10} more)" if len(unknown) > 10 else ""
                 raise AnswersError(f"{source}: {len(unknown)} answer id(s) not in the evaluation split: "
@@ -440,7 +450,7 @@ class Scorer:
         unparseable = [{"id": d.id, "question_type": d.question_type, "answer": d.answer}
                        for d in details if d.unparseable]
         return ScoreReport(n_eval, len(rows), len(missing), missing, metrics, distance, by_type, unparseable,
-                           by_phrasing, details)
+                           by_phrasing, details, errors)
 
 
 def score_files(dataset: str | Path, answers: str | Path, eval_file: str | Path | None = None,
@@ -504,6 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@command_main("score")
 def main(argv: list[str] | None = None) -> int:
     from clip_stage.fsutil import atomic_write_json, atomic_write_text
 

@@ -11,7 +11,9 @@ warm-up then cosine/linear/constant) are always ours: the DeepSpeed configs in d
 
 Each optimizer step: gradient accumulation (global batch = per-device x processes x accumulation),
 clipping, one scheduler step. Rank 0 shows a tqdm bar and logs loss, learning rates, tokens/s and memory
-to TensorBoard (<output>/tb) and <output>/metrics.jsonl. Checkpoints: see llava_address.checkpoint.
+to <output>/metrics.jsonl and the `--report-to` trackers (clip_stage.trackers: TensorBoard in <output>/tb
+by default; wandb, MLflow offline under <output> unless WANDB_MODE / MLFLOW_TRACKING_URI say otherwise).
+Checkpoints: see llava_address.checkpoint.
 `--resume` restores model, optimizer, scheduler, RNG and the position in the data, after checking the
 checkpoint's manifest (`--resume latest` falls back to the previous checkpoint if the newest is damaged),
 and cuts metrics.jsonl back to the checkpoint's step. An output folder that already holds checkpoints is
@@ -34,7 +36,9 @@ from typing import Any
 
 import torch
 
+from clip_stage.errors import command_main
 from clip_stage.fsutil import cut_jsonl_log, load_error_text, remove_stale_temps
+from clip_stage.trackers import plan_trackers, start_trackers
 from clip_stage.outdir import check_out_dir, write_marker
 from llava_address.checkpoint import (
     STATE_DIR,
@@ -49,6 +53,7 @@ from llava_address.checkpoint import (
     save_checkpoint,
 )
 from llava_address.config import DataArgs, ModelArgs, TrainablesArgs
+from llava_address.data import validate_data
 from llava_address.prompting import attach_chat_template
 from llava_address.train_args import ConfigGroup, TrainArgs, parse_config, to_plain
 
@@ -110,8 +115,8 @@ class TrainResult:
 # --------------------------------------------------------------------------------------------
 
 
-def make_accelerator(args: TrainArgs, accumulation: int | None = None):
-    """An Accelerator whose process group works on CPU too (gloo) and that logs to TensorBoard."""
+def make_accelerator(args: TrainArgs, accumulation: int | None = None, log_with=None):
+    """An Accelerator whose process group works on CPU too (gloo) and that logs to `log_with` (clip_stage.trackers)."""
     from accelerate import Accelerator, InitProcessGroupKwargs
     from accelerate.utils import ProjectConfiguration
 
@@ -124,7 +129,6 @@ def make_accelerator(args: TrainArgs, accumulation: int | None = None):
     if not torch.cuda.is_available() and world_size_from_env() > 1:
         # accelerate + DeepSpeed on CPU otherwise believes it has one process (gather crashes).
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
-    log_with = "tensorboard" if args.report_to == "tensorboard" else None
     return Accelerator(
         gradient_accumulation_steps=accumulation or 1,
         mixed_precision=args.mixed_precision,
@@ -355,7 +359,9 @@ def train(cfg: RunConfig) -> TrainResult:
                               "continue, or another --output-dir")
     world = world_size_from_env()
     accumulation = args.accumulation_for(world)
-    accelerator = make_accelerator(args, accumulation)
+    # The trackers' packages are checked before any model loads; they start once the resume step is known.
+    trackers = plan_trackers(args.report_to, out, "train_llava", tensorboard_dir=out / "tb" / "train_llava")
+    accelerator = make_accelerator(args, accumulation, log_with=trackers.log_with)
     if accelerator.num_processes != world:
         raise RuntimeError(f"launcher said {world} processes, accelerate sees {accelerator.num_processes}")
     is_main = accelerator.is_main_process
@@ -366,6 +372,7 @@ def train(cfg: RunConfig) -> TrainResult:
         write_marker(out, "train-llava")
     set_seed(args.seed)
 
+    validate_data(cfg.data)  # one line naming the bad record, before minutes of model loading
     model, processor, summary = build_model(cfg)
     if args.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input grads (the embeddings are frozen under LoRA).
@@ -424,14 +431,11 @@ def train(cfg: RunConfig) -> TrainResult:
         cut_jsonl_log(out / "metrics.jsonl", global_step)
         accelerator.print(
             f"train-llava: {accelerator.num_processes} process(es), {accelerator.distributed_type}, "
-            f"accumulation {accumulation}, {total_steps} optimizer steps, trainables: {summary}"
+            f"accumulation {accumulation}, {total_steps} optimizer steps, trackers: {trackers.describe()}, "
+            f"trainables: {summary}"
         )
-    if args.report_to == "tensorboard":
-        flat = {f"{s}.{k}": (v if isinstance(v, (int, float, str, bool)) else str(v))
-                for s in ("model", "trainables", "data", "train") for k, v in run_json[s].items()}
-        # purge_step: TensorBoard hides the events a killed run wrote after the checkpoint.
-        init_kwargs = {"tensorboard": {"purge_step": global_step + 1}} if resume_from is not None else {}
-        accelerator.init_trackers("train_llava", config=flat, init_kwargs=init_kwargs)
+    start_trackers(accelerator, trackers, config={s: run_json[s] for s in ("model", "trainables", "data", "train")},
+                   resume_step=global_step if resume_from is not None else None)
 
     history: list[dict[str, Any]] = []
     checkpoints: list[Path] = []
@@ -550,6 +554,7 @@ def _jsonable(obj: Any) -> Any:
         return str(obj)
 
 
+@command_main("train-llava")
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     try:

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from clip_stage.errors import command_main
+
 log = logging.getLogger(__name__)
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
@@ -278,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@command_main("web-demo")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     device = args.device

@@ -93,16 +93,24 @@ def test_infer_cli_is_resumable_and_keeps_partial_results(tiny_llava, toy_datase
     assert [r["id"] for r in rows[:5]] == [r["id"] for r in first]  # kept, not regenerated
     assert len(rows) == 9 and len({r["id"] for r in rows}) == 9
 
-    # A missing image stops the run with a clear error naming the record; finished batches stay.
+    # A missing image becomes an error row; the run goes on and the good records of its batch are kept.
     recs = json.loads(eval_split.read_text())[:7]
     recs[5]["image"] = "nowhere/missing.png"
     bad_eval = tmp_path / "bad_eval.json"
     bad_eval.write_text(json.dumps(recs))
     out2 = tmp_path / "answers2.jsonl"
-    with pytest.raises(infer.InferenceInputError, match=f"id {recs[5]['id']}.*not found"):
-        infer.main(["--model", str(tiny_llava), "--eval", str(bad_eval), "--image-root", str(toy_dataset / "images"),
-                    "--out", str(out2), "--batch-size", "3", "--max-new-tokens", "2", "--device", "cpu"])
-    assert len(out2.read_text().splitlines()) == 3
+    argv2 = ["--model", str(tiny_llava), "--eval", str(bad_eval), "--image-root", str(toy_dataset / "images"),
+             "--out", str(out2), "--batch-size", "3", "--max-new-tokens", "2", "--device", "cpu"]
+    assert infer.main(argv2) == 0
+    rows = [json.loads(line) for line in out2.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [r["id"] for r in recs]
+    bad = rows[5]
+    assert "answer" not in bad and "not found" in bad["error"] and str(toy_dataset) not in bad["error"]
+    assert all("answer" in r for i, r in enumerate(rows) if i != 5)
+    assert infer.main(argv2) == 0 and len(out2.read_text().splitlines()) == 7  # error rows count as done
+    assert infer.main(argv2 + ["--retry-errors"]) == 0  # retried (still missing): one error row, not two
+    rows = [json.loads(line) for line in out2.read_text().splitlines()]
+    assert len(rows) == 7 and sum("error" in r for r in rows) == 1
 
 
 def test_unloadable_models_and_foreign_output_files_are_clear_errors(tmp_path):
@@ -170,7 +178,7 @@ def test_benchmark_scores_every_system_and_reports_failures(tiny_llava, tiny_lla
     again = benchmark.run_benchmark([benchmark.parse_system_spec(f"ours=llava:{tiny_llava}")], toy_dataset,
                                     small_eval, out, ctx=benchmark.RunContext(toy_dataset, "cpu", max_new_tokens=4),
                                     progress=False)
-    assert again["ours"]["counts"] == {"total": len(recs), "skipped": len(recs), "answered": 0}
+    assert again["ours"]["counts"] == {"total": len(recs), "skipped": len(recs), "answered": 0, "errors": 0}
     assert again["ours"]["report"]["metrics"] == results["ours"]["report"]["metrics"]
 
 
