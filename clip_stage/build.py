@@ -847,9 +847,10 @@ def main(argv: list[str] | None = None) -> int:
         report = build_dataset(*cfgs, progress=not ns.quiet)
     except (NetworkFileError, GpsTableError, ZoneFileError, FileNotFoundError, FileExistsError, ValueError, OSError) as e:
         parser.exit(2, f"build-dataset: error: {e}\n")
-    if report["kept"] == 0:
-        print(f"build-dataset: warning: no image was kept ({report['input_rows']} rows; see "
-              f"{DatasetPaths(cfgs[0].out).rejects})", file=sys.stderr)
+    if report["kept"] == 0:  # an empty dataset is no result: a non-zero exit stops scripts and the demo here
+        print(f"build-dataset: error: no image was kept of {report['input_rows']} rows (every row rejected; the "
+              f"reasons are in {DatasetPaths(cfgs[0].out).rejects})", file=sys.stderr)
+        return 2
     if not ns.quiet:
         rej = ", ".join(f"{k} {v}" for k, v in report["rejected"].items()) or "none"
         print(

@@ -166,3 +166,19 @@ def test_dataset_summary_into_a_closed_pipe_is_quiet(toy_dataset, tmp_path):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 0
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_build_dataset_with_every_row_rejected_exits_non_zero(tmp_path, capsys):
+    from PIL import Image
+
+    from tests.test_network import write_osm
+
+    images = tmp_path / "img"
+    images.mkdir()
+    Image.new("RGB", (8, 8), "red").save(images / "a.png")
+    (tmp_path / "gps.csv").write_text("image,lat,lon\na.png,not-a-number,24.9\nmissing.png,60.17,24.94\n")
+    out = tmp_path / "dataset"
+    rc = cli.main(["build-dataset", "--images", str(images), "--gps", str(tmp_path / "gps.csv"), "--network",
+                   str(write_osm(tmp_path / "toy.osm")), "--out", str(out), "--quiet"])
+    line = _one_line_error(capsys, rc, "no image was kept of 2 rows", "rejects.jsonl")
+    assert (out / "rejects.jsonl").is_file(), line  # the reasons stay readable
