@@ -456,7 +456,7 @@ def check_images(root: Path, rels: np.ndarray, mode: str, workers: int, progress
 
     Paths go to the threads in batches: one future per image costs more than a stat at a million rows.
     """
-    from tqdm.auto import tqdm
+    from clip_stage.progress import progress as tqdm  # a line every 30 s when not on a terminal
 
     batch = 512
     starts = range(0, len(rels), batch)
@@ -579,7 +579,7 @@ def build_dataset(
     progress: bool = True,
 ) -> dict:
     """Builds the dataset folder at args.out; returns the build report (also written as build_report.json)."""
-    from tqdm.auto import tqdm
+    from clip_stage.progress import progress as tqdm  # a line every 30 s when not on a terminal
 
     geocode = geocode or GeocodeConfig()
     sub_streets = sub_streets or SubStreetConfig()

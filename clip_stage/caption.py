@@ -106,7 +106,7 @@ def caption_images(net, processor, images, prompt: str, max_new_tokens: int = 40
 def run(args: CaptionArgs) -> dict:
     """Captions the rows that need it; returns counts {"captioned", "skipped", "remaining"}."""
     from PIL import Image
-    from tqdm.auto import tqdm
+    from clip_stage.progress import progress as tqdm  # a line every 30 s when not on a terminal
 
     paths = DatasetPaths(args.dataset)
     df = read_records(args.dataset)

@@ -251,7 +251,7 @@ def train(cfg: TrainConfig) -> dict:
               + (f", resumed from {resume_from}" if resume_from else ""),
               flush=True)
 
-    from tqdm.auto import tqdm
+    from clip_stage.progress import progress as tqdm  # a line every 30 s when not on a terminal
 
     bar = tqdm(total=total, initial=step, disable=not (main_proc and cfg.run.progress), desc="train-clip",
                dynamic_ncols=True)

@@ -342,7 +342,7 @@ def _existing(spec: str | None) -> str | None:
 
 def train(cfg: RunConfig) -> TrainResult:
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
+    from clip_stage.progress import progress as tqdm  # a line every 30 s when not on a terminal
 
     args = cfg.train
     out = Path(args.output_dir)

@@ -182,3 +182,24 @@ def test_build_dataset_with_every_row_rejected_exits_non_zero(tmp_path, capsys):
                    str(write_osm(tmp_path / "toy.osm")), "--out", str(out), "--quiet"])
     line = _one_line_error(capsys, rc, "no image was kept of 2 rows", "rejects.jsonl")
     assert (out / "rejects.jsonl").is_file(), line  # the reasons stay readable
+
+
+def test_progress_bars_off_a_terminal_write_plain_lines(monkeypatch):
+    import io
+    import time
+
+    from clip_stage.progress import progress
+
+    log = io.StringIO()  # not a terminal
+    monkeypatch.setenv("ADDRESS_LLAVA_PROGRESS_INTERVAL", "0.02")
+    for _ in progress(range(4), desc="work", file=log):
+        time.sleep(0.03)
+    text = log.getvalue()
+    lines = text.splitlines()
+    assert "\r" not in text and "4/4" in lines[-1]
+    assert 2 <= len(lines) <= 6 and all(line.startswith("work:") for line in lines), text
+    monkeypatch.setenv("ADDRESS_LLAVA_PROGRESS_INTERVAL", "3600")
+    log = io.StringIO()
+    for _ in progress(range(1000), desc="quiet", file=log):
+        pass
+    assert len(log.getvalue().splitlines()) <= 2  # start and end, not a frame per item
