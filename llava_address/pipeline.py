@@ -61,10 +61,12 @@ class DemoConfig:
     """AddressCLIP candidate addresses per question (candidate-grounded answers)"""
     candidate_fraction: float = 0.5
     """share of training conversations that carry candidates"""
-    vision_feature_layer: int = -2
-    """tower layer the projector reads after the swap (stock LLaVA config field)"""
-    vision_feature_select_strategy: str = "default"
-    """'default' (patches only) or 'full' (patches + CLS) after the swap"""
+    vision_feature_layer: int = -1
+    """tower layer the projector reads after the swap (stock LLaVA config field; chosen by scripts/bench_tower_features.py)"""
+    vision_feature_select_strategy: str = "full"
+    """'default' (patches only) or 'full' (patches + CLS, which carries the retrieval signal) after the swap"""
+    type_weights: str = "full_address=3,street=2,cross_streets=1.5,place=1,yes_no=4,multiple_choice=3,caption=0.5"
+    """question types of the address conversations (verification and choice weighted up: the tiny LLM needs practice)"""
     base_steps: int = 200
     """steps of the base LLaVA's scene-description pre-training"""
     align_steps: int = 60
@@ -171,7 +173,7 @@ def stage_conversations(cfg: DemoConfig, p: Paths) -> dict:
     run_command("conversations", ["--dataset", str(p.dataset), "--out", str(p.conversations),
                                   "--seed", str(cfg.seed), "--candidates", str(p.candidates),
                                   "--candidate-k", str(cfg.top_k), "--candidate-fraction", str(cfg.candidate_fraction),
-                                  "--overwrite"])
+                                  "--type-weights", cfg.type_weights, "--overwrite"])
     run_command("validate", [str(p.conversations / "train.json"), str(p.conversations / "eval.json"),
                              "--image-root", str(p.dataset / "images")])
     # Plain scene descriptions that name no address: what the "general" base model and the projector
