@@ -140,8 +140,10 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, prefix: str = "", t
                 group.add_argument("--no-" + spelling, dest=name, action="store_false", default=argparse.SUPPRESS,
                                    help=argparse.SUPPRESS)
             else:
+                # A list option given twice keeps both lists (`--report-to wandb --report-to mlflow`).
                 group.add_argument("--" + spelling, dest=name, type=_none_or(tp) if nullable and choices is None else tp,
-                                   choices=choices, nargs=nargs, default=argparse.SUPPRESS, help=shown)
+                                   choices=choices, nargs=nargs, action="extend" if nargs else "store",
+                                   default=argparse.SUPPRESS, help=shown)
     return group
 
 

@@ -146,7 +146,7 @@ class RunArgs:
     """Outputs, checkpoints, logging."""
 
     output_dir: str = "runs/addressclip"
-    """Run folder: checkpoints/, final/, tensorboard/, train_log.jsonl, run_summary.json."""
+    """Run folder: checkpoints/, final/, tensorboard/ (and wandb/, mlruns/ when asked), train_log.jsonl, run_summary.json."""
     save_every: int = 1000
     """Write a checkpoint every N steps (and always at the end)."""
     keep_checkpoints: int = 2
@@ -156,13 +156,21 @@ class RunArgs:
     stop_at_step: int | None = None
     """Checkpoint and exit once this global step is reached, without changing the schedule (time-sliced jobs)."""
     log_every: int = 10
-    """Steps between log lines / TensorBoard points."""
+    """Steps between log lines / tracker points."""
+    report_to: tuple[str, ...] = ("tensorboard",)
+    """Trackers, a comma list or the flag repeated: tensorboard (output_dir/tensorboard), wandb (offline under output_dir/wandb unless WANDB_MODE is set), mlflow (file store output_dir/mlruns unless MLFLOW_TRACKING_URI is set), or none."""
     tensorboard: bool = True
-    """Write TensorBoard event files under output_dir/tensorboard."""
+    """Kept for older commands and configs: false drops tensorboard from report_to."""
     progress: bool = True
     """Show a tqdm progress bar (rank 0)."""
     num_threads: int | None = None
     """torch CPU threads per process (unset: torch's / accelerate's default)."""
+
+    def __post_init__(self):
+        from clip_stage.trackers import parse_report_to
+
+        names = parse_report_to(self.report_to)
+        object.__setattr__(self, "report_to", tuple(n for n in names if n != "tensorboard" or self.tensorboard))
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,7 @@ from clip_stage.model import (
 from clip_stage.outdir import check_out_dir, write_marker
 from clip_stage.schema import read_records
 from clip_stage.text_encoder import ContrastiveForward, padding_trim
-from clip_stage.trackers import plan_trackers, start_trackers
+from clip_stage.trackers import finish_trackers, plan_trackers, start_trackers
 
 log = logging.getLogger("clip_stage.train")
 
@@ -359,7 +359,7 @@ def train(cfg: TrainConfig) -> dict:
         "final": str(out_dir / "final") if step >= total else None,
         "config": cfg.to_dict(),
     }
-    accelerator.end_training()  # closes the TensorBoard writer, ends the wandb / MLflow runs
+    finish_trackers(accelerator)  # flushes TensorBoard, ends the wandb / MLflow runs
     if main_proc:
         log_file.close()
         atomic_write_json(out_dir / "run_summary.json", summary)

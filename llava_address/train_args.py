@@ -35,7 +35,7 @@ class TrainArgs:
     """Optimisation, schedule, precision, logging and checkpointing of one training run."""
 
     output_dir: str = "runs/llava"
-    """folder for checkpoints (checkpoint-<step>/), TensorBoard logs (tb/) and metrics.jsonl"""
+    """folder for checkpoints (checkpoint-<step>/), TensorBoard logs (tb/), wandb/ and mlruns/ when asked, and metrics.jsonl"""
     learning_rate: float = 2e-4
     """peak learning rate of the LLM / LoRA parameter group"""
     projector_lr: float | None = None
@@ -88,12 +88,16 @@ class TrainArgs:
     """stop (without a final save) after this many optimizer steps, as if killed; the schedule is unchanged"""
     num_workers: int = 0
     """DataLoader worker processes"""
-    report_to: Literal["tensorboard", "none"] = "tensorboard"
-    """where metrics go besides metrics.jsonl"""
+    report_to: tuple[str, ...] = ("tensorboard",)
+    """trackers besides metrics.jsonl, a comma list or the flag repeated: tensorboard (output_dir/tb/train_llava), wandb (offline under output_dir/wandb unless WANDB_MODE is set), mlflow (file store output_dir/mlruns unless MLFLOW_TRACKING_URI is set), or none"""
     progress_bar: bool = True
     """show a tqdm progress bar on rank 0"""
 
     def __post_init__(self) -> None:
+        from clip_stage.trackers import parse_report_to
+
+        # a string (older checkpoints' configs, Python callers) or a list of comma lists -> checked names
+        object.__setattr__(self, "report_to", parse_report_to(self.report_to))
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         for name in ("projector_lr", "vision_lr"):
@@ -195,6 +199,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise TypeError(f"{where}: expected {base.__name__}, got {value!r}")
     if origin is Literal and value not in typing.get_args(base):
         raise ValueError(f"{where}: {value!r} is not one of {list(typing.get_args(base))}")
+    if origin is tuple and isinstance(value, str):
+        value = [value]  # `report_to: wandb` in a recipe: a one-item list
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise TypeError(f"{where}: expected a list, got {value!r}")
@@ -250,9 +256,10 @@ def build_parser(groups: list[ConfigGroup], prog: str, description: str) -> tupl
                 arg_group.add_argument(*(f"--no-{f[2:]}" for f in flags), dest=dest, action="store_false",
                                        help=argparse.SUPPRESS)
             else:
+                # A list option given twice keeps both lists (`--report-to wandb --report-to mlflow`).
                 arg_group.add_argument(
                     *flags, dest=dest, type=_none_or(conv, _strip_optional(tp)[1]), choices=choices, nargs=nargs,
-                    help=help_text, metavar=None if choices else f.name.upper(),
+                    action="extend" if nargs else "store", help=help_text, metavar=None if choices else f.name.upper(),
                 )
     return parser, dests
 
