@@ -143,6 +143,30 @@ def test_flat_config_keeps_scalars_and_writes_the_rest_as_text():
     assert flat == {"optim.lr": 1e-3, "optim.betas": "(0.9, 0.98)", "optim.clip": "None", "run.resume": False}
 
 
+def test_tensorboard_writes_its_exact_folder_and_a_resume_purges_later_steps(tmp_path):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from clip_stage.trackers import finish_trackers, plan_trackers, start_trackers
+
+    tb = tmp_path / "run" / "tensorboard"
+
+    def run(resume_step, steps, value):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        plan = plan_trackers(["tensorboard"], tmp_path / "run", "p", tensorboard_dir=tb)
+        accelerator = Accelerator(log_with=plan.log_with)
+        start_trackers(accelerator, plan, {"a": {"b": 1}}, resume_step=resume_step)
+        for step in steps:
+            accelerator.log({"x": value}, step=step)
+        finish_trackers(accelerator)
+
+    run(None, range(1, 9), 1.0)  # a run killed at step 8 whose last checkpoint was step 4
+    run(4, range(5, 7), 2.0)  # the resumed run: steps 7 and 8 of the killed one are hidden
+    assert list(tb.glob("events.out.tfevents.*"))
+    assert tensorboard_scalars(tb, "x") == {1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0, 5: 2.0, 6: 2.0}
+
+
 def test_missing_package_names_the_pip_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # what `import wandb` sees when it is not installed
     with pytest.raises(TrackerError, match=r"--report-to wandb needs the wandb package: pip install wandb"):
