@@ -27,7 +27,8 @@ from typing import Sequence, TextIO
 
 from clip_stage.cliargs import ArgumentParser
 from clip_stage.errors import command_main
-from llava_address.infer import Generator, InferenceInputError, load_generator, load_ranker, open_image, user_turn
+from llava_address.infer import (Generator, InferenceInputError, PromptTooLongError, load_generator, load_ranker,
+                                  open_image, user_turn)
 
 History = Sequence[tuple[str, str]]
 
@@ -47,6 +48,37 @@ def conversation(question: str, history: History = (), candidates: Sequence | No
         msgs.append({"from": "gpt", "value": a})
     msgs.append(user_turn(questions[-1], with_image=not history))
     return msgs
+
+
+def fit_history(gen: Generator, question: str, history: History = (), max_new_tokens: int = 256,
+                candidates: Sequence | None = None, scores: bool = False) -> tuple[tuple[str, str], ...]:
+    """`history` trimmed so that the prompt leaves `max_new_tokens` of the model's context for the answer.
+
+    The oldest turns go first, except turn one (it holds the image and the candidates, and says what the
+    conversation is about), which goes last; PromptTooLongError when even `question` alone does not fit.
+    """
+    history = tuple(history)
+    budget = gen.prompt_budget(max_new_tokens)
+    if budget is None:
+        return history
+
+    def fits(h) -> bool:
+        return len(gen.prompt_ids(conversation(question, h, candidates, scores))) <= budget
+
+    if fits(history):
+        return history
+    # Drop turns 2, 3, ... one at a time; the prompt shrinks monotonically, so bisect the number dropped.
+    lo, hi = 1, len(history) - 1  # hi: all but turn one dropped
+    if hi >= 1 and fits(history[:1] + history[1 + hi:]):
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if fits(history[:1] + history[1 + mid:]):
+                hi = mid
+            else:
+                lo = mid + 1
+        return history[:1] + history[1 + lo:]
+    gen.check_fits(conversation(question, (), candidates, scores), max_new_tokens)  # raises when it cannot fit
+    return ()
 
 
 def resolve_candidates(candidates, image, top_k: int = 5) -> list | None:
@@ -78,21 +110,24 @@ def _recording_streamer(tokenizer):
 
 
 def stream_answer(gen: Generator, image, question: str, history: History = (), max_new_tokens: int = 256,
-                  candidates: Sequence | None = None, scores: bool = False):
+                  candidates: Sequence | None = None, scores: bool = False, max_time: float | None = None):
     """Yields the answer's text as it is generated, then returns the whole answer (StopIteration.value).
 
-    Generation runs in a thread feeding a TextIteratorStreamer; errors are re-raised here.
+    Generation runs in a thread feeding a TextIteratorStreamer; errors are re-raised here. The prompt must
+    fit the context (`fit_history`); max_time: seconds after which generation stops.
     """
     import torch
 
-    inputs = gen.batch_inputs([conversation(question, history, candidates, scores)], [image])
+    conv = conversation(question, history, candidates, scores)
+    gen.check_fits(conv, max_new_tokens)
+    inputs = gen.batch_inputs([conv], [image])
     streamer = _recording_streamer(gen.tokenizer)
     errors: list[BaseException] = []
 
     def run():
         try:
             with torch.inference_mode():
-                gen.model.generate(**inputs, **gen.generation_kwargs(max_new_tokens), streamer=streamer)
+                gen.model.generate(**inputs, **gen.generation_kwargs(max_new_tokens, max_time), streamer=streamer)
         except BaseException as e:  # re-raised in the caller's thread
             errors.append(e)
             streamer.end()
@@ -121,7 +156,8 @@ def _as_image(image):
 
 def answer(image, question: str, history: History | None = None, *, model: str | Generator | None = None,
            adapter: str | None = None, device: str = "auto", dtype: str = "auto", max_new_tokens: int = 256,
-           stream: TextIO | None = None, candidates=None, top_k: int = 5, candidate_scores: bool = False) -> str:
+           stream: TextIO | None = None, candidates=None, top_k: int = 5, candidate_scores: bool = False,
+           max_time: float | None = None) -> str:
     """The model's answer to `question` about `image` (a path or PIL image), after `history`.
 
     model: a loaded `Generator`, or a LLaVA folder / hub id (loaded once and cached); adapter: a
@@ -130,6 +166,9 @@ def answer(image, question: str, history: History | None = None, *, model: str |
     candidates: candidate-grounded answers (a model trained with `conversations --candidates`): an
     `clip_stage.candidates.AddressRanker` (its top_k for the image) or a list of addresses, written into the
     first user turn in the training format.
+    The oldest turns of `history` (turn one last) are left out when the prompt would not leave
+    `max_new_tokens` of the model's context (`fit_history`); a question that does not fit even alone is a
+    PromptTooLongError. max_time: seconds after which generation stops (the answer so far is returned).
     """
     if not question or not question.strip():
         raise ValueError("empty question")
@@ -137,7 +176,8 @@ def answer(image, question: str, history: History | None = None, *, model: str |
         None if model is None else str(model), None if adapter is None else str(adapter), device, dtype)
     img = _as_image(image)
     cands = resolve_candidates(candidates, img, top_k)
-    chunks = stream_answer(gen, img, question, tuple(history or ()), max_new_tokens, cands, candidate_scores)
+    kept = fit_history(gen, question, tuple(history or ()), max_new_tokens, cands, candidate_scores)
+    chunks = stream_answer(gen, img, question, kept, max_new_tokens, cands, candidate_scores, max_time)
     while True:
         try:
             piece = next(chunks)
@@ -159,11 +199,17 @@ class ChatSession:
     ranker: object | None = None
     """an AddressRanker: candidate-grounded answers (candidates computed once per image)"""
     top_k: int = 5
+    dropped: int = 0
+    """history turns left out so far to fit the model's context"""
     _candidates: list | None = None
 
     def ask(self, question: str, stream: TextIO | None = None) -> str:
         if self.ranker is not None and self._candidates is None:
             self._candidates = self.ranker.top_k(self.image, self.top_k)
+        # Trimmed here too, so the session holds what the model saw (and the next turn starts from it).
+        kept = list(fit_history(self.generator, question, self.history, self.max_new_tokens, self._candidates))
+        self.dropped += len(self.history) - len(kept)
+        self.history = kept
         reply = answer(self.image, question, self.history, model=self.generator, max_new_tokens=self.max_new_tokens,
                        stream=stream, candidates=self._candidates)
         self.history.append((question, reply))
@@ -201,9 +247,16 @@ def repl(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = sys.s
             session.history.clear()
             stdout.write(f"(new image {path}; conversation cleared)\n")
             continue
-        stdout.write("assistant> ")
-        session.ask(line, stream=stdout)
+        dropped = session.dropped
+        try:
+            stdout.write("assistant> ")
+            session.ask(line, stream=stdout)
+        except PromptTooLongError as e:
+            stdout.write(f"\nerror: {e}\n")
+            continue
         stdout.write("\n")
+        if session.dropped > dropped:
+            stdout.write(f"({session.dropped - dropped} earlier turns were left out to fit the model's context)\n")
         n += 1
 
 

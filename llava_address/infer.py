@@ -60,6 +60,24 @@ def num_image_tokens(config) -> int:
     return int(shared(config))
 
 
+class PromptTooLongError(InferenceInputError):
+    """A prompt that does not fit the model's context with room for the answer."""
+
+
+# Tokenizers without a stated limit report a huge sentinel (transformers' VERY_LARGE_INTEGER): no limit.
+_NO_LIMIT = 10**9
+
+
+def context_length(model_config, tokenizer=None) -> int | None:
+    """Tokens the model can attend to: the language model's `max_position_embeddings`, or the tokenizer's
+    `model_max_length` (the smaller where both are set: training may have used a shorter context); None when
+    neither says."""
+    text = getattr(model_config, "text_config", None) or model_config
+    limits = [getattr(text, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    limits = [int(x) for x in limits if isinstance(x, (int, float)) and 0 < x < _NO_LIMIT]
+    return min(limits) if limits else None
+
+
 def user_turn(question: str, with_image: bool) -> dict:
     question = question.replace("<image>", "").strip()
     return {"from": "human", "value": f"<image>\n{question}" if with_image else question}
@@ -114,11 +132,34 @@ class Generator:
         return {"input_ids": input_ids.to(self.device), "attention_mask": mask.to(self.device),
                 "pixel_values": self.pixel_values(images)}
 
-    def generation_kwargs(self, max_new_tokens: int) -> dict:
+    @property
+    def context_length(self) -> int | None:
+        return context_length(self.model.config, self.tokenizer)
+
+    def prompt_budget(self, max_new_tokens: int) -> int | None:
+        """Prompt tokens that leave room for `max_new_tokens` in the context (None: no known limit)."""
+        ctx = self.context_length
+        return None if ctx is None else ctx - max_new_tokens
+
+    def check_fits(self, conversation: list[dict], max_new_tokens: int) -> list[int]:
+        """The prompt ids, or PromptTooLongError when they leave no room for `max_new_tokens` in the context."""
+        ids = self.prompt_ids(conversation)
+        budget = self.prompt_budget(max_new_tokens)
+        if budget is not None and len(ids) > budget:
+            raise PromptTooLongError(
+                f"the prompt is {len(ids)} tokens (image included); the model's context of {self.context_length} "
+                f"tokens minus {max_new_tokens} for the answer leaves {max(budget, 0)}: ask a shorter question")
+        return ids
+
+    def generation_kwargs(self, max_new_tokens: int, max_time: float | None = None) -> dict:
+        """greedy decoding; max_time: seconds after which generation stops (the answer so far is kept)."""
         tok = self.tokenizer
-        return {"max_new_tokens": max_new_tokens, "do_sample": False, "use_cache": True,
-                "eos_token_id": tok.eos_token_id,
-                "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id}
+        kw = {"max_new_tokens": max_new_tokens, "do_sample": False, "use_cache": True,
+              "eos_token_id": tok.eos_token_id,
+              "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id}
+        if max_time is not None:
+            kw["max_time"] = float(max_time)
+        return kw
 
     def generate(self, conversations: Sequence[list[dict]], images: Sequence, max_new_tokens: int = 64) -> list[str]:
         """Greedy answers, one per (conversation ending with a user turn, image)."""
@@ -282,7 +323,8 @@ def _error_reason(e: BaseException, image_root: str | os.PathLike) -> str:
 
 def run_answers(answer_batch, items: Sequence[EvalItem], image_root: str | os.PathLike, out: str | os.PathLike,
                 batch_size: int = 8, progress: bool = True, retry_errors: bool = False) -> dict:
-    """Answers every item not yet in `out`, batch by batch, with `answer_batch(questions, images) -> answers`.
+    """Answers every item not yet in `out`, batch by batch, with `answer_batch(questions, images) -> answers`
+    (an answer may be an InferenceInputError instead of text: that record becomes an error row).
 
     A record whose image cannot be used (unsafe path, missing or unreadable file) becomes an error row
     `{"id", "error", "question", "reference", "image"}` and the run goes on with the rest of its batch; each
@@ -312,9 +354,13 @@ def run_answers(answer_batch, items: Sequence[EvalItem], image_root: str | os.Pa
             if len(answers) != len(good):
                 raise RuntimeError(f"got {len(answers)} answers for a batch of {len(good)}")
             for it, a in zip(good, answers):
+                if isinstance(a, InferenceInputError):  # the answerer refused this record (e.g. prompt too long)
+                    rows[it.id] = {"id": it.id, "error": _error_reason(a, image_root), "question": it.question,
+                                   "reference": it.reference, "image": it.image}
+                    continue
                 rows[it.id] = {"id": it.id, "question": it.question, "answer": a, "reference": it.reference,
                                "image": it.image}
-        n_errors += len(batch) - len(good)
+        n_errors += sum("error" in rows[it.id] for it in batch)
         append_lines(out, (rows[it.id] for it in batch))  # in the split's order
         bar.update(len(batch))
     bar.close()
@@ -326,8 +372,22 @@ def run_answers(answer_batch, items: Sequence[EvalItem], image_root: str | os.Pa
 
 
 def llava_answer_batch(gen: Generator, max_new_tokens: int = 64):
-    def answer_batch(questions: list[str], images: list) -> list[str]:
-        return gen.generate([[user_turn(q, True)] for q in questions], images, max_new_tokens)
+    """answer_batch for `run_answers`; a prompt that does not fit the context is answered by its
+    PromptTooLongError (an error row) instead of being truncated or crashing the batch."""
+    def answer_batch(questions: list[str], images: list) -> list:
+        convs = [[user_turn(q, True)] for q in questions]
+        out: list = [None] * len(convs)
+        fits = []
+        for i, c in enumerate(convs):
+            try:
+                gen.check_fits(c, max_new_tokens)
+                fits.append(i)
+            except PromptTooLongError as e:
+                out[i] = e
+        if fits:
+            for i, a in zip(fits, gen.generate([convs[i] for i in fits], [images[i] for i in fits], max_new_tokens)):
+                out[i] = a
+        return out
 
     return answer_batch
 

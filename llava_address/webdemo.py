@@ -6,14 +6,20 @@ chat with the LLaVA model about it.
 
 Either model may be left out (its panel says so). The server binds to 127.0.0.1 unless `--host` says
 otherwise; uploads are limited in bytes (`--max-upload-mb`) and image side (`--max-side`), and anything
-that is not a JPEG/PNG/WebP/BMP image is rejected before it reaches a model. Built with Gradio.
+that is not a JPEG/PNG/WebP/BMP image is rejected before it reaches a model. The chat caps a question's
+length (`--max-question-chars`, `--max-question-tokens`), the history the model sees (`--max-history-turns`,
+older turns after the first are left out, then whatever the model's context cannot hold) and each answer's
+generation time (`--max-time`); uploads are deleted from the server after `--cache-age` seconds. Messages
+shown in the browser never hold the server's file paths. Built with Gradio.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,6 +89,39 @@ def load_upload(path: str | os.PathLike | None, limits: UploadLimits = UploadLim
         raise UploadError(f"not a readable image ({type(e).__name__})") from None
 
 
+# An absolute path (POSIX, or a Windows drive) inside a message: replaced by its last part before a message
+# reaches the browser, so the server's folder layout is never shown.
+_ABS_PATH = re.compile(r"(?<![\w.~])(?:[A-Za-z]:[\\/]|/)[^\s'\"(),;]*")
+
+
+def public_message(text: str) -> str:
+    """`text` with every absolute path cut to its file name (`.../name`)."""
+    return _ABS_PATH.sub(lambda m: ".../" + re.split(r"[\\/]", m.group(0).rstrip("/\\"))[-1], text)
+
+
+def _user_facing(handler):
+    """A handler whose failures reach the browser as gr.Error messages without server paths: a user error
+    (the project's ValueErrors, e.g. a prompt too long for the model) says what it is; anything else is
+    logged here with its traceback and shown as a generic failure."""
+    @functools.wraps(handler)
+    def wrapped(*args, **kwargs):
+        import gradio as gr
+
+        from clip_stage.errors import is_user_error, one_line
+
+        try:
+            return handler(*args, **kwargs)
+        except gr.Error as e:
+            raise gr.Error(public_message(str(e.message))) from None
+        except Exception as e:
+            if is_user_error(e):
+                raise gr.Error(public_message(one_line(e))) from None
+            log.exception("web demo: %s failed", handler.__name__)
+            raise gr.Error("the request failed on the server (its log has the details)") from None
+
+    return wrapped
+
+
 # The ranker lives with AddressCLIP (clip_stage.candidates): infer, chat and benchmark use the same one.
 from clip_stage.candidates import AddressRanker  # noqa: E402
 from clip_stage.cliargs import ArgumentParser  # noqa: E402
@@ -145,6 +184,46 @@ class Demo:
     max_new_tokens: int = 128
     query_mapper: Any | None = None
     """clip_stage.query_map.QueryMapper over the test images, for the "address query" box (None: box says so)"""
+    max_question_chars: int = 1000
+    """longest accepted question, in characters (checked before it is tokenised)"""
+    max_question_tokens: int = 256
+    """longest accepted question, in tokens of the chat model"""
+    max_history_turns: int = 8
+    """earlier (question, answer) pairs the model sees at most: the first, then the latest"""
+    max_history_chars: int = 16000
+    """characters of earlier turns the model sees at most (the client sends the history: it is not trusted)"""
+    max_time: float | None = 60.0
+    """seconds one answer may generate for (the answer so far is shown); None: no limit"""
+    cache_cleanup: tuple[int, int] | None = (3600, 3600)
+    """(every N seconds, delete uploads older than M seconds) from the server's upload cache; None: never"""
+
+    def __post_init__(self):
+        if min(self.max_question_chars, self.max_question_tokens, self.max_history_turns, self.max_history_chars) < 1:
+            raise ValueError("web demo: question and history limits must be at least 1")
+        if self.max_time is not None and self.max_time <= 0:
+            raise ValueError("web demo: max_time must be positive")
+
+    def check_question(self, message: str) -> None:
+        """gr.Error when the question is empty or over the character or token cap."""
+        import gradio as gr
+
+        if not message or not message.strip():
+            raise gr.Error("type a question")
+        if len(message) > self.max_question_chars:
+            raise gr.Error(f"the question is {len(message)} characters; the limit is {self.max_question_chars}")
+        if self.generator is not None:
+            n = len(self.generator.tokenizer(message, add_special_tokens=False)["input_ids"])
+            if n > self.max_question_tokens:
+                raise gr.Error(f"the question is {n} tokens; the limit is {self.max_question_tokens}")
+
+    def capped_history(self, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """At most `max_history_turns` pairs and `max_history_chars` characters: turn one (the image's
+        question), then the latest turns; `chat.answer` then trims to the model's context."""
+        if len(pairs) > self.max_history_turns:
+            pairs = pairs[:1] + (pairs[len(pairs) - self.max_history_turns + 1:] if self.max_history_turns > 1 else [])
+        while pairs and sum(len(q) + len(a) for q, a in pairs) > self.max_history_chars:
+            pairs = pairs[:1] + pairs[2:] if len(pairs) > 1 else []
+        return pairs
 
     def on_upload(self, path):
         """(preview, top-5 table rows, map figure, cleared chat) for an uploaded photo.
@@ -190,10 +269,9 @@ class Demo:
         from llava_address.chat import answer
 
         history = list(history or [])
-        if not message or not message.strip():
-            raise gr.Error("type a question")
         if self.generator is None:
             raise gr.Error("no LLaVA model loaded")
+        self.check_question(message)
         try:
             image = load_upload(path, self.limits)
         except UploadError as e:
@@ -210,14 +288,16 @@ class Demo:
                 pending = None
         if use_candidates and self.ranker is None:
             raise gr.Error("candidate-grounded answers need an AddressCLIP model (--clip)")
-        reply = answer(image, message, pairs, model=self.generator, max_new_tokens=self.max_new_tokens,
-                       candidates=self.ranker if use_candidates else None)
+        reply = answer(image, message, self.capped_history(pairs), model=self.generator,
+                       max_new_tokens=self.max_new_tokens, candidates=self.ranker if use_candidates else None,
+                       max_time=self.max_time)
         return history + [{"role": "user", "content": message}, {"role": "assistant", "content": reply}], ""
 
     def build(self):
         import gradio as gr
 
-        with gr.Blocks(title="Where was this photo taken?") as app:
+        on_upload, on_ask, on_query = (_user_facing(h) for h in (self.on_upload, self.on_ask, self.on_query))
+        with gr.Blocks(title="Where was this photo taken?", delete_cache=self.cache_cleanup) as app:
             gr.Markdown("## Where was this photo taken?\nUpload a street photo: AddressCLIP ranks the city's "
                         "addresses, and you can ask the LLaVA model about it.")
             with gr.Row():
@@ -235,9 +315,9 @@ class Demo:
                 ask = gr.Button("Ask", scale=1)
             grounded = gr.Checkbox(label="give the model AddressCLIP's top-5 candidates (candidate-grounded answers)",
                                    value=False)
-            photo.upload(self.on_upload, inputs=photo, outputs=[preview, table, plot, chatbot], api_name="rank")
-            ask.click(self.on_ask, inputs=[photo, box, chatbot, grounded], outputs=[chatbot, box], api_name="ask")
-            box.submit(self.on_ask, inputs=[photo, box, chatbot, grounded], outputs=[chatbot, box])
+            photo.upload(on_upload, inputs=photo, outputs=[preview, table, plot, chatbot], api_name="rank")
+            ask.click(on_ask, inputs=[photo, box, chatbot, grounded], outputs=[chatbot, box], api_name="ask")
+            box.submit(on_ask, inputs=[photo, box, chatbot, grounded], outputs=[chatbot, box])
             gr.Markdown("### Where does AddressCLIP see an address?\nEvery test image coloured by its similarity "
                         "to your text; the area the text names is outlined.")
             with gr.Row():
@@ -246,8 +326,8 @@ class Demo:
                 show = gr.Button("Show on map", scale=1)
             query_info = gr.Markdown()
             query_plot = gr.Plot(label="similarity map")
-            show.click(self.on_query, inputs=query, outputs=[query_plot, query_info], api_name="query_map")
-            query.submit(self.on_query, inputs=query, outputs=[query_plot, query_info])
+            show.click(on_query, inputs=query, outputs=[query_plot, query_info], api_name="query_map")
+            query.submit(on_query, inputs=query, outputs=[query_plot, query_info])
         return app
 
 
@@ -277,6 +357,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload")
     p.add_argument("--max-side", type=int, default=4096, help="largest accepted image width/height")
     p.add_argument("--max-new-tokens", type=int, default=128, help="chat answer length limit")
+    p.add_argument("--max-question-chars", type=int, default=1000, help="longest accepted question (characters)")
+    p.add_argument("--max-question-tokens", type=int, default=256, help="longest accepted question (tokens)")
+    p.add_argument("--max-history-turns", type=int, default=8,
+                   help="earlier chat turns the model sees at most (the first, then the latest)")
+    p.add_argument("--max-time", type=float, default=60.0, help="seconds one answer may generate for")
+    p.add_argument("--cache-age", type=int, default=3600,
+                   help="uploads older than this many seconds are deleted from the server (checked as often)")
     return p
 
 
@@ -304,7 +391,9 @@ def main(argv: list[str] | None = None) -> int:
         mapper = QueryMapper(ranker.bundle, args.dataset, QueryMapConfig(split="test", device=device))
     demo = Demo(ranker, gen, Gazetteer.from_dataset(args.dataset),
                 UploadLimits(max_bytes=int(args.max_upload_mb * 2**20), max_side=args.max_side),
-                args.max_new_tokens, query_mapper=mapper)
+                args.max_new_tokens, query_mapper=mapper, max_question_chars=args.max_question_chars,
+                max_question_tokens=args.max_question_tokens, max_history_turns=args.max_history_turns,
+                max_time=args.max_time, cache_cleanup=(args.cache_age, args.cache_age))
     launch(demo, args.host, args.port, block=True)
     return 0
 
