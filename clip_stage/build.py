@@ -546,6 +546,27 @@ def assign_splits(utm_x: np.ndarray, utm_y: np.ndarray, sub_idx: np.ndarray, cfg
     return tile_split[tile_of]
 
 
+def split_fractions(split_counts: dict[str, int], cfg: SplitConfig) -> tuple[dict, list[str]]:
+    """The requested and realised val/test fractions, and a warning for each realised one that is off by more
+    than half of its request (or non-zero when none was asked). Only the geo split warns: whole tiles move
+    at once, so a few big tiles can put most images in test (the random split rounds per sub-street)."""
+    n = sum(split_counts.values())
+    requested = {"val": cfg.val_fraction, "test": cfg.test_fraction}
+    requested["train"] = 1.0 - requested["val"] - requested["test"]
+    realised = {k: (split_counts.get(k, 0) / n if n else 0.0) for k in ("train", "val", "test")}
+    fractions = {"requested": {k: round(requested[k], 6) for k in ("train", "val", "test")},
+                 "realised": {k: round(v, 6) for k, v in realised.items()}}
+    warnings = []
+    if cfg.split == "geo" and n:
+        for k in ("test", "val"):
+            want, got = requested[k], realised[k]
+            if abs(got - want) > want / 2 or (want == 0 and got > 0):
+                warnings.append(f"geo split: {k} holds {got:.0%} of the images ({split_counts.get(k, 0)} of {n}) for "
+                                f"{want:.0%} asked: the {cfg.tile_size_m:g} m tiles are too few or too uneven for "
+                                f"this request (try a smaller --tile-size-m)")
+    return fractions, warnings
+
+
 # --------------------------------------------------------------------------------------------------
 # the build
 
@@ -706,12 +727,17 @@ def build_dataset(
     if rotated and args.image_mode == "root":
         warnings.append(f"{rotated} kept images carry an EXIF rotation; --image-mode root links the folder as it "
                         "is, so they are not stored upright")
+    fractions, split_warnings = split_fractions(split_counts, split)
+    for w in split_warnings:  # said at once too: a lopsided split changes what every later score means
+        print(f"build-dataset: warning: {w}", file=sys.stderr)
+    warnings.extend(split_warnings)
     report = {
         "input_rows": int(n_rows),
         "kept": int(n),
         "rejected": dict(sorted(by_reason.items())),
         "rejected_total": len(rejects),
         "splits": split_counts,
+        "split_fractions": fractions,
         "streets": int(len({subs[k].street for k in np.unique(sub_of)})),
         "sub_streets": len(subs),
         "sub_streets_without_neighbourhood": len(no_hood),
