@@ -11,6 +11,7 @@ with empty files; `verify_manifest` checks it on load. `remove_stale_temps` dele
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -46,13 +47,20 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = True, verified: bool =
     it is removed.
 
     An existing `path` is kept until the new folder is complete (then removed), so an interrupted
-    build never leaves a half-written dataset or checkpoint. verified: write `manifest.json` into the
+    build never leaves a half-written dataset or checkpoint; what a killed earlier write of `path` left
+    beside it (`remove_stale_temps`) is removed first. verified: write `manifest.json` into the
     temporary folder and fsync every file and folder before the rename (checkpoints).
     """
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists (pass overwrite=True to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
+    # What a killed atomic_dir of this same folder left (its staging, or the old folder once the new one is in
+    # place): every command writing through atomic_dir cleans up after an earlier kill without a start-up call.
+    # Only these two kinds: train-llava's ranks stage `.<name>.state-partial` just before this call.
+    for p in path.parent.glob(f".{glob.escape(path.name)}.*"):
+        if (p.name.endswith(".tmp") and p.is_dir()) or ".old-" in p.name:
+            remove_stale_temps(path.parent, (p.name[1:],))
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
