@@ -113,11 +113,6 @@ def canonical_form(text: str) -> str:
     return "intersection" if cross else "street"
 
 
-def intersection_text(street: str, cross: tuple[str, ...]) -> str:
-    """'Centre Avenue & Negley Avenue & Baum Boulevard': every street meeting there, published order."""
-    return " & ".join((street, *cross))
-
-
 def parse_canonical(text: str) -> tuple[str, tuple[str, ...], str]:
     """'Forbes Avenue & Craig Street, Oakland' -> ('Forbes Avenue', ('Craig Street',), 'Oakland').
 
@@ -416,22 +411,17 @@ def load_ial(annotations: list[str | Path], coords_csv: str | Path | None, image
         for k, canon in enumerate(sorted(group["canonical"].unique())):
             sub_id[canon] = f"{street}/{k}"
     df["sub_street"] = df["canonical"].map(sub_id)
-    addrs = [Address(r.street, r.sub_street, tuple(r.cross_streets), r.neighbourhood, cfg.city) for r in df.itertuples()]
+    # a multi-street intersection is stored as such (`junction`), so every stage that re-renders the address
+    # from the record (conversations, gallery, scoring) keeps its intersection form, not "A between B and C"
+    df["junction"] = df["junction"].astype(bool)
+    addrs = [Address(r.street, r.sub_street, tuple(r.cross_streets), r.neighbourhood, cfg.city, bool(r.junction))
+             for r in df.itertuples()]
     styles = pd.DataFrame([address_columns(a) for a in addrs])
     for col in styles.columns:
         df[col] = styles[col].to_numpy()
-    # the schema's styles read two cross streets as the ends of a stretch; a multi-street
-    # intersection keeps its intersection form (and the verbose fallback says the same)
-    junction = df["junction"].to_numpy(dtype=bool)
-    if junction.any():
-        heads = [intersection_text(r.street, tuple(r.cross_streets)) for r in df.loc[junction].itertuples()]
-        df.loc[junction, "address_sub_street"] = heads
-        df.loc[junction, "address_full"] = [
-            ", ".join(p for p in (h, r.neighbourhood, r.city) if p) for h, r in zip(heads, df.loc[junction].itertuples())
-        ]
     df["address_full"] = df["verbose"].where(df["verbose"] != "", df["address_full"])
     df["address_canonical"] = df["canonical"]
-    df = df.drop(columns=["verbose", "canonical", "junction"])
+    df = df.drop(columns=["verbose", "canonical"])
 
     features = []
     for sub, g in df.groupby("sub_street", sort=True):
@@ -443,7 +433,8 @@ def load_ial(annotations: list[str | Path], coords_csv: str | Path | None, image
             "geometry": {"type": "LineString", "coordinates": [[round(float(a), 7), round(float(b), 7)] for a, b in zip(lo, la)]},
             "properties": {
                 "sub_street": sub, "street": first["street"], "cross_streets": list(first["cross_streets"]),
-                "neighbourhood": first["neighbourhood"], "city": cfg.city, "n_images": int(len(g)),
+                "neighbourhood": first["neighbourhood"], "city": cfg.city, "junction": bool(first["junction"]),
+                "n_images": int(len(g)),
                 "length_m": round(float(np.hypot(*(line[1] - line[0]))), 1),
                 "address_full": g["address_full"].mode().iloc[0], "address_canonical": first["address_canonical"],
                 "address_street": first["address_street"], "address_sub_street": first["address_sub_street"],
@@ -459,7 +450,7 @@ def load_ial(annotations: list[str | Path], coords_csv: str | Path | None, image
         "sub_streets_per_split": {s: int(df.loc[df["split"] == s, "sub_street"].nunique()) for s in SPLITS if (df["split"] == s).any()},
         "sub_streets": int(df["sub_street"].nunique()),
         "streets": int(df["street"].nunique()),
-        "multi_street_intersections": int(df.loc[junction, "sub_street"].nunique()),
+        "multi_street_intersections": int(df.loc[df["junction"], "sub_street"].nunique()),
     }
     root_abs = image_root.resolve()
     with atomic_dir(out) as tmp:

@@ -65,6 +65,8 @@ class Address:
     cross_streets: tuple[str, ...] = ()
     neighbourhood: str = ""
     city: str = ""
+    junction: bool = False
+    """an intersection of all its streets (published IAL addresses: 'A & B & C'), not a stretch between two crossings"""
 
     @classmethod
     def from_row(cls, row) -> "Address":
@@ -76,6 +78,7 @@ class Address:
             cross_streets=cross,
             neighbourhood=str(row.get("neighbourhood", "") or ""),
             city=str(row.get("city", "") or ""),
+            junction=bool(row.get("junction", False) == True),  # noqa: E712 (a missing value is NaN, not False)
         )
 
 
@@ -84,7 +87,9 @@ def _place(a: Address) -> str:
 
 
 def _segment(a: Address) -> str:
-    """'X between A and B' / 'X near A' (dead end or one cross street) / 'X'."""
+    """'X between A and B' / 'X near A' (dead end or one cross street) / 'X'; an intersection: 'X & A & B'."""
+    if a.junction and a.cross_streets:
+        return " & ".join((a.street, *a.cross_streets))
     if len(a.cross_streets) >= 2:
         return f"{a.street} between {a.cross_streets[0]} and {a.cross_streets[1]}"
     if len(a.cross_streets) == 1:
@@ -103,7 +108,7 @@ def _canonical(a: Address) -> str:
 
 def _intersection(a: Address) -> str:
     """The paper's style: 'Forbes Avenue & Craig Street, Oakland'."""
-    head = " & ".join((a.street, *a.cross_streets[:1]))
+    head = " & ".join((a.street, *(a.cross_streets if a.junction else a.cross_streets[:1])))
     return ", ".join(p for p in (head, a.neighbourhood) if p)
 
 

@@ -271,3 +271,13 @@ def test_three_street_intersection_is_not_rendered_as_a_stretch(tmp_path):
     assert report["multi_street_intersections"] == 1
     sub = next(s for s in schema.read_sub_streets(out) if s["sub_street"] == c1["sub_street"])
     assert sub["address_sub_street"] == "Centre Avenue & Negley Avenue & Baum Boulevard" and sub["n_images"] == 2
+    # every later stage re-renders addresses from the record: the intersection form survives that too
+    a = schema.Address.from_row(df.reset_index().set_index("image").loc["002/centre_1.jpg"].to_dict() | {"cross_streets": c1["cross_streets"]})
+    assert a.junction and schema.render_address(a, "sub_street") == "Centre Avenue & Negley Avenue & Baum Boulevard"
+    assert schema.render_address(a, "intersection") == "Centre Avenue & Negley Avenue & Baum Boulevard, Shadyside"
+    assert not schema.Address.from_row(fb.to_dict()).junction
+    from clip_stage.gallery import gallery_from_dataset
+
+    texts = gallery_from_dataset(out, "full").texts
+    assert "Centre Avenue & Negley Avenue & Baum Boulevard, Shadyside, Pittsburgh" in texts
+    assert not any(t.startswith("Centre Avenue between") for t in texts)
