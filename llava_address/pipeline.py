@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -275,6 +276,9 @@ def stage_benchmark(cfg: DemoConfig, p: Paths) -> dict:
     return {"table": (p.benchmark / "benchmark.md").read_text() if (p.benchmark / "benchmark.md").exists() else ""}
 
 
+# The demo's own sub-folders that a stage's commands resume rather than replace (cleared by --force).
+RESUMED_OUTPUTS = {"clip": ("clip_run",), "candidates": ("candidates",), "llava": ("llava",)}
+
 STAGES: dict[str, Callable[[DemoConfig, Paths], dict]] = {
     "city": stage_city,
     "dataset": stage_dataset,
@@ -330,6 +334,10 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = json.loads(marker.read_text())["result"]
         else:
             ran.add(name)
+            if cfg.force and marker.exists():
+                # --force re-runs a finished stage from scratch: its resumable runs must not simply continue
+                for folder in RESUMED_OUTPUTS.get(name, ()):
+                    shutil.rmtree(getattr(p, folder), ignore_errors=True)
             print(f"\n=== stage {name} ===", flush=True)
             t0 = time.time()
             results[name] = stage(cfg, p)

@@ -29,7 +29,7 @@ METRICS = [("street_acc", "street"), ("sub_street_acc", "sub-street"), ("neighbo
 
 
 def measure(demo: Path, layer: int, strategy: str, args) -> dict:
-    done = json.loads((demo / ".done" / "llava.json").read_text())["config"]
+    done = json.loads((demo / ".done" / "conversations.json").read_text())["config"]
     cfg = dataclasses.replace(DemoConfig(**{k: v for k, v in done.items() if k in DemoConfig.__dataclass_fields__}),
                               vision_feature_layer=layer, vision_feature_select_strategy=strategy,
                               align_steps=args.align_steps or done["align_steps"],
@@ -65,7 +65,7 @@ class _Redirect(Paths):
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--demo", required=True, help="a demo run folder whose llava stage finished")
+    ap.add_argument("--demo", required=True, help="a demo run folder with its conversations and base LLaVA")
     ap.add_argument("--layers", type=int, nargs="+", default=[-2, -1])
     ap.add_argument("--strategies", nargs="+", default=["default", "full"], choices=["default", "full"])
     ap.add_argument("--align-steps", type=int, default=0, help="0: the demo's")
@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--questions", type=int, default=200)
     args = ap.parse_args(argv)
     demo = Path(args.demo)
-    if not (demo / ".done" / "llava.json").exists():
-        print(f"error: {demo}: the demo's llava stage has not finished", file=sys.stderr)
+    if not (demo / ".done" / "conversations.json").exists() or not (demo / "llava" / "base" / "config.json").exists():
+        print(f"error: {demo}: the demo's conversations and its base LLaVA (llava/base) are not there yet", file=sys.stderr)
         return 2
     rows = ["| layer | strategy | image tokens | system | " + " | ".join(m[1] for m in METRICS) + " | median error |",
             "|---|---|---:|---|" + "---:|" * (len(METRICS) + 1)]

@@ -41,6 +41,13 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
     assert again.count("already done") == len(pipeline.STAGES)
     assert "$ address-llava" not in again
 
+    # --force re-trains a finished stage from scratch (its resumable run folder is cleared, not continued)
+    (out / "clip" / "stale.txt").write_text("from the earlier run")
+    assert pipeline.main(["--out", str(out), *TINY, "--force", "--until", "clip"]) == 0
+    assert not (out / "clip" / "stale.txt").exists()
+    steps = [json.loads(line)["step"] for line in (out / "clip" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))  # one run's log, not two
+
 
 def _grid_network(path):
     """A hand-made 3 x 3 grid of named streets (~600 m) with a town and two neighbourhood nodes, as GeoJSON."""
