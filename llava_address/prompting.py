@@ -242,8 +242,10 @@ def encode_conversation(
 
     def text_ids(text: str) -> list[int]:
         # split_special_tokens: text like "</s>" or "<image>" inside a message stays text, so a message can
-        # never inject an end-of-turn or an unaccounted image token.
-        return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] if text else []
+        # never inject an end-of-turn or an unaccounted image token. verbose=False: lengths are checked here and by
+        # the callers (truncation, prompt limits), so the tokenizer's own "longer than the maximum" warning is noise.
+        return tokenizer(text, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"] \
+            if text else []
 
     # An answer follows its opener after a space. Sentencepiece-style tokenizers (Llama/Vicuna) mark the word
     # start themselves ("▁Main"): give them the bare text, since with some tokenizer.json normalisers a leading

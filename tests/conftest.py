@@ -40,6 +40,19 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True)
+def _no_logging_to_closed_streams():
+    """A command's `logging.basicConfig` binds the root handler to the stderr of the test that ran it, which
+    pytest closes afterwards; a later warning would then print a logging-error traceback into another test."""
+    import logging
+
+    yield
+    for handler in list(logging.root.handlers):
+        stream = getattr(handler, "stream", None)
+        if stream is not None and getattr(stream, "closed", False):
+            logging.root.removeHandler(handler)
+
+
 @pytest.fixture(scope="session")
 def toy_dataset(tmp_path_factory):
     """A 9-sub-street, 144-image address dataset in the on-disk format (read-only: copy to modify)."""
