@@ -80,7 +80,8 @@ def make_accelerator(precision: str, log_with=None):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    # Without a GPU, multi-process runs must use gloo (see STACK.md); a single process must get no backend,
+    # Without a GPU, multi-process runs must use gloo (accelerate picks no working backend on CPU otherwise);
+    # a single process must get no backend,
     # or accelerate believes it is distributed.
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if not launched:

@@ -1,7 +1,7 @@
 """QLoRA on CPU: the address_qlora recipe loads the tiny LLaVA's LLM in 4-bit NF4 (bitsandbytes), trains the
 LoRA adapter and the projector, and leaves the quantised weights alone.
 
-bitsandbytes trap (ds STACK.md): on CPUs with AVX512-BF16 an eval-mode no-grad forward repacks 4-bit weights
+bitsandbytes trap (bitsandbytes 0.50 CPU backend): on CPUs with AVX512-BF16 an eval-mode no-grad forward repacks 4-bit weights
 into an inference-only layout with no backward, and LoRA gradients silently become None. train-llava calls
 model.train() before the first forward and never evaluates mid-run; this test asserts the adapter moved."""
 
