@@ -31,13 +31,13 @@ from pathlib import Path
 
 import torch
 
-from clip_stage.cliargs import ArgumentParser
-from clip_stage.errors import command_main
+from clip_stage.core.config import ArgumentParser
+from clip_stage.core.errors import command_main
 from clip_stage.evaluate import TABLE_METRICS, evaluate, format_table
-from clip_stage.fsutil import atomic_write_json, atomic_write_text
+from clip_stage.core.fs import atomic_write_json, atomic_write_text
 from clip_stage.gallery import GalleryEncoder, gallery_from_dataset
-from clip_stage.registry import Registry
-from clip_stage.schema import ADDRESS_STYLES, SPLITS
+from clip_stage.core.registry import Registry
+from clip_stage.core.schema import ADDRESS_STYLES, SPLITS
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ _RESULT_NEUTRAL = {("data", "num_workers")}
 
 def reuse_mismatches(run_dir: Path, argv: list[str]) -> list[str]:
     """'group.field: was X, now Y' for every result-relevant train-clip option a finished run differs in."""
-    from clip_stage.config import parse_config
+    from clip_stage.train_config import parse_config
     from clip_stage.model import read_checkpoint_config
 
     saved = read_checkpoint_config(run_dir).get("train_config") or {}

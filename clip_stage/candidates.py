@@ -41,10 +41,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from clip_stage.cliargs import ArgumentParser
-from clip_stage.errors import command_main
-from clip_stage.fsutil import atomic_write_json
-from clip_stage.outdir import check_out_dir, write_marker
+from clip_stage.core.config import ArgumentParser
+from clip_stage.core.errors import command_main
+from clip_stage.core.fs import atomic_write_json
+from clip_stage.core.outdir import check_out_dir, write_marker
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class AddressRanker:
 def fold_train_config(checkpoint: str | os.PathLike, dataset: str, fold: int, folds: int, out_dir: Path,
                       progress: bool = False):
     """The recorded train-clip config of `checkpoint`, retargeted to train without fold `fold` of `folds`."""
-    from clip_stage.config import TrainConfig
+    from clip_stage.train_config import TrainConfig
     from clip_stage.model import read_checkpoint_config
 
     recorded = read_checkpoint_config(checkpoint).get("train_config")
@@ -152,9 +152,9 @@ def cross_fit_candidates(checkpoint: str | os.PathLike, dataset: str | os.PathLi
                          folds: int = 2, top_k: int = 5, style: str = "full", splits: Sequence[str] = ("train", "val", "test"),
                          device: str = "cpu", progress: bool = False) -> dict:
     """Trains the fold models (resuming), ranks every image of `splits`, writes the outputs; returns the info."""
-    from clip_stage.data import fold_of
+    from clip_stage.train_data import fold_of
     from clip_stage.model import load_checkpoint
-    from clip_stage.schema import DatasetPaths, read_records
+    from clip_stage.core.schema import DatasetPaths, read_records
     from clip_stage.train import train
 
     out, dataset = Path(out), Path(dataset)
@@ -162,7 +162,7 @@ def cross_fit_candidates(checkpoint: str | os.PathLike, dataset: str | os.PathLi
         raise CandidatesError(f"--folds {folds}: cross-fitting needs at least 2 folds")
     if top_k < 1:
         raise CandidatesError(f"--top-k {top_k}: must be >= 1")
-    # One rule for every command's --out (clip_stage.outdir): an earlier candidates folder is continued (its
+    # One rule for every command's --out (clip_stage.core.outdir): an earlier candidates folder is continued (its
     # fold runs resume); anything else non-empty, or a folder that is or holds an input, is refused.
     check_out_dir(out, "candidates", resume=True, legacy=[INFO_FILE, "fold-1"],
                   inputs=[checkpoint, dataset, DatasetPaths(dataset).images])
@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (candidates.jsonl, candidates_info.json, fold-K/)")
     p.add_argument("--folds", type=int, default=2, help="cross-fitting folds of the training split (>= 2)")
     p.add_argument("--top-k", type=int, default=5, help="candidate addresses per image")
-    p.add_argument("--style", default="full", help="address style of the gallery (clip_stage.schema.ADDRESS_STYLES)")
+    p.add_argument("--style", default="full", help="address style of the gallery (clip_stage.core.schema.ADDRESS_STYLES)")
     p.add_argument("--splits", default="train,val,test", help="splits to rank (comma list)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     p.add_argument("--progress", action="store_true", help="progress bars of the fold trainings")

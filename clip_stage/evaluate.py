@@ -29,14 +29,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clip_stage.cliargs import ArgumentParser
-from clip_stage.errors import command_main
-from clip_stage.fsutil import atomic_write_json, atomic_write_text, resolve_under_root
+from clip_stage.core.config import ArgumentParser
+from clip_stage.core.errors import command_main
+from clip_stage.core.fs import atomic_write_json, atomic_write_text, resolve_under_root
 from clip_stage.gallery import (Gallery, GalleryEncoder, default_cache_dir, encode_in_batches, gallery_from_dataset,
                                 gallery_from_file)
 from clip_stage.geo_metrics import candidate_geometries, score, sub_street_geometries_utm
 from clip_stage.model import add_model_source_args, bundle_from_args
-from clip_stage.schema import ADDRESS_STYLES, SPLITS, DatasetPaths, read_records
+from clip_stage.core.schema import ADDRESS_STYLES, SPLITS, DatasetPaths, read_records
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -143,7 +143,7 @@ def evaluate(bundle, dataset_dir: str | Path, out_dir: str | Path | None = None,
 
 
 def _render_truth(row, style: str) -> str:
-    from clip_stage.schema import Address, render_address
+    from clip_stage.core.schema import Address, render_address
 
     col = f"address_{style}"
     return str(row[col]) if col in row.index else render_address(Address.from_row(row), style)

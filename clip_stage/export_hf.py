@@ -37,11 +37,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from clip_stage.cliargs import ArgumentParser
-from clip_stage.errors import command_main
+from clip_stage.core.config import ArgumentParser
+from clip_stage.core.errors import command_main
 from clip_stage.model import add_model_source_args, bundle_from_args
-from clip_stage.model_card import CardError, ModelCard, add_hub_args, push_folder, read_metrics, write_card
-from clip_stage.outdir import check_out_dir, write_marker
+from clip_stage.core.model_card import CardError, ModelCard, add_hub_args, push_folder, read_metrics, write_card
+from clip_stage.core.outdir import check_out_dir, write_marker
 
 VISION_DIR = "vision_tower"
 CLIP_DIR = "clip_model"
@@ -399,7 +399,7 @@ def export_open_clip(model: nn.Module, tokenizer, out_dir: str | Path, *, full: 
     """
     from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPVisionModelWithProjection
 
-    from clip_stage.fsutil import atomic_dir, atomic_write_json
+    from clip_stage.core.fs import atomic_dir, atomic_write_json
 
     model = model.float().eval().to("cpu")  # verification runs on CPU in float32
     out_dir = Path(out_dir)
@@ -497,7 +497,7 @@ def _existing(spec: str | None) -> str | None:
 @command_main("export-clip")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # One rule for every command's --out (clip_stage.outdir), before the model loads; export_report.json marks
+    # One rule for every command's --out (clip_stage.core.outdir), before the model loads; export_report.json marks
     # exports written before it. The export may sit inside the run folder (the demo's clip/hf): nothing reads it.
     check_out_dir(args.out, "export-clip", inputs=[_existing(args.pretrained)], inside_ok=[args.checkpoint],
                   overwrite=args.overwrite, legacy=[REPORT_FILE])

@@ -32,8 +32,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from clip_stage.fsutil import user_cache_dir
-from clip_stage.schema import ADDRESS_STYLES, Address, read_records, read_sub_streets, render_address
+from clip_stage.core.fs import user_cache_dir
+from clip_stage.core.schema import ADDRESS_STYLES, Address, read_records, read_sub_streets, render_address
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ import shapely
 from shapely.geometry.base import BaseGeometry
 
 from clip_stage.gallery import Gallery
-from clip_stage.schema import DatasetFormatError, read_info, read_sub_streets
+from clip_stage.core.schema import DatasetFormatError, read_info, read_sub_streets
 
 TOPK = (1, 5)
 

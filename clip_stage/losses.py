@@ -33,7 +33,7 @@ import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
 
-from clip_stage.registry import Registry
+from clip_stage.core.registry import Registry
 
 # --- geo target mappings: distance D in [0, 2] -> target cosine similarity in [-1, 1] -----------------
 # Why a mapping at all: the published formula penalises (S - D_geo)^2, a *similarity* against a

@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import torch
 
-from clip_stage.fsutil import ManifestError, atomic_dir, atomic_write_text, load_error_text, verify_manifest
+from clip_stage.core.fs import ManifestError, atomic_dir, atomic_write_text, load_error_text, verify_manifest
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 WEIGHTS_FILE = "model.safetensors"

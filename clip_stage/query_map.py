@@ -37,11 +37,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clip_stage.cliargs import add_dataclass_args, asdict, dataclass_from_args
-from clip_stage.errors import command_main
-from clip_stage.fsutil import atomic_write_json
-from clip_stage.outdir import check_out_dir, write_marker
-from clip_stage.schema import ADDRESS_STYLES, SPLITS, STORED_STYLES, DatasetPaths, read_records, render_address
+from clip_stage.core.config import add_dataclass_args, asdict, dataclass_from_args
+from clip_stage.core.errors import command_main
+from clip_stage.core.fs import atomic_write_json
+from clip_stage.core.outdir import check_out_dir, write_marker
+from clip_stage.core.schema import ADDRESS_STYLES, SPLITS, STORED_STYLES, DatasetPaths, read_records, render_address
 
 JSON_FILE = "query_map.json"
 SINGLE_PNG = "query_map.png"
@@ -124,7 +124,7 @@ class AddressIndex:
     def from_dataset(cls, dataset_dir: str | Path, fuzzy_threshold: float = 85.0) -> "AddressIndex":
         """Names from every sub-street's fields, every address style rendered, and the stored address columns."""
         from clip_stage.gallery import city_addresses
-        from clip_stage.schema import read_sub_streets
+        from clip_stage.core.schema import read_sub_streets
 
         entries: dict[tuple[str, str], _Entry] = {}
 
@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--query: empty query text")
         if not DatasetPaths(args.dataset).root.is_dir():
             raise ValueError(f"{args.dataset}: no such dataset folder")
-        # One rule for every command's --out (clip_stage.outdir), before the model loads: maps are added to an
+        # One rule for every command's --out (clip_stage.core.outdir), before the model loads: maps are added to an
         # earlier query-map folder (it replaces only its own file names); anything else non-empty is refused.
         check_out_dir(args.out, "query-map", resume=True, legacy=[JSON_FILE, "query_map*.png"],
                       inputs=[args.dataset, args.checkpoint, args.pretrained if os.path.exists(args.pretrained or "") else None])

@@ -10,7 +10,7 @@ AdamW step under a warm-up + cosine schedule. Mixed precision and DDP come from 
 
 Outputs under --output-dir: checkpoints/step-NNNNNN/ (atomic; see clip_stage.model), checkpoints/latest,
 final/, tensorboard/, train_log.jsonl, run_summary.json (world size, steps, losses, throughput).
-`--report-to tensorboard,wandb,mlflow | none` picks the trackers (clip_stage.trackers; wandb/ and mlruns/
+`--report-to tensorboard,wandb,mlflow | none` picks the trackers (clip_stage.core.trackers; wandb/ and mlruns/
 are written offline under --output-dir unless WANDB_MODE / MLFLOW_TRACKING_URI say otherwise).
 `--resume` continues from the newest complete checkpoint; data order and augmentation are functions of
 (seed, epoch, row), so the resumed run reproduces the uninterrupted one. Every checkpoint carries a
@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from clip_stage.config import DEFAULT_GEO_WEIGHT, TrainConfig, parse_config
-from clip_stage.data import (
+from clip_stage.train_config import DEFAULT_GEO_WEIGHT, TrainConfig, parse_config
+from clip_stage.train_data import (
     AddressImageDataset,
     Collate,
     check_batch_size,
@@ -44,8 +44,8 @@ from clip_stage.data import (
     steps_per_epoch,
     total_steps,
 )
-from clip_stage.errors import command_main
-from clip_stage.fsutil import atomic_write_json, cut_jsonl_log, load_error_text, remove_stale_temps
+from clip_stage.core.errors import command_main
+from clip_stage.core.fs import atomic_write_json, cut_jsonl_log, load_error_text, remove_stale_temps
 from clip_stage.losses import AddressClipLoss, logit_scale_clamp_
 from clip_stage.model import (
     STATE_FILE,
@@ -59,10 +59,10 @@ from clip_stage.model import (
     step_dir_name,
     verify_checkpoint,
 )
-from clip_stage.outdir import check_out_dir, write_marker
-from clip_stage.schema import read_records
+from clip_stage.core.outdir import check_out_dir, write_marker
+from clip_stage.core.schema import read_records
 from clip_stage.text_encoder import ContrastiveForward, padding_trim
-from clip_stage.trackers import finish_trackers, plan_trackers, start_trackers
+from clip_stage.core.trackers import finish_trackers, plan_trackers, start_trackers
 
 log = logging.getLogger("clip_stage.train")
 
@@ -76,7 +76,7 @@ def _mixed_precision(precision: str) -> str:
 
 
 def make_accelerator(precision: str, log_with=None):
-    """An Accelerator for one run (gloo when launched without a GPU); `log_with` from clip_stage.trackers."""
+    """An Accelerator for one run (gloo when launched without a GPU); `log_with` from clip_stage.core.trackers."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
@@ -161,7 +161,7 @@ def train(cfg: TrainConfig) -> dict:
         torch.set_num_threads(cfg.run.num_threads)
     out_dir = Path(cfg.run.output_dir)
     ck_dir = out_dir / "checkpoints"
-    # One rule for every command's output folder (clip_stage.outdir): a run folder (marker, or the files of runs
+    # One rule for every command's output folder (clip_stage.core.outdir): a run folder (marker, or the files of runs
     # from before it) is continued, anything else non-empty is refused, as is a folder holding an input.
     check_out_dir(out_dir, "train-clip", inputs=[cfg.data.dataset, _path_or_none(cfg.model.pretrained)], resume=True,
                   legacy=["checkpoints", "train_log.jsonl", "run_summary.json"], flag="--output-dir")
@@ -252,7 +252,7 @@ def train(cfg: TrainConfig) -> dict:
               + (f", resumed from {resume_from}" if resume_from else ""),
               flush=True)
 
-    from clip_stage.progress import progress as tqdm  # a line every 30 s when not on a terminal
+    from clip_stage.core.progress import progress as tqdm  # a line every 30 s when not on a terminal
 
     bar = tqdm(total=total, initial=step, disable=not (main_proc and cfg.run.progress), desc="train-clip",
                dynamic_ncols=True)

@@ -31,11 +31,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from clip_stage.cliargs import add_dataclass_args
-from clip_stage.errors import command_main
-from clip_stage.fsutil import atomic_dir, atomic_write_json
-from clip_stage.outdir import check_out_dir, write_marker
-from clip_stage.schema import Address, DatasetPaths, read_records, render_address
+from clip_stage.core.config import add_dataclass_args
+from clip_stage.core.errors import command_main
+from clip_stage.core.fs import atomic_dir, atomic_write_json
+from clip_stage.core.outdir import check_out_dir, write_marker
+from clip_stage.core.schema import Address, DatasetPaths, read_records, render_address
 
 from conversations import formats
 from conversations.candidates import NONE_FITS, with_candidates
@@ -381,7 +381,7 @@ def check_records(records: pd.DataFrame, path) -> None:
 def build(config: BuildConfig) -> dict:
     """Builds and writes everything; returns the build info."""
     paths = DatasetPaths(config.dataset)
-    # One rule for every command's --out (clip_stage.outdir), checked before anything is read; build_info.json
+    # One rule for every command's --out (clip_stage.core.outdir), checked before anything is read; build_info.json
     # marks conversation folders written before it. --out = the dataset (or its parent) is refused.
     check_out_dir(config.out, "conversations", inputs=[config.dataset, paths.images, config.candidates or None],
                   overwrite=config.overwrite, legacy=["build_info.json"])

@@ -12,8 +12,8 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from clip_stage.cliargs import dataclass_from_args
-from clip_stage.schema import ADDRESS_STYLES, SPLITS
+from clip_stage.core.config import dataclass_from_args
+from clip_stage.core.schema import ADDRESS_STYLES, SPLITS
 from conversations.templates import QUESTION_TYPES
 
 DEFAULT_TYPE_WEIGHTS = "full_address=3,street=2,cross_streets=1.5,place=1.5,yes_no=2,multiple_choice=1.5,caption=1"
@@ -82,7 +82,7 @@ class BuildConfig:
     negative_pool: int = 3
     """a yes/no negative is drawn from this many nearest candidates"""
     address_style: str = "full"
-    """address style of answers and multiple-choice options (see clip_stage.schema.ADDRESS_STYLES)"""
+    """address style of answers and multiple-choice options (see clip_stage.core.schema.ADDRESS_STYLES)"""
     train_splits: str = "train"
     """dataset splits that become training conversations (comma list)"""
     eval_splits: str = "test"
@@ -189,5 +189,5 @@ def load_yaml_options(cls, yaml_path: str | None) -> dict:
 
 
 def config_from_args(cls, ns: argparse.Namespace, yaml_path: str | None = None):
-    """Dataclass defaults < YAML file < explicit flags (options from `clip_stage.cliargs.add_dataclass_args`)."""
+    """Dataclass defaults < YAML file < explicit flags (options from `clip_stage.core.config.add_dataclass_args`)."""
     return dataclass_from_args(cls, ns, base=load_yaml_options(cls, yaml_path))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from clip_stage.schema import Address, DatasetFormatError, DatasetPaths, read_info, read_sub_streets
+from clip_stage.core.schema import Address, DatasetFormatError, DatasetPaths, read_info, read_sub_streets
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ import re
 import string
 from dataclasses import dataclass
 
-from clip_stage.registry import Registry
+from clip_stage.core.registry import Registry
 
 MIN_QUESTIONS = 15
 # Answers must name an address through one of these placeholders.

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from clip_stage.cliargs import ArgumentParser
-from clip_stage.errors import command_main
-from clip_stage.fsutil import UnsafePathError, resolve_under_root
+from clip_stage.core.config import ArgumentParser
+from clip_stage.core.errors import command_main
+from clip_stage.core.fs import UnsafePathError, resolve_under_root
 
 from conversations.formats import IMAGE_TOKEN, iter_records
 

@@ -17,7 +17,7 @@ entries for `--resume`:
 `load_checkpoint(folder)` (= model.load_for_inference) rebuilds the base model from the stored ModelArgs
 and applies the trained weights: no training code and no `state/` needed.
 
-The folder appears atomically (clip_stage.fsutil.atomic_dir, written by rank 0): a run killed while saving
+The folder appears atomically (clip_stage.core.fs.atomic_dir, written by rank 0): a run killed while saving
 leaves the previous checkpoints and no half-written one; its files are fsynced before the rename and listed
 in manifest.json, which `resolve_resume` and `load_checkpoint` check (a damaged file is a one-line
 CheckpointError naming it; `--resume latest` then falls back to the previous checkpoint).
@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from clip_stage.fsutil import ManifestError, atomic_dir, atomic_write_json, load_error_text, verify_manifest
+from clip_stage.core.fs import ManifestError, atomic_dir, atomic_write_json, load_error_text, verify_manifest
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_DIR = "state"

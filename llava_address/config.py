@@ -1,6 +1,6 @@
 """Typed configuration of the LLaVA stage, grouped by concern: model, trainable parts, data.
 
-Each field's docstring is its `--help` text. `add_dataclass_args` (from `clip_stage.cliargs`, re-exported
+Each field's docstring is its `--help` text. `add_dataclass_args` (from `clip_stage.core.config`, re-exported
 here) turns a dataclass into argparse options (`--field-name`, optionally prefixed) and `dataclass_from_args`
 builds the dataclass back from the parsed namespace, so `train-llava`, `merge` and YAML recipes share one
 definition. Checks live in `__post_init__`;
@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from clip_stage.cliargs import add_dataclass_args, asdict, dataclass_from_args, field_docs
+from clip_stage.core.config import add_dataclass_args, asdict, dataclass_from_args, field_docs
 
 # LLaVA-1.5 applies LoRA to every linear layer of the LLM (attention and MLP), never to the lm_head,
 # the projector or the vision tower. The regex is matched by peft against the FULL module path

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from clip_stage.cliargs import ArgumentParser
-from clip_stage.errors import command_main
+from clip_stage.core.config import ArgumentParser
+from clip_stage.core.errors import command_main
 from llava_address.checkpoint import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -251,13 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 @command_main("convert-llava")
 def main(argv: list[str] | None = None) -> int:
-    from clip_stage.fsutil import atomic_dir
-    from clip_stage.outdir import check_out_dir, write_marker
+    from clip_stage.core.fs import atomic_dir
+    from clip_stage.core.outdir import check_out_dir, write_marker
     from llava_address.prompting import attach_chat_template, get_template
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    # One rule for every command's --out (clip_stage.outdir), before anything loads.
+    # One rule for every command's --out (clip_stage.core.outdir), before anything loads.
     check_out_dir(args.out, "convert-llava", inputs=[args.model_path, args.vision_tower], overwrite=args.overwrite)
     try:
         get_template(args.template)

@@ -25,7 +25,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from clip_stage.fsutil import UnsafePathError, resolve_under_root
+from clip_stage.core.fs import UnsafePathError, resolve_under_root
 from llava_address.config import DataArgs
 from llava_address.length_cache import LengthCache, resolve_cache_dir
 from llava_address.prompting import IGNORE_INDEX, ConversationError, encode_conversation

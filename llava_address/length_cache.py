@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from clip_stage.fsutil import atomic_write_json, user_cache_dir
+from clip_stage.core.fs import atomic_write_json, user_cache_dir
 
 log = logging.getLogger(__name__)
 

@@ -29,11 +29,11 @@ from pathlib import Path
 
 import torch
 
-from clip_stage.cliargs import ArgumentParser
-from clip_stage.errors import command_main
-from clip_stage.fsutil import atomic_dir
-from clip_stage.model_card import CardError, ModelCard, add_hub_args, push_folder, read_metrics, write_card
-from clip_stage.outdir import check_out_dir, write_marker
+from clip_stage.core.config import ArgumentParser
+from clip_stage.core.errors import command_main
+from clip_stage.core.fs import atomic_dir
+from clip_stage.core.model_card import CardError, ModelCard, add_hub_args, push_folder, read_metrics, write_card
+from clip_stage.core.outdir import check_out_dir, write_marker
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"merge: {ckpt} is not a folder", file=sys.stderr)
         return 2
     out = Path(args.out)
-    # One rule for every command's --out (clip_stage.outdir), before any model loads: --out may not be (or hold)
+    # One rule for every command's --out (clip_stage.core.outdir), before any model loads: --out may not be (or hold)
     # the checkpoint or its run folder, and replaces only an earlier merge, with --overwrite.
     check_out_dir(out, "merge", inputs=[ckpt, _existing(args.base), _existing(args.vision_tower)],
                   inside_ok=[ckpt.parent], overwrite=args.overwrite and not args.no_overwrite)

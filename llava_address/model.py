@@ -550,7 +550,7 @@ def load_for_inference(base: ModelArgs | str | None, checkpoint: str | os.PathLi
     model_overrides: ModelArgs fields to change (e.g. torch_dtype="bfloat16", load_in_4bit=False).
     Returns a peft model when the checkpoint holds a LoRA adapter (merge with `merge_and_unload`).
     """
-    from clip_stage.fsutil import verify_manifest
+    from clip_stage.core.fs import verify_manifest
 
     # Checkpoints train-llava wrote carry a manifest: a damaged file is a ManifestError naming it.
     verify_manifest(checkpoint, required=False)

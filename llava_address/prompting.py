@@ -37,7 +37,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from clip_stage.registry import Registry
+from clip_stage.core.registry import Registry
 
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"

@@ -185,7 +185,7 @@ def write_toy_llava_data(out_dir: str | os.PathLike, n: int = 12, seed: int = 0,
 
     from PIL import Image
 
-    from clip_stage.fsutil import atomic_write_json
+    from clip_stage.core.fs import atomic_write_json
 
     rng = random.Random(seed)
     out = Path(out_dir)

@@ -11,7 +11,7 @@ warm-up then cosine/linear/constant) are always ours: the DeepSpeed configs in d
 
 Each optimizer step: gradient accumulation (global batch = per-device x processes x accumulation),
 clipping, one scheduler step. Rank 0 shows a tqdm bar and logs loss, learning rates, tokens/s and memory
-to <output>/metrics.jsonl and the `--report-to` trackers (clip_stage.trackers: TensorBoard in <output>/tb
+to <output>/metrics.jsonl and the `--report-to` trackers (clip_stage.core.trackers: TensorBoard in <output>/tb
 by default; wandb, MLflow offline under <output> unless WANDB_MODE / MLFLOW_TRACKING_URI say otherwise).
 Checkpoints: see llava_address.checkpoint.
 `--resume` restores model, optimizer, scheduler, RNG and the position in the data, after checking the
@@ -36,10 +36,10 @@ from typing import Any
 
 import torch
 
-from clip_stage.errors import command_main
-from clip_stage.fsutil import cut_jsonl_log, load_error_text, remove_stale_temps
-from clip_stage.trackers import plan_trackers, start_trackers
-from clip_stage.outdir import check_out_dir, write_marker
+from clip_stage.core.errors import command_main
+from clip_stage.core.fs import cut_jsonl_log, load_error_text, remove_stale_temps
+from clip_stage.core.trackers import plan_trackers, start_trackers
+from clip_stage.core.outdir import check_out_dir, write_marker
 from llava_address.checkpoint import (
     STATE_DIR,
     TRAINER_STATE,
@@ -116,7 +116,7 @@ class TrainResult:
 
 
 def make_accelerator(args: TrainArgs, accumulation: int | None = None, log_with=None):
-    """An Accelerator whose process group works on CPU too (gloo) and that logs to `log_with` (clip_stage.trackers)."""
+    """An Accelerator whose process group works on CPU too (gloo) and that logs to `log_with` (clip_stage.core.trackers)."""
     from accelerate import Accelerator, InitProcessGroupKwargs
     from accelerate.utils import ProjectConfiguration
 
@@ -342,11 +342,11 @@ def _existing(spec: str | None) -> str | None:
 
 def train(cfg: RunConfig) -> TrainResult:
     from accelerate.utils import set_seed
-    from clip_stage.progress import progress as tqdm  # a line every 30 s when not on a terminal
+    from clip_stage.core.progress import progress as tqdm  # a line every 30 s when not on a terminal
 
     args = cfg.train
     out = Path(args.output_dir)
-    # One rule for every command's output folder (clip_stage.outdir), before any model loads: a run folder
+    # One rule for every command's output folder (clip_stage.core.outdir), before any model loads: a run folder
     # (marker, or the files of a run from before it) is continued; anything else non-empty, or a folder holding
     # an input, is refused.
     check_out_dir(out, "train-llava", resume=True, legacy=["checkpoint-*", "metrics.jsonl"], flag="--output-dir",

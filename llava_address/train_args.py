@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import yaml
 
-from clip_stage.cliargs import ArgumentParser, str2bool, field_docs
+from clip_stage.core.config import ArgumentParser, str2bool, field_docs
 
 RECIPE_DIR = Path(__file__).with_name("recipes")
 
@@ -94,7 +94,7 @@ class TrainArgs:
     """show a tqdm progress bar on rank 0"""
 
     def __post_init__(self) -> None:
-        from clip_stage.trackers import parse_report_to
+        from clip_stage.core.trackers import parse_report_to
 
         # a string (older checkpoints' configs, Python callers) or a list of comma lists -> checked names
         object.__setattr__(self, "report_to", parse_report_to(self.report_to))

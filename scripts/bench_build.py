@@ -3,7 +3,7 @@
     .venv/bin/python scripts/bench_build.py                                  # 100k, 300k, 1M rows
     .venv/bin/python scripts/bench_build.py --sizes 20000 --json bench.json
 
-What runs: the real command (`clip_stage.build.main`), each size in a fresh child process, with
+What runs: the real command (`clip_stage.data.build.main`), each size in a fresh child process, with
 `--image-check none --image-mode root`: the GPS table (CSV) is streamed in `--chunk-rows` chunks,
 every row is checked and reverse-geocoded, duplicates are looked up, every image path is resolved
 under the root and stat'ed (in `--workers` threads), the sub-streets are partitioned, splits assigned
@@ -44,8 +44,8 @@ from bench_geocode import sample_points  # noqa: E402
 
 def make_inputs(workdir: Path, n: int, noise_m: float, seed: int) -> tuple[Path, np.ndarray, np.ndarray]:
     """n empty image files (1,000 per folder) and the (lat, lon) of n points along the Helsinki streets."""
-    from clip_stage.geocode import ReverseGeocoder
-    from clip_stage.network import helsinki_pbf_path, load_street_network
+    from clip_stage.data.geocode import ReverseGeocoder
+    from clip_stage.data.network import helsinki_pbf_path, load_street_network
 
     net = load_street_network(helsinki_pbf_path())
     x, y = sample_points(ReverseGeocoder(net).lines_utm, n, noise_m, np.random.default_rng(seed))
@@ -67,7 +67,7 @@ def write_table(path: Path, lat: np.ndarray, lon: np.ndarray, n: int) -> None:
 
 def child(images: str, table: str, out: str, workers: int, chunk_rows: int) -> int:
     """One timed build in this (fresh) process; prints a JSON line with the numbers."""
-    from clip_stage.build import main
+    from clip_stage.data.build import main
 
     t = time.perf_counter()
     rc = main(["--images", images, "--gps", table, "--out", out, "--quiet", "--overwrite", "--image-check", "none",

@@ -94,7 +94,7 @@ def batch_texts(batch: int, dataset: str | None, seed: int = 0) -> tuple[list[st
                 zip(["red", "grey", "white", "yellow"] * batch, range(batch))]
         coords = torch.rand(batch, 2, generator=g, dtype=torch.float64) * 2000 + torch.tensor([385000.0, 6672000.0])
         return addrs, caps, coords
-    from clip_stage.schema import read_records
+    from clip_stage.core.schema import read_records
 
     df = read_records(dataset, "train")
     if len(df) < batch:
@@ -107,7 +107,7 @@ def batch_texts(batch: int, dataset: str | None, seed: int = 0) -> tuple[list[st
 
 
 def _setup(model_name: str, batch: int, device: str, seed: int = 0, dataset: str | None = None):
-    from clip_stage.config import DataArgs
+    from clip_stage.train_config import DataArgs
     from clip_stage.model import create_clip
 
     torch.manual_seed(seed)
@@ -135,7 +135,7 @@ def make_step(kind: str, bundle, images, address_tokens, semantic_tokens, coords
     dev = images.device.type
     ctx = (lambda: torch.autocast(dev, dtype=torch.bfloat16)) if amp else (lambda: torch.autocast(dev, enabled=False))
     trim = padding_trim(model) if kind not in ("plain", "ours-abc-untrimmed") else None
-    if trim is not None:  # clip_stage.data.Collate does this on CPU for every batch
+    if trim is not None:  # clip_stage.train_data.Collate does this on CPU for every batch
         address_tokens, semantic_tokens = trim(address_tokens), trim(semantic_tokens)
     if kind.startswith("plain"):
         loss_fn = ClipLoss()

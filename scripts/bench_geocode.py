@@ -24,8 +24,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clip_stage.geocode import GeocodeConfig, ReverseGeocoder, naive_geocode_xy  # noqa: E402
-from clip_stage.network import helsinki_pbf_path, load_street_network  # noqa: E402
+from clip_stage.data.geocode import GeocodeConfig, ReverseGeocoder, naive_geocode_xy  # noqa: E402
+from clip_stage.data.network import helsinki_pbf_path, load_street_network  # noqa: E402
 
 
 def sample_points(lines: list[np.ndarray], n: int, noise_m: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

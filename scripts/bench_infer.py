@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Inference benchmark: our HF engine (`llava_address.infer.Generator`: batched, left-padded, KV cache) vs the
+"""Inference benchmark: our HF engine (`llava_address.eval.infer.Generator`: batched, left-padded, KV cache) vs the
 usual way, a transformers `pipeline("image-text-to-text")` called one question at a time, in one run.
 
 Both serve the same tiny LLaVA (built here from `llava_address/model_configs`, random weights, nothing
@@ -77,7 +77,7 @@ def _memory_peak(device: str, start: float) -> dict:
 def worker_ours(a, work: Path) -> dict:
     import torch
 
-    from llava_address.infer import load_generator, user_turn
+    from llava_address.eval.infer import load_generator, user_turn
 
     torch.set_num_threads(a.threads)
     questions, images = _inputs(work, a.questions)

@@ -6,7 +6,7 @@
 
 For each combination, the demo's own base model gets the AddressCLIP tower with those features, a fresh
 projector is aligned and the model is address-tuned exactly as in `address-llava demo` (same recipes, steps
-and seed, from `llava_address.pipeline`), then the benchmark scores it with and without candidates on the same
+and seed, from `llava_address.apps.pipeline`), then the benchmark scores it with and without candidates on the same
 evaluation questions. Runs go to `<demo>/tower_features/<layer>_<strategy>/`; the table is printed and written
 to `<demo>/tower_features/table.md`. A combination already benchmarked is reused.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llava_address.pipeline import DemoConfig, Paths, align_and_tune, run_command  # noqa: E402
+from llava_address.apps.pipeline import DemoConfig, Paths, align_and_tune, run_command  # noqa: E402
 
 METRICS = [("street_acc", "street"), ("sub_street_acc", "sub-street"), ("neighbourhood_acc", "neighbourhood"),
            ("yesno_acc", "yes/no"), ("mc_acc", "multiple choice")]

@@ -47,7 +47,7 @@ def fit_probe(x_tr, y_tr, x_te, y_te, classes: int, steps: int = 300, wd: float 
 
 @torch.no_grad()
 def stage_features(model_dir: Path, image_root: Path, images: list[str], batch: int = 32) -> dict[str, torch.Tensor]:
-    from llava_address.infer import load_generator, open_image, user_turn
+    from llava_address.eval.infer import load_generator, open_image, user_turn
 
     gen = load_generator(str(model_dir), device="cpu", dtype="float32")
     model, cfg = gen.model, gen.model.config
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="also write the numbers here")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    from clip_stage.schema import read_records
+    from clip_stage.core.schema import read_records
 
     demo = Path(args.demo)
     model_dir = Path(args.model) if args.model else demo / "llava" / "merged"

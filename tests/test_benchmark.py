@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from llava_address import benchmark, infer
+from llava_address.eval import benchmark, infer
 
 # A Vicuna-style chat template so transformers' image-text-to-text pipeline can prompt the tiny model.
 CHAT_TEMPLATE = (

@@ -12,10 +12,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from clip_stage import build
-from clip_stage.build import SplitConfig, assign_splits, main
-from clip_stage.dataset import summary, summary_main
-from clip_stage.schema import COLUMNS, DatasetPaths, read_info, read_records, read_sub_streets
+from clip_stage.data import build
+from clip_stage.data.build import SplitConfig, assign_splits, main
+from clip_stage.data.summary import summary, summary_main
+from clip_stage.core.schema import COLUMNS, DatasetPaths, read_info, read_records, read_sub_streets
 from tests.test_network import lonlat, write_osm
 from tests.test_substreets import MAIN_X
 
@@ -236,7 +236,7 @@ def test_geo_split_holds_out_whole_tiles():
 
 
 def test_geo_split_through_the_console_command_and_a_config_file(tmp_path):
-    from llava_address.cli import main as cli_main
+    from llava_address.apps.cli import main as cli_main
 
     images, table, network, *_ = make_inputs(tmp_path)
     out = tmp_path / "geo"
@@ -269,8 +269,8 @@ def test_summary_command_prints_a_table(built, capsys):
 
 def test_helsinki_build(tmp_path):
     """Points along real Helsinki streets (default network) -> a dataset with sensible numbers."""
-    from clip_stage.geocode import ReverseGeocoder
-    from clip_stage.network import helsinki_pbf_path, load_street_network
+    from clip_stage.data.geocode import ReverseGeocoder
+    from clip_stage.data.network import helsinki_pbf_path, load_street_network
 
     net = load_street_network(helsinki_pbf_path())
     lines = ReverseGeocoder(net).lines_utm

@@ -11,12 +11,12 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageOps
 
-from clip_stage import exif_gps
-from clip_stage.build import check_chunk, main
-from clip_stage.dataset import format_summary, summary
-from clip_stage.geocode import ReverseGeocoder
-from clip_stage.network import load_street_network
-from clip_stage.schema import Address, DatasetPaths, read_records, render_address
+from clip_stage.data import exif_gps
+from clip_stage.data.build import check_chunk, main
+from clip_stage.data.summary import format_summary, summary
+from clip_stage.data.geocode import ReverseGeocoder
+from clip_stage.data.network import load_street_network
+from clip_stage.core.schema import Address, DatasetPaths, read_records, render_address
 from tests.test_build import GOOD, _argv, make_inputs
 from tests.test_network import lonlat, write_osm
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from clip_stage.candidates import AddressRanker, cross_fit_candidates, read_candidates
-from clip_stage.data import drop_fold, fold_of, parse_fold
+from clip_stage.train_data import drop_fold, fold_of, parse_fold
 from clip_stage.gallery import gallery_from_dataset
-from clip_stage.schema import read_records
+from clip_stage.core.schema import read_records
 from conversations.candidates import NONE_FITS, candidate_block, split_candidates, with_candidates
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -158,7 +158,7 @@ class _FakeRanker:
 
 
 def test_inference_writes_the_training_block_before_each_question():
-    from llava_address.infer import candidate_answer_batch
+    from llava_address.eval.infer import candidate_answer_batch
 
     seen = []
 
@@ -175,7 +175,7 @@ def test_inference_writes_the_training_block_before_each_question():
 
 
 def test_chat_puts_candidates_in_the_first_turn_only():
-    from llava_address.chat import conversation, resolve_candidates
+    from llava_address.apps.chat import conversation, resolve_candidates
 
     msgs = conversation("And the neighbourhood?", [("Where?", "On X.")], ["X", "Y"])
     assert msgs[0]["value"] == "<image>\n" + with_candidates("Where?", ["X", "Y"])
@@ -188,7 +188,7 @@ def test_chat_puts_candidates_in_the_first_turn_only():
 
 
 def test_benchmark_llava_systems_accept_candidate_options():
-    from llava_address.benchmark import BenchmarkError, _check_options, parse_system_spec
+    from llava_address.eval.benchmark import BenchmarkError, _check_options, parse_system_spec
 
     spec = parse_system_spec("ours_candidates=llava:runs/merged,candidates=runs/clip,top_k=5,scores=true")
     assert spec.options == {"candidates": "runs/clip", "top_k": "5", "scores": "true"}

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from clip_stage.caption import main
-from clip_stage.schema import read_records, write_records
+from clip_stage.data.caption import main
+from clip_stage.core.schema import read_records, write_records
 
 WORDS = "a street view of the with red green blue buildings windows road car tree sky people shop sign".split()
 

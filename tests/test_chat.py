@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from llava_address import chat, infer
+from llava_address.apps import chat
+
+from llava_address.eval import infer
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +84,7 @@ def test_chat_command_one_shot_and_multi_turn(tiny_llava_dir, photo):
 # --- the web demo (Gradio): upload checks, top-5 + map, chat; a real server on 127.0.0.1 ---
 
 def test_uploads_are_checked_before_decoding(tmp_path):
-    from llava_address.webdemo import UploadError, UploadLimits, load_upload
+    from llava_address.apps.webdemo import UploadError, UploadLimits, load_upload
 
     ok = tmp_path / "ok.jpg"
     Image.new("RGB", (64, 48), (10, 20, 30)).save(ok)
@@ -111,8 +113,8 @@ def served_demo(tiny_llava_dir, toy_dataset):
     import os
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    from llava_address.gazetteer import Gazetteer
-    from llava_address.webdemo import AddressRanker, Demo, launch
+    from llava_address.eval.gazetteer import Gazetteer
+    from llava_address.apps.webdemo import AddressRanker, Demo, launch
 
     ranker = AddressRanker.from_args(None, "addressclip-tiny", None, toy_dataset)
     demo = Demo(ranker, infer.load_generator(tiny_llava_dir, device="cpu"), Gazetteer.from_dataset(toy_dataset),

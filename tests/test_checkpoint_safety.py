@@ -18,8 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from clip_stage import fsutil
-from clip_stage.fsutil import (
+from clip_stage.core import fs
+from clip_stage.core.fs import (
     ManifestError,
     atomic_dir,
     cut_jsonl_log,
@@ -121,8 +121,8 @@ def test_verified_atomic_dir_fsyncs_files_and_folder_before_the_rename(tmp_path,
         synced.append((opened.get(fd, "?"), (tmp_path / "ck").exists()))
         return real_fsync(fd)
 
-    monkeypatch.setattr(fsutil.os, "open", tracking_open)
-    monkeypatch.setattr(fsutil.os, "fsync", tracking_fsync)
+    monkeypatch.setattr(fs.os, "open", tracking_open)
+    monkeypatch.setattr(fs.os, "fsync", tracking_fsync)
     with atomic_dir(tmp_path / "ck", verified=True) as tmp:
         (tmp / "a.bin").write_bytes(b"abc")
     names = [Path(p).name for p, _ in synced]

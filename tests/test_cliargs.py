@@ -1,4 +1,4 @@
-"""clip_stage.cliargs: the one dataclass <-> argparse helper every stage's CLI uses."""
+"""clip_stage.core.config: the one dataclass <-> argparse helper every stage's CLI uses."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Literal
 
 import pytest
 
-from clip_stage.cliargs import add_dataclass_args, dataclass_from_args, field_docs
+from clip_stage.core.config import add_dataclass_args, dataclass_from_args, field_docs
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from clip_stage.evaluate import MAP_FILE, METRICS_FILE, PREDICTIONS_FILE, evalua
 from clip_stage.gallery import GalleryEncoder, gallery_from_dataset, gallery_from_file, model_fingerprint
 from clip_stage.geo_metrics import candidate_geometries, score, sub_street_geometries_utm
 from clip_stage.model import create_clip
-from clip_stage.schema import ADDRESS_STYLES, read_records
+from clip_stage.core.schema import ADDRESS_STYLES, read_records
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

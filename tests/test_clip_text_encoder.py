@@ -7,7 +7,7 @@ import pickle
 import pytest
 import torch
 
-from clip_stage.data import Collate
+from clip_stage.train_data import Collate
 from clip_stage.text_encoder import ContrastiveForward, PaddingTrim, encode_text, padding_trim
 
 TEXTS = [

@@ -14,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from clip_stage.config import parse_config
-from clip_stage.data import AddressImageDataset
+from clip_stage.train_config import parse_config
+from clip_stage.train_data import AddressImageDataset
 from clip_stage.model import CheckpointError, create_clip, latest_checkpoint, load_checkpoint, save_checkpoint
-from clip_stage.schema import write_records
+from clip_stage.core.schema import write_records
 from clip_stage.train import main
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,12 +6,12 @@ import shutil
 
 import pytest
 
-from clip_stage.schema import DatasetPaths, read_records
+from clip_stage.core.schema import DatasetPaths, read_records
 from conversations import build, formats
 from conversations.build import REFERENCE_KEYS
 from conversations.neighbours import build_neighbourhood
 from conversations.templates import QUESTION_TYPES, classify_question, template_regex
-from llava_address import cli
+from llava_address.apps import cli
 
 
 def _build(dataset, out, *extra):
@@ -280,7 +280,7 @@ def test_bad_dataset_rows_are_named(toy_dataset, tmp_path, capsys, corrupt, mess
 
 
 def test_own_cross_streets_are_not_street_negatives():
-    from clip_stage.schema import Address
+    from clip_stage.core.schema import Address
     from conversations.build import BuildConfig, ConversationBuilder
     from conversations.neighbours import Neighbourhood
 

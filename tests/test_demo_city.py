@@ -13,8 +13,10 @@ import pytest
 import shapely
 from PIL import Image
 
-from clip_stage import build, demo_city, render, schema
-from llava_address import cli
+from clip_stage.data import build, demo_city, render
+
+from clip_stage.core import schema
+from llava_address.apps import cli
 
 SMALL = dict(num_images=160, image_size=64, seed=3, bad_fraction=0.05)
 

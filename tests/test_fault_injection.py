@@ -139,7 +139,7 @@ def test_build_dataset_killed_at_random_is_old_or_new(tmp_path):
     images, table, network, *_ = make_inputs(tmp_path / "inputs")
 
     def cmd(out, new):
-        return [sys.executable, "-m", "clip_stage.build", *build_argv(images, table, network, out),
+        return [sys.executable, "-m", "clip_stage.data.build", *build_argv(images, table, network, out),
                 "--image-mode", "copy", "--seed", "0" if new else "1", "--overwrite"]
 
     check_command(cmd, tmp_path / "dataset")

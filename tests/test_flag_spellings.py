@@ -1,7 +1,7 @@
 """Every command takes `--snake_case` for its `--kebab-case` flags (LLaVA / transformers users type underscores).
 
-One test per parser family: dataclass configs (`clip_stage.cliargs.add_dataclass_args`), train-llava's recipe
-parser (`llava_address.train_args`), and hand-written parsers (`clip_stage.cliargs.ArgumentParser`); plus a
+One test per parser family: dataclass configs (`clip_stage.core.config.add_dataclass_args`), train-llava's recipe
+parser (`llava_address.train_args`), and hand-written parsers (`clip_stage.core.config.ArgumentParser`); plus a
 check that no registered command builds a parser that would miss the snake_case spellings.
 """
 
@@ -14,8 +14,8 @@ import re
 
 import pytest
 
-from clip_stage.cliargs import ArgumentParser, add_dataclass_args, dash_flags
-from llava_address.cli import COMMANDS
+from clip_stage.core.config import ArgumentParser, add_dataclass_args, dash_flags
+from llava_address.apps.cli import COMMANDS
 
 
 def test_dash_flags_rewrites_only_known_option_names():
@@ -77,13 +77,13 @@ def test_train_llava_family_accepts_llava_style_flags():
 
 
 @pytest.mark.parametrize("module,snake_argv,kebab_argv", [
-    ("llava_address.infer", ["--eval", "e.json", "--image_root", "im_a", "--out", "o.jsonl", "--max_new_tokens", "7",
+    ("llava_address.eval.infer", ["--eval", "e.json", "--image_root", "im_a", "--out", "o.jsonl", "--max_new_tokens", "7",
                              "--batch_size=3", "--no_pad_to_square"],
      ["--eval", "e.json", "--image-root", "im_a", "--out", "o.jsonl", "--max-new-tokens", "7", "--batch-size=3",
       "--no-pad-to-square"]),
-    ("llava_address.benchmark", ["--image_root", "r", "--max_new_tokens", "7", "--list_kinds"],
+    ("llava_address.eval.benchmark", ["--image_root", "r", "--max_new_tokens", "7", "--list_kinds"],
      ["--image-root", "r", "--max-new-tokens", "7", "--list-kinds"]),
-    ("llava_address.chat", ["--image", "a_b.jpg", "--max_new_tokens", "7", "--top_k", "2"],
+    ("llava_address.apps.chat", ["--image", "a_b.jpg", "--max_new_tokens", "7", "--top_k", "2"],
      ["--image", "a_b.jpg", "--max-new-tokens", "7", "--top-k", "2"]),
 ])
 def test_hand_written_parsers_accept_both_spellings(module, snake_argv, kebab_argv):
@@ -91,7 +91,7 @@ def test_hand_written_parsers_accept_both_spellings(module, snake_argv, kebab_ar
     assert isinstance(parser, ArgumentParser)
     snake, kebab = vars(parser.parse_args(snake_argv)), vars(parser.parse_args(kebab_argv))
     assert snake == kebab and snake["max_new_tokens"] == 7
-    assert snake != vars(parser.parse_args(snake_argv[:2] if module != "llava_address.infer" else snake_argv[:6]))
+    assert snake != vars(parser.parse_args(snake_argv[:2] if module != "llava_address.eval.infer" else snake_argv[:6]))
 
 
 def _modules_of_commands():
@@ -106,4 +106,4 @@ def test_no_command_parser_misses_the_snake_spellings(module):
     if "argparse.ArgumentParser(" not in source:
         return
     dashed = re.findall(r"add_argument\(\s*\"(--[a-z0-9]+-[a-z0-9-]+)\"", source)
-    assert not dashed, f"{module}: use clip_stage.cliargs.ArgumentParser so {dashed} also take underscores"
+    assert not dashed, f"{module}: use clip_stage.core.config.ArgumentParser so {dashed} also take underscores"

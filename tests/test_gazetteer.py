@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from llava_address.gazetteer import (EmbeddingMatcher, Gazetteer, SubStreet, load_aliases, normalise,
+from llava_address.eval.gazetteer import (EmbeddingMatcher, Gazetteer, SubStreet, load_aliases, normalise,
                                      street_key)
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from clip_stage.geocode import AMBIGUOUS, FAR_FROM_STREET, GeocodeConfig, ReverseGeocoder, naive_geocode_xy
-from clip_stage.network import helsinki_pbf_path, load_street_network
+from clip_stage.data.geocode import AMBIGUOUS, FAR_FROM_STREET, GeocodeConfig, ReverseGeocoder, naive_geocode_xy
+from clip_stage.data.network import helsinki_pbf_path, load_street_network
 from tests.test_network import utm, write_osm
 
 

@@ -10,8 +10,10 @@ import pytest
 from PIL import Image
 from pyproj import Transformer
 
-from clip_stage import ial, schema
-from llava_address import cli
+from clip_stage.data import ial
+
+from clip_stage.core import schema
+from llava_address.apps import cli
 
 EPSG = 32617  # Pittsburgh
 # (key, caption, verbose, canonical, lat, lon): a few real-looking Oakland points

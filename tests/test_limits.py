@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from llava_address import chat, infer
+from llava_address.apps import chat
+
+from llava_address.eval import infer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -135,7 +137,7 @@ def test_generation_time_limit_stops_an_answer_early(gen, photo):
 
 @pytest.fixture(scope="module")
 def demo(gen):
-    from llava_address.webdemo import Demo
+    from llava_address.apps.webdemo import Demo
 
     return Demo(None, gen, None, max_new_tokens=4, max_question_chars=300, max_question_tokens=40,
                 max_history_turns=3, max_history_chars=2000, max_time=5.0, cache_cleanup=(60, 120))
@@ -177,7 +179,7 @@ def test_web_demo_caps_the_history_the_model_sees(demo, photo, monkeypatch):
 def test_web_demo_messages_hold_no_server_paths(demo, photo, monkeypatch, tmp_path):
     import gradio as gr
 
-    from llava_address.webdemo import _user_facing, public_message
+    from llava_address.apps.webdemo import _user_facing, public_message
 
     secret = str(tmp_path / "srv" / "models" / "llava")
 
@@ -202,7 +204,7 @@ def test_web_demo_messages_hold_no_server_paths(demo, photo, monkeypatch, tmp_pa
 def test_web_demo_cleans_its_upload_cache(demo):
     app = demo.build()
     assert app.delete_cache == (60, 120)
-    from llava_address.webdemo import build_parser
+    from llava_address.apps.webdemo import build_parser
 
     args = build_parser().parse_args(["--dataset", "d", "--cache-age", "600", "--max-history-turns", "4"])
     assert args.cache_age == 600 and args.max_history_turns == 4 and args.max_time == 60.0

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from clip_stage.model_card import CardError, ModelCard, push_folder, read_metrics, render_card
+from clip_stage.core.model_card import CardError, ModelCard, push_folder, read_metrics, render_card
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

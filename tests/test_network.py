@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from pyproj import Transformer
 
-from clip_stage.network import (
+from clip_stage.data.network import (
     DEFAULT_HIGHWAYS,
     NetworkFileError,
     StreetNetwork,

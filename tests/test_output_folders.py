@@ -1,4 +1,4 @@
-"""One rule for output folders (clip_stage.outdir), for every command that writes one.
+"""One rule for output folders (clip_stage.core.outdir), for every command that writes one.
 
 Each command is run through `address-llava` on hostile `--out` values: someone else's folder (with
 --overwrite too), an input itself, a folder holding an input, a folder inside one. Every refusal must be one
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from clip_stage.outdir import MARKER_FILE, OutputFolderError, check_not_input, check_out_dir, write_marker
-from llava_address import cli
+from clip_stage.core.outdir import MARKER_FILE, OutputFolderError, check_not_input, check_out_dir, write_marker
+from llava_address.apps import cli
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

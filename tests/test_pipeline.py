@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from llava_address import pipeline
+from llava_address.apps import pipeline
 
 TINY = ["--num-images", "300", "--image-size", "64", "--clip-model", "addressclip-tiny", "--clip-epochs", "1",
         "--llava-config", "tiny-llava", "--base-steps", "2", "--align-steps", "2", "--tune-steps", "2",

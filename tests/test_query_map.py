@@ -12,7 +12,7 @@ from PIL import Image
 
 from clip_stage.query_map import (JSON_FILE, SINGLE_PNG, AddressIndex, QueryMapConfig, QueryMapper, main, png_names,
                                   roc_auc)
-from clip_stage.schema import read_records
+from clip_stage.core.schema import read_records
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -155,7 +155,7 @@ def test_web_demo_address_query_box(toy_dataset):
     from matplotlib.figure import Figure
 
     from clip_stage.model import create_clip
-    from llava_address.webdemo import Demo
+    from llava_address.apps.webdemo import Demo
 
     mapper = QueryMapper(create_clip("addressclip-tiny"), toy_dataset, QueryMapConfig(batch_size=16))
     demo = Demo(None, None, None, query_mapper=mapper)

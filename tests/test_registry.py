@@ -2,7 +2,7 @@
 
 import pytest
 
-from clip_stage.registry import Registry
+from clip_stage.core.registry import Registry
 
 
 def _colours() -> Registry[int]:

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from clip_stage.schema import Address, read_records, render_address
-from llava_address import scoring
-from llava_address.scoring import AnswersError, Scorer, parse_mc, parse_yes_no
+from clip_stage.core.schema import Address, read_records, render_address
+from llava_address.eval import scoring
+from llava_address.eval.scoring import AnswersError, Scorer, parse_mc, parse_yes_no
 
 TYPES = ["full_address", "street", "cross_streets", "place", "yes_no", "multiple_choice"]
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from shapely.geometry import LineString
 
-from clip_stage.geocode import ReverseGeocoder
-from clip_stage.network import helsinki_pbf_path, load_street_network
-from clip_stage.schema import address_columns
-from clip_stage.substreets import (
+from clip_stage.data.geocode import ReverseGeocoder
+from clip_stage.data.network import helsinki_pbf_path, load_street_network
+from clip_stage.core.schema import address_columns
+from clip_stage.data.substreets import (
     SubStreetConfig,
     load_zones,
     partition_sub_streets,
@@ -257,7 +257,7 @@ def test_parallel_merge_distance_is_respected(tmp_path):
 
 
 def test_side_by_side_ignores_pieces_meeting_end_to_end():
-    from clip_stage.substreets import SubStreet
+    from clip_stage.data.substreets import SubStreet
 
     def sub(k, coords):
         return SubStreet(f"A/{k}", "A", (), LineString(coords))

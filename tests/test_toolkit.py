@@ -5,9 +5,9 @@ import sys
 
 import pytest
 
-from clip_stage import schema
-from clip_stage.fsutil import UnsafePathError, atomic_dir, resolve_under_root
-from llava_address import cli
+from clip_stage.core import schema
+from clip_stage.core.fs import UnsafePathError, atomic_dir, resolve_under_root
+from llava_address.apps import cli
 
 
 def test_every_command_resolves_to_a_main_function():
@@ -23,7 +23,7 @@ def test_cli_help_lists_commands(capsys):
 
 
 def test_console_script_installed():
-    out = subprocess.run([sys.executable, "-m", "llava_address.cli", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "llava_address.apps.cli", "--help"], capture_output=True, text=True, check=True)
     assert "address-llava" in out.stdout
 
 

@@ -1,4 +1,4 @@
-"""`--report-to` in both trainers (clip_stage.trackers): TensorBoard, wandb (offline) and MLflow (local file
+"""`--report-to` in both trainers (clip_stage.core.trackers): TensorBoard, wandb (offline) and MLflow (local file
 store) receive the same metrics as the trainers' JSONL logs, without a network; `none` writes no tracker
 files; a bad name or a missing package is one line and exit code 2."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from clip_stage.trackers import TrackerError, check_installed, flat_config, parse_report_to
+from clip_stage.core.trackers import TrackerError, check_installed, flat_config, parse_report_to
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -107,7 +107,7 @@ def test_report_to_parsing():
 
 
 def test_same_flag_in_both_trainers():
-    from clip_stage.config import RunArgs, parse_config
+    from clip_stage.train_config import RunArgs, parse_config
     from llava_address.train import parse_args
     from llava_address.train_args import TrainArgs
 
@@ -123,7 +123,7 @@ def test_same_flag_in_both_trainers():
 
 
 def test_recipes_and_configs_name_trackers(tmp_path):
-    from clip_stage.config import parse_config
+    from clip_stage.train_config import parse_config
     from llava_address.train import parse_args
 
     for text, want in [("wandb", ("wandb",)), ("[tensorboard, mlflow]", ("tensorboard", "mlflow")),
@@ -147,7 +147,7 @@ def test_tensorboard_writes_its_exact_folder_and_a_resume_purges_later_steps(tmp
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
-    from clip_stage.trackers import finish_trackers, plan_trackers, start_trackers
+    from clip_stage.core.trackers import finish_trackers, plan_trackers, start_trackers
 
     tb = tmp_path / "run" / "tensorboard"
 
@@ -257,7 +257,7 @@ def test_train_llava_report_to_none_writes_no_tracker_files(tiny_llava_dir, tiny
 
 @pytest.mark.parametrize("command", ["train-clip", "train-llava"])
 def test_bad_tracker_name_is_one_error_line(command, capsys):
-    from llava_address.cli import main
+    from llava_address.apps.cli import main
 
     argv = ["--dataset", "d"] if command == "train-clip" else ["--data-path", "d", "--model-name-or-path", "m"]
     with pytest.raises(SystemExit) as e:
@@ -271,7 +271,7 @@ def test_bad_tracker_name_is_one_error_line(command, capsys):
 @pytest.mark.parametrize("command", ["train-clip", "train-llava"])
 def test_missing_tracker_package_is_one_line_before_training(command, toy_dataset, tiny_llava_dir, tiny_llava_data,
                                                              tmp_path, monkeypatch, capsys):
-    from llava_address.cli import main
+    from llava_address.apps.cli import main
 
     monkeypatch.setitem(sys.modules, "mlflow", None)
     out = tmp_path / "run"

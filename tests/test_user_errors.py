@@ -1,6 +1,6 @@
 """Every command on its bad inputs: exit status 2, ONE line on stderr naming the input, no traceback.
 
-Runs through `llava_address.cli.main` (the `address-llava` dispatcher) unless a case says otherwise; a model path
+Runs through `llava_address.apps.cli.main` (the `address-llava` dispatcher) unless a case says otherwise; a model path
 that does not exist shows that the input was refused before any model load.
 """
 
@@ -14,8 +14,8 @@ import sys
 
 import pytest
 
-from clip_stage import errors
-from llava_address import cli
+from clip_stage.core import errors
+from llava_address.apps import cli
 
 
 def _broken_png(path):
@@ -107,14 +107,14 @@ def test_bad_input_is_one_line_and_exit_2(bad, capsys, case):
 
 def test_the_command_main_is_guarded_too(bad, capsys):
     """Tests and scripts call `main(argv)` directly: the same guard applies there."""
-    from llava_address import chat
+    from llava_address.apps import chat
 
     rc = chat.main(["--model", str(bad / "no-model"), "--image", str(bad / "broken.png")])
     _one_line_error(capsys, rc, "chat: error:", "broken.png")
 
 
 def test_debug_flag_and_env_show_the_traceback(bad, monkeypatch):
-    from llava_address.infer import InferenceInputError
+    from llava_address.eval.infer import InferenceInputError
 
     argv = ["chat", "--model", str(bad / "no-model"), "--image", str(bad / "broken.png")]
     monkeypatch.delenv(errors.DEBUG_ENV, raising=False)
@@ -158,7 +158,7 @@ def test_truncated_clip_checkpoint_names_the_file(tmp_path, capsys):
 def test_dataset_summary_into_a_closed_pipe_is_quiet(toy_dataset, tmp_path):
     """`address-llava dataset-summary DS | head -1`: no BrokenPipeError, nothing on stderr."""
     exe = shutil.which("address-llava", path=str(__import__("pathlib").Path(sys.executable).parent))
-    cmd = [exe] if exe else [sys.executable, "-m", "llava_address.cli"]
+    cmd = [exe] if exe else [sys.executable, "-m", "llava_address.apps.cli"]
     # A reader that closes at once: the command's writes (or its exit flush) meet a closed pipe.
     proc = subprocess.Popen([*cmd, "dataset-summary", str(toy_dataset)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
@@ -188,7 +188,7 @@ def test_progress_bars_off_a_terminal_write_plain_lines(monkeypatch):
     import io
     import time
 
-    from clip_stage.progress import progress
+    from clip_stage.core.progress import progress
 
     log = io.StringIO()  # not a terminal
     monkeypatch.setenv("ADDRESS_LLAVA_PROGRESS_INTERVAL", "0.02")

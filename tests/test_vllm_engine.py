@@ -1,4 +1,4 @@
-"""`--engine vllm` (llava_address.vllm_engine): the one-line refusal where vLLM cannot run (tested on every machine
+"""`--engine vllm` (llava_address.eval.vllm_engine): the one-line refusal where vLLM cannot run (tested on every machine
 by hiding vLLM or the GPU), the prompt it sends (the saved chat template gives the training prompt's ids), and a
 `gpu`-marked run of the real engine where a CUDA GPU and vLLM are present."""
 
@@ -11,7 +11,7 @@ import shutil
 import pytest
 from PIL import Image
 
-from llava_address import benchmark, infer, vllm_engine
+from llava_address.eval import benchmark, infer, vllm_engine
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""A tiny hand-made address dataset in the on-disk format of `clip_stage.schema`.
+"""A tiny hand-made address dataset in the on-disk format of `clip_stage.core.schema`.
 
 Three east-west streets crossed by four north-south streets in central Helsinki coordinates give
 nine labelled sub-streets in two neighbourhoods. Each image's colour depends on its street, its
@@ -17,8 +17,8 @@ import pandas as pd
 from PIL import Image
 from pyproj import Transformer
 
-from clip_stage.fsutil import atomic_write_json
-from clip_stage.schema import Address, DatasetPaths, address_columns, write_records
+from clip_stage.core.fs import atomic_write_json
+from clip_stage.core.schema import Address, DatasetPaths, address_columns, write_records
 
 STREETS = ["Aleksanterinkatu", "Esplanadi", "Bulevardi"]  # east-west, y = 0, 150, 300 m
 AVENUES = ["Mikonkatu", "Kaivokatu", "Fredrikinkatu", "Annankatu"]  # north-south, x = 0..600 m

@@ -11,7 +11,7 @@ else is a bug and keeps its traceback. `--debug` anywhere before a `--` on the c
 of argv) or `ADDRESS_LLAVA_DEBUG=1` shows the traceback of user errors too. A closed stdout
 (`address-llava dataset-summary | head`) ends the command quietly; Ctrl-C ends it with one line and 130.
 
-Lives in clip_stage (the lowest floor) so that every stage can use it; `llava_address.cli` applies the same
+Lives in clip_stage (the lowest floor) so that every stage can use it; `llava_address.apps.cli` applies the same
 guard around the dispatch, so a command reached through `address-llava` is covered even without it.
 """
 

@@ -16,7 +16,7 @@ header row is optional, columns may be named filename/image/path, easting/utm_x/
 A CSV filename matches an annotation key by its full relative path, else by its base name. Without
 `--coords`, they are read from SF-XL (CosPlace) file names, `@easting@northing@zone@band@lat@lon@...`.
 
-Output: a dataset folder in the layout of `clip_stage.schema`:
+Output: a dataset folder in the layout of `clip_stage.core.schema`:
 - the split comes from the annotation file's name (train / val / test; `--split-map` overrides);
 - street, cross streets and neighbourhood are parsed from the canonical address
   ("Forbes Avenue & Craig Street, Oakland"); the published verbose and canonical strings are kept as
@@ -56,11 +56,11 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from clip_stage.cliargs import ArgumentParser
-from clip_stage.errors import command_main
-from clip_stage.fsutil import UnsafePathError, atomic_dir, atomic_write_json, resolve_under_root
-from clip_stage.outdir import check_out_dir, write_marker
-from clip_stage.schema import INFO_FILE, SPLITS, Address, DatasetPaths, address_columns, write_records
+from clip_stage.core.config import ArgumentParser
+from clip_stage.core.errors import command_main
+from clip_stage.core.fs import UnsafePathError, atomic_dir, atomic_write_json, resolve_under_root
+from clip_stage.core.outdir import check_out_dir, write_marker
+from clip_stage.core.schema import INFO_FILE, SPLITS, Address, DatasetPaths, address_columns, write_records
 
 
 class IALFormatError(ValueError):
@@ -526,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
                         split_map=tuple(ns.split_map))
     except ValueError as e:
         p.error(str(e))
-    # One rule for every command's --out (clip_stage.outdir); dataset_info.json marks datasets from before it.
+    # One rule for every command's --out (clip_stage.core.outdir); dataset_info.json marks datasets from before it.
     check_out_dir(ns.out, "load-ial", inputs=[ns.image_root, ns.coords, *ns.annotations], overwrite=ns.overwrite,
                   legacy=[INFO_FILE])
     try:

@@ -1,6 +1,6 @@
 """Training data for AddressCLIP: images + address text + "caption + address" text + UTM coordinates.
 
-`AddressImageDataset` reads a dataset folder (clip_stage.schema layout). Augmentation is seeded per
+`AddressImageDataset` reads a dataset folder (clip_stage.core.schema layout). Augmentation is seeded per
 (seed, epoch, row), and `epoch_batches` derives each epoch's order from (seed, epoch) alone, so a resumed
 run sees exactly the batches and crops an uninterrupted one would: resuming needs only (epoch, batch).
 Each global batch of `batch_size x world_size` rows is split into contiguous per-rank shards.
@@ -20,8 +20,8 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from clip_stage.fsutil import resolve_under_root
-from clip_stage.schema import Address, DatasetPaths, STORED_STYLES, read_records, render_address
+from clip_stage.core.fs import resolve_under_root
+from clip_stage.core.schema import Address, DatasetPaths, STORED_STYLES, read_records, render_address
 
 
 class DataCheckError(ValueError):

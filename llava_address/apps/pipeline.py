@@ -29,9 +29,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from clip_stage.errors import command_main
-from clip_stage.fsutil import atomic_write_json
-from clip_stage.outdir import check_out_dir, write_marker
+from clip_stage.core.errors import command_main
+from clip_stage.core.fs import atomic_write_json
+from clip_stage.core.outdir import check_out_dir, write_marker
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ class Paths:
 
 def run_command(name: str, argv: list[str]) -> None:
     """Runs one `address-llava` subcommand in-process, after printing it as a shell line."""
-    from llava_address.cli import COMMANDS, _resolve
+    from llava_address.apps.cli import COMMANDS, _resolve
 
     print(f"\n$ address-llava {name} {shlex.join(argv)}", flush=True)
     code = _resolve(COMMANDS[name].target)(argv)
@@ -307,7 +307,7 @@ def print_clip_table(result: dict) -> None:
 
 
 def parse_args(argv: list[str] | None) -> DemoConfig:
-    from clip_stage.cliargs import add_dataclass_args, dataclass_from_args
+    from clip_stage.core.config import add_dataclass_args, dataclass_from_args
 
     parser = argparse.ArgumentParser(prog="address-llava demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -319,7 +319,7 @@ def parse_args(argv: list[str] | None) -> DemoConfig:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     p = Paths(Path(cfg.out))
-    # One rule for every command's --out (clip_stage.outdir): an earlier demo folder is continued (its .done/
+    # One rule for every command's --out (clip_stage.core.outdir): an earlier demo folder is continued (its .done/
     # markers skip finished stages); anything else non-empty, or a folder holding the network file, is refused.
     check_out_dir(p.root, "demo", resume=True, legacy=[".done"], inputs=[cfg.network or None])
     p.done.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@
 
 In a notebook:
 
-    from llava_address.chat import answer
+    from llava_address.apps.chat import answer
     reply = answer("photo.jpg", "Where was this photo taken?", model="runs/llava-merged")
     follow = answer("photo.jpg", "Which neighbourhood?", history=[("Where was this photo taken?", reply)],
                     model="runs/llava-merged")
@@ -25,9 +25,9 @@ import threading
 from dataclasses import dataclass, field
 from typing import Sequence, TextIO
 
-from clip_stage.cliargs import ArgumentParser
-from clip_stage.errors import command_main
-from llava_address.infer import (Generator, InferenceInputError, PromptTooLongError, load_generator, load_ranker,
+from clip_stage.core.config import ArgumentParser
+from clip_stage.core.errors import command_main
+from llava_address.eval.infer import (Generator, InferenceInputError, PromptTooLongError, load_generator, load_ranker,
                                   open_image, user_turn)
 
 History = Sequence[tuple[str, str]]

@@ -12,7 +12,7 @@ import importlib
 import sys
 from dataclasses import dataclass
 
-from clip_stage.registry import Registry
+from clip_stage.core.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -33,12 +33,12 @@ def register_command(name: str, target: str, help: str) -> None:
 
 
 # Stage 1: address data
-register_command("demo-city", "clip_stage.demo_city:main", "render the built-in demo city: synthetic street-view images + GPS")
-register_command("build-dataset", "clip_stage.build:main", "images with GPS + a street network -> image-address dataset")
-register_command("load-ial", "clip_stage.ial:main", "convert a published AddressCLIP dataset (Pitts-IAL / SF-IAL) to our format")
-register_command("dataset-summary", "clip_stage.dataset:summary_main", "print the summary of a built address dataset")
+register_command("demo-city", "clip_stage.data.demo_city:main", "render the built-in demo city: synthetic street-view images + GPS")
+register_command("build-dataset", "clip_stage.data.build:main", "images with GPS + a street network -> image-address dataset")
+register_command("load-ial", "clip_stage.data.ial:main", "convert a published AddressCLIP dataset (Pitts-IAL / SF-IAL) to our format")
+register_command("dataset-summary", "clip_stage.data.summary:summary_main", "print the summary of a built address dataset")
 # Stage 2: AddressCLIP
-register_command("caption", "clip_stage.caption:main", "fill the caption column with a BLIP captioning model")
+register_command("caption", "clip_stage.data.caption:main", "fill the caption column with a BLIP captioning model")
 register_command("train-clip", "clip_stage.train:main", "fine-tune an open_clip model with the AddressCLIP losses")
 register_command("eval-clip", "clip_stage.evaluate:main", "SSA/SA top-1/top-5 of a CLIP model against a candidate address gallery")
 register_command("export-clip", "clip_stage.export_hf:main", "export an AddressCLIP checkpoint to Hugging Face CLIPVisionModel / CLIPModel")
@@ -53,14 +53,14 @@ register_command("conv-stats", "conversations.stats:main", "statistics of a LLaV
 register_command("train-llava", "llava_address.train:main", "projector alignment / LoRA / QLoRA / full fine-tuning of LLaVA")
 register_command("merge", "llava_address.merge:main", "fold a LoRA checkpoint into a plain Hugging Face LLaVA directory")
 register_command("convert-llava", "llava_address.convert_llava:main", "convert an original LLaVA checkpoint (llava_llama + mm_projector) to a Hugging Face LLaVA folder")
-register_command("infer", "llava_address.infer:main", "batched, resumable answers of a LLaVA model for an evaluation split (JSONL)")
-register_command("chat", "llava_address.chat:main", "chat about one image's address in the terminal (streaming), or --question once")
+register_command("infer", "llava_address.eval.infer:main", "batched, resumable answers of a LLaVA model for an evaluation split (JSONL)")
+register_command("chat", "llava_address.apps.chat:main", "chat about one image's address in the terminal (streaming), or --question once")
 # Stage 5: use and benchmark
-register_command("score", "llava_address.scoring:main", "score any model's free-text answers against the structured references")
-register_command("benchmark", "llava_address.benchmark:main", "evaluate several models (ours, base LLaVA, AddressCLIP, HF, imported) on one split")
-register_command("web-demo", "llava_address.webdemo:main", "Gradio web UI: AddressCLIP top-5 on a map + chat (binds 127.0.0.1)")
+register_command("score", "llava_address.eval.scoring:main", "score any model's free-text answers against the structured references")
+register_command("benchmark", "llava_address.eval.benchmark:main", "evaluate several models (ours, base LLaVA, AddressCLIP, HF, imported) on one split")
+register_command("web-demo", "llava_address.apps.webdemo:main", "Gradio web UI: AddressCLIP top-5 on a map + chat (binds 127.0.0.1)")
 # Whole pipeline
-register_command("demo", "llava_address.pipeline:main", "run the whole pipeline on the built-in demo city")
+register_command("demo", "llava_address.apps.pipeline:main", "run the whole pipeline on the built-in demo city")
 
 
 def _resolve(target: str):
@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from clip_stage.errors import DEBUG_FLAG, run_guarded
+    from clip_stage.core.errors import DEBUG_FLAG, run_guarded
 
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = []

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from clip_stage.errors import command_main
+from clip_stage.core.errors import command_main
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def _user_facing(handler):
     def wrapped(*args, **kwargs):
         import gradio as gr
 
-        from clip_stage.errors import is_user_error, one_line
+        from clip_stage.core.errors import is_user_error, one_line
 
         try:
             return handler(*args, **kwargs)
@@ -124,7 +124,7 @@ def _user_facing(handler):
 
 # The ranker lives with AddressCLIP (clip_stage.candidates): infer, chat and benchmark use the same one.
 from clip_stage.candidates import AddressRanker  # noqa: E402
-from clip_stage.cliargs import ArgumentParser  # noqa: E402
+from clip_stage.core.config import ArgumentParser  # noqa: E402
 
 
 def city_map(gazetteer, top: list[dict], title: str = ""):
@@ -266,7 +266,7 @@ class Demo:
         answers, for a model trained with `conversations --candidates`)."""
         import gradio as gr
 
-        from llava_address.chat import answer
+        from llava_address.apps.chat import answer
 
         history = list(history or [])
         if self.generator is None:
@@ -375,8 +375,8 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    from llava_address.gazetteer import Gazetteer
-    from llava_address.infer import load_generator
+    from llava_address.eval.gazetteer import Gazetteer
+    from llava_address.eval.infer import load_generator
 
     ranker = None
     if args.clip or args.clip_model:

@@ -37,9 +37,9 @@ import shapely
 from shapely.geometry import LineString, MultiLineString, Point
 from shapely.ops import substring
 
-from clip_stage.geocode import SegmentIndex
-from clip_stage.network import StreetNetwork
-from clip_stage.schema import Address
+from clip_stage.data.geocode import SegmentIndex
+from clip_stage.data.network import StreetNetwork
+from clip_stage.core.schema import Address
 
 
 @dataclass(frozen=True)
@@ -733,7 +733,7 @@ def side_by_side(sub_streets: list[SubStreet], within_m: float = 20.0, min_fract
 
 def sub_streets_geojson(partition: SubStreetPartition, network: StreetNetwork) -> dict:
     """The sub-streets as a WGS84 GeoJSON FeatureCollection with their address fields as properties."""
-    from clip_stage.schema import address_columns
+    from clip_stage.core.schema import address_columns
 
     def to_wgs(xy: np.ndarray) -> np.ndarray:
         lon, lat = network.to_wgs84(xy[:, 0], xy[:, 1])

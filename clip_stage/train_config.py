@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clip_stage.cliargs import add_dataclass_args, dataclass_from_args
+from clip_stage.core.config import add_dataclass_args, dataclass_from_args
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -45,7 +45,7 @@ class ModelArgs:
 
 @dataclass(frozen=True)
 class DataArgs:
-    """The image-address dataset (clip_stage.schema layout) and how it is turned into text."""
+    """The image-address dataset (clip_stage.core.schema layout) and how it is turned into text."""
 
     dataset: str = ""
     """Dataset folder (records.parquet + images/)."""
@@ -54,7 +54,7 @@ class DataArgs:
     holdout_fold: str = ""
     """'k/n': train on the split minus its k-th of n folds (folds by a hash of image_id; k in 1..n): the fold models of cross-fitted candidates."""
     address_style: str = "full"
-    """Address text style (clip_stage.schema.ADDRESS_STYLES: full, canonical, street, sub_street, neighbourhood, intersection)."""
+    """Address text style (clip_stage.core.schema.ADDRESS_STYLES: full, canonical, street, sub_street, neighbourhood, intersection)."""
     semantic_template: str = "{caption}. {address}"
     """Text of the semantic term: caption first, address appended."""
     augment: bool = True
@@ -70,7 +70,7 @@ class DataArgs:
         if self.num_workers < 0:
             raise ValueError("--num-workers must be >= 0")
         if self.holdout_fold:
-            from clip_stage.data import parse_fold
+            from clip_stage.train_data import parse_fold
 
             parse_fold(self.holdout_fold)
 
@@ -167,7 +167,7 @@ class RunArgs:
     """torch CPU threads per process (unset: torch's / accelerate's default)."""
 
     def __post_init__(self):
-        from clip_stage.trackers import parse_report_to
+        from clip_stage.core.trackers import parse_report_to
 
         names = parse_report_to(self.report_to)
         object.__setattr__(self, "report_to", tuple(n for n in names if n != "tensorboard" or self.tensorboard))

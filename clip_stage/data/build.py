@@ -5,16 +5,16 @@
     address-llava build-dataset --images demo/images --gps demo/gps.csv --out data/demo --split geo
 
 Steps: 1. the GPS table (CSV or JSONL: image, lat, lon [, caption, image_id]) is streamed in chunks of
-`--chunk-rows`, or, without `--gps`, read from each photo's EXIF (`clip_stage.exif_gps`); each chunk
+`--chunk-rows`, or, without `--gps`, read from each photo's EXIF (`clip_stage.data.exif_gps`); each chunk
 goes through `check_chunk` (GPS present, numeric, in range; image path present and not escaping the
-root; reverse geocoding, `clip_stage.geocode`): a pure function of the chunk and the read-only
+root; reverse geocoding, `clip_stage.data.geocode`): a pure function of the chunk and the read-only
 geocoder, so an engine such as Dask, Ray or Spark could run it on shards. Only its kept rows
 (a few arrays) stay in memory. 2. What needs every row: duplicate paths and image_ids, then the image
 files (found without escaping the root through symlinks; read, hashed and decoded per
 `--image-check`, in `--workers` threads; corrupt files and duplicate contents dropped). 3. The streets
-are partitioned into sub-streets and every image labelled (`clip_stage.substreets`); 4. train/val/test
+are partitioned into sub-streets and every image labelled (`clip_stage.data.substreets`); 4. train/val/test
 assigned (random, stratified by sub-street, or geographically disjoint tiles); 5. the folder described
-in `clip_stage.schema` is written atomically (`fsutil.atomic_dir`; records.parquet slice by slice;
+in `clip_stage.core.schema` is written atomically (`fsutil.atomic_dir`; records.parquet slice by slice;
 rotated photos stored upright): a failure at any point leaves no half-written dataset. Every dropped
 row goes to rejects.jsonl with its row number, field and reason, and is counted in build_report.json,
 with warnings where no city or no neighbourhood was found. A bad street-network, zone or GPS-table
@@ -45,14 +45,14 @@ from typing import TYPE_CHECKING, Iterator, Literal
 import numpy as np
 import pandas as pd
 
-from clip_stage.errors import command_main
-from clip_stage.exif_gps import exif_orientation, scan_exif_gps
-from clip_stage.fsutil import UnsafePathError, atomic_dir, atomic_write_json, resolve_under_root
-from clip_stage.geocode import GeocodeConfig, ReverseGeocoder
-from clip_stage.network import DEFAULT_HIGHWAYS, NetworkFileError, helsinki_pbf_path, load_street_network, resolve_city
-from clip_stage.outdir import check_out_dir, write_marker
-from clip_stage.schema import COLUMNS, INFO_FILE, DatasetPaths, RecordsWriter, address_columns
-from clip_stage.substreets import SubStreetConfig, ZoneFileError, load_zones, partition_sub_streets, sub_streets_geojson
+from clip_stage.core.errors import command_main
+from clip_stage.data.exif_gps import exif_orientation, scan_exif_gps
+from clip_stage.core.fs import UnsafePathError, atomic_dir, atomic_write_json, resolve_under_root
+from clip_stage.data.geocode import GeocodeConfig, ReverseGeocoder
+from clip_stage.data.network import DEFAULT_HIGHWAYS, NetworkFileError, helsinki_pbf_path, load_street_network, resolve_city
+from clip_stage.core.outdir import check_out_dir, write_marker
+from clip_stage.core.schema import COLUMNS, INFO_FILE, DatasetPaths, RecordsWriter, address_columns
+from clip_stage.data.substreets import SubStreetConfig, ZoneFileError, load_zones, partition_sub_streets, sub_streets_geojson
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -456,7 +456,7 @@ def check_images(root: Path, rels: np.ndarray, mode: str, workers: int, progress
 
     Paths go to the threads in batches: one future per image costs more than a stat at a million rows.
     """
-    from clip_stage.progress import progress as tqdm  # a line every 30 s when not on a terminal
+    from clip_stage.core.progress import progress as tqdm  # a line every 30 s when not on a terminal
 
     batch = 512
     starts = range(0, len(rels), batch)
@@ -600,7 +600,7 @@ def build_dataset(
     progress: bool = True,
 ) -> dict:
     """Builds the dataset folder at args.out; returns the build report (also written as build_report.json)."""
-    from clip_stage.progress import progress as tqdm  # a line every 30 s when not on a terminal
+    from clip_stage.core.progress import progress as tqdm  # a line every 30 s when not on a terminal
 
     geocode = geocode or GeocodeConfig()
     sub_streets = sub_streets or SubStreetConfig()
@@ -622,7 +622,7 @@ def build_dataset(
         raise FileNotFoundError(f"{image_root}: image root folder not found")
     out = Path(args.out)
     root_res = image_root.resolve()
-    # One rule for every command's --out (clip_stage.outdir); dataset_info.json marks datasets built before it.
+    # One rule for every command's --out (clip_stage.core.outdir); dataset_info.json marks datasets built before it.
     check_out_dir(out, "build-dataset", inputs=[image_root, args.gps or None, args.zones or None,
                                                   args.network if os.path.exists(args.network or "") else None],
                   overwrite=args.overwrite, legacy=[INFO_FILE])
@@ -848,11 +848,11 @@ SECTIONS = (("build", BuildArgs), ("geocode", GeocodeConfig), ("sub_streets", Su
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from clip_stage.cliargs import add_dataclass_args
+    from clip_stage.core.config import add_dataclass_args
 
     parser = argparse.ArgumentParser(
         prog="address-llava build-dataset",
-        description="Images with GPS + a street network -> an image-address dataset (see clip_stage.schema).",
+        description="Images with GPS + a street network -> an image-address dataset (see clip_stage.core.schema).",
     )
     parser.add_argument("--config", help="YAML/JSON file with sections build, geocode, sub_streets, split (flags override it)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or summary")
@@ -863,7 +863,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @command_main("build-dataset")
 def main(argv: list[str] | None = None) -> int:
-    from clip_stage.cliargs import dataclass_from_args
+    from clip_stage.core.config import dataclass_from_args
 
     parser = build_parser()
     ns = parser.parse_args(argv)

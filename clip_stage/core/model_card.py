@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clip_stage.fsutil import atomic_write_text
+from clip_stage.core.fs import atomic_write_text
 
 CARD_FILE = "README.md"
 DEFAULT_LICENSE = "apache-2.0"

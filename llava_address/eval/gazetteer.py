@@ -2,8 +2,8 @@
 sub-street geometry in UTM, and the text matching that finds them in a model's free-text answer.
 
 Built from a dataset folder (`records.parquet` + `sub_streets.geojson` + `dataset_info.json`, see
-`clip_stage.schema`) with `Gazetteer.from_dataset(dir)`. `Gazetteer.parse(text)` returns the street,
-cross streets, sub-street and neighbourhood an answer names; `llava_address.scoring` turns that into
+`clip_stage.core.schema`) with `Gazetteer.from_dataset(dir)`. `Gazetteer.parse(text)` returns the street,
+cross streets, sub-street and neighbourhood an answer names; `llava_address.eval.scoring` turns that into
 metrics.
 
 Matching, in order:
@@ -303,7 +303,7 @@ class Gazetteer:
     def from_dataset(cls, dataset_dir: str | Path, aliases: dict[str, str] | str | Path | None = None,
                      **kwargs) -> "Gazetteer":
         """Reads records.parquet + sub_streets.geojson (+ dataset_info.json for the UTM zone)."""
-        from clip_stage.schema import DatasetPaths, read_info, read_records, read_sub_streets
+        from clip_stage.core.schema import DatasetPaths, read_info, read_records, read_sub_streets
 
         paths = DatasetPaths(dataset_dir)
         df = read_records(dataset_dir)
@@ -500,7 +500,7 @@ class Gazetteer:
 
     def address_texts(self) -> tuple[list[str], list[str]]:
         """(sub-street ids, their 'full'-style address texts), the gallery for the embedding fallback."""
-        from clip_stage.schema import Address, render_address
+        from clip_stage.core.schema import Address, render_address
 
         ids = sorted(self.sub_streets)
         texts = [render_address(Address(s.street, s.id, s.cross_streets, s.neighbourhood, s.city), "full")

@@ -23,7 +23,7 @@ from typing import Callable
 
 import pandas as pd
 
-from clip_stage.registry import Registry
+from clip_stage.core.registry import Registry
 
 RECORDS_FILE = "records.parquet"
 SUB_STREETS_FILE = "sub_streets.geojson"

@@ -14,7 +14,7 @@ A system is `NAME=KIND:TARGET[,key=value...]`; the kinds are a registry (`SYSTEM
   `candidates=CLIP_CHECKPOINT` (with `top_k=5`, `scores=true`) writes AddressCLIP's top-K addresses of the
   photo into the question (`conversations.candidates`): the candidate-grounded system, e.g.
   `--system ours_candidates=llava:runs/merged,candidates=runs/clip`. `--engine vllm` serves every llava
-  system through vLLM (merged folders only; `llava_address.vllm_engine`).
+  system through vLLM (merged folders only; `llava_address.eval.vllm_engine`).
 - clip: AddressCLIP retrieval: a train-clip checkpoint (or `model=NAME` + `pretrained=TAG` for open_clip);
   the answer is the top-1 address of the city's gallery (`style=full` by default). Multiple-choice
   questions are answered by ranking the options listed in the question; yes/no questions are not
@@ -41,13 +41,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from clip_stage.cliargs import ArgumentParser
-from clip_stage.errors import command_main
-from clip_stage.outdir import check_out_dir, write_marker
-from clip_stage.registry import Registry
-from llava_address.infer import (InferenceInputError, candidate_answer_batch, eval_items, llava_answer_batch,
+from clip_stage.core.config import ArgumentParser
+from clip_stage.core.errors import command_main
+from clip_stage.core.outdir import check_out_dir, write_marker
+from clip_stage.core.registry import Registry
+from llava_address.eval.infer import (InferenceInputError, candidate_answer_batch, eval_items, llava_answer_batch,
                                  load_generator, load_ranker, run_answers)
-from llava_address.scoring import METRICS, Scorer, eval_references, read_jsonl, read_records_file
+from llava_address.eval.scoring import METRICS, Scorer, eval_references, read_jsonl, read_records_file
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class RunContext:
     max_new_tokens: int = 64
     batch_size: int = 8
     engine: str = "hf"
-    """what serves `llava` systems: hf (transformers generate) or vllm (`llava_address.vllm_engine`)"""
+    """what serves `llava` systems: hf (transformers generate) or vllm (`llava_address.eval.vllm_engine`)"""
 
 
 @dataclass
@@ -139,7 +139,7 @@ def _load_llava(spec: SystemSpec, ctx: RunContext) -> System:
     _check_options(spec, ("adapter", "max_new_tokens", "pad_to_square", "candidates", "top_k", "scores"))
     ranker = load_ranker(spec.options["candidates"], ctx.dataset) if spec.options.get("candidates") else None
     if ctx.engine == "vllm":
-        from llava_address.vllm_engine import load_vllm, vllm_answer_batch
+        from llava_address.eval.vllm_engine import load_vllm, vllm_answer_batch
 
         vgen = load_vllm(spec.target or None, spec.options.get("adapter"), ctx.dtype)
         vgen.pad_to_square = spec.options.get("pad_to_square", "true").lower() != "false"
@@ -381,7 +381,7 @@ def bar_chart(results: dict[str, dict], path: str | Path, title: str = "Address 
 
 
 def write_outputs(results: dict[str, dict], out_dir: str | Path) -> None:
-    from clip_stage.fsutil import atomic_write_json, atomic_write_text
+    from clip_stage.core.fs import atomic_write_json, atomic_write_text
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -424,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{k.name:<6} {k.help}")
         return 0
     if args.engine == "vllm":  # refused before any system is loaded
-        from llava_address.vllm_engine import vllm_unavailable
+        from llava_address.eval.vllm_engine import vllm_unavailable
 
         reason = vllm_unavailable()
         if reason:
@@ -440,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     specs = [parse_system_spec(s) for s in args.system]
-    # One rule for every command's --out (clip_stage.outdir), before any system loads: an earlier benchmark
+    # One rule for every command's --out (clip_stage.core.outdir), before any system loads: an earlier benchmark
     # folder is continued (answers already there are skipped); anything else non-empty, or an input, is refused.
     check_out_dir(args.out, "benchmark", resume=True, legacy=["benchmark.json", "answers"],
                   inputs=[args.dataset, args.eval, args.image_root,

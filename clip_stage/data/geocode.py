@@ -26,7 +26,7 @@ import numpy as np
 import shapely
 from scipy.special import erf
 
-from clip_stage.network import StreetNetwork
+from clip_stage.data.network import StreetNetwork
 
 FAR_FROM_STREET = "far_from_street"
 AMBIGUOUS = "ambiguous"

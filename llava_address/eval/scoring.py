@@ -7,7 +7,7 @@ An answers file is JSONL, one `{"id", "question", "answer", "reference"}` per li
 from the evaluation split written by the conversation builder (`--eval`, JSON list or JSONL of records
 with a "reference" key), holds street, sub_street, cross_streets, neighbourhood, city, the question type
 (full / street / cross / neighbourhood / yesno / mc / scene) and, for yes/no and multiple choice, the
-expected answer. Answers are parsed with the city's gazetteer (`llava_address.gazetteer`) and, optionally,
+expected answer. Answers are parsed with the city's gazetteer (`llava_address.eval.gazetteer`) and, optionally,
 by the nearest address in an AddressCLIP text-embedding space.
 
 Metrics (each over the questions it applies to; an unparseable answer counts as wrong and is listed):
@@ -34,9 +34,9 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from clip_stage.cliargs import ArgumentParser
-from clip_stage.errors import command_main
-from llava_address.gazetteer import EmbeddingMatcher, Gazetteer, ParsedAddress, load_aliases, tokens
+from clip_stage.core.config import ArgumentParser
+from clip_stage.core.errors import command_main
+from llava_address.eval.gazetteer import EmbeddingMatcher, Gazetteer, ParsedAddress, load_aliases, tokens
 
 QUESTION_TYPES = ("full", "street", "cross", "neighbourhood", "yesno", "mc", "scene")
 # Names other writers may use for the same reference fields.
@@ -314,7 +314,7 @@ class Scorer:
     @classmethod
     def from_dataset(cls, dataset_dir: str | Path, aliases: str | Path | dict | None = None,
                      threshold: float = 85.0, embed=None, min_similarity: float = 0.5) -> "Scorer":
-        from clip_stage.schema import read_records
+        from clip_stage.core.schema import read_records
 
         gaz = Gazetteer.from_dataset(dataset_dir, aliases=aliases, threshold=threshold)
         df = read_records(dataset_dir)
@@ -516,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @command_main("score")
 def main(argv: list[str] | None = None) -> int:
-    from clip_stage.fsutil import atomic_write_json, atomic_write_text
+    from clip_stage.core.fs import atomic_write_json, atomic_write_text
 
     args = build_parser().parse_args(argv)
     embed = clip_text_embedder(args.embed_clip) if args.embed_clip else None

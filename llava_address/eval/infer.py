@@ -6,9 +6,9 @@
 Each evaluation record (LLaVA format with a "reference", see `conversations`) gives one question: its first
 human turn. Prompts are rendered by `llava_address.prompting` (the Vicuna v1 template of training),
 left-padded, and generated greedily in batches with the KV cache. Output lines are
-`{"id", "question", "answer", "reference", "image"}`; `llava_address.scoring` reads them.
+`{"id", "question", "answer", "reference", "image"}`; `llava_address.eval.scoring` reads them.
 
-`--engine vllm` serves a merged model through vLLM instead (`llava_address.vllm_engine`: CUDA GPU only).
+`--engine vllm` serves a merged model through vLLM instead (`llava_address.eval.vllm_engine`: CUDA GPU only).
 
 Resumable: ids already in the output are skipped; each batch is appended in one write and fsynced, and a
 torn last line left by a killed run is cut off on the next start, so the file always holds whole batches.
@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from clip_stage.cliargs import ArgumentParser
-from clip_stage.errors import command_main
-from clip_stage.outdir import check_not_input
+from clip_stage.core.config import ArgumentParser
+from clip_stage.core.errors import command_main
+from clip_stage.core.outdir import check_not_input
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +242,7 @@ def read_done_ids(path: str | os.PathLike, retry_errors: bool = False) -> set[st
         with path.open("r+b") as f:
             f.truncate(good_end)
     if n_errors:
-        from clip_stage.fsutil import atomic_write_text
+        from clip_stage.core.fs import atomic_write_text
 
         log.warning("%s: retrying %d error rows", path, n_errors)
         atomic_write_text(path, "".join(x.decode("utf-8") + "\n" for x in kept))
@@ -281,7 +281,7 @@ def eval_items(path: str | os.PathLike, limit: int | None = None, command: str =
     files themselves are opened while answering, where a bad one becomes an error row (see `run_answers`).
     """
     from conversations.validate import require_valid
-    from llava_address.scoring import first_question, read_records_file
+    from llava_address.eval.scoring import first_question, read_records_file
 
     records = read_records_file(path)
     if records and all("conversations" in r for r in records):
@@ -304,7 +304,7 @@ def eval_items(path: str | os.PathLike, limit: int | None = None, command: str =
 
 def unusable_images(items: Sequence[EvalItem], image_root: str | os.PathLike) -> list[tuple[str, str]]:
     """(id, reason) of the items whose image path is unsafe or missing: cheap, checked before the model loads."""
-    from clip_stage.fsutil import UnsafePathError, resolve_under_root
+    from clip_stage.core.fs import UnsafePathError, resolve_under_root
 
     bad = []
     for it in items:
@@ -332,8 +332,8 @@ def run_answers(answer_batch, items: Sequence[EvalItem], image_root: str | os.Pa
     resumed run unless `retry_errors`. Shared by `infer` and every system of `benchmark`.
     Returns counts {'total', 'skipped', 'answered', 'errors'}.
     """
-    from clip_stage.fsutil import UnsafePathError, resolve_under_root
-    from clip_stage.progress import progress as progress_bar
+    from clip_stage.core.fs import UnsafePathError, resolve_under_root
+    from clip_stage.core.progress import progress as progress_bar
 
     done = read_done_ids(out, retry_errors=retry_errors)
     todo = [it for it in items if it.id not in done]
@@ -455,7 +455,7 @@ def _existing(spec: str | None) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.engine == "vllm":  # refused before anything is read or loaded
-        from llava_address.vllm_engine import vllm_unavailable
+        from llava_address.eval.vllm_engine import vllm_unavailable
 
         reason = vllm_unavailable()
         if reason:
@@ -463,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     if args.batch_size < 1:
         raise SystemExit("--batch-size must be at least 1")
-    # The output-folder rule (clip_stage.outdir) for a file: --out must not be, or lie inside, an input.
+    # The output-folder rule (clip_stage.core.outdir) for a file: --out must not be, or lie inside, an input.
     check_not_input(args.out, [args.eval, args.image_root, _existing(args.model), args.adapter, args.candidates,
                                args.dataset])
     if args.candidates and not args.dataset:
@@ -476,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     ranker = load_ranker(args.candidates, args.dataset, device=args.device if args.device != "auto" else "cpu") \
         if args.candidates else None
     if args.engine == "vllm":
-        from llava_address.vllm_engine import load_vllm, vllm_answer_batch
+        from llava_address.eval.vllm_engine import load_vllm, vllm_answer_batch
 
         try:
             vgen = load_vllm(args.model, args.adapter, args.dtype)

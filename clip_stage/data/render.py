@@ -11,7 +11,7 @@ Facade details (building widths, heights, colour jitter) and trees are indexed b
 position along the street (`Scene.s` + `direction` * depth), so two cameras a few metres apart see
 the same buildings shifted, and a camera facing the other way sees the same street from behind.
 
-Used by `clip_stage.demo_city`; nothing here knows about maps.
+Used by `clip_stage.data.demo_city`; nothing here knows about maps.
 """
 
 from __future__ import annotations

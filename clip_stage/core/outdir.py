@@ -14,7 +14,7 @@ A command calls `check_out_dir(out, kind, inputs=[...], overwrite=..., resume=..
 * Its own kind is replaced only with `--overwrite`; commands that resume (train-clip, train-llava, demo,
   candidates) continue it instead (`resume=True`).
 
-Refusals are `OutputFolderError` (a project ValueError: the command guard of clip_stage.errors prints it as one
+Refusals are `OutputFolderError` (a project ValueError: the command guard of clip_stage.core.errors prints it as one
 line, `<command>: error: ...`, exit code 2), raised before anything is written or deleted.
 """
 
@@ -25,7 +25,7 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from clip_stage.fsutil import atomic_write_json
+from clip_stage.core.fs import atomic_write_json
 
 MARKER_FILE = ".address-llava.json"
 MARKER_FORMAT = 1

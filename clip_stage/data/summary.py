@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from clip_stage.cliargs import ArgumentParser
-from clip_stage.errors import command_main
-from clip_stage.schema import SPLITS, DatasetFormatError, DatasetPaths, read_info, read_records
+from clip_stage.core.config import ArgumentParser
+from clip_stage.core.errors import command_main
+from clip_stage.core.schema import SPLITS, DatasetFormatError, DatasetPaths, read_info, read_records
 
 
 def _stats(values) -> dict:

@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clip_stage.config import parse_groups
-from clip_stage.data import empty_captions
-from clip_stage.errors import command_main
-from clip_stage.fsutil import atomic_write_json, resolve_under_root
-from clip_stage.schema import DatasetPaths, read_info, read_records, write_records
+from clip_stage.train_config import parse_groups
+from clip_stage.train_data import empty_captions
+from clip_stage.core.errors import command_main
+from clip_stage.core.fs import atomic_write_json, resolve_under_root
+from clip_stage.core.schema import DatasetPaths, read_info, read_records, write_records
 
 DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-large"
 DEFAULT_PROMPT = "a street view of"
@@ -106,7 +106,7 @@ def caption_images(net, processor, images, prompt: str, max_new_tokens: int = 40
 def run(args: CaptionArgs) -> dict:
     """Captions the rows that need it; returns counts {"captioned", "skipped", "remaining"}."""
     from PIL import Image
-    from clip_stage.progress import progress as tqdm  # a line every 30 s when not on a terminal
+    from clip_stage.core.progress import progress as tqdm  # a line every 30 s when not on a terminal
 
     paths = DatasetPaths(args.dataset)
     df = read_records(args.dataset)
