@@ -26,7 +26,7 @@ from clip_stage.core.config import ArgumentParser
 from clip_stage.core.errors import command_main
 from clip_stage.core.fs import UnsafePathError, resolve_under_root
 
-from conversations.formats import IMAGE_TOKEN, iter_records
+from conversations.records import IMAGE_TOKEN, iter_records
 
 ROLES = ("human", "gpt")
 
