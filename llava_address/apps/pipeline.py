@@ -32,6 +32,7 @@ from typing import Callable
 from clip_stage.core.errors import command_main
 from clip_stage.core.fs import atomic_write_json
 from clip_stage.core.outdir import check_out_dir, write_marker
+from conversations.records import IMAGE_TOKEN
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,7 @@ def _texts_for_tokenizer(*files: Path) -> list[str]:
     texts = []
     for f in files:
         for record in json.loads(f.read_text()):
-            texts.extend(turn["value"].replace("<image>", "") for turn in record["conversations"])
+            texts.extend(turn["value"].replace(IMAGE_TOKEN, "") for turn in record["conversations"])
     return texts
 
 
