@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from clip_stage.core.schema import DatasetPaths, read_records
-from conversations import build, formats
+from conversations import build
 from conversations.neighbours import build_neighbourhood
 from conversations.records import REFERENCE_KEYS, Reference, load_records
 from conversations.templates import QUESTION_TYPES, classify_question, template_regex

@@ -280,11 +280,12 @@ def cut_jsonl_log(path: str | os.PathLike, step: int) -> int:
     if not path.exists():
         return 0
     kept, dropped = [], 0
-    for line in path.read_text(encoding="utf-8").splitlines():
+    lines = path.read_text(encoding="utf-8").splitlines()
+    rows = {jl.lineno: jl.value for jl in parse_jsonl(lines) if jl.error is None}
+    for lineno, line in enumerate(lines, 1):
         try:
-            row = json.loads(line)
-            keep = int(row["step"]) <= step
-        except (ValueError, KeyError, TypeError):
+            keep = int(rows[lineno]["step"]) <= step
+        except (ValueError, KeyError, TypeError):  # blank, torn or foreign lines go
             keep = False
         if keep:
             kept.append(line)
