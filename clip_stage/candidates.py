@@ -43,7 +43,7 @@ import torch
 
 from clip_stage.core.config import ArgumentParser
 from clip_stage.core.errors import command_main
-from clip_stage.core.fs import atomic_write_json
+from clip_stage.core.fs import atomic_write_json, iter_jsonl
 from clip_stage.core.outdir import check_out_dir, write_marker
 
 log = logging.getLogger(__name__)
@@ -217,18 +217,17 @@ def read_candidates(path: str | os.PathLike) -> dict[str, list[dict]]:
     if not path.is_file():
         raise CandidatesError(f"{path}: candidates file not found (write it with `address-llava candidates`)")
     out: dict[str, list[dict]] = {}
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                cands = row["candidates"]
-                if not isinstance(cands, list) or not all(isinstance(c, dict) and c.get("address") for c in cands):
-                    raise ValueError("'candidates' must be a list of {address, ...}")
-                out[str(row["image_id"])] = cands
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise CandidatesError(f"{path}:{n}: not a candidates line ({e})") from None
+    for line in iter_jsonl(path):
+        try:
+            if line.error is not None:
+                raise ValueError(line.error)
+            row = line.value
+            cands = row["candidates"]
+            if not isinstance(cands, list) or not all(isinstance(c, dict) and c.get("address") for c in cands):
+                raise ValueError("'candidates' must be a list of {address, ...}")
+            out[str(row["image_id"])] = cands
+        except (KeyError, TypeError, ValueError) as e:
+            raise CandidatesError(f"{path}:{line.lineno}: not a candidates line ({e})") from None
     return out
 
 

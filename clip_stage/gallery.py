@@ -22,7 +22,6 @@ batches, and cached in memory and on disk under `<cache_dir>/<model-hash>-<texts
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
@@ -32,7 +31,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from clip_stage.core.fs import user_cache_dir
+from clip_stage.core.fs import parse_jsonl, user_cache_dir
 from clip_stage.core.schema import ADDRESS_STYLES, Address, read_records, read_sub_streets, render_address
 
 log = logging.getLogger(__name__)
@@ -125,10 +124,10 @@ def gallery_from_file(path: str | Path, dataset_dir: str | Path) -> Gallery:
         if not line.strip():
             continue
         if line.lstrip().startswith("{"):
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: malformed JSON ({e})") from None
+            (parsed,) = parse_jsonl([line], lineno)
+            if parsed.error is not None:
+                raise ValueError(f"{path}:{lineno}: malformed JSON ({parsed.error})")
+            obj = parsed.value
             text = str(obj.get("address") or "").strip()
             if not text:
                 raise ValueError(f"{path}:{lineno}: JSON candidate without an 'address'")

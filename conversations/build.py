@@ -41,13 +41,12 @@ from conversations import formats
 from conversations.candidates import NONE_FITS, with_candidates
 from conversations.config import BuildConfig, config_from_args
 from conversations.neighbours import Neighbourhood, build_neighbourhood
+from conversations.records import (CAPTION, CROSS_STREETS, FULL_ADDRESS, IMAGE_TOKEN, MULTIPLE_CHOICE, PLACE, SCENE,
+                                   STREET, YES_NO, Reference, write_json_array, write_jsonl)
 from conversations.templates import fill, get_question_type, usable
 
 log = logging.getLogger("conversations.build")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-REFERENCE_KEYS = ("image_id", "question_type", "phrasing", "street", "sub_street", "cross_streets", "neighbourhood",
-                  "city", "address", "expected_answer", "candidate", "candidate_level", "candidate_sub_street",
-                  "choices", "correct_choice", "lat", "lon", "utm_x", "utm_y")
 
 
 def make_rng(seed: int, *keys) -> random.Random:
@@ -157,14 +156,14 @@ class ConversationBuilder:
     def available_types(self, s: Sample, weights: dict[str, float]) -> dict[str, float]:
         a = s.address
         ok = {
-            "full_address": True,
-            "street": True,
-            "cross_streets": bool(a.cross_streets),
-            "place": bool(a.neighbourhood),
-            "yes_no": bool(self.street_negatives(a) or self.sibling_negatives(a)),
-            "multiple_choice": bool(self.mc_distractors(a)),
-            "caption": bool(caption_sentence(s.caption)),
-            "scene": bool(caption_sentence(s.caption)),
+            FULL_ADDRESS: True,
+            STREET: True,
+            CROSS_STREETS: bool(a.cross_streets),
+            PLACE: bool(a.neighbourhood),
+            YES_NO: bool(self.street_negatives(a) or self.sibling_negatives(a)),
+            MULTIPLE_CHOICE: bool(self.mc_distractors(a)),
+            CAPTION: bool(caption_sentence(s.caption)),
+            SCENE: bool(caption_sentence(s.caption)),
         }
         return {t: w for t, w in weights.items() if w > 0 and ok.get(t, True)}
 
@@ -189,7 +188,7 @@ class ConversationBuilder:
         extra: dict = {}
         answers = qt.answers
         qvalues: dict[str, str] = {}
-        if qtype == "yes_no":
+        if qtype == YES_NO:
             if yes:
                 level = "sub_street" if a.cross_streets and rng.random() < self.config.sub_street_prob else "street"
                 candidate, cand_id = (values["segment"] if level == "sub_street" else a.street), a.sub_street
@@ -206,7 +205,7 @@ class ConversationBuilder:
             qvalues["candidate"] = values["candidate"] = candidate
             extra = {"expected_answer": "yes" if yes else "no", "candidate": candidate, "candidate_level": level,
                      "candidate_sub_street": cand_id}
-        elif qtype == "multiple_choice":
+        elif qtype == MULTIPLE_CHOICE:
             pool = self.mc_distractors(a)
             k = min(self.config.mc_choices - 1, len(pool))
             choices = [values["full"], *rng.sample(pool, k)]
@@ -215,7 +214,7 @@ class ConversationBuilder:
             qvalues["choices"] = "\n".join(f"{LETTERS[j]}. {c}" for j, c in enumerate(choices))
             values.update(letter=LETTERS[i], choice=values["full"])
             extra = {"expected_answer": LETTERS[i], "choices": choices, "correct_choice": values["full"]}
-        elif qtype in ("caption", "scene"):
+        elif qtype in (CAPTION, SCENE):
             values["caption"] = caption_sentence(s.caption)
             values["caption_lower"] = values["caption"][:1].lower() + values["caption"][1:]
         answer_tpl = rng.choice(usable(answers, values))
@@ -224,9 +223,9 @@ class ConversationBuilder:
     def truth_missing(self, qtype: str, a: Address, candidates: list[dict]) -> bool:
         """Whether the answer to `qtype` is absent from the candidates (sub-street level; street for 'street')."""
         subs = {sid for c in candidates for sid in c.get("sub_streets", ())}
-        if qtype in ("full_address", "cross_streets"):
+        if qtype in (FULL_ADDRESS, CROSS_STREETS):
             return a.sub_street not in subs
-        if qtype == "street":
+        if qtype == STREET:
             streets = {self.hood.addresses[sid].street for sid in subs if sid in self.hood.addresses}
             return a.street not in streets
         return False
@@ -236,13 +235,13 @@ class ConversationBuilder:
         turns, extras = [], []
         yes_iter = iter(yes_answers)
         for j, qtype in enumerate(types):
-            q, ans, extra = self.render(qtype, s, rng, held_out, next(yes_iter) if qtype == "yes_no" else None)
+            q, ans, extra = self.render(qtype, s, rng, held_out, next(yes_iter) if qtype == YES_NO else None)
             if candidates:
                 if j == 0:
                     q = with_candidates(q, candidates, self.config.candidate_scores)
                 if self.truth_missing(qtype, s.address, candidates):
                     ans = f"{NONE_FITS} {ans}"
-            turns.append({"from": "human", "value": f"{formats.IMAGE_TOKEN}\n{q}" if j == 0 else q})
+            turns.append({"from": "human", "value": f"{IMAGE_TOKEN}\n{q}" if j == 0 else q})
             turns.append({"from": "gpt", "value": ans})
             extras.append(extra)
         return turns, extras
@@ -285,7 +284,7 @@ def build_train(builder: ConversationBuilder, samples: list[Sample],
                 plans.append((s, k, types))
             elif k == 0:
                 skipped += 1
-    n_yes_no = sum(t.count("yes_no") for _, _, t in plans)
+    n_yes_no = sum(t.count(YES_NO) for _, _, t in plans)
     yes = iter(balanced_answers(n_yes_no, make_rng(cfg.seed, "yes_no", "train")))
     out = []
     for s, k, types in plans:
@@ -293,7 +292,7 @@ def build_train(builder: ConversationBuilder, samples: list[Sample],
         cands = candidates.get(s.image_id)
         use = bool(cands) and make_rng(cfg.seed, "candidates", s.image_id, k).random() < cfg.candidate_fraction
         cands = cands[: cfg.candidate_k or None] if use else None
-        turns, _ = builder.conversation(s, types, rng, False, [next(yes) for t in types if t == "yes_no"], cands)
+        turns, _ = builder.conversation(s, types, rng, False, [next(yes) for t in types if t == YES_NO], cands)
         rid = s.image_id if cfg.conversations_per_image == 1 else f"{s.image_id}-{k}"
         rec = {"id": rid, "image": s.image, "conversations": turns, "turn_types": types}
         if cands:
@@ -304,7 +303,7 @@ def build_train(builder: ConversationBuilder, samples: list[Sample],
 
 def _expected_text(values: dict[str, str], qtype: str) -> str:
     """The address text a correct answer to an open question names (yes/no and MC override it)."""
-    key = {"street": "street", "cross_streets": "segment", "place": "place"}.get(qtype, "full")
+    key = {STREET: "street", CROSS_STREETS: "segment", PLACE: "place"}.get(qtype, "full")
     return values[key]
 
 
@@ -320,21 +319,20 @@ def build_eval(builder: ConversationBuilder, samples: list[Sample]) -> tuple[lis
             plans.append((s, types, rng.random() < cfg.eval_held_out_prob))
         else:
             skipped += 1
-    yes = iter(balanced_answers(sum(t == ["yes_no"] for _, t, _ in plans), make_rng(cfg.seed, "yes_no", "eval")))
+    yes = iter(balanced_answers(sum(t == [YES_NO] for _, t, _ in plans), make_rng(cfg.seed, "yes_no", "eval")))
     out = []
     for s, types, held_out in plans:
         rng = make_rng(cfg.seed, "render", "eval", s.image_id)
-        turns, (extra,) = builder.conversation(s, types, rng, held_out, [next(yes)] if types == ["yes_no"] else [])
+        turns, (extra,) = builder.conversation(s, types, rng, held_out, [next(yes)] if types == [YES_NO] else [])
         a = s.address
-        ref = dict.fromkeys(REFERENCE_KEYS, "")
-        ref.update(image_id=s.image_id, question_type=types[0], phrasing="held_out" if held_out else "seen",
-                   street=a.street, sub_street=a.sub_street, cross_streets=list(a.cross_streets),
+        ref = dict(image_id=s.image_id, question_type=types[0], phrasing="held_out" if held_out else "seen",
+                   street=a.street, sub_street=a.sub_street, cross_streets=a.cross_streets,
                    neighbourhood=a.neighbourhood, city=a.city, address=render_address(a, cfg.address_style),
                    expected_answer=_expected_text(builder.values(a), types[0]),
-                   choices=[], lat=s.position[0], lon=s.position[1], utm_x=s.position[2], utm_y=s.position[3])
+                   lat=s.position[0], lon=s.position[1], utm_x=s.position[2], utm_y=s.position[3])
         ref.update(extra)
         out.append({"id": s.image_id, "image": s.image, "conversations": turns, "question_type": types[0],
-                    "reference": ref})
+                    "reference": Reference(**ref).to_dict()})
     return out, skipped
 
 
@@ -344,7 +342,7 @@ def summarise(records: list[dict]) -> dict:
         rec_types = rec.get("turn_types") or [rec["question_type"]]
         types.update(rec_types)
         for t, turn in zip(rec_types, rec["conversations"][1::2]):
-            if t == "yes_no":
+            if t == YES_NO:
                 yes_no["yes" if turn["value"].startswith("Yes") else "no"] += 1
     return {"records": len(records), "turns": sum(len(r["conversations"]) // 2 for r in records),
             "question_types": dict(sorted(types.items())), "yes_no": dict(sorted(yes_no.items()))}
@@ -428,16 +426,16 @@ def build(config: BuildConfig) -> dict:
         write_marker(tmp, "conversations")
         for name, recs in (("train", train), ("eval", evaluation)):
             if "llava" in fmt:
-                formats.write_json_array(tmp / f"{name}.json", recs)
+                write_json_array(tmp / f"{name}.json", recs)
                 info["files"][f"{name}"] = f"{name}.json"
             if "jsonl" in fmt:
-                formats.write_jsonl(tmp / f"{name}.jsonl", recs)
+                write_jsonl(tmp / f"{name}.jsonl", recs)
                 info["files"][f"{name}_jsonl"] = f"{name}.jsonl"
             if "messages" in fmt:
-                formats.write_json_array(tmp / f"{name}_messages.json", (formats.to_messages(r) for r in recs))
+                write_json_array(tmp / f"{name}_messages.json", (formats.to_messages(r) for r in recs))
                 info["files"][f"{name}_messages"] = f"{name}_messages.json"
             if "messages-trl" in fmt:
-                formats.write_json_array(tmp / f"{name}_messages_trl.json", (formats.to_messages(r, "trl") for r in recs))
+                write_json_array(tmp / f"{name}_messages_trl.json", (formats.to_messages(r, "trl") for r in recs))
                 info["files"][f"{name}_messages_trl"] = f"{name}_messages_trl.json"
         for kind in ("disk", "parquet"):
             if f"hf-{kind}" in fmt:

@@ -22,6 +22,8 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
+from conversations.records import IMAGE_TOKEN
+
 HEADER = "Candidate addresses (AddressCLIP top-{k}):"
 NONE_FITS = "None of the candidates fits."
 _HEADER_RE = re.compile(r"^Candidate addresses \(AddressCLIP top-\d+\):$")
@@ -50,7 +52,7 @@ def with_candidates(question: str, candidates: Sequence[dict | str], scores: boo
 
 def split_candidates(text: str) -> tuple[list[str], str]:
     """(candidate addresses, the rest) of a user turn written by `with_candidates` (no block: ([], text))."""
-    lines = text.replace("<image>", "").strip().splitlines()
+    lines = text.replace(IMAGE_TOKEN, "").strip().splitlines()
     if not lines or not _HEADER_RE.match(lines[0].strip()):
         return [], text
     cands, i = [], 1

@@ -1,8 +1,6 @@
-"""Conversation file formats: streaming readers and the writers/converters of every output form.
+"""Conversation output forms beside LLaVA's own: converters from the records of `conversations.records`.
 
-- LLaVA JSON: a JSON array of `{"id", "image", "conversations": [{"from": "human"|"gpt", "value"}]}`
-  with `image` relative to the image root and `<image>` once, in the first human turn. Written one record
-  per line so that `head` and `grep` work on it. JSONL (one record per line) is accepted everywhere too.
+- LLaVA JSON / JSONL: the records themselves (`conversations.records` reads and writes them).
 - messages (LLaMA-Factory "sharegpt" with `messages`/`images`): `{"messages": [{"role": "user"|"assistant",
   "content": str}], "images": [path]}` with the `<image>` placeholder kept in the text.
 - messages-trl: the same with typed content parts (`[{"type": "image"}, {"type": "text", "text": ...}]`)
@@ -17,166 +15,17 @@
 - LLaMA-Factory: `dataset_info.json` beside the `messages` files (`llamafactory_dataset_info`) registers them
   as `address_train` / `address_eval` in its "sharegpt" format; images are relative to the image root, which
   LLaMA-Factory takes as `--media_dir`.
-
-`iter_records` reads a top-level JSON array incrementally (a small reader over `json.JSONDecoder.raw_decode`
-on chunks), so a file of a million records is read in bounded memory.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Iterable, Iterator
 
-IMAGE_TOKEN = "<image>"
+from conversations.records import IMAGE_TOKEN
+
 ROLE_MAP = {"human": "user", "gpt": "assistant"}
-_WS = " \t\r\n"
-
-
-@dataclass(frozen=True)
-class Item:
-    """One top-level element of a conversation file, or a parse error at `index` (then `value` is None)."""
-
-    index: int
-    value: Any = None
-    error: str | None = None
-    fatal: bool = False
-    """the reader cannot continue after this error (malformed JSON array)"""
-
-
-def _array_items(f, path: str, chunk_size: int, max_record_chars: int) -> Iterator[Item]:
-    dec = json.JSONDecoder()
-    buf, pos, eof = "", 0, False
-    consumed, consumed_lines = 0, 0  # characters / newlines dropped from the front of buf
-
-    def fill() -> None:
-        nonlocal buf, pos, eof, consumed, consumed_lines
-        # read at least as much as is pending so a long record costs O(n log n), not O(n^2)
-        chunk = f.read(max(chunk_size, len(buf) - pos))
-        consumed += pos
-        consumed_lines += buf.count("\n", 0, pos)
-        buf, pos = buf[pos:] + chunk, 0
-        eof = not chunk
-
-    def where(at: int) -> str:
-        return f"line {consumed_lines + buf.count(chr(10), 0, at) + 1}, char {consumed + at}"
-
-    def next_char() -> str | None:
-        nonlocal pos
-        while True:
-            while pos < len(buf) and buf[pos] in _WS:
-                pos += 1
-            if pos < len(buf):
-                return buf[pos]
-            if eof:
-                return None
-            fill()
-
-    index = 0
-    c = next_char()
-    if c != "[":
-        yield Item(0, error=f"{path}: top level must be a JSON array ('[') or JSON lines, found "
-                            f"{'end of file' if c is None else repr(c)} at {where(pos)}", fatal=True)
-        return
-    pos += 1
-    if next_char() == "]":
-        pos += 1
-    else:
-        while True:
-            if next_char() is None:
-                yield Item(index, error=f"{path}: unexpected end of file inside the array at {where(pos)}", fatal=True)
-                return
-            while True:
-                try:
-                    value, end = dec.raw_decode(buf, pos)
-                    if end < len(buf) or eof:
-                        break
-                except json.JSONDecodeError as e:
-                    if eof or len(buf) - pos > max_record_chars:
-                        too_big = not eof
-                        truncated = eof and (e.pos >= len(buf.rstrip(_WS)) or e.msg.startswith("Unterminated"))
-                        msg = (f"record longer than {max_record_chars} characters or malformed" if too_big
-                               else f"unexpected end of file inside record {index} ({e.msg})" if truncated
-                               else f"invalid JSON ({e.msg})")
-                        yield Item(index, error=f"{path}: {msg} at {where(e.pos)}", fatal=True)
-                        return
-                fill()  # the value may continue in the next chunk
-            pos = end
-            yield Item(index, value)
-            index += 1
-            c = next_char()
-            if c == ",":
-                pos += 1
-                continue
-            if c == "]":
-                pos += 1
-                break
-            yield Item(index, error=f"{path}: expected ',' or ']' after record {index - 1}, found "
-                                    f"{'end of file' if c is None else repr(c)} at {where(pos)}", fatal=True)
-            return
-    if next_char() is not None:
-        yield Item(index, error=f"{path}: extra data after the closing ']' at {where(pos)}", fatal=True)
-
-
-def _jsonl_items(f, path: str) -> Iterator[Item]:
-    index = 0
-    for lineno, line in enumerate(f, 1):
-        if not line.strip():
-            continue
-        try:
-            yield Item(index, json.loads(line))
-        except json.JSONDecodeError as e:
-            yield Item(index, error=f"{path}: line {lineno}: invalid JSON ({e.msg}, column {e.colno}); "
-                                    "a JSON lines file holds one complete record per line")
-        index += 1
-
-
-def iter_records(path: str | os.PathLike, chunk_size: int = 1 << 16, max_record_chars: int = 64 << 20) -> Iterator[Item]:
-    """Items of a LLaVA JSON array or a JSON lines file (chosen by the first character), streamed."""
-    path = str(path)
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            head = f.read(4096).lstrip(_WS)
-            f.seek(0)
-            if path.endswith(".jsonl") or head.startswith("{"):
-                yield from _jsonl_items(f, path)
-            else:
-                yield from _array_items(f, path, chunk_size, max_record_chars)
-    except UnicodeDecodeError as e:
-        yield Item(-1, error=f"{path}: not UTF-8 text ({e.reason} at byte {e.start})", fatal=True)
-
-
-def load_records(path: str | os.PathLike) -> list[dict]:
-    """All records of a file; raises ValueError on the first malformed one (use `validate` for a full report)."""
-    out = []
-    for item in iter_records(path):
-        if item.error:
-            raise ValueError(item.error)
-        out.append(item.value)
-    return out
-
-
-def write_json_array(path: str | os.PathLike, records: Iterable[dict]) -> int:
-    """A JSON array with one record per line (streamed); returns the number of records."""
-    n = 0
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("[")
-        for rec in records:
-            f.write(("\n" if n == 0 else ",\n") + json.dumps(rec, ensure_ascii=False))
-            n += 1
-        f.write("\n]\n")
-    return n
-
-
-def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:
-    n = 0
-    with open(path, "w", encoding="utf-8") as f:
-        for rec in records:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            n += 1
-    return n
 
 
 def to_messages(record: dict, style: str = "llamafactory") -> dict:

@@ -24,7 +24,7 @@ from clip_stage.core.config import ArgumentParser
 from clip_stage.core.errors import command_main
 from clip_stage.core.fs import atomic_write_json
 
-from conversations.formats import iter_records
+from conversations.records import iter_records
 from conversations.templates import classify_question
 
 

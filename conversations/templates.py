@@ -25,6 +25,7 @@ import string
 from dataclasses import dataclass
 
 from clip_stage.core.registry import Registry
+from conversations.records import IMAGE_TOKEN
 
 MIN_QUESTIONS = 15
 # Answers must name an address through one of these placeholders.
@@ -85,8 +86,8 @@ class QuestionType:
             raise ValueError(f"{where}: held-out phrasings also used for training: {sorted(overlap)}")
         for q in self.questions + self.held_out:
             bad = placeholders(q) - QUESTION_FIELDS
-            if bad or "<image>" in q:
-                raise ValueError(f"{where}: question {q!r} uses unknown placeholders {sorted(bad)} or <image>")
+            if bad or IMAGE_TOKEN in q:
+                raise ValueError(f"{where}: question {q!r} uses unknown placeholders {sorted(bad)} or {IMAGE_TOKEN}")
         answer_sets = [self.answers] if self.answers else [self.answers_yes, self.answers_no]
         for answers in answer_sets:
             if len(answers) < 3:
@@ -136,7 +137,7 @@ def classify_question(text: str) -> tuple[str, bool] | None:
                      for held, qs in ((False, qt.questions), (True, qt.held_out)) for q in qs]
     from conversations.candidates import split_candidates
 
-    text = split_candidates(text.replace("<image>", "").strip())[1]
+    text = split_candidates(text.replace(IMAGE_TOKEN, "").strip())[1]
     for pattern, name, held in _MATCHERS:
         if pattern.match(text):
             return name, held

@@ -26,7 +26,7 @@ from clip_stage.core.config import ArgumentParser
 from clip_stage.core.errors import command_main
 from clip_stage.core.fs import UnsafePathError, resolve_under_root
 
-from conversations.formats import IMAGE_TOKEN, iter_records
+from conversations.records import IMAGE_TOKEN, iter_records
 
 ROLES = ("human", "gpt")
 
@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-root", help="folder the `image` paths are relative to (required unless --no-image-check)")
     p.add_argument("--no-image-check", action="store_true", help="skip the image path and existence checks")
     p.add_argument("--allow-text-only", action="store_true",
-                   help="accept records without `image` (then they must not contain <image>), as in LLaVA's mix665k")
+                   help=f"accept records without `image` (then they must not contain {IMAGE_TOKEN}), as in LLaVA's mix665k")
     p.add_argument("--allow-duplicate-ids", action="store_true",
                    help="accept records that share an id (ids key predictions and scores, so ours never do)")
     p.add_argument("--max-problems", type=int, default=50,

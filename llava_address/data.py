@@ -1,7 +1,7 @@
 """LLaVA-format conversation data -> model batches: dataset, image loading, collate, length-grouped sampler.
 
 Reads any LLaVA-format file (a JSON list or JSONL of `{"id", "image", "conversations": [{"from", "value"}]}`,
-as written by `address-llava conversations` or LLaVA's own data). Every record's text is tokenised once at
+as written by `address-llava conversations` or LLaVA's own data) through `conversations.records`. Every record's text is tokenised once at
 start-up (gives exact lengths for length-grouped batching, and every malformed record is reported before
 training starts, by id); for a file the results are cached on disk (`llava_address.length_cache`), so a
 later run on the same file and settings skips the pass (minutes for LLaVA's 665k records). Images load
@@ -16,7 +16,6 @@ processor's image processor.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from clip_stage.core.fs import UnsafePathError, resolve_under_root
+from conversations.records import RecordError, load_records
 from llava_address.config import DataArgs
 from llava_address.length_cache import LengthCache, resolve_cache_dir
 from llava_address.prompting import IGNORE_INDEX, ConversationError, encode_conversation
@@ -33,37 +33,7 @@ from llava_address.prompting import IGNORE_INDEX, ConversationError, encode_conv
 log = logging.getLogger(__name__)
 
 
-class RecordError(ValueError):
-    """A malformed record or a record whose image cannot be used (the message names the record)."""
-
-
 # --- reading ---------------------------------------------------------------------------------------
-
-def load_llava_records(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Records of a LLaVA JSON list or JSONL file (format detected from the content, not the suffix)."""
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    stripped = text.lstrip()
-    if not stripped:
-        raise RecordError(f"{path} is empty")
-    if stripped[0] == "[":
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise RecordError(f"{path}: invalid JSON: {e}") from e
-    else:
-        records = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise RecordError(f"{path}:{lineno}: invalid JSON line: {e}") from e
-    if not isinstance(records, list):
-        raise RecordError(f"{path}: expected a list of records, got {type(records).__name__}")
-    return records
-
 
 def record_images(record: dict[str, Any], record_id: Any) -> list[str]:
     """The record's image paths (LLaVA allows one path or a list; none for text-only records)."""
@@ -187,7 +157,7 @@ class LlavaDataset(Dataset):
         root = Path(image_root) if image_root is not None else data_path.parent
         # Identify the file before reading it: a file rewritten meanwhile then misses the cache next time.
         cache = LengthCache(length_cache_dir, data_path) if length_cache_dir is not None else None
-        return cls(load_llava_records(data_path), processor, num_image_tokens, image_root=root,
+        return cls(load_records(data_path), processor, num_image_tokens, image_root=root,
                    source=str(data_path), length_cache=cache, **kwargs)
 
     @classmethod

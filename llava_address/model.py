@@ -29,11 +29,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from conversations.records import IMAGE_TOKEN
 from llava_address.config import ModelArgs, TrainablesArgs, asdict
 
 log = logging.getLogger(__name__)
 
-IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
 
 # Checkpoint layout (one folder per checkpoint; see save_checkpoint).

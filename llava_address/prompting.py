@@ -38,9 +38,9 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from clip_stage.core.registry import Registry
+from conversations.records import IMAGE_TOKEN
 
 IGNORE_INDEX = -100
-IMAGE_PLACEHOLDER = "<image>"
 
 # LLaVA's conv_vicuna_v1 (LLaVA-1.5's fine-tuning prompt) and conv_llava_v1 system prompts, word for word.
 VICUNA_V1_SYSTEM = (
@@ -162,13 +162,13 @@ def _checked_turns(tpl: Template, conversation, record_id) -> tuple[str, list[tu
         if role != expected:
             raise ConversationError(f"record {record_id!r}: message {i} is from {role!r}, expected {expected!r} "
                                     f"(turns must alternate user/assistant, starting with the user)")
-        if role == "assistant" and IMAGE_PLACEHOLDER in text:
-            raise ConversationError(f"record {record_id!r}: an assistant message contains {IMAGE_PLACEHOLDER}")
+        if role == "assistant" and IMAGE_TOKEN in text:
+            raise ConversationError(f"record {record_id!r}: an assistant message contains {IMAGE_TOKEN}")
     if tpl.style == "plain":
         # LLaVA's preprocess_plain: exactly one (image, caption) pair; the user text is replaced by the image.
-        if len(messages) > 2 or IMAGE_PLACEHOLDER not in messages[0][1]:
+        if len(messages) > 2 or IMAGE_TOKEN not in messages[0][1]:
             raise ConversationError(f"record {record_id!r}: the 'plain' template takes one user message with "
-                                    f"{IMAGE_PLACEHOLDER} and at most one answer, got {len(messages)} message(s)")
+                                    f"{IMAGE_TOKEN} and at most one answer, got {len(messages)} message(s)")
     return system, messages
 
 
@@ -189,7 +189,7 @@ def _pieces(tpl: Template, system: str, messages: list[tuple[str, str]]) -> list
                 out += [("answer", text, True), ("eos", "", True)]
         elif tpl.style == "plain":
             if role == "user":
-                out.append(("text", IMAGE_PLACEHOLDER * text.count(IMAGE_PLACEHOLDER), False))
+                out.append(("text", IMAGE_TOKEN * text.count(IMAGE_TOKEN), False))
             else:
                 out.append(("text", text + tpl.sep, True))
         else:  # llama_2
@@ -227,17 +227,17 @@ def encode_conversation(
     """
     tpl = get_template(template)
     if image_token_id is None:
-        image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+        image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         if image_token_id is None or image_token_id == tokenizer.unk_token_id:
-            raise ValueError("the tokenizer has no `<image>` token; pass image_token_id")
+            raise ValueError(f"the tokenizer has no `{IMAGE_TOKEN}` token; pass image_token_id")
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
         raise ValueError("the tokenizer has no eos token, which ends every assistant turn")
 
     system, messages = _checked_turns(tpl, conversation, record_id)
-    n_placeholders = sum(text.count(IMAGE_PLACEHOLDER) for _, text in messages)
+    n_placeholders = sum(text.count(IMAGE_TOKEN) for _, text in messages)
     if num_images is not None and n_placeholders != num_images:
-        raise ConversationError(f"record {record_id!r}: {n_placeholders} {IMAGE_PLACEHOLDER} placeholder(s) "
+        raise ConversationError(f"record {record_id!r}: {n_placeholders} {IMAGE_TOKEN} placeholder(s) "
                                 f"but {num_images} image(s)")
 
     def text_ids(text: str) -> list[int]:
@@ -275,7 +275,7 @@ def encode_conversation(
             append("assistant", text_ids(text), True)
         else:
             # One masked piece per user turn (images expanded), ending with the assistant opener.
-            for j, seg in enumerate(text.split(IMAGE_PLACEHOLDER)):
+            for j, seg in enumerate(text.split(IMAGE_TOKEN)):
                 if j > 0:
                     image_spans.append((len(enc.input_ids), len(enc.input_ids) + num_image_tokens))
                     append("image", [image_token_id] * num_image_tokens, False)
@@ -331,14 +331,14 @@ def _lit(text: str) -> str:
 # `preprocess_multimodal` moves `<image>` to the front), and text parts are joined by newlines. `sp` is
 # written after every special token (bos, eos, image) that text follows: see `special_boundary`.
 def _content_macros(sp: str) -> str:
-    img = _lit("<image>" + sp)
+    img, tok = _lit(IMAGE_TOKEN + sp), f"'{IMAGE_TOKEN}'"  # the token as a Jinja literal
     return (
-        "{%- macro content(c) -%}{%- if c is string -%}{{ c.replace('<image>', " + img + ") }}{%- else -%}"
+        "{%- macro content(c) -%}{%- if c is string -%}{{ c.replace(" + tok + ", " + img + ") }}{%- else -%}"
         "{%- for p in c if p['type'] == 'image' -%}{{ " + img + " + '\\n' }}{%- endfor -%}"
         "{%- for p in c if p['type'] == 'text' -%}{{ p['text'] }}{%- if not loop.last -%}{{ '\\n' }}{%- endif -%}"
         "{%- endfor -%}{%- endif -%}{%- endmacro -%}"
-        "{%- macro images(c) -%}{%- if c is string -%}{{ '<image>' * c.count('<image>') }}{%- else -%}"
-        "{%- for p in c if p['type'] == 'image' -%}{{ '<image>' }}{%- endfor -%}{%- endif -%}{%- endmacro -%}"
+        "{%- macro images(c) -%}{%- if c is string -%}{{ " + tok + " * c.count(" + tok + ") }}{%- else -%}"
+        "{%- for p in c if p['type'] == 'image' -%}{{ " + tok + " }}{%- endfor -%}{%- endif -%}{%- endmacro -%}"
     )
 
 

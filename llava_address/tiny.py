@@ -19,10 +19,11 @@ from typing import Any, Iterable
 
 import torch
 
+from conversations.records import IMAGE_TOKEN
+
 log = logging.getLogger(__name__)
 
 MODEL_CONFIG_DIR = Path(__file__).with_name("model_configs")
-IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
 # OpenAI CLIP normalisation (what LLaVA-1.5's CLIP ViT-L/14-336 processor uses).
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -119,7 +120,7 @@ def build_tiny_llava(tokenizer, vision_tower: str | os.PathLike | None = None, v
 
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     if image_token_id is None or image_token_id == tokenizer.unk_token_id or tokenizer.pad_token_id is None:
-        raise ValueError("the tokenizer needs an `<image>` special token and a pad token (use train_tokenizer)")
+        raise ValueError(f"the tokenizer needs an `{IMAGE_TOKEN}` special token and a pad token (use train_tokenizer)")
     arch = load_tiny_config(config_name)
     tower = None
     if vision_tower is not None:
@@ -200,7 +201,7 @@ def write_toy_llava_data(out_dir: str | os.PathLike, n: int = 12, seed: int = 0,
         w, h = rng.choice([(40, 30), (30, 40), (32, 32), (64, 20)])
         rel = f"images/{i:04d}.png"
         Image.new("RGB", (w, h), colour).save(out / rel)
-        conv = [{"from": "human", "value": "<image>\nWhere was this photo taken?"},
+        conv = [{"from": "human", "value": f"{IMAGE_TOKEN}\nWhere was this photo taken?"},
                 {"from": "gpt", "value": f"{address}."}]
         for q, answer in follow_ups[: max(0, turns - 1)]:
             conv += [{"from": "human", "value": q}, {"from": "gpt", "value": answer(address)}]

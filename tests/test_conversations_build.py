@@ -7,9 +7,9 @@ import shutil
 import pytest
 
 from clip_stage.core.schema import DatasetPaths, read_records
-from conversations import build, formats
-from conversations.build import REFERENCE_KEYS
+from conversations import build
 from conversations.neighbours import build_neighbourhood
+from conversations.records import REFERENCE_KEYS, Reference, load_records
 from conversations.templates import QUESTION_TYPES, classify_question, template_regex
 from llava_address.apps import cli
 
@@ -19,7 +19,7 @@ def _build(dataset, out, *extra):
 
 
 def _load(path):
-    return formats.load_records(path)
+    return load_records(path)
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +177,7 @@ def test_eval_reference_fields(toy_conversations, records):
         assert ref["expected_answer"]
         found = classify_question(r["conversations"][0]["value"])
         assert found == (ref["question_type"], ref["phrasing"] == "held_out")
+        assert Reference.from_dict(ref).to_dict() == ref  # the builder writes exactly the contract's fields
 
 
 def test_held_out_phrasings_never_in_training(toy_conversations, yes_no_heavy):

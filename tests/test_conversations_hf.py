@@ -9,6 +9,7 @@ import re
 import pytest
 
 from conversations import build, formats
+from conversations.records import load_records
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def test_parquet_splits_load_together_with_one_schema(exported):
     pq = exported / "hf_parquet"
     dd = datasets.load_dataset("parquet", data_files={"train": str(pq / "train.parquet"),
                                                       "eval": str(pq / "eval.parquet")})
-    train, evaluation = formats.load_records(exported / "train.json"), formats.load_records(exported / "eval.json")
+    train, evaluation = load_records(exported / "train.json"), load_records(exported / "eval.json")
     assert dd["train"].features == dd["eval"].features
     assert set(dd["train"].column_names) >= {"id", "image", "conversations", "messages", "images", "turn_types",
                                              "candidates", "question_type", "reference"}
@@ -43,7 +44,7 @@ def test_parquet_splits_load_together_with_one_schema(exported):
 def test_candidates_column_and_type_conflicts(exported, tmp_path):
     import datasets
 
-    train, evaluation = formats.load_records(exported / "train.json"), formats.load_records(exported / "eval.json")
+    train, evaluation = load_records(exported / "train.json"), load_records(exported / "eval.json")
     train[0] = {**train[0], "candidates": ["Main Street 1", "Side Street 2"]}
     formats.export_hf(tmp_path / "pq", {"train": train, "eval": evaluation}, "parquet")
     dd = datasets.load_dataset("parquet", data_files={s: str(tmp_path / "pq" / f"{s}.parquet") for s in ("train", "eval")})
@@ -65,8 +66,8 @@ def test_llamafactory_dataset_info_describes_the_messages_files(exported, toy_da
         assert entry["tags"] == {"role_tag": "role", "content_tag": "content", "user_tag": "user",
                                  "assistant_tag": "assistant"}
         # read the file the way LLaMA-Factory's sharegpt converter does: through the column and tag names
-        records = formats.load_records(exported / entry["file_name"])
-        source = formats.load_records(exported / f"{name.removeprefix('address_')}.json")
+        records = load_records(exported / entry["file_name"])
+        source = load_records(exported / f"{name.removeprefix('address_')}.json")
         assert len(records) == len(source) > 0
         cols, tags = entry["columns"], entry["tags"]
         for rec in records:

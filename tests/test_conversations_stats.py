@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from conversations import stats
-from conversations.formats import load_records, write_json_array
+from conversations.records import load_records, write_json_array
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import tracemalloc
 import pytest
 
 from conversations import validate
-from conversations.formats import iter_records, write_json_array
+from conversations.records import iter_records, write_json_array
 
 # LLaVA's own sample formats: llava_v1_5_mix665k (multi-turn, "<image>\n" prefix, text-only records
 # without "image") and the LCS-558K pretraining file ("...\n<image>" suffix).

@@ -5,10 +5,14 @@ import json
 import pytest
 
 from clip_stage.core.schema import Address, read_records, render_address
+from conversations.records import (CROSS_STREETS, FULL_ADDRESS, IMAGE_TOKEN, MULTIPLE_CHOICE, PLACE, STREET, YES_NO,
+                                   RecordError, Reference)
 from llava_address.eval import scoring
-from llava_address.eval.scoring import AnswersError, Scorer, parse_mc, parse_yes_no
+from llava_address.eval.embedder import clip_text_embedder
+from llava_address.eval.parse import parse_mc, parse_yes_no
+from llava_address.eval.scoring import AnswersError, Scorer
 
-TYPES = ["full_address", "street", "cross_streets", "place", "yes_no", "multiple_choice"]
+TYPES = [FULL_ADDRESS, STREET, CROSS_STREETS, PLACE, YES_NO, MULTIPLE_CHOICE]
 
 
 def _eval_records(dataset):
@@ -18,18 +22,19 @@ def _eval_records(dataset):
     out = []
     for i, row in df.iterrows():
         qtype = TYPES[i % len(TYPES)]
-        ref = {"street": row["street"], "sub_street": row["sub_street"], "cross_streets": list(row["cross_streets"]),
-               "neighbourhood": row["neighbourhood"], "city": row["city"], "image_id": row["image_id"]}
-        if qtype == "yes_no":
-            ref["expected"] = bool(i % 2)
-        if qtype == "multiple_choice":
+        ref = {"question_type": qtype, "street": row["street"], "sub_street": row["sub_street"],
+               "cross_streets": list(row["cross_streets"]), "neighbourhood": row["neighbourhood"], "city": row["city"],
+               "image_id": row["image_id"]}
+        if qtype == YES_NO:
+            ref["expected_answer"] = "yes" if i % 2 else "no"
+        if qtype == MULTIPLE_CHOICE:
             others = [s for s in subs if s != row["sub_street"]][:3]
-            ref["options"] = [row["address_full"]] + [df[df["sub_street"] == s].iloc[0]["address_full"] for s in others]
-            ref["answer_letter"] = "A"
+            ref["choices"] = [row["address_full"]] + [df[df["sub_street"] == s].iloc[0]["address_full"] for s in others]
+            ref["expected_answer"] = "A"
         out.append({"id": f"{row['image_id']}-eval", "image": row["image"], "question_type": qtype,
-                    "conversations": [{"from": "human", "value": "<image>\nWhere is this?"},
+                    "conversations": [{"from": "human", "value": f"{IMAGE_TOKEN}\nWhere is this?"},
                                       {"from": "gpt", "value": row["address_full"]}],
-                    "reference": ref})
+                    "reference": Reference(**ref).to_dict()})
     return out
 
 
@@ -41,8 +46,8 @@ def _perfect_answer(rec):
         "street": f"It's {ref['street']}.",
         "cross_streets": f"Between {' and '.join(ref['cross_streets'])}.",
         "place": f"{ref['neighbourhood']}, {ref['city']}",
-        "yes_no": "Yes, it is." if ref.get("expected") else "No, it is somewhere else.",
-        "multiple_choice": "A. " + ref.get("options", [""])[0],
+        "yes_no": "Yes, it is." if ref["expected_answer"] == "yes" else "No, it is somewhere else.",
+        "multiple_choice": "A. " + (ref["choices"] or [""])[0],
     }[t]
 
 
@@ -55,7 +60,7 @@ def _wrong_answer(rec, gaz):
         "street": other.street,
         "cross_streets": f"between {other.cross_streets[0]} and Esplanadi",
         "place": other.neighbourhood,
-        "yes_no": "No." if ref.get("expected") else "Yes.",
+        "yes_no": "No." if ref["expected_answer"] == "yes" else "Yes.",
         "multiple_choice": "(C)",
     }[t]
 
@@ -120,8 +125,7 @@ def test_partial_answers_count_missing_and_unknown_ids_fail(toy_dataset, scorer)
 
 def test_answers_without_eval_split_use_their_own_references(toy_dataset, scorer, tmp_path):
     recs = _eval_records(toy_dataset)[:6]
-    rows = [{"id": r["id"], "answer": _perfect_answer(r), "reference": {**r["reference"], "type": r["question_type"]}}
-            for r in recs]
+    rows = [{"id": r["id"], "answer": _perfect_answer(r), "reference": r["reference"]} for r in recs]
     report = scorer.score(rows)
     assert report.n_eval == 6 and sum(report.by_type.values()) == 6
     assert all(m["correct"] == m["total"] for m in report.metrics.values())
@@ -129,14 +133,23 @@ def test_answers_without_eval_split_use_their_own_references(toy_dataset, scorer
         scorer.score([{"id": "x", "answer": "y"}])
     bad = _write(tmp_path / "bad.jsonl", [{"id": "x", "answer": "y"}])
     bad.write_text(bad.read_text() + "{not json\n", encoding="utf-8")
-    with pytest.raises(AnswersError, match=r"bad.jsonl:2: malformed JSON"):
-        scoring.read_jsonl(bad)
+    with pytest.raises(AnswersError, match=r"bad.jsonl: line 2: invalid JSON"):
+        scoring.read_answers(bad)
+
+
+def test_a_reference_off_the_contract_is_an_error_not_a_guess(scorer):
+    """The alias tables are gone: another writer's key or type name is refused, naming the answer."""
+    for ref, message in (({"question_type": "yesno", "expected_answer": "yes"}, "unknown question type 'yesno'"),
+                         ({"question_type": "yes_no", "expected": True}, r"unknown key\(s\) \['expected'\]"),
+                         ({"street": "Esplanadi"}, "no question_type")):
+        with pytest.raises(RecordError, match=rf"^answers: id a: reference.*{message}"):
+            scorer.score([{"id": "a", "answer": "Yes.", "reference": ref}])
 
 
 def test_sub_street_needs_the_right_cross_streets(scorer):
     ref = {"street": "Esplanadi", "sub_street": "Esplanadi/1", "cross_streets": ["Kaivokatu", "Fredrikinkatu"],
-           "neighbourhood": "Kamppi", "city": "Helsinki", "question_type": "full"}
-    refs = {"a": {"reference": ref}, "b": {"reference": ref}, "c": {"reference": ref}}
+           "neighbourhood": "Kamppi", "city": "Helsinki", "question_type": FULL_ADDRESS}
+    refs = scoring.eval_references([{"id": k, "reference": ref} for k in "abc"])
     report = scorer.score([{"id": "a", "answer": "Esplanaden mellan Kaivogatan och Fredriksgatan"},
                            {"id": "b", "answer": "Esplanadi between Mikonkatu and Kaivokatu, Kamppi"},
                            {"id": "c", "answer": "The Esplanade"}], refs)
@@ -167,7 +180,7 @@ def test_embedding_fallback_parses_what_the_gazetteer_cannot(toy_dataset):
     from tests.test_gazetteer import _trigram_embed
 
     ref = {"street": "Bulevardi", "sub_street": "Bulevardi/2", "cross_streets": ["Fredrikinkatu", "Annankatu"],
-           "neighbourhood": "Kamppi", "city": "Helsinki", "question_type": "full"}
+           "neighbourhood": "Kamppi", "city": "Helsinki", "question_type": FULL_ADDRESS}
     # Misspelt beyond the fuzzy threshold everywhere, but close in the (stand-in) embedding space.
     answer = "Bulevardy betwen Fredrikinkadu and Annankadu, Kamppi district"
     plain = Scorer.from_dataset(toy_dataset, threshold=99).score([{"id": "a", "answer": answer, "reference": ref}])
@@ -232,17 +245,17 @@ def test_addressclip_text_embedder_from_a_train_clip_checkpoint_and_its_export(t
     bundle = create_clip("addressclip-tiny")
     ckpt = save_checkpoint(tmp_path / "clip", bundle.model, "addressclip-tiny", None)
     texts = ["Bulevardi between Fredrikinkatu and Annankatu, Kamppi, Helsinki", "Esplanadi", "Kluuvi"]
-    embed = scoring.clip_text_embedder(ckpt)
+    embed = clip_text_embedder(ckpt)
     e = embed(texts)
     assert e.shape[0] == 3 and np.allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
     export_open_clip(bundle.model, bundle.tokenizer, tmp_path / "export")
-    e_hf = scoring.clip_text_embedder(tmp_path / "export")(texts)
+    e_hf = clip_text_embedder(tmp_path / "export")(texts)
     assert np.allclose(e, e_hf, atol=1e-4)  # the same text tower through transformers
     with pytest.raises(Exception, match="clip-nowhere"):
-        scoring.clip_text_embedder(tmp_path / "clip-nowhere")
+        clip_text_embedder(tmp_path / "clip-nowhere")
     # The scorer uses it for answers in which the gazetteer finds no street.
     s = Scorer.from_dataset(toy_dataset, embed=embed, min_similarity=-1.0)
     d = s.score([{"id": "a", "answer": "somewhere unknown", "reference": {
         "street": "Bulevardi", "sub_street": "Bulevardi/2", "cross_streets": ["Fredrikinkatu", "Annankatu"],
-        "neighbourhood": "Kamppi", "city": "Helsinki", "question_type": "full"}}]).details[0]
+        "neighbourhood": "Kamppi", "city": "Helsinki", "question_type": FULL_ADDRESS}}]).details[0]
     assert d.parsed["method"] == "embedding" and d.parsed["sub_street"] in s.gazetteer.sub_streets

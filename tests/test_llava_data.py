@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 
 from llava_address.config import DataArgs, ModelArgs
-from llava_address.data import (LengthGroupedSampler, LlavaCollator, LlavaDataset, RecordError, build_dataloader,
-                                build_dataset, expand_to_square, length_grouped_indices, load_llava_records)
+from conversations.records import RecordError, load_records
+from llava_address.data import (LengthGroupedSampler, LlavaCollator, LlavaDataset, build_dataloader, build_dataset,
+                                expand_to_square, length_grouped_indices)
 from llava_address.prompting import (IGNORE_INDEX, ConversationError, encode_conversation, generation_prompt,
                                      get_template, render_text)
 
@@ -136,7 +137,7 @@ def test_dataset_items_and_lengths(tiny_llava_data, processor):
     assert item["id"] == "toy-0000"
     # JSONL reads the same records
     jl = tiny_llava_data / "train.jsonl"
-    jl.write_text("\n".join(json.dumps(r) for r in load_llava_records(tiny_llava_data / "train.json")) + "\n")
+    jl.write_text("\n".join(json.dumps(r) for r in load_records(tiny_llava_data / "train.json")) + "\n")
     try:
         ds2 = LlavaDataset.from_file(jl, processor, N_IMG)
         assert ds2.lengths == ds.lengths and torch.equal(ds2[3]["input_ids"], ds[3]["input_ids"])
@@ -172,7 +173,7 @@ def test_pad_to_square_with_mean_colour(tmp_path, processor):
 def test_bad_records_and_images_are_errors_naming_the_record(tmp_path, processor, tiny_llava_data):
     data = tmp_path / "d"
     shutil.copytree(tiny_llava_data, data)
-    recs = load_llava_records(data / "train.json")
+    recs = load_records(data / "train.json")
     (data / "images" / "0001.png").write_bytes(b"not a png")
     (data / "images" / "0002.png").unlink()
     recs[3]["image"] = "../outside.png"
@@ -193,14 +194,14 @@ def test_bad_records_and_images_are_errors_naming_the_record(tmp_path, processor
     with pytest.raises(RecordError, match="toy-0000.*cut image tokens"):
         LlavaDataset(recs[:1], processor, N_IMG, image_root=data, max_length=10)
     (data / "broken.jsonl").write_text('{"id": 1}\n{oops\n')
-    with pytest.raises(RecordError, match="broken.jsonl:2"):
-        load_llava_records(data / "broken.jsonl")
+    with pytest.raises(RecordError, match="broken.jsonl: line 2: invalid JSON"):
+        load_records(data / "broken.jsonl")
 
 
 def test_collate_pads_right_and_batches_mixed_modalities(tiny_llava_dir, tiny_llava_data, processor):
     from llava_address.model import build_llava
 
-    recs = load_llava_records(tiny_llava_data / "train.json")[:3]
+    recs = load_records(tiny_llava_data / "train.json")[:3]
     recs.append({"id": "text-only", "conversations": [{"from": "human", "value": "Where is Broadway?"},
                                                        {"from": "gpt", "value": "Upper West Side."}]})
     ds = LlavaDataset(recs, processor, N_IMG, image_root=tiny_llava_data)
@@ -335,7 +336,7 @@ def test_length_cache_second_construction_skips_tokenising(data_copy, tmp_path, 
     assert (warm.ids, warm.lengths, warm.has_image) == (cold.ids, cold.lengths, cold.has_image)
     assert warm.ids[0] == "toy-0000" and all(warm.has_image)
     assert torch.equal(warm[5]["input_ids"], cold[5]["input_ids"]) and len(encode_calls) == 14  # items still encode
-    nocache = LlavaDataset(load_llava_records(data_copy), processor, N_IMG, image_root=data_copy.parent,
+    nocache = LlavaDataset(load_records(data_copy), processor, N_IMG, image_root=data_copy.parent,
                            image_token_id=_config(processor).image_token_id)
     assert nocache.lengths == warm.lengths
 
@@ -362,7 +363,7 @@ def test_length_cache_is_keyed_on_settings_and_the_file(data_copy, tmp_path, pro
     os.utime(data_copy, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))   # touched
     assert misses()[0]
     # rewritten: same ids, a longer answer -> the new length, never the cached one
-    recs = load_llava_records(data_copy)
+    recs = load_records(data_copy)
     recs[0]["conversations"][1]["value"] += " Near the old clock tower, by the river."
     data_copy.write_text(json.dumps(recs))
     miss, ds = misses()
@@ -415,7 +416,7 @@ def test_length_cache_none_and_default(data_copy, tmp_path, processor, encode_ca
 
 
 def test_invalid_records_raise_and_cache_nothing(data_copy, tmp_path, processor):
-    recs = load_llava_records(data_copy)
+    recs = load_records(data_copy)
     recs[3]["conversations"] = []
     data_copy.write_text(json.dumps(recs))
     cache = tmp_path / "cache"

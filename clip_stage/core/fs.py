@@ -6,6 +6,10 @@ either the old file/folder or the new one, never half of one. A verified folder 
 verified=True)`, used for checkpoints) also gets a `manifest.json` (size + sha256 of every file), and its
 files and the folder itself are fsynced before the rename, so a power cut cannot leave a renamed folder
 with empty files; `verify_manifest` checks it on load. `remove_stale_temps` deletes what killed saves left.
+
+`iter_jsonl` / `read_jsonl` are the project's one JSON lines reader (each stage's JSONL files and the
+conversation records of `conversations.records` go through it): blank lines are skipped and a malformed
+line is reported with its file and line number.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -226,6 +231,48 @@ def remove_stale_temps(folder: str | os.PathLike, stems: tuple[str, ...]) -> lis
     return removed
 
 
+@dataclass(frozen=True)
+class JsonLine:
+    """One non-blank line of a JSON lines file: its decoded `value`, or the reason it is not JSON (`error`)."""
+
+    lineno: int
+    value: Any = None
+    error: str | None = None
+
+
+def parse_jsonl(lines: Iterable[str | bytes], start: int = 1) -> Iterator[JsonLine]:
+    """A JsonLine per non-blank line (numbered from `start`); a malformed line does not stop the reading, so a
+    caller can report it, skip it or stop."""
+    for lineno, line in enumerate(lines, start):
+        if not line.strip():
+            continue
+        try:
+            yield JsonLine(lineno, json.loads(line))
+        except json.JSONDecodeError as e:
+            yield JsonLine(lineno, error=f"invalid JSON ({e.msg}, column {e.colno})")
+        except UnicodeDecodeError as e:  # bytes input
+            yield JsonLine(lineno, error=f"not UTF-8 text ({e.reason} at byte {e.start})")
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[JsonLine]:
+    """The lines of a JSON lines file, streamed (a UTF-8 byte-order mark is ignored)."""
+    with open(path, encoding="utf-8-sig") as f:
+        yield from parse_jsonl(f)
+
+
+def read_jsonl(path: str | os.PathLike, error: type[Exception] = ValueError) -> list[dict]:
+    """The objects of a JSON lines file; the first malformed line or non-object raises `error` with ONE line
+    naming the file and the line."""
+    rows = []
+    for line in iter_jsonl(path):
+        if line.error is None and not isinstance(line.value, dict):
+            line = JsonLine(line.lineno, error=f"expected a JSON object, got {type(line.value).__name__}")
+        if line.error is not None:
+            raise error(f"{path}: line {line.lineno}: {line.error}")
+        rows.append(line.value)
+    return rows
+
+
 def cut_jsonl_log(path: str | os.PathLike, step: int) -> int:
     """Keeps the rows of a JSONL metrics log with "step" <= step (a resumed run logs the later steps again);
     a torn last line of a killed run is dropped. Returns the number of rows removed."""
@@ -233,11 +280,12 @@ def cut_jsonl_log(path: str | os.PathLike, step: int) -> int:
     if not path.exists():
         return 0
     kept, dropped = [], 0
-    for line in path.read_text(encoding="utf-8").splitlines():
+    lines = path.read_text(encoding="utf-8").splitlines()
+    rows = {jl.lineno: jl.value for jl in parse_jsonl(lines) if jl.error is None}
+    for lineno, line in enumerate(lines, 1):
         try:
-            row = json.loads(line)
-            keep = int(row["step"]) <= step
-        except (ValueError, KeyError, TypeError):
+            keep = int(rows[lineno]["step"]) <= step
+        except (ValueError, KeyError, TypeError):  # blank, torn or foreign lines go
             keep = False
         if keep:
             kept.append(line)

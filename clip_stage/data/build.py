@@ -47,7 +47,7 @@ import pandas as pd
 
 from clip_stage.core.errors import command_main
 from clip_stage.data.exif_gps import exif_orientation, scan_exif_gps
-from clip_stage.core.fs import UnsafePathError, atomic_dir, atomic_write_json, resolve_under_root
+from clip_stage.core.fs import UnsafePathError, atomic_dir, atomic_write_json, iter_jsonl, resolve_under_root
 from clip_stage.data.geocode import GeocodeConfig, ReverseGeocoder
 from clip_stage.data.network import DEFAULT_HIGHWAYS, NetworkFileError, helsinki_pbf_path, load_street_network, resolve_city
 from clip_stage.core.outdir import check_out_dir, write_marker
@@ -173,19 +173,13 @@ def _records(path: Path) -> Iterator[tuple[dict | None, dict | None]]:
     """(record with its `row`, None) or (None, malformed-row reject) per record of a CSV/TSV/JSONL table."""
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
-        with path.open(encoding="utf-8-sig") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield None, {"row": lineno, "field": "row", "reason": "malformed_row", "detail": f"bad JSON: {e}"}
-                    continue
-                if not isinstance(obj, dict):
-                    yield None, {"row": lineno, "field": "row", "reason": "malformed_row", "detail": "not a JSON object"}
-                    continue
-                yield {"row": lineno, **obj}, None
+        for line in iter_jsonl(path):
+            if line.error is not None:
+                yield None, {"row": line.lineno, "field": "row", "reason": "malformed_row", "detail": line.error}
+            elif not isinstance(line.value, dict):
+                yield None, {"row": line.lineno, "field": "row", "reason": "malformed_row", "detail": "not a JSON object"}
+            else:
+                yield {"row": line.lineno, **line.value}, None
     elif suffix in (".csv", ".tsv"):
         # the csv module, not pandas' chunked reader: it reports each over-long record with its exact
         # record number (quoted newlines included), which pandas' fast engine cannot

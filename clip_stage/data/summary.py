@@ -21,6 +21,7 @@ import numpy as np
 
 from clip_stage.core.config import ArgumentParser
 from clip_stage.core.errors import command_main
+from clip_stage.core.fs import iter_jsonl
 from clip_stage.core.schema import SPLITS, DatasetFormatError, DatasetPaths, read_info, read_records
 
 
@@ -35,14 +36,13 @@ def _rejects(paths: DatasetPaths) -> dict[str, int]:
     if not paths.rejects.exists():
         return {}
     counts: Counter = Counter()
-    with paths.rejects.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                counts[json.loads(line)["reason"]] += 1
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise DatasetFormatError(f"{paths.rejects}: line {lineno}: not a reject record ({e})") from None
+    for line in iter_jsonl(paths.rejects):
+        try:
+            if line.error is not None:
+                raise ValueError(line.error)
+            counts[line.value["reason"]] += 1
+        except (KeyError, TypeError, ValueError) as e:
+            raise DatasetFormatError(f"{paths.rejects}: line {line.lineno}: not a reject record ({e})") from None
     return dict(sorted(counts.items()))
 
 

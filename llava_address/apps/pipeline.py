@@ -32,6 +32,7 @@ from typing import Callable
 from clip_stage.core.errors import command_main
 from clip_stage.core.fs import atomic_write_json
 from clip_stage.core.outdir import check_out_dir, write_marker
+from conversations.records import IMAGE_TOKEN, load_records
 
 
 @dataclass(frozen=True)
@@ -190,8 +191,8 @@ def stage_conversations(cfg: DemoConfig, p: Paths) -> dict:
 def _texts_for_tokenizer(*files: Path) -> list[str]:
     texts = []
     for f in files:
-        for record in json.loads(f.read_text()):
-            texts.extend(turn["value"].replace("<image>", "") for turn in record["conversations"])
+        for record in load_records(f):
+            texts.extend(turn["value"].replace(IMAGE_TOKEN, "") for turn in record["conversations"])
     return texts
 
 
@@ -267,7 +268,7 @@ def stage_benchmark(cfg: DemoConfig, p: Paths) -> dict:
     eval_file = p.conversations / "eval.json"
     run_command("benchmark", ["--dataset", str(p.dataset), "--eval", str(eval_file), "--out", str(p.benchmark),
                               "--limit", str(cfg.eval_questions), *benchmark_systems(cfg, p)])
-    first = json.loads(eval_file.read_text())[0]
+    first = load_records(eval_file)[0]
     image = p.dataset / "images" / first["image"]
     run_command("chat", ["--model", str(p.llava / "merged"), "--image", str(image),
                          "--candidates", str(p.clip_run), "--dataset", str(p.dataset),

@@ -47,7 +47,7 @@ from clip_stage.core.outdir import check_out_dir, write_marker
 from clip_stage.core.registry import Registry
 from llava_address.eval.infer import (InferenceInputError, candidate_answer_batch, eval_items, llava_answer_batch,
                                  load_generator, load_ranker, run_answers)
-from llava_address.eval.scoring import METRICS, Scorer, eval_references, read_jsonl, read_records_file
+from llava_address.eval.scoring import METRICS, Scorer, read_answers, read_references
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +270,7 @@ def run_benchmark(specs: Sequence[SystemSpec], dataset: str | Path, eval_file: s
     image_root = Path(image_root) if image_root is not None else dataset / "images"
     ctx = ctx or RunContext(dataset)
     items = eval_items(eval_file, limit, command="benchmark")
-    references = eval_references(read_records_file(eval_file), where=f"{eval_file}: ")
+    references = read_references(eval_file)
     if limit is not None:
         references = {it.id: references[it.id] for it in items}
     scorer = scorer or Scorer.from_dataset(dataset)
@@ -281,14 +281,14 @@ def run_benchmark(specs: Sequence[SystemSpec], dataset: str | Path, eval_file: s
         try:
             if kind.load is None:
                 answers_path = Path(spec.target)
-                rows = read_jsonl(answers_path)
+                rows = read_answers(answers_path)
             else:
                 answers_path = out_dir / "answers" / f"{spec.name}.jsonl"
                 system = kind.load(spec, ctx)
                 res["supports"] = sorted(system.supports)
                 res["counts"] = run_answers(system.answer_batch, items, image_root, answers_path, ctx.batch_size,
                                             progress)
-                rows = read_jsonl(answers_path)
+                rows = read_answers(answers_path)
             report = scorer.score(rows, references, source=str(answers_path))
             res.update(answers=str(answers_path), report=report.to_dict())
         except Exception as e:  # one failing system must not lose the others' results

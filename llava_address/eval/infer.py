@@ -27,7 +27,10 @@ from typing import Any, Iterable, Sequence
 
 from clip_stage.core.config import ArgumentParser
 from clip_stage.core.errors import command_main
+from clip_stage.core.fs import atomic_write_text, parse_jsonl
 from clip_stage.core.outdir import check_not_input
+from conversations.records import IMAGE_TOKEN, Reference, first_question, load_records, record_where
+from conversations.validate import require_valid
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +82,8 @@ def context_length(model_config, tokenizer=None) -> int | None:
 
 
 def user_turn(question: str, with_image: bool) -> dict:
-    question = question.replace("<image>", "").strip()
-    return {"from": "human", "value": f"<image>\n{question}" if with_image else question}
+    question = question.replace(IMAGE_TOKEN, "").strip()
+    return {"from": "human", "value": f"{IMAGE_TOKEN}\n{question}" if with_image else question}
 
 
 @dataclass
@@ -224,26 +227,21 @@ def read_done_ids(path: str | os.PathLike, retry_errors: bool = False) -> set[st
     done: set[str] = set()
     kept: list[bytes] = []
     n_errors = 0
-    for n, line in enumerate(data[:good_end].splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            rid = str(row["id"])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise InferenceInputError(f"{path}:{n}: not an answers line; refusing to append to it") from None
+    lines = data[:good_end].splitlines()
+    for jl in parse_jsonl(lines):
+        row = jl.value
+        if jl.error is not None or not isinstance(row, dict) or "id" not in row:
+            raise InferenceInputError(f"{path}: line {jl.lineno}: not an answers line; refusing to append to it")
         if retry_errors and "error" in row:
             n_errors += 1
             continue
-        done.add(rid)
-        kept.append(line)
+        done.add(str(row["id"]))
+        kept.append(lines[jl.lineno - 1])
     if good_end < len(data):
         log.warning("%s: dropping a torn last line (%d bytes) from an interrupted run", path, len(data) - good_end)
         with path.open("r+b") as f:
             f.truncate(good_end)
     if n_errors:
-        from clip_stage.core.fs import atomic_write_text
-
         log.warning("%s: retrying %d error rows", path, n_errors)
         atomic_write_text(path, "".join(x.decode("utf-8") + "\n" for x in kept))
     return done
@@ -271,6 +269,7 @@ class EvalItem:
     image: str
     question: str
     reference: dict | None
+    """the record's `conversations.records.Reference` as written to the answers (None: a record without one)"""
 
 
 def eval_items(path: str | os.PathLike, limit: int | None = None, command: str = "infer") -> list[EvalItem]:
@@ -280,10 +279,7 @@ def eval_items(path: str | os.PathLike, limit: int | None = None, command: str =
     present and unique, an image path, the question turn with its <image>) before any model loads; the image
     files themselves are opened while answering, where a bad one becomes an error row (see `run_answers`).
     """
-    from conversations.validate import require_valid
-    from llava_address.eval.scoring import first_question, read_records_file
-
-    records = read_records_file(path)
+    records = load_records(path)
     if records and all("conversations" in r for r in records):
         require_valid(path, None, need_answer=False, command=command)
     items, seen = [], set()
@@ -296,7 +292,10 @@ def eval_items(path: str | os.PathLike, limit: int | None = None, command: str =
         if str(r["id"]) in seen:  # answers are keyed by id: the second would be skipped as done
             raise InferenceInputError(f"{path}: record {i}: id {r['id']!r} is used twice")
         seen.add(str(r["id"]))
-        items.append(EvalItem(str(r["id"]), str(r["image"]), q, r.get("reference")))
+        ref = r.get("reference")
+        if ref is not None:  # checked against the contract now, not when the answers are scored
+            ref = Reference.from_dict(ref, record_where(path, i, r)).to_dict()
+        items.append(EvalItem(str(r["id"]), str(r["image"]), q, ref))
         if limit is not None and len(items) >= limit:
             break
     return items

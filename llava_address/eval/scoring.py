@@ -5,10 +5,12 @@
 An answers file is JSONL, one `{"id", "question", "answer", "reference"}` per line (what `infer` and
 `benchmark` write; closed models' answers can be imported in the same form). The reference, normally taken
 from the evaluation split written by the conversation builder (`--eval`, JSON list or JSONL of records
-with a "reference" key), holds street, sub_street, cross_streets, neighbourhood, city, the question type
-(full / street / cross / neighbourhood / yesno / mc / scene) and, for yes/no and multiple choice, the
-expected answer. Answers are parsed with the city's gazetteer (`llava_address.eval.gazetteer`) and, optionally,
-by the nearest address in an AddressCLIP text-embedding space.
+with a "reference" key), is the record contract's `conversations.records.Reference`: the structured
+address, the question type and the expected answer; a reference with an unknown key or question type is an
+error. The question types are scored in groups (`SCORED_AS`: full / street / cross / neighbourhood / yesno /
+mc / scene), the names of the report. Answers are parsed with the city's gazetteer
+(`llava_address.eval.gazetteer`, yes/no and letters by `llava_address.eval.parse`) and, optionally, by the
+nearest address in an AddressCLIP text-embedding space (`llava_address.eval.embedder`).
 
 Metrics (each over the questions it applies to; an unparseable answer counts as wrong and is listed):
 - street_acc: main street right (full, street questions);
@@ -26,29 +28,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
+from shapely.geometry import Point
 
 from clip_stage.core.config import ArgumentParser
 from clip_stage.core.errors import command_main
-from llava_address.eval.gazetteer import EmbeddingMatcher, Gazetteer, ParsedAddress, load_aliases, tokens
+from clip_stage.core.fs import atomic_write_json, atomic_write_text, read_jsonl
+from clip_stage.core.schema import read_records
+from conversations.records import (CAPTION, CROSS_STREETS, FULL_ADDRESS, MULTIPLE_CHOICE, PLACE, SCENE, STREET, YES_NO,
+                                   EvalRecord, Reference, eval_records, load_eval_records)
+from llava_address.eval.embedder import clip_text_embedder
+from llava_address.eval.gazetteer import EmbeddingMatcher, Gazetteer, ParsedAddress, load_aliases
+from llava_address.eval.parse import parse_mc, parse_yes_no
 
-QUESTION_TYPES = ("full", "street", "cross", "neighbourhood", "yesno", "mc", "scene")
-# Names other writers may use for the same reference fields.
-_TYPE_KEYS = ("question_type", "type", "qtype", "kind")
-_TYPE_ALIASES = {"address": "full", "full_address": "full", "place": "neighbourhood", "cross_streets": "cross", "between": "cross",
-                 "neighborhood": "neighbourhood", "yes_no": "yesno", "verify": "yesno", "verification": "yesno",
-                 "multiple_choice": "mc", "choice": "mc", "caption": "scene", "describe": "scene"}
-# `expected_answer` (the conversation builder's name) holds 'yes'/'no', a letter or an address text,
-# so it is read by question type.
-_EXPECTED_KEYS = ("expected", "expected_answer", "yes_no", "yesno", "expected_yes", "answer_yes", "is_true", "label")
-_LETTER_KEYS = ("mc_letter", "expected_answer", "letter", "answer_letter", "correct_letter", "correct", "mc_answer")
-_OPTIONS_KEYS = ("options", "choices", "candidates")
+SCORED_AS = {FULL_ADDRESS: "full", STREET: "street", CROSS_STREETS: "cross", PLACE: "neighbourhood", YES_NO: "yesno",
+             MULTIPLE_CHOICE: "mc", CAPTION: "scene", SCENE: "scene"}
+"""question type of the record -> the group it is scored and reported in"""
 
 METRICS: dict[str, tuple[str, ...]] = {
     "street_acc": ("full", "street"),
@@ -62,174 +62,22 @@ DISTANCE_TYPES = ("full", "street")
 
 
 class AnswersError(ValueError):
-    """An answers or evaluation file that cannot be scored (unknown ids, malformed lines, ...)."""
+    """An answers file that cannot be scored (unknown ids, malformed lines, ...)."""
 
 
-@dataclass(frozen=True)
-class Reference:
-    street: str = ""
-    sub_street: str = ""
-    cross_streets: tuple[str, ...] = ()
-    neighbourhood: str = ""
-    city: str = ""
-    question_type: str = "full"
-    expected: bool | None = None
-    mc_letter: str | None = None
-    options: tuple[str, ...] = ()
-    image_id: str | None = None
-    image: str | None = None
-    utm: tuple[float, float] | None = None
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = "") -> "Reference":
-        if not isinstance(d, dict):
-            raise AnswersError(f"{where}reference must be an object, got {type(d).__name__}")
-        qtype = next((str(d[k]) for k in _TYPE_KEYS if d.get(k)), "full").lower()
-        qtype = _TYPE_ALIASES.get(qtype, qtype)
-        if qtype not in QUESTION_TYPES:
-            raise AnswersError(f"{where}unknown question type {qtype!r}; valid: {QUESTION_TYPES}")
-        expected = letter = None
-        if qtype == "yesno":
-            expected = next((d[k] for k in _EXPECTED_KEYS if k in d and d[k] not in (None, "")), None)
-            if isinstance(expected, str):
-                expected = {"yes": True, "true": True, "no": False, "false": False}.get(expected.strip().lower())
-        elif qtype == "mc":
-            letter = next((str(d[k]).strip().strip("().").upper() for k in _LETTER_KEYS if d.get(k) not in (None, "")),
-                          None)
-            if letter is not None and not re.fullmatch(r"[A-Z]", letter):
-                raise AnswersError(f"{where}multiple-choice reference letter {letter!r} is not a single letter")
-        options = next((d[k] for k in _OPTIONS_KEYS if d.get(k)), ())
-        if isinstance(options, dict):
-            options = tuple(v for _, v in sorted(options.items()))
-        cross = d.get("cross_streets") or ()
-        utm = None
-        if d.get("utm_x") is not None and d.get("utm_y") is not None:
-            utm = (float(d["utm_x"]), float(d["utm_y"]))
-        return cls(str(d.get("street") or ""), str(d.get("sub_street") or ""), tuple(str(c) for c in cross),
-                   str(d.get("neighbourhood") or d.get("neighborhood") or ""), str(d.get("city") or ""), qtype,
-                   None if expected is None else bool(expected), letter, tuple(str(o) for o in options),
-                   str(d["image_id"]) if d.get("image_id") is not None else None,
-                   str(d["image"]) if d.get("image") is not None else None, utm)
+def read_answers(path: str | Path) -> list[dict]:
+    """The rows of an answers JSONL file (one-line AnswersError naming the line of a malformed one)."""
+    return read_jsonl(path, AnswersError)
 
 
-# --- yes/no and multiple choice ------------------------------------------------------------------------
-
-_YES = {"yes", "yeah", "yep", "correct", "right", "true", "indeed", "affirmative", "kylla", "ja"}
-_NO = {"no", "nope", "not", "incorrect", "wrong", "false", "isnt", "wasnt", "ei", "nej", "negative"}
-
-
-def parse_yes_no(answer: str) -> bool | None:
-    """True / False from the first yes- or no-word of the answer; None if it has neither."""
-    for w in tokens(answer.replace("n't", " not")):
-        if w in _YES:
-            return True
-        if w in _NO:
-            return False
-    return None
+def eval_references(records: Iterable[dict], where: str = "records") -> dict[str, EvalRecord]:
+    """id -> EvalRecord (question, image, Reference) of evaluation records."""
+    return {r.id: r for r in eval_records(records, where)}
 
 
-_LETTER_PATTERNS = [
-    re.compile(r"^\s*\(?([A-Ha-h])\)?\s*(?:[.):,]|$|\s)"),
-    re.compile(r"(?:option|answer|choice|letter)\s*(?:is\s*)?[:\-]?\s*\(?([A-Ha-h])\)?(?![A-Za-z])", re.I),
-    re.compile(r"\(([A-H])\)"),
-    re.compile(r"(?<![A-Za-z])([B-H])(?![A-Za-z'])"),
-]
-
-
-def parse_mc(answer: str, options: Sequence[str] = (), gazetteer: Gazetteer | None = None) -> str | None:
-    """The chosen letter ('A'...), from an explicit letter or, failing that, from the option the text names."""
-    valid = {chr(ord("A") + i) for i in range(len(options))} if options else set("ABCDEFGH")
-    for pat in _LETTER_PATTERNS:
-        m = pat.search(answer)
-        if m and m.group(1).upper() in valid:
-            if pat is _LETTER_PATTERNS[0] and m.group(1) in "Aa" and re.match(r"^\s*a\s+\w", answer, re.I) \
-                    and not re.match(r"^\s*\(?A\)", answer):
-                continue  # the article "A street ...", not option A
-            return m.group(1).upper()
-    if options and gazetteer is not None:
-        parsed = gazetteer.parse(answer)
-        if parsed.sub_street:
-            hits = [i for i, o in enumerate(options) if gazetteer.parse(o).sub_street == parsed.sub_street]
-            if len(hits) == 1:
-                return chr(ord("A") + hits[0])
-    if options:
-        from rapidfuzz import fuzz
-
-        scores = [fuzz.token_set_ratio(" ".join(tokens(answer)), " ".join(tokens(o))) for o in options]
-        best = int(np.argmax(scores))
-        if scores[best] >= 90 and sorted(scores)[-2:][0] < scores[best]:
-            return chr(ord("A") + best)
-    return None
-
-
-# --- reading files -------------------------------------------------------------------------------------
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: not found")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise AnswersError(f"{path}:{n}: malformed JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise AnswersError(f"{path}:{n}: expected a JSON object")
-            rows.append(row)
-    return rows
-
-
-def read_records_file(path: str | Path) -> list[dict]:
-    """A JSON list (LLaVA format) or JSONL of records."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: not found")
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise AnswersError(f"{path}: malformed JSON ({e.msg})") from None
-        if not all(isinstance(r, dict) for r in rows):
-            raise AnswersError(f"{path}: expected a list of objects")
-        return rows
-    return read_jsonl(path)
-
-
-def first_question(record: dict) -> str:
-    """The first human turn of a LLaVA-format record without the <image> tag (or record['question'])."""
-    if record.get("question"):
-        return str(record["question"])
-    for turn in record.get("conversations") or record.get("messages") or []:
-        role = turn.get("from", turn.get("role"))
-        if role in ("human", "user"):
-            content = turn.get("value", turn.get("content", ""))
-            if isinstance(content, list):
-                content = " ".join(c.get("text", "") for c in content if isinstance(c, dict))
-            return str(content).replace("<image>", "").strip()
-    return ""
-
-
-def eval_references(records: Iterable[dict], where: str = "") -> dict[str, dict]:
-    """id -> {'reference': dict, 'question': str, 'image': str|None} for records carrying a reference."""
-    out: dict[str, dict] = {}
-    for i, r in enumerate(records):
-        if "id" not in r:
-            raise AnswersError(f"{where}record {i} has no id")
-        if "reference" not in r:
-            raise AnswersError(f"{where}record {i} (id {r['id']}) has no 'reference': not an evaluation split")
-        rid = str(r["id"])
-        if rid in out:
-            raise AnswersError(f"{where}duplicate id {rid!r}")
-        ref = dict(r["reference"]) if isinstance(r["reference"], dict) else r["reference"]
-        if isinstance(ref, dict) and not any(ref.get(k) for k in _TYPE_KEYS) and r.get("question_type"):
-            ref["question_type"] = r["question_type"]  # the builder may keep the type beside the reference
-        out[rid] = {"reference": ref, "question": first_question(r), "image": r.get("image")}
-    return out
+def read_references(path: str | Path) -> dict[str, EvalRecord]:
+    """id -> EvalRecord of an evaluation split file (JSON array or JSONL)."""
+    return {r.id: r for r in load_eval_records(path)}
 
 
 # --- scoring -------------------------------------------------------------------------------------------
@@ -314,8 +162,6 @@ class Scorer:
     @classmethod
     def from_dataset(cls, dataset_dir: str | Path, aliases: str | Path | dict | None = None,
                      threshold: float = 85.0, embed=None, min_similarity: float = 0.5) -> "Scorer":
-        from clip_stage.core.schema import read_records
-
         gaz = Gazetteer.from_dataset(dataset_dir, aliases=aliases, threshold=threshold)
         df = read_records(dataset_dir)
         points = {}
@@ -334,11 +180,9 @@ class Scorer:
         return parsed
 
     def _point(self, rid: str, ref: Reference, image: str | None):
-        from shapely.geometry import Point
-
         if ref.utm is not None:
             return Point(ref.utm)
-        for key in (ref.image_id, rid, ref.image, image):
+        for key in (ref.image_id or None, rid, image):
             if key is not None and key in self.points:
                 return Point(self.points[key])
         # Without the photo's position, the middle of the reference sub-street stands in for it.
@@ -348,7 +192,7 @@ class Scorer:
         return None
 
     def score_one(self, rid: str, answer: str, ref: Reference, image: str | None = None) -> ScoredAnswer:
-        t = ref.question_type
+        t = SCORED_AS[ref.question_type]
         correct: dict[str, bool] = {}
         distance = None
         parsed_out: dict = {}
@@ -356,16 +200,12 @@ class Scorer:
         if t == "yesno":
             got = parse_yes_no(answer)
             unparseable = got is None
-            if ref.expected is None:
-                raise AnswersError(f"id {rid}: a yes/no question whose reference has no expected answer")
-            correct["yesno_acc"] = got is not None and got == ref.expected
+            correct["yesno_acc"] = got is not None and got == ref.yes
             parsed_out = {"yes": got}
         elif t == "mc":
-            got = parse_mc(answer, ref.options, self.gazetteer)
+            got = parse_mc(answer, ref.choices, self.gazetteer)
             unparseable = got is None
-            if ref.mc_letter is None:
-                raise AnswersError(f"id {rid}: a multiple-choice question whose reference has no letter")
-            correct["mc_acc"] = got is not None and got == ref.mc_letter
+            correct["mc_acc"] = got is not None and got == ref.letter
             parsed_out = {"letter": got}
         elif t in ("full", "street", "cross", "neighbourhood"):
             p = self.parse(answer)
@@ -394,7 +234,7 @@ class Scorer:
                     distance = float(geom.distance(point))
         return ScoredAnswer(rid, t, answer, parsed_out, correct, distance, unparseable)
 
-    def score(self, answers: Sequence[dict], references: dict[str, dict] | None = None,
+    def score(self, answers: Sequence[dict], references: dict[str, EvalRecord] | None = None,
               source: str = "answers") -> ScoreReport:
         """Scores answer rows; `references` (from the evaluation split) is authoritative when given."""
         seen: set[str] = set()
@@ -428,14 +268,13 @@ class Scorer:
         for a in rows:
             rid = str(a["id"])
             if references is not None:
-                ref_d, image = references[rid]["reference"], references[rid].get("image")
+                ref, image = references[rid].reference, references[rid].image
             else:
                 if "reference" not in a:
                     raise AnswersError(f"{source}: id {rid!r} has no reference (pass the evaluation split)")
-                ref_d, image = a["reference"], a.get("image")
-            ref = Reference.from_dict(ref_d, where=f"{source}: id {rid}: ")
+                ref, image = Reference.from_dict(a["reference"], where=f"{source}: id {rid}: "), a.get("image")
             scored = self.score_one(rid, str(a["answer"] or ""), ref, image)
-            scored.phrasing = str(ref_d.get("phrasing") or "") if isinstance(ref_d, dict) else ""
+            scored.phrasing = ref.phrasing
             details.append(scored)
         metrics = _metric_table(details)
         phrasings = sorted({d.phrasing for d in details if d.phrasing})
@@ -456,44 +295,8 @@ class Scorer:
 def score_files(dataset: str | Path, answers: str | Path, eval_file: str | Path | None = None,
                 scorer: Scorer | None = None, **scorer_kwargs) -> ScoreReport:
     scorer = scorer or Scorer.from_dataset(dataset, **scorer_kwargs)
-    refs = eval_references(read_records_file(eval_file), where=f"{eval_file}: ") if eval_file else None
-    return scorer.score(read_jsonl(answers), refs, source=str(answers))
-
-
-def clip_text_embedder(path: str | Path, device: str = "cpu") -> Callable[[list[str]], np.ndarray]:
-    """`embed(texts)` (L2-normalised rows) from AddressCLIP's text tower, for --embed-clip.
-
-    path: a train-clip checkpoint (open_clip; a run folder with final/ or checkpoints/ works too), or an
-    export-clip folder (its clip_model/ CLIPModel + tokenizer, transformers).
-    """
-    import torch
-
-    p = Path(path)
-    if (p / "clip_model" / "config.json").is_file():
-        p = p / "clip_model"
-    if (p / "config.json").is_file():
-        from transformers import AutoTokenizer, CLIPModel
-
-        model = CLIPModel.from_pretrained(p).to(device).eval()
-        tok = AutoTokenizer.from_pretrained(p)
-
-        @torch.no_grad()
-        def embed(texts: list[str]) -> np.ndarray:
-            out = []
-            for i in range(0, len(texts), 256):
-                batch = tok(texts[i:i + 256], padding="max_length", truncation=True,
-                            max_length=model.config.text_config.max_position_embeddings, return_tensors="pt").to(device)
-                feats = model.get_text_features(**batch)
-                feats = getattr(feats, "pooler_output", feats)
-                out.append(torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy())
-            return np.concatenate(out) if out else np.zeros((0, model.config.projection_dim))
-
-        return embed
-    from clip_stage.gallery import encode_texts
-    from clip_stage.model import load_checkpoint
-
-    bundle = load_checkpoint(p, device=device)  # CheckpointError names what is missing
-    return lambda texts: encode_texts(bundle.model, bundle.tokenizer, list(texts), device=device).numpy()
+    refs = read_references(eval_file) if eval_file else None
+    return scorer.score(read_answers(answers), refs, source=str(answers))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -516,8 +319,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 @command_main("score")
 def main(argv: list[str] | None = None) -> int:
-    from clip_stage.core.fs import atomic_write_json, atomic_write_text
-
     args = build_parser().parse_args(argv)
     embed = clip_text_embedder(args.embed_clip) if args.embed_clip else None
     aliases = load_aliases(args.aliases) if args.aliases else None

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from conversations.records import IMAGE_TOKEN
 from llava_address.eval.infer import InferenceInputError
 
 ENGINES = ("hf", "vllm")
@@ -56,7 +57,7 @@ def prompt_ids(processor, question: str) -> list[int]:
     if not getattr(processor, "chat_template", None):
         raise InferenceInputError("the model's processor has no chat template; re-save it with `address-llava "
                                   "merge` (which stores the training prompt as one)")
-    question = question.replace("<image>", "").strip()
+    question = question.replace(IMAGE_TOKEN, "").strip()
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return processor.tokenizer(text, add_special_tokens=False)["input_ids"]
