@@ -371,7 +371,7 @@ def validate_data(args: DataArgs) -> None:
 
 def build_dataset(args: DataArgs, processor, model_config, **kwargs) -> LlavaDataset:
     """The training dataset of `args`, with the image-token count of `model_config` (a LlavaConfig)."""
-    from llava_address.model import num_image_tokens
+    from llava_address.components import num_image_tokens
 
     return LlavaDataset.from_args(args, processor, num_image_tokens(model_config),
                                   image_token_id=model_config.image_token_id, **kwargs)

@@ -55,7 +55,7 @@ def open_image(path: str | os.PathLike):
 
 def num_image_tokens(config) -> int:
     """Image-token ids per `<image>`: the tower's patch grid, plus the CLS token with the 'full' strategy."""
-    from llava_address.model import num_image_tokens as shared  # the LLaVA stage's definition
+    from llava_address.components import num_image_tokens as shared  # the LLaVA stage's definition
 
     return int(shared(config))
 
@@ -183,7 +183,8 @@ def load_generator(model_path: str | os.PathLike | None, adapter: str | os.PathL
     import torch
 
     from llava_address.config import ModelArgs
-    from llava_address.model import build_llava, load_for_inference
+    from llava_address.checkpoint import load_for_inference
+    from llava_address.model import build_llava
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
