@@ -28,7 +28,8 @@ from torch.utils.data import Dataset, Sampler
 from clip_stage.core.fs import UnsafePathError, resolve_under_root
 from llava_address.config import DataArgs
 from llava_address.length_cache import LengthCache, resolve_cache_dir
-from llava_address.prompting import IGNORE_INDEX, ConversationError, encode_conversation
+from llava_address import prompting
+from llava_address.prompting import IGNORE_INDEX, ConversationError, encode_conversation, get_template
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +143,9 @@ class LlavaDataset(Dataset):
         ids = [rec.get("id", f"#{i}") if isinstance(rec, dict) else f"#{i}" for i, rec in enumerate(self.records)]
         key = hit = None
         if length_cache is not None:
-            key = length_cache.key(self.tokenizer, template=template, num_image_tokens=num_image_tokens,
-                                   max_length=max_length, image_token_id=image_token_id)
+            key = length_cache.key(self.tokenizer, template=get_template(template), num_image_tokens=num_image_tokens,
+                                   max_length=max_length, image_token_id=image_token_id,
+                                   encoder_files=(prompting.__file__, __file__))
             hit = length_cache.load(key, ids)
         if hit is not None:
             self.ids, (self.lengths, self.has_image) = ids, hit

@@ -28,15 +28,12 @@ from typing import Any, Iterable, Sequence
 from clip_stage.core.config import ArgumentParser
 from clip_stage.core.errors import command_main
 from clip_stage.core.outdir import check_not_input
+from llava_address.eval.errors import InferenceInputError, PromptTooLongError
 
 log = logging.getLogger(__name__)
 
 
 # --- images and prompts --------------------------------------------------------------------------------
-
-class InferenceInputError(ValueError):
-    """A missing or unreadable image, a model folder that cannot be loaded, a malformed evaluation file."""
-
 
 def open_image(path: str | os.PathLike):
     """An RGB PIL image, or a clear error naming the file."""
@@ -58,10 +55,6 @@ def num_image_tokens(config) -> int:
     from llava_address.components import num_image_tokens as shared  # the LLaVA stage's definition
 
     return int(shared(config))
-
-
-class PromptTooLongError(InferenceInputError):
-    """A prompt that does not fit the model's context with room for the answer."""
 
 
 # Tokenizers without a stated limit report a huge sentinel (transformers' VERY_LARGE_INTEGER): no limit.

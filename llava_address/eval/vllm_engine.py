@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from llava_address.eval.infer import InferenceInputError
+from llava_address.eval.errors import InferenceInputError
 
 ENGINES = ("hf", "vllm")
 
