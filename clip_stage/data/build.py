@@ -52,12 +52,13 @@ from clip_stage.data.exif_gps import scan_exif_gps
 from clip_stage.data.geocode import GeocodeConfig, ReverseGeocoder
 from clip_stage.data.gps_table import GpsTableError, check_table_path, iter_gps_table
 from clip_stage.data.image_files import check_images, place_image
+from clip_stage.data.neighbourhoods import ZoneFileError, load_zones
 from clip_stage.data.network import (DEFAULT_HIGHWAYS, NetworkFileError, StreetNetwork, helsinki_pbf_path,
                                      load_street_network, resolve_city)
 from clip_stage.data.row_checks import ChunkResult, check_chunk
 from clip_stage.data.splits import SplitConfig, assign_splits, split_fractions
-from clip_stage.data.substreets import (SubStreetConfig, SubStreetPartition, ZoneFileError, load_zones, partition_sub_streets,
-                                        sub_streets_geojson)
+from clip_stage.data.substreet_types import SubStreetConfig, SubStreetPartition
+from clip_stage.data.substreets import partition_sub_streets, sub_streets_geojson
 
 if TYPE_CHECKING:
     import pyarrow as pa
