@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from clip_stage.core.config import add_dataclass_args, dataclass_from_args
+from clip_stage.core.config import build_groups_parser, parse_groups
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -200,46 +198,7 @@ def build_parser(prog: str = "train-clip", description: str | None = None,
 
     Flags are the bare field names (`--lr`, not `--optim.lr`), so field names are unique across groups.
     """
-    groups = GROUPS if groups is None else groups
-    parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None, help="YAML/JSON file of {group: {field: value}} or flat {field: value}; flags override it")
-    for group, cls in groups.items():
-        add_dataclass_args(parser, cls, title=group)
-    return parser
-
-
-def _load_file(path: str, groups: dict[str, type]) -> dict[str, dict[str, Any]]:
-    text = Path(path).read_text(encoding="utf-8")
-    if path.endswith(".json"):
-        raw = json.loads(text)
-    else:
-        import yaml
-
-        raw = yaml.safe_load(text) or {}
-    out: dict[str, dict[str, Any]] = {g: {} for g in groups}
-    by_field = {f.name: g for g, cls in groups.items() for f in dataclasses.fields(cls)}
-    for key, value in raw.items():
-        if key in groups and isinstance(value, dict):
-            out[key].update(value)
-        elif key.replace("-", "_") in by_field:
-            out[by_field[key.replace("-", "_")]][key.replace("-", "_")] = value
-        else:
-            raise ValueError(f"{path}: unknown option {key!r}")
-    return out
-
-
-def parse_groups(groups: dict[str, type], argv: list[str] | None = None, prog: str | None = None,
-                 description: str | None = None) -> dict[str, Any]:
-    """Parses argv (plus an optional --config file) into one instance per dataclass in `groups`."""
-    parser = build_parser(prog, description, groups)
-    ns = parser.parse_args(argv)
-    values = _load_file(ns.config, groups) if ns.config else {g: {} for g in groups}
-    try:
-        return {g: dataclass_from_args(cls, ns, base=values[g]) for g, cls in groups.items()}
-    except (TypeError, ValueError, KeyError) as e:
-        parser.error(str(e))
-        raise  # unreachable
+    return build_groups_parser(GROUPS if groups is None else groups, prog, description)
 
 
 def parse_config(argv: list[str] | None = None, prog: str = "train-clip", description: str | None = None) -> TrainConfig:

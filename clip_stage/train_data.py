@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from clip_stage.core.fs import resolve_under_root
-from clip_stage.core.schema import Address, DatasetPaths, STORED_STYLES, read_records, render_address
+from clip_stage.core.schema import Address, DatasetPaths, STORED_STYLES, empty_captions, read_records, render_address
 
 
 class DataCheckError(ValueError):
@@ -41,12 +41,6 @@ def has_coordinates(df: pd.DataFrame) -> np.ndarray:
         return np.zeros(len(df), dtype=bool)
     xy = df[["utm_x", "utm_y"]].to_numpy(dtype=np.float64, na_value=np.nan)
     return np.isfinite(xy).all(axis=1)
-
-
-def empty_captions(df: pd.DataFrame) -> np.ndarray:
-    if "caption" not in df.columns:
-        return np.ones(len(df), dtype=bool)
-    return df["caption"].fillna("").astype(str).str.strip().eq("").to_numpy()
 
 
 @dataclass(frozen=True)

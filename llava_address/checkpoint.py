@@ -1,7 +1,8 @@
 """Self-describing, atomic training checkpoints of the LLaVA stage, and loading them back.
 
 Every checkpoint `train-llava` writes (not only the last) is a folder that stands on its own. The model
-part is llava_address.model.save_checkpoint's layout (shared with `merge` and chat); training adds two
+part is `save_model_part`'s layout (shared with `merge` and chat; file names in llava_address.checkpoint_layout);
+training adds two
 entries for `--resume`:
 
     checkpoint-000120/
@@ -14,7 +15,7 @@ entries for `--resume`:
       state/                                           accelerate save_state: model, optimizer, RNG, DeepSpeed shards
       manifest.json                                    size + sha256 of every file above
 
-`load_checkpoint(folder)` (= model.load_for_inference) rebuilds the base model from the stored ModelArgs
+`load_checkpoint(folder)` (= `load_for_inference`) rebuilds the base model from the stored ModelArgs
 and applies the trained weights: no training code and no `state/` needed.
 
 The folder appears atomically (clip_stage.core.fs.atomic_dir, written by rank 0): a run killed while saving
@@ -33,6 +34,9 @@ collectively, in chunks) before rank 0 writes them: the adapter is never the emp
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import json
 import os
 import re
 import shutil
@@ -42,14 +46,17 @@ from typing import Any
 import torch
 
 from clip_stage.core.fs import ManifestError, atomic_dir, atomic_write_json, load_error_text, verify_manifest
+from llava_address.checkpoint_layout import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, ARGS_FILE, CHECKPOINT_FORMAT,
+                                             LLAVA_CONFIG_FILE, NON_LORA_WEIGHTS, CheckpointError,
+                                             read_checkpoint_args)
+from llava_address.components import check_processor
+from llava_address.config import ModelArgs, TrainablesArgs, asdict
+from llava_address.model import build_llava
+from llava_address.trainables import component_of, is_peft
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_DIR = "state"
 TRAINER_STATE = "trainer_state.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, damaged, untrusted or does not fit the run (a one-line user error)."""
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
@@ -77,8 +84,6 @@ def gather_trainable_state(model: torch.nn.Module, is_main: bool, chunk: int = 6
     Collective under ZeRO-3 (every rank must call it): partitioned parameters are all-gathered in
     chunks of `chunk` tensors, copied on rank 0, and released again.
     """
-    from llava_address.model import component_of
-
     # The projector always goes into a checkpoint (it may be freshly initialised even when frozen).
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad or component_of(n) == "projector"]
     out: dict[str, torch.Tensor] = {}
@@ -105,6 +110,80 @@ def gather_trainable_state(model: torch.nn.Module, is_main: bool, chunk: int = 6
 # --------------------------------------------------------------------------------------------
 # saving
 # --------------------------------------------------------------------------------------------
+
+def _base_name(name: str) -> str:
+    """Parameter name in the plain LlavaForConditionalGeneration (drops peft's wrapper prefix)."""
+    return name[len("base_model.model."):] if name.startswith("base_model.model.") else name
+
+
+def save_model_part(model, processor, out_dir: str | os.PathLike, model_args: ModelArgs,
+                    trainables: TrainablesArgs, state_dict: dict[str, torch.Tensor] | None = None,
+                    extra: dict[str, Any] | None = None) -> dict[str, int]:
+    """Writes everything needed to rebuild the trained model from its base into `out_dir`.
+
+    Files: `adapter_config.json` + `adapter_model.safetensors` (peft: LoRA and, if trained, the projector
+    via modules_to_save) when the LLM uses LoRA; `non_lora_trainables.safetensors` (every other trainable
+    parameter, by its plain LLaVA name, and always the projector, which may be freshly initialised);
+    `llava_args.json` (ModelArgs, TrainablesArgs, `extra`); `llava_config.json`; the processor.
+
+    model: the unwrapped model (accelerator.unwrap_model). state_dict: the full state dict under ZeRO-3
+    (accelerator.get_state_dict(model), keys as model.state_dict()); required when parameters are
+    partitioned. Call on the main process only; wrap in clip_stage.core.fs.atomic_dir for atomicity.
+    Returns {"adapter_tensors": n, "non_lora_tensors": m}.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if state_dict is None:
+        partitioned = [n for n, p in model.named_parameters() if p.numel() == 0]
+        if partitioned:
+            raise ValueError(f"parameters are partitioned (ZeRO-3?) e.g. {partitioned[:3]}: pass the gathered state_dict")
+        state_dict = model.state_dict()
+    counts = {"adapter_tensors": 0, "non_lora_tensors": 0}
+
+    if is_peft(model):
+        from peft import get_peft_model_state_dict
+
+        adapter = get_peft_model_state_dict(model, state_dict=state_dict, save_embedding_layers=False)
+        empty = [k for k, v in adapter.items() if v.numel() == 0]
+        if not adapter or empty:
+            raise ValueError(f"adapter state is empty or has empty tensors {empty[:3]} (ZeRO-3 without gathering?)")
+        save_file({k: v.detach().cpu().contiguous().clone() for k, v in adapter.items()}, str(out / ADAPTER_WEIGHTS))
+        cfg = model.peft_config["default"]
+        cfg = copy.copy(cfg)
+        cfg.base_model_name_or_path = model_args.model_name_or_path or model_args.llm
+        cfg.save_pretrained(str(out))
+        counts["adapter_tensors"] = len(adapter)
+
+    saved_in_adapter = set()
+    if is_peft(model):
+        saved_in_adapter = {n for n, _ in model.named_parameters() if "lora_" in n or "modules_to_save" in n}
+    wanted = {}
+    for name, p in model.named_parameters():
+        if name in saved_in_adapter or "original_module" in name:
+            continue
+        if p.requires_grad or component_of(name) == "projector":
+            wanted[_base_name(name)] = name
+    non_lora = {}
+    for base, full in wanted.items():
+        if full not in state_dict:
+            raise KeyError(f"{full} missing from the state dict")
+        t = state_dict[full]
+        if t.numel() == 0:
+            raise ValueError(f"{full} is empty in the state dict (ZeRO-3 without gathering?)")
+        non_lora[base] = t.detach().cpu().contiguous().clone()
+    save_file(non_lora, str(out / NON_LORA_WEIGHTS))
+    counts["non_lora_tensors"] = len(non_lora)
+
+    base_model = model.get_base_model() if is_peft(model) else model
+    (out / LLAVA_CONFIG_FILE).write_text(base_model.config.to_json_string())
+    processor.save_pretrained(str(out))
+    args = {"format": CHECKPOINT_FORMAT, "model": asdict(model_args), "trainables": asdict(trainables),
+            **(extra or {})}
+    (out / ARGS_FILE).write_text(json.dumps(args, indent=2) + "\n")
+    return counts
+
 
 
 def save_checkpoint(
@@ -139,8 +218,6 @@ def save_checkpoint(
         accelerator.save_state(str(staging / "state"), safe_serialization=True)
     accelerator.wait_for_everyone()
     if is_main:
-        from llava_address.model import save_checkpoint as save_model_part
-
         if not any(p.requires_grad for p in unwrapped.parameters()):
             raise RuntimeError("nothing to save: the model has no trainable parameters")
         with atomic_dir(path, verified=True) as tmp:
@@ -235,8 +312,57 @@ def check_state_files(state_dir: str | os.PathLike) -> None:
             raise CheckpointError(f"{f}: not a plain RNG state file ({load_error_text(e)})") from None
 
 
+def load_for_inference(base: ModelArgs | str | None, checkpoint: str | os.PathLike, **model_overrides):
+    """The trained model of a checkpoint, in eval mode: (model, processor).
+
+    base: the base model (ModelArgs, or a LLaVA hub id/path that replaces the stored one); None = the
+        ModelArgs stored in the checkpoint (the vision tower swap included).
+    model_overrides: ModelArgs fields to change (e.g. torch_dtype="bfloat16", load_in_4bit=False).
+    Returns a peft model when the checkpoint holds a LoRA adapter (merge with `merge_and_unload`).
+    """
+    # Checkpoints train-llava wrote carry a manifest: a damaged file is a ManifestError naming it.
+    verify_manifest(checkpoint, required=False)
+    stored, _, _ = read_checkpoint_args(checkpoint)
+    if base is None:
+        model_args = stored
+    elif isinstance(base, str):
+        model_args = dataclasses.replace(stored, model_name_or_path=base, llm=None)
+    else:
+        model_args = base
+    if model_overrides:
+        model_args = dataclasses.replace(model_args, **model_overrides)
+    model, processor = build_llava(model_args)
+    ckpt = Path(checkpoint)
+    if (ckpt / "processor_config.json").is_file() or (ckpt / "preprocessor_config.json").is_file():
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(str(ckpt))
+    stored_cfg = json.loads((ckpt / LLAVA_CONFIG_FILE).read_text()) if (ckpt / LLAVA_CONFIG_FILE).is_file() else None
+    if stored_cfg is not None:
+        vc = stored_cfg["vision_config"]
+        got = model.config.vision_config
+        if (vc["hidden_size"], vc["image_size"], vc["patch_size"]) != (got.hidden_size, got.image_size, got.patch_size):
+            raise ValueError(f"{checkpoint} was trained with a vision tower of hidden {vc['hidden_size']}, image "
+                             f"{vc['image_size']}, patch {vc['patch_size']}; the base has {got.hidden_size}, "
+                             f"{got.image_size}, {got.patch_size} (pass the tower with vision_tower=)")
+    if (ckpt / NON_LORA_WEIGHTS).is_file():
+        from safetensors.torch import load_file
+
+        weights = load_file(str(ckpt / NON_LORA_WEIGHTS))
+        missing_in_model = sorted(set(weights) - set(model.state_dict()))
+        if missing_in_model:
+            raise KeyError(f"{checkpoint}: weights for parameters the model lacks: {missing_in_model[:5]}")
+        dev_dtype = {n: (p.device, p.dtype) for n, p in model.named_parameters()}
+        weights = {k: v.to(*dev_dtype[k]) if k in dev_dtype else v for k, v in weights.items()}
+        model.load_state_dict(weights, strict=False)
+    if (ckpt / ADAPTER_CONFIG).is_file():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(ckpt), is_trainable=False)
+    check_processor((model.get_base_model() if is_peft(model) else model).config, processor)
+    return model.eval(), processor
+
+
 def load_checkpoint(path: str | os.PathLike, base=None, **model_overrides):
     """(model, processor) of a checkpoint folder in eval mode: base model + trained weights + adapter."""
-    from llava_address.model import load_for_inference
-
     return load_for_inference(base, path, **model_overrides)  # checks the manifest when there is one

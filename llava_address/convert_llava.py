@@ -31,7 +31,9 @@ import torch
 
 from clip_stage.core.config import ArgumentParser
 from clip_stage.core.errors import command_main
-from llava_address.checkpoint import CheckpointError
+from llava_address.checkpoint_layout import CheckpointError
+from llava_address.components import (IMAGE_TOKEN, add_llava_tokens, check_processor, load_tower, new_processor,
+                                      num_image_tokens)
 
 log = logging.getLogger(__name__)
 
@@ -154,9 +156,6 @@ def convert(model_path: str | os.PathLike, vision_tower: str | os.PathLike, torc
     """(LlavaForConditionalGeneration, LlavaProcessor without chat template) of an original LLaVA checkpoint."""
     from transformers import AutoTokenizer, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration
 
-    from llava_address.model import (IMAGE_TOKEN, _add_llava_tokens, _load_tower, _new_processor, check_processor,
-                                     num_image_tokens)
-
     model_path = Path(model_path)
     cfg = original_llava_config(model_path)
     if cfg is None:
@@ -173,7 +172,7 @@ def convert(model_path: str | os.PathLike, vision_tower: str | os.PathLike, torc
     files = _weight_files(model_path)
 
     # The tower first: a wrong one is refused before the (large) LLM is read.
-    tower, image_processor = _load_tower(str(vision_tower), dtype=dtype)
+    tower, image_processor = load_tower(str(vision_tower), dtype=dtype)
     if "mm_hidden_size" in cfg and cfg["mm_hidden_size"] != tower.config.hidden_size:
         raise OriginalLlavaError(f"{vision_tower}: tower width {tower.config.hidden_size}, the checkpoint's projector "
                                  f"takes mm_hidden_size {cfg['mm_hidden_size']} (give the tower it was trained with)")
@@ -189,7 +188,7 @@ def convert(model_path: str | os.PathLike, vision_tower: str | os.PathLike, torc
         logging.getLogger("transformers.modeling_utils").setLevel(log_level)
     if info.get("missing_keys"):
         raise OriginalLlavaError(f"{model_path}: LLM weights missing: {sorted(info['missing_keys'])[:5]}")
-    _add_llava_tokens(tokenizer, llm)
+    add_llava_tokens(tokenizer, llm)
 
     trained_tower = _read_prefixed(files, "model.vision_tower.vision_tower.")
     if trained_tower:  # a run that also tuned the tower saves it: those weights win over the folder's
@@ -227,7 +226,7 @@ def convert(model_path: str | os.PathLike, vision_tower: str | os.PathLike, torc
     meta = [n for n, p in model.named_parameters() if p.is_meta]
     if meta:
         raise RuntimeError(f"converted LLaVA has uninitialised tensors: {meta[:5]}")
-    processor = _new_processor(image_processor, tokenizer, config)
+    processor = new_processor(image_processor, tokenizer, config)
     check_processor(model.config, processor)
     return model.eval(), processor
 

@@ -28,7 +28,8 @@ from clip_stage.core.fs import UnsafePathError, resolve_under_root
 from conversations.records import RecordError, load_records
 from llava_address.config import DataArgs
 from llava_address.length_cache import LengthCache, resolve_cache_dir
-from llava_address.prompting import IGNORE_INDEX, ConversationError, encode_conversation
+from llava_address import prompting
+from llava_address.prompting import IGNORE_INDEX, ConversationError, encode_conversation, get_template
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +113,9 @@ class LlavaDataset(Dataset):
         ids = [rec.get("id", f"#{i}") if isinstance(rec, dict) else f"#{i}" for i, rec in enumerate(self.records)]
         key = hit = None
         if length_cache is not None:
-            key = length_cache.key(self.tokenizer, template=template, num_image_tokens=num_image_tokens,
-                                   max_length=max_length, image_token_id=image_token_id)
+            key = length_cache.key(self.tokenizer, template=get_template(template), num_image_tokens=num_image_tokens,
+                                   max_length=max_length, image_token_id=image_token_id,
+                                   encoder_files=(prompting.__file__, __file__))
             hit = length_cache.load(key, ids)
         if hit is not None:
             self.ids, (self.lengths, self.has_image) = ids, hit
@@ -341,7 +343,7 @@ def validate_data(args: DataArgs) -> None:
 
 def build_dataset(args: DataArgs, processor, model_config, **kwargs) -> LlavaDataset:
     """The training dataset of `args`, with the image-token count of `model_config` (a LlavaConfig)."""
-    from llava_address.model import num_image_tokens
+    from llava_address.components import num_image_tokens
 
     return LlavaDataset.from_args(args, processor, num_image_tokens(model_config),
                                   image_token_id=model_config.image_token_id, **kwargs)

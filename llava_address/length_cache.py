@@ -7,7 +7,8 @@ image-token count and id, and max_length. A cache file that cannot be read or do
 logged and recomputed, never trusted; a failed write only costs the next run the full pass.
 
     cache = LengthCache(resolve_cache_dir(None), "convs.json")   # stat the file BEFORE reading its records
-    key = cache.key(tokenizer, template="vicuna_v1", num_image_tokens=576, max_length=2048, image_token_id=None)
+    key = cache.key(tokenizer, template=get_template("vicuna_v1"), num_image_tokens=576, max_length=2048,
+                    image_token_id=None, encoder_files=[prompting.__file__, data.__file__])
     hit = cache.load(key, ids)                                   # (lengths, has_image) or None
 """
 
@@ -59,14 +60,13 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()
 
 
-def _encoder_code() -> str:
-    # A change to how records are encoded or checked changes lengths without changing any setting: key on
-    # the code itself rather than trust a FORMAT_VERSION bump nobody remembers.
-    from llava_address import data, prompting
-
+def code_fingerprint(files: Sequence[str | os.PathLike]) -> str:
+    """sha256 of the given source files: a change to how records are encoded or checked changes lengths
+    without changing any setting, so the key covers the code itself rather than trust a FORMAT_VERSION bump
+    nobody remembers. The caller names its encoder's files (this module imports none of them)."""
     h = hashlib.sha256()
-    for module in (prompting, data):
-        h.update(Path(module.__file__).read_bytes())
+    for f in files:
+        h.update(Path(f).read_bytes())
     return h.hexdigest()
 
 
@@ -87,12 +87,11 @@ class LengthCache:
         self.identity = {"path": str(self.data_file), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
     def key(self, tokenizer, *, template: Any, num_image_tokens: int, max_length: int,
-            image_token_id: int | None) -> str:
-        from llava_address.prompting import get_template
-
+            image_token_id: int | None, encoder_files: Sequence[str | os.PathLike] = ()) -> str:
+        """`template`: the template's definition (repr of the Template object, not only its name: it may be
+        redefined); `encoder_files`: the source files that encode records (see `code_fingerprint`)."""
         parts = {"format": FORMAT_VERSION, "data": self.identity, "tokenizer": tokenizer_fingerprint(tokenizer),
-                 # the template's definition, not only its name (it may be a Template object or be redefined)
-                 "template": repr(get_template(template)), "encoder": _encoder_code(),
+                 "template": repr(template), "encoder": code_fingerprint(encoder_files),
                  "num_image_tokens": num_image_tokens, "max_length": max_length, "image_token_id": image_token_id}
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 

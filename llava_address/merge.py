@@ -94,7 +94,7 @@ def model_card(stored: dict, checkpoint: Path, *, base: str | None, vision_tower
 def merge_checkpoint(checkpoint: str | Path, base: str | None = None, vision_tower: str | None = None,
                      torch_dtype: str = "auto", device_map: str | None = None):
     """(merged plain LlavaForConditionalGeneration in eval mode, processor) of a checkpoint."""
-    from llava_address.model import load_for_inference, read_checkpoint_args
+    from llava_address.checkpoint import load_for_inference, read_checkpoint_args
 
     stored, _, _ = read_checkpoint_args(checkpoint)
     dtype = torch_dtype
@@ -114,7 +114,7 @@ def merge_checkpoint(checkpoint: str | Path, base: str | None = None, vision_tow
 
 def _probe_inputs(model, processor):
     """A deterministic synthetic batch: one image + a prompt with its image tokens + some text."""
-    from llava_address.model import num_image_tokens
+    from llava_address.components import num_image_tokens
 
     cfg = model.config
     n_img = num_image_tokens(cfg)
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     # the checkpoint or its run folder, and replaces only an earlier merge, with --overwrite.
     check_out_dir(out, "merge", inputs=[ckpt, _existing(args.base), _existing(args.vision_tower)],
                   inside_ok=[ckpt.parent], overwrite=args.overwrite and not args.no_overwrite)
-    from llava_address.model import read_checkpoint_args
+    from llava_address.checkpoint_layout import read_checkpoint_args
     from llava_address.prompting import attach_chat_template
 
     try:
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     # Checkpoints written before chat templates were saved get theirs here, from the template they trained on.
     attach_chat_template(processor, stored.get("data", {}).get("template", "vicuna_v1"))
     if args.check:
-        from llava_address.model import load_for_inference
+        from llava_address.checkpoint import load_for_inference
 
         dtype = merged.dtype
         ref, _ = load_for_inference(args.base, ckpt, load_in_4bit=False, load_in_8bit=False,

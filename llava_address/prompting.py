@@ -219,7 +219,7 @@ def encode_conversation(
 
     conversation: messages alternating user/assistant, starting with the user (an optional leading
         system message replaces the template's system prompt). `<image>` may appear only in user messages.
-    num_image_tokens: image-token ids per `<image>` (llava_address.model.num_image_tokens(config)).
+    num_image_tokens: image-token ids per `<image>` (llava_address.components.num_image_tokens(config)).
     num_images: how many images the record has; the `<image>` count must equal it (None: not checked).
     image_token_id: id of the image token (default: the tokenizer's id of `<image>`).
     max_length: cut the text at this many ids; an error if the cut would fall inside or before an image's

@@ -220,7 +220,7 @@ def load_stage_weights(model: torch.nn.Module, checkpoint: str | os.PathLike) ->
     trainables are applied."""
     from safetensors.torch import load_file
 
-    from llava_address.model import ADAPTER_WEIGHTS, NON_LORA_WEIGHTS
+    from llava_address.checkpoint_layout import ADAPTER_WEIGHTS, NON_LORA_WEIGHTS
 
     from llava_address.convert_llava import mm_projector_file, read_mm_projector
 
@@ -253,6 +253,7 @@ def build_model(cfg: RunConfig):
     from accelerate.utils import set_seed
 
     from llava_address import model as model_lib
+    from llava_address.trainables import apply_trainables
 
     model, processor = model_lib.build_llava(cfg.model)
     # Every checkpoint's processor then carries the chat template of the prompts it was trained on.
@@ -262,7 +263,7 @@ def build_model(cfg: RunConfig):
     # New parts (LoRA) are initialised from the seed alone: how the base loaded (e.g. transformers' ZeRO-3
     # aware loading draws random numbers) must not change them, so every launcher starts from the same model.
     set_seed(cfg.train.seed)
-    result = model_lib.apply_trainables(model, cfg.trainables)
+    result = apply_trainables(model, cfg.trainables)
     if isinstance(result, tuple):  # (model, summary)
         model, summary = result
     elif isinstance(result, torch.nn.Module):
@@ -297,7 +298,7 @@ def build_dataset(cfg: RunConfig, processor, model):
 
     from llava_address.data import LlavaDataset
     from llava_address.length_cache import resolve_cache_dir
-    from llava_address.model import num_image_tokens
+    from llava_address.components import num_image_tokens
 
     config = model.config
     # The main process tokenises every record and writes the length cache while the others wait, then they

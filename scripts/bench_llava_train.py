@@ -196,7 +196,7 @@ def worker_real7b(a) -> dict:
     import torch
 
     from llava_address.config import TrainablesArgs
-    from llava_address.model import apply_trainables
+    from llava_address.trainables import apply_trainables
     from transformers import LlavaForConditionalGeneration
 
     cuda = torch.cuda.is_available()

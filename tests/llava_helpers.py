@@ -10,7 +10,7 @@ import torch
 def reference_logits(model, processor, data_dir) -> torch.Tensor:
     """Deterministic logits of the first two records of `data_dir/train.json` (eval mode, no dropout)."""
     from llava_address.data import LlavaCollator, LlavaDataset
-    from llava_address.model import num_image_tokens
+    from llava_address.components import num_image_tokens
 
     cfg = model.config
     ds = LlavaDataset.from_file(Path(data_dir) / "train.json", processor, num_image_tokens(cfg),

@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from clip_stage.data import build
-from clip_stage.data.build import SplitConfig, assign_splits, main
+from clip_stage.data.build import main
+from clip_stage.data.splits import SplitConfig, assign_splits
 from clip_stage.data.summary import summary, summary_main
 from clip_stage.core.schema import COLUMNS, DatasetPaths, read_info, read_records, read_sub_streets
 from tests.test_network import lonlat, write_osm

@@ -12,7 +12,8 @@ import pytest
 from PIL import Image, ImageOps
 
 from clip_stage.data import exif_gps
-from clip_stage.data.build import check_chunk, main
+from clip_stage.data.build import main
+from clip_stage.data.row_checks import check_chunk
 from clip_stage.data.summary import format_summary, summary
 from clip_stage.data.geocode import ReverseGeocoder
 from clip_stage.data.network import load_street_network

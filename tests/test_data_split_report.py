@@ -7,7 +7,8 @@ import json
 
 import numpy as np
 
-from clip_stage.data.build import SplitConfig, main, split_fractions
+from clip_stage.data.build import main
+from clip_stage.data.splits import SplitConfig, split_fractions
 from clip_stage.core.schema import DatasetPaths, read_info, read_records
 from tests.test_build import _argv, make_inputs
 

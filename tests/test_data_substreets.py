@@ -12,14 +12,10 @@ from shapely.geometry import LineString
 from clip_stage.data.geocode import ReverseGeocoder
 from clip_stage.data.network import helsinki_pbf_path, load_street_network
 from clip_stage.core.schema import address_columns
-from clip_stage.data.substreets import (
-    SubStreetConfig,
-    load_zones,
-    partition_sub_streets,
-    side_by_side,
-    split_streets,
-    sub_streets_geojson,
-)
+from clip_stage.data.neighbourhoods import load_zones
+from clip_stage.data.street_pieces import split_streets
+from clip_stage.data.substreet_types import SubStreetConfig
+from clip_stage.data.substreets import partition_sub_streets, side_by_side, sub_streets_geojson
 from tests.test_network import HARBOUR, ORIGIN, lonlat, utm, write_geojson, write_osm
 
 MAIN_X = {0: [20, 40, 60, 80, 90], 1: [150, 170, 200, 230, 250], 2: [350, 380, 400, 420, 450], 3: [520, 540, 560, 570, 580]}
@@ -257,7 +253,7 @@ def test_parallel_merge_distance_is_respected(tmp_path):
 
 
 def test_side_by_side_ignores_pieces_meeting_end_to_end():
-    from clip_stage.data.substreets import SubStreet
+    from clip_stage.data.substreet_types import SubStreet
 
     def sub(k, coords):
         return SubStreet(f"A/{k}", "A", (), LineString(coords))

@@ -187,7 +187,9 @@ def test_adapter_checkpoints_load_merged_with_the_trained_weights(tiny_llava, tm
     import torch
 
     from llava_address.config import ModelArgs, TrainablesArgs
-    from llava_address.model import apply_trainables, build_llava, save_checkpoint
+    from llava_address.checkpoint import save_model_part
+    from llava_address.model import build_llava
+    from llava_address.trainables import apply_trainables
 
     margs = ModelArgs(model_name_or_path=str(tiny_llava))
     targs = TrainablesArgs(lora_r=4, lora_alpha=8, lora_dropout=0.0)
@@ -199,7 +201,7 @@ def test_adapter_checkpoints_load_merged_with_the_trained_weights(tiny_llava, tm
             if "lora_B" in name or "multi_modal_projector" in name:
                 p.add_(0.05 * torch.randn_like(p))  # stand-in for training
     ckpt = tmp_path / "checkpoint-1"
-    save_checkpoint(peft_model, processor, ckpt, margs, targs)
+    save_model_part(peft_model, processor, ckpt, margs, targs)
 
     gen = infer.load_generator(None, ckpt, device="cpu")
     base = infer.load_generator(tiny_llava, device="cpu")

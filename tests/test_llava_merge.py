@@ -10,7 +10,11 @@ from PIL import Image
 
 from llava_address.config import ModelArgs, TrainablesArgs
 from llava_address.merge import main
-from llava_address.model import apply_trainables, build_llava, load_for_inference, num_image_tokens, save_checkpoint
+from llava_address.checkpoint import load_for_inference
+from llava_address.checkpoint import save_model_part
+from llava_address.components import num_image_tokens
+from llava_address.model import build_llava
+from llava_address.trainables import apply_trainables
 from llava_address.prompting import encode_conversation
 
 CONV = [{"from": "human", "value": "<image>\nWhere was this photo taken?"},
@@ -29,7 +33,7 @@ def _trained_checkpoint(path, margs, targs):
         model(input_ids=ids, pixel_values=pv, labels=torch.tensor([enc.labels])).loss.backward()
         opt.step()
         opt.zero_grad()
-    save_checkpoint(model, processor, path, margs, targs)
+    save_model_part(model, processor, path, margs, targs)
     return ids, pv
 
 

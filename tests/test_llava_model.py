@@ -9,8 +9,11 @@ import torch
 from PIL import Image
 
 from llava_address.config import ModelArgs, TrainablesArgs
-from llava_address.model import (apply_trainables, build_llava, check_processor, component_of, fresh_projector,
-                                 load_for_inference, lora_target_names, num_image_tokens, save_checkpoint)
+from llava_address.checkpoint import load_for_inference
+from llava_address.checkpoint import save_model_part
+from llava_address.components import check_processor, fresh_projector, num_image_tokens
+from llava_address.model import build_llava
+from llava_address.trainables import apply_trainables, component_of, lora_target_names
 from llava_address.prompting import encode_conversation
 
 CONV = [{"from": "human", "value": "<image>\nWhere was this photo taken?"},
@@ -112,9 +115,9 @@ def test_tower_loads_without_a_load_report_for_the_unused_projection(tiny_vision
 
     from safetensors.torch import load_file, save_file
 
-    from llava_address.model import _load_tower
+    from llava_address.components import load_tower
 
-    _load_tower(str(tiny_vision_tower_dir))  # export-clip's CLIPVisionModelWithProjection: the head is dropped
+    load_tower(str(tiny_vision_tower_dir))  # export-clip's CLIPVisionModelWithProjection: the head is dropped
     err = capfd.readouterr().err
     assert "UNEXPECTED" not in err and "LOAD REPORT" not in err
     # weights that belong to no CLIP part are still reported, by us
@@ -124,7 +127,7 @@ def test_tower_loads_without_a_load_report_for_the_unused_projection(tiny_vision
     save_file({**weights, "extra_head.weight": torch.zeros(2, 2)}, str(stray / "model.safetensors"),
               metadata={"format": "pt"})
     with caplog.at_level("WARNING", logger="llava_address.model"):
-        _load_tower(str(stray))
+        load_tower(str(stray))
     assert "1 weights not used by a CLIPVisionModel" in caplog.text and "extra_head.weight" in caplog.text
 
 
@@ -253,7 +256,7 @@ def test_checkpoint_roundtrip_same_logits(tiny_llava_dir, tmp_path, spec):
     # as train-llava passes it under ZeRO-3: only the (gathered) trainable parameters and the projector
     partial = {n: p.detach().clone() for n, p in model.named_parameters()
                if p.requires_grad or component_of(n) == "projector"}
-    counts = save_checkpoint(model, processor, tmp_path / "ck", margs, targs, state_dict=partial, extra={"note": "x"})
+    counts = save_model_part(model, processor, tmp_path / "ck", margs, targs, state_dict=partial, extra={"note": "x"})
     assert (counts["adapter_tensors"] > 0) == (targs.llm == "lora")
     stored = json.loads((tmp_path / "ck" / "llava_args.json").read_text())
     assert stored["trainables"]["llm"] == targs.llm and stored["note"] == "x"
@@ -277,7 +280,7 @@ def test_checkpoint_with_swapped_tower_rebuilds_swap(tiny_llava_dir, tiny_vision
     model, _ = apply_trainables(model, targs)
     batch = _batch(model, processor)
     _train_steps(model, batch, steps=2)
-    save_checkpoint(model, processor, tmp_path / "ck", margs, targs)
+    save_model_part(model, processor, tmp_path / "ck", margs, targs)
     loaded, proc2 = load_for_inference(None, tmp_path / "ck")
     assert proc2.image_processor.crop_size["height"] == 48
     with torch.no_grad():

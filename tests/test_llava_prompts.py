@@ -119,7 +119,7 @@ def _flat(x):
 @pytest.mark.parametrize("name", ["vicuna_v1", "llava_v1", "llama_2", "llava_llama_2", "plain"])
 @pytest.mark.parametrize("candidates", [False, True])
 def test_chat_template_ids_equal_training_ids(processor, name, candidates):
-    from llava_address.model import num_image_tokens
+    from llava_address.components import num_image_tokens
     from transformers import AutoConfig
 
     n_img = num_image_tokens(AutoConfig.from_pretrained(processor.tokenizer.name_or_path))

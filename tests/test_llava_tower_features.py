@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from llava_address.config import ModelArgs
-from llava_address.model import build_llava, check_processor, num_image_tokens
+from llava_address.components import check_processor, num_image_tokens
+from llava_address.model import build_llava
 from llava_address.prompting import encode_conversation
 
 CONV = [{"from": "human", "value": "<image>\nWhere was this photo taken?"}, {"from": "gpt", "value": "On A Street."}]

@@ -17,9 +17,11 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import json
 import sys
 import textwrap
 import typing
+from pathlib import Path
 from typing import Any, Literal
 
 
@@ -168,3 +170,50 @@ def dataclass_from_args(cls, namespace: argparse.Namespace | dict, prefix: str =
 def asdict(obj) -> dict[str, Any]:
     """Plain-dict form of a config dataclass (what checkpoints store as JSON)."""
     return dataclasses.asdict(obj)
+
+
+def build_groups_parser(groups: dict[str, type], prog: str | None = None,
+                        description: str | None = None) -> argparse.ArgumentParser:
+    """argparse options for every field of the dataclasses in `groups`, plus `--config FILE`.
+
+    Flags are the bare field names (`--lr`, not `--optim.lr`), so field names are unique across groups.
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="YAML/JSON file of {group: {field: value}} or flat {field: value}; flags override it")
+    for group, cls in groups.items():
+        add_dataclass_args(parser, cls, title=group)
+    return parser
+
+
+def _load_file(path: str, groups: dict[str, type]) -> dict[str, dict[str, Any]]:
+    text = Path(path).read_text(encoding="utf-8")
+    if path.endswith(".json"):
+        raw = json.loads(text)
+    else:
+        import yaml
+
+        raw = yaml.safe_load(text) or {}
+    out: dict[str, dict[str, Any]] = {g: {} for g in groups}
+    by_field = {f.name: g for g, cls in groups.items() for f in dataclasses.fields(cls)}
+    for key, value in raw.items():
+        if key in groups and isinstance(value, dict):
+            out[key].update(value)
+        elif key.replace("-", "_") in by_field:
+            out[by_field[key.replace("-", "_")]][key.replace("-", "_")] = value
+        else:
+            raise ValueError(f"{path}: unknown option {key!r}")
+    return out
+
+
+def parse_groups(groups: dict[str, type], argv: list[str] | None = None, prog: str | None = None,
+                 description: str | None = None) -> dict[str, Any]:
+    """Parses argv (plus an optional --config file) into one instance per dataclass in `groups`."""
+    parser = build_groups_parser(groups, prog, description)
+    ns = parser.parse_args(argv)
+    values = _load_file(ns.config, groups) if ns.config else {g: {} for g in groups}
+    try:
+        return {g: dataclass_from_args(cls, ns, base=values[g]) for g, cls in groups.items()}
+    except (TypeError, ValueError, KeyError) as e:
+        parser.error(str(e))
+        raise  # unreachable

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pandas as pd
 
 from clip_stage.core.registry import Registry
@@ -174,6 +175,13 @@ def read_records(dataset_dir: str | Path, split: str | None = None) -> pd.DataFr
             raise ValueError(f"unknown split {split!r}; valid: {SPLITS}")
         df = df[df["split"] == split].reset_index(drop=True)
     return df
+
+
+def empty_captions(df: pd.DataFrame) -> np.ndarray:
+    """Per row: the `caption` column is missing, null or blank (the row still needs captioning)."""
+    if "caption" not in df.columns:
+        return np.ones(len(df), dtype=bool)
+    return df["caption"].fillna("").astype(str).str.strip().eq("").to_numpy()
 
 
 def as_hf_dataset(dataset_dir: str | Path, split: str | None = None):

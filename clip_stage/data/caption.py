@@ -20,11 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clip_stage.train_config import parse_groups
-from clip_stage.train_data import empty_captions
+from clip_stage.core.config import parse_groups
 from clip_stage.core.errors import command_main
 from clip_stage.core.fs import atomic_write_json, resolve_under_root
-from clip_stage.core.schema import DatasetPaths, read_info, read_records, write_records
+from clip_stage.core.schema import DatasetPaths, empty_captions, read_info, read_records, write_records
 
 DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-large"
 DEFAULT_PROMPT = "a street view of"

@@ -5,7 +5,7 @@ when no `--gps` table is given.
 
 `scan_exif_gps(root)` walks the folder (sorted, so row numbers are stable), reads each image's EXIF GPS
 IFD (tag 0x8825) with Pillow's `Image.getexif()` (header only, no pixels decoded) and returns the same
-table `build.read_gps_table` returns (row, image, lat, lon, caption, image_id) plus one `no_exif_gps`
+table `clip_stage.data.gps_table.read_gps_table` returns (row, image, lat, lon, caption, image_id) plus one `no_exif_gps`
 reject per photo without a usable position. JPEG, PNG, WebP and TIFF are read by Pillow itself; HEIC/HEIF
 (iPhone photos) when the optional `pillow-heif` plugin is installed (`register_heif()`); without it
 a HEIC file is a `no_exif_gps` reject that says so.

@@ -68,6 +68,14 @@ def _resolve(target: str):
     return getattr(importlib.import_module(module_name), func_name)
 
 
+def run_command(name: str, argv: list[str]) -> int:
+    """Runs the `address-llava NAME` subcommand's `main(argv)` in-process (its module imported only now);
+    returns its exit status. The whole-pipeline demo calls the stages through this."""
+    if name not in COMMANDS:
+        raise KeyError(f"no address-llava command {name!r}; commands: {', '.join(sorted(COMMANDS))}")
+    return _resolve(COMMANDS[name].target)(argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="address-llava",
@@ -96,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv[:1])
     # The same one-line-error guard as each command's own main: it also covers the import of the command.
     return run_guarded(f"address-llava {ns.command}",
-                       lambda args: _resolve(COMMANDS[ns.command].target)(args), debug + argv[1:])
+                       lambda args: run_command(ns.command, args), debug + argv[1:])
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from clip_stage.core.errors import command_main
 from clip_stage.core.fs import atomic_write_json
 from clip_stage.core.outdir import check_out_dir, write_marker
 from conversations.records import IMAGE_TOKEN, load_records
+from llava_address.apps import cli
 
 
 @dataclass(frozen=True)
@@ -121,10 +122,8 @@ class Paths:
 
 def run_command(name: str, argv: list[str]) -> None:
     """Runs one `address-llava` subcommand in-process, after printing it as a shell line."""
-    from llava_address.apps.cli import COMMANDS, _resolve
-
     print(f"\n$ address-llava {name} {shlex.join(argv)}", flush=True)
-    code = _resolve(COMMANDS[name].target)(argv)
+    code = cli.run_command(name, argv)
     if code:
         raise SystemExit(f"demo: `address-llava {name}` failed with exit status {code}")
 

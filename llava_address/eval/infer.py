@@ -31,15 +31,12 @@ from clip_stage.core.fs import atomic_write_text, parse_jsonl
 from clip_stage.core.outdir import check_not_input
 from conversations.records import IMAGE_TOKEN, Reference, first_question, load_records, record_where
 from conversations.validate import require_valid
+from llava_address.eval.errors import InferenceInputError, PromptTooLongError
 
 log = logging.getLogger(__name__)
 
 
 # --- images and prompts --------------------------------------------------------------------------------
-
-class InferenceInputError(ValueError):
-    """A missing or unreadable image, a model folder that cannot be loaded, a malformed evaluation file."""
-
 
 def open_image(path: str | os.PathLike):
     """An RGB PIL image, or a clear error naming the file."""
@@ -58,13 +55,9 @@ def open_image(path: str | os.PathLike):
 
 def num_image_tokens(config) -> int:
     """Image-token ids per `<image>`: the tower's patch grid, plus the CLS token with the 'full' strategy."""
-    from llava_address.model import num_image_tokens as shared  # the LLaVA stage's definition
+    from llava_address.components import num_image_tokens as shared  # the LLaVA stage's definition
 
     return int(shared(config))
-
-
-class PromptTooLongError(InferenceInputError):
-    """A prompt that does not fit the model's context with room for the answer."""
 
 
 # Tokenizers without a stated limit report a huge sentinel (transformers' VERY_LARGE_INTEGER): no limit.
@@ -186,7 +179,8 @@ def load_generator(model_path: str | os.PathLike | None, adapter: str | os.PathL
     import torch
 
     from llava_address.config import ModelArgs
-    from llava_address.model import build_llava, load_for_inference
+    from llava_address.checkpoint import load_for_inference
+    from llava_address.model import build_llava
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

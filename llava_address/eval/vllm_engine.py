@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from conversations.records import IMAGE_TOKEN
-from llava_address.eval.infer import InferenceInputError
+from llava_address.eval.errors import InferenceInputError
 
 ENGINES = ("hf", "vllm")
 

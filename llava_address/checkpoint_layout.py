@@ -1,0 +1,37 @@
+"""The on-disk contract of a LLaVA checkpoint folder: its file names, its format version, the error for a bad
+one, and reading back the arguments it was trained with.
+
+Writing and loading checkpoints is llava_address.checkpoint; this module sits below it (and below
+llava_address.convert_llava, whose errors are checkpoint errors) so that neither imports the other's users.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from llava_address.config import ModelArgs, TrainablesArgs
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+NON_LORA_WEIGHTS = "non_lora_trainables.safetensors"
+ARGS_FILE = "llava_args.json"
+LLAVA_CONFIG_FILE = "llava_config.json"
+CHECKPOINT_FORMAT = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, damaged, untrusted or does not fit the run (a one-line user error)."""
+
+
+def read_checkpoint_args(checkpoint: str | os.PathLike) -> tuple[ModelArgs, TrainablesArgs, dict[str, Any]]:
+    """(ModelArgs, TrainablesArgs, the whole llava_args.json) stored in a checkpoint folder."""
+    path = Path(checkpoint) / ARGS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{checkpoint} is not a LLaVA training checkpoint (no {ARGS_FILE})")
+    data = json.loads(path.read_text())
+    if data.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: checkpoint format {data.get('format')!r}, expected {CHECKPOINT_FORMAT}")
+    return ModelArgs(**data["model"]), TrainablesArgs(**data["trainables"]), data
