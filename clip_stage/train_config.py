@@ -1,8 +1,8 @@
 """Typed configuration of AddressCLIP training, grouped by concern (model, data, loss, optimisation, run).
 
-Each field's docstring becomes its `--help` text; `build_parser` turns the dataclasses into argparse
-options (`--field-name`) and `parse_config` builds the frozen `TrainConfig` back, optionally starting
-from a YAML/JSON file (`--config recipe.yaml`, flags override it). Checks live in `__post_init__`; never
+Each field's docstring becomes its `--help` text; `parse_config` reads flags (`--field-name`) over an
+optional YAML/JSON file (`--config recipe.yaml`) into the frozen `TrainConfig`, by the rules of
+`clip_stage.core.config`. Checks live in `__post_init__`; never
 mutate a parsed config: derive with `dataclasses.replace`.
 
 Defaults are the paper's recipe (OpenAI CLIP ViT-B/16, AdamW lr 2.4e-5 -> 2.4e-8 cosine, betas
@@ -11,14 +11,11 @@ Defaults are the paper's recipe (OpenAI CLIP ViT-B/16, AdamW lr 2.4e-5 -> 2.4e-8
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from clip_stage.core.config import add_dataclass_args, dataclass_from_args
+from clip_stage.core.config import ConfigParser, Section
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -192,55 +189,12 @@ class TrainConfig:
 GROUPS: dict[str, type] = {"model": ModelArgs, "data": DataArgs, "loss": LossArgs, "optim": OptimArgs, "run": RunArgs}
 
 
-# --- dataclass <-> argparse ------------------------------------------------------------------------
+# --- flags and config file (clip_stage.core.config) -----------------------------------------------
 
-def build_parser(prog: str = "train-clip", description: str | None = None,
-                 groups: dict[str, type] | None = None) -> argparse.ArgumentParser:
-    """argparse options for every field of the dataclasses in `groups` (default: TrainConfig's).
-
-    Flags are the bare field names (`--lr`, not `--optim.lr`), so field names are unique across groups.
-    """
-    groups = GROUPS if groups is None else groups
-    parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None, help="YAML/JSON file of {group: {field: value}} or flat {field: value}; flags override it")
-    for group, cls in groups.items():
-        add_dataclass_args(parser, cls, title=group)
-    return parser
-
-
-def _load_file(path: str, groups: dict[str, type]) -> dict[str, dict[str, Any]]:
-    text = Path(path).read_text(encoding="utf-8")
-    if path.endswith(".json"):
-        raw = json.loads(text)
-    else:
-        import yaml
-
-        raw = yaml.safe_load(text) or {}
-    out: dict[str, dict[str, Any]] = {g: {} for g in groups}
-    by_field = {f.name: g for g, cls in groups.items() for f in dataclasses.fields(cls)}
-    for key, value in raw.items():
-        if key in groups and isinstance(value, dict):
-            out[key].update(value)
-        elif key.replace("-", "_") in by_field:
-            out[by_field[key.replace("-", "_")]][key.replace("-", "_")] = value
-        else:
-            raise ValueError(f"{path}: unknown option {key!r}")
-    return out
-
-
-def parse_groups(groups: dict[str, type], argv: list[str] | None = None, prog: str | None = None,
-                 description: str | None = None) -> dict[str, Any]:
-    """Parses argv (plus an optional --config file) into one instance per dataclass in `groups`."""
-    parser = build_parser(prog, description, groups)
-    ns = parser.parse_args(argv)
-    values = _load_file(ns.config, groups) if ns.config else {g: {} for g in groups}
-    try:
-        return {g: dataclass_from_args(cls, ns, base=values[g]) for g, cls in groups.items()}
-    except (TypeError, ValueError, KeyError) as e:
-        parser.error(str(e))
-        raise  # unreachable
+def build_parser(prog: str = "train-clip", description: str | None = None) -> ConfigParser:
+    """train-clip's parser: `--config FILE` and one flag per field (`--lr`, also `--optim.lr`)."""
+    return ConfigParser([Section(name, cls) for name, cls in GROUPS.items()], prog=prog, description=description)
 
 
 def parse_config(argv: list[str] | None = None, prog: str = "train-clip", description: str | None = None) -> TrainConfig:
-    return TrainConfig(**parse_groups(GROUPS, argv, prog, description))
+    return TrainConfig(**build_parser(prog, description).parse_config(argv).sections)

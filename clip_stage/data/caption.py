@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clip_stage.train_config import parse_groups
+from clip_stage.core.config import ConfigParser, Section
 from clip_stage.train_data import empty_captions
 from clip_stage.core.errors import command_main
 from clip_stage.core.fs import atomic_write_json, resolve_under_root
@@ -157,7 +157,8 @@ def run(args: CaptionArgs) -> dict:
 
 @command_main("caption")
 def main(argv: list[str] | None = None) -> int:
-    args = parse_groups({"caption": CaptionArgs}, argv, prog="caption", description=__doc__.split("\n\n")[0])["caption"]
+    parser = ConfigParser([Section("caption", CaptionArgs)], prog="caption", description=__doc__.split("\n\n")[0])
+    args = parser.parse_config(argv)["caption"]
     run(args)
     return 0
 
