@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from llava_address.config import ModelArgs, TrainablesArgs, asdict
+from clip_stage.core.config import asdict
+from llava_address.config import ModelArgs, TrainablesArgs
 
 log = logging.getLogger(__name__)
 

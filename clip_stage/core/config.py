@@ -437,8 +437,9 @@ class ConfigParser(ArgumentParser):
         for s in self.sections:
             try:
                 instances[s.name] = s.cls(**values[s.name])
-            except (TypeError, ValueError) as e:
-                raise ConfigError(f"{s.name}: {e}" if len(self.sections) > 1 else str(e)) from None
+            except (TypeError, ValueError, KeyError) as e:  # KeyError: a registry lookup (clip_stage.core.registry)
+                text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+                raise ConfigError(f"{s.name}: {text}" if len(self.sections) > 1 else text) from None
         return ParsedConfig(instances, str(path) if path else None, argparse.Namespace(**extras))
 
 
