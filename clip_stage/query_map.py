@@ -25,7 +25,6 @@ sub-streets, AUC, means, counts, PNG name), each file atomically.
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import sys
@@ -37,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clip_stage.core.config import add_dataclass_args, asdict, dataclass_from_args
+from clip_stage.core.config import ArgumentParser, add_dataclass_args, asdict, dataclass_from_args
 from clip_stage.core.errors import command_main
 from clip_stage.core.fs import atomic_write_json
 from clip_stage.core.outdir import check_out_dir, write_marker
@@ -388,11 +387,10 @@ def run(mapper: QueryMapper, queries: list[str], out_dir: str | Path) -> dict:
     return report
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> ArgumentParser:
     from clip_stage.model import add_model_source_args
 
-    p = argparse.ArgumentParser(prog="address-llava query-map", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="address-llava query-map", description=__doc__)
     add_model_source_args(p, "map a base (not fine-tuned) model")
     p.add_argument("--dataset", required=True, help="address dataset folder (records.parquet, sub_streets.geojson)")
     p.add_argument("--query", action="append", required=True,

@@ -1,8 +1,8 @@
 """Typed configuration of AddressCLIP training, grouped by concern (model, data, loss, optimisation, run).
 
-Each field's docstring becomes its `--help` text; `build_parser` turns the dataclasses into argparse
-options (`--field-name`) and `parse_config` builds the frozen `TrainConfig` back, optionally starting
-from a YAML/JSON file (`--config recipe.yaml`, flags override it). Checks live in `__post_init__`; never
+Each field's docstring becomes its `--help` text; `parse_config` reads flags (`--field-name`) over an
+optional YAML/JSON file (`--config recipe.yaml`) into the frozen `TrainConfig`, by the rules of
+`clip_stage.core.config`. Checks live in `__post_init__`; never
 mutate a parsed config: derive with `dataclasses.replace`.
 
 Defaults are the paper's recipe (OpenAI CLIP ViT-B/16, AdamW lr 2.4e-5 -> 2.4e-8 cosine, betas
@@ -11,12 +11,11 @@ Defaults are the paper's recipe (OpenAI CLIP ViT-B/16, AdamW lr 2.4e-5 -> 2.4e-8
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from clip_stage.core.config import build_groups_parser, parse_groups
+from clip_stage.core.config import ConfigParser, Section
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -190,16 +189,12 @@ class TrainConfig:
 GROUPS: dict[str, type] = {"model": ModelArgs, "data": DataArgs, "loss": LossArgs, "optim": OptimArgs, "run": RunArgs}
 
 
-# --- dataclass <-> argparse ------------------------------------------------------------------------
+# --- flags and config file (clip_stage.core.config) -----------------------------------------------
 
-def build_parser(prog: str = "train-clip", description: str | None = None,
-                 groups: dict[str, type] | None = None) -> argparse.ArgumentParser:
-    """argparse options for every field of the dataclasses in `groups` (default: TrainConfig's).
-
-    Flags are the bare field names (`--lr`, not `--optim.lr`), so field names are unique across groups.
-    """
-    return build_groups_parser(GROUPS if groups is None else groups, prog, description)
+def build_parser(prog: str = "train-clip", description: str | None = None) -> ConfigParser:
+    """train-clip's parser: `--config FILE` and one flag per field (`--lr`, also `--optim.lr`)."""
+    return ConfigParser([Section(name, cls) for name, cls in GROUPS.items()], prog=prog, description=description)
 
 
 def parse_config(argv: list[str] | None = None, prog: str = "train-clip", description: str | None = None) -> TrainConfig:
-    return TrainConfig(**parse_groups(GROUPS, argv, prog, description))
+    return TrainConfig(**build_parser(prog, description).parse_config(argv).sections)

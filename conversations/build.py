@@ -20,7 +20,6 @@ Writes, atomically (the folder appears complete or not at all):
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 import random
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from clip_stage.core.config import add_dataclass_args
+from clip_stage.core.config import ConfigParser, Section
 from clip_stage.core.errors import command_main
 from clip_stage.core.fs import atomic_dir, atomic_write_json
 from clip_stage.core.outdir import check_out_dir, write_marker
@@ -39,7 +38,7 @@ from clip_stage.core.schema import Address, DatasetPaths, read_records, render_a
 
 from conversations import formats
 from conversations.candidates import NONE_FITS, with_candidates
-from conversations.config import BuildConfig, config_from_args
+from conversations.config import BuildConfig
 from conversations.neighbours import Neighbourhood, build_neighbourhood
 from conversations.records import (CAPTION, CROSS_STREETS, FULL_ADDRESS, IMAGE_TOKEN, MULTIPLE_CHOICE, PLACE, SCENE,
                                    STREET, YES_NO, Reference, write_json_array, write_jsonl)
@@ -451,20 +450,15 @@ def build(config: BuildConfig) -> dict:
     return info
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="address-llava conversations", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML file of options (flags override it)")
-    add_dataclass_args(parser, BuildConfig, title="options")
-    return parser
+def build_parser() -> ConfigParser:
+    return ConfigParser([Section("conversations", BuildConfig)], prog="address-llava conversations", description=__doc__)
 
 
 @command_main("conversations")
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    ns = build_parser().parse_args(argv)
+    config = build_parser().parse_config(argv)["conversations"]
     try:
-        config = config_from_args(BuildConfig, ns, ns.config)
         info = build(config)
     except (ValueError, FileExistsError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)

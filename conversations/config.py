@@ -1,18 +1,14 @@
-"""Typed configuration of the conversation builder, and flags generated from it.
+"""Typed configuration of the conversation builder.
 
 Each dataclass field's one-line docstring becomes its `--help`; `--config file.yaml` supplies values that
-flags then override. Checks live in `__post_init__`; parsed values (weights, split lists) are derived
+flags then override (the rules of every command: clip_stage.core.config). Checks live in `__post_init__`; parsed values (weights, split lists) are derived
 read-only properties, the config itself is frozen.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 
-from clip_stage.core.config import dataclass_from_args
 from clip_stage.core.schema import ADDRESS_STYLES, SPLITS
 from conversations.templates import QUESTION_TYPES
 
@@ -157,37 +153,3 @@ class BuildConfig:
     @property
     def format_list(self) -> tuple[str, ...]:
         return tuple(s.strip() for s in self.formats.split(",") if s.strip())
-
-
-def load_yaml_options(cls, yaml_path: str | None) -> dict:
-    """Field values from a YAML file of `option: value` (weights may be a mapping, lists a sequence)."""
-    if not yaml_path:
-        return {}
-    import yaml
-
-    path = Path(yaml_path)
-    try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise ValueError(f"{path}: config file not found") from None
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: malformed YAML ({e})") from None
-    if not isinstance(loaded, dict):
-        raise ValueError(f"{path}: expected a mapping of option: value")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(k.replace("-", "_") for k in loaded) - names)
-    if unknown:
-        raise ValueError(f"{path}: unknown options {unknown}; valid: {sorted(names)}")
-    values = {}
-    for k, v in loaded.items():
-        if isinstance(v, dict):
-            v = ",".join(f"{a}={b}" for a, b in v.items())
-        elif isinstance(v, (list, tuple)):
-            v = ",".join(str(x) for x in v)
-        values[k.replace("-", "_")] = v
-    return values
-
-
-def config_from_args(cls, ns: argparse.Namespace, yaml_path: str | None = None):
-    """Dataclass defaults < YAML file < explicit flags (options from `clip_stage.core.config.add_dataclass_args`)."""
-    return dataclass_from_args(cls, ns, base=load_yaml_options(cls, yaml_path))

@@ -45,12 +45,13 @@ from typing import Any
 
 import torch
 
+from clip_stage.core.config import asdict
 from clip_stage.core.fs import ManifestError, atomic_dir, atomic_write_json, load_error_text, verify_manifest
 from llava_address.checkpoint_layout import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, ARGS_FILE, CHECKPOINT_FORMAT,
                                              LLAVA_CONFIG_FILE, NON_LORA_WEIGHTS, CheckpointError,
                                              read_checkpoint_args)
 from llava_address.components import check_processor
-from llava_address.config import ModelArgs, TrainablesArgs, asdict
+from llava_address.config import ModelArgs, TrainablesArgs
 from llava_address.model import build_llava
 from llava_address.trainables import component_of, is_peft
 

@@ -1,18 +1,16 @@
 """Typed configuration of the LLaVA stage, grouped by concern: model, trainable parts, data.
 
-Each field's docstring is its `--help` text. `add_dataclass_args` (from `clip_stage.core.config`, re-exported
-here) turns a dataclass into argparse options (`--field-name`, optionally prefixed) and `dataclass_from_args`
-builds the dataclass back from the parsed namespace, so `train-llava`, `merge` and YAML recipes share one
-definition. Checks live in `__post_init__`;
-the dataclasses are frozen: derive a new one with `dataclasses.replace`, never mutate.
+Each field's docstring is its `--help` text; `train-llava` and its YAML recipes read them through the one
+config system of every command (clip_stage.core.config), where the sections are `model`, `trainables` and
+`data` (and `train`, llava_address.train_args). A field name two sections share is spelled with its section
+on the command line: `--model.vision-tower`, `--model.llm`. Checks live in `__post_init__`; the dataclasses
+are frozen: derive a new one with `dataclasses.replace`, never mutate.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
-
-from clip_stage.core.config import add_dataclass_args, asdict, dataclass_from_args, field_docs
 
 # LLaVA-1.5 applies LoRA to every linear layer of the LLM (attention and MLP), never to the lm_head,
 # the projector or the vision tower. The regex is matched by peft against the FULL module path
@@ -32,13 +30,13 @@ class ModelArgs:
     model_name_or_path: str | None = None
     """Hub id or folder of a HF LLaVA checkpoint (LlavaForConditionalGeneration + processor), e.g. llava-hf/llava-1.5-7b-hf."""
     llm: str | None = None
-    """Compose instead: hub id or folder of a Vicuna/Llama causal LM (with its tokenizer); needs --vision-tower."""
+    """Compose instead: hub id or folder of a Vicuna/Llama causal LM (with its tokenizer); needs --model.vision-tower."""
     vision_tower: str | None = None
     """CLIPVisionModel folder (e.g. the AddressCLIP export) swapped into the base model, or used to compose one."""
     projector_hidden_act: str = "gelu"
     """Activation of the 2-layer MLP projector of a freshly built projector (LLaVA-1.5 mlp2x_gelu)."""
     vision_feature_layer: int | None = None
-    """Vision tower hidden layer fed to the projector (LLaVA-1.5: -2, the penultimate). Unset: the checkpoint's own, or -2 when composing; set with --vision-tower to choose the swapped tower's features."""
+    """Vision tower hidden layer fed to the projector (LLaVA-1.5: -2, the penultimate). Unset: the checkpoint's own, or -2 when composing; set with --model.vision-tower to choose the swapped tower's features."""
     vision_feature_select_strategy: Literal["default", "full"] | None = None
     """'default' drops the CLS token (LLaVA-1.5), 'full' keeps it (one more image token). Unset: the checkpoint's own, or 'default' when composing."""
     torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -57,16 +55,14 @@ class ModelArgs:
     """Quantise the quantisation constants too (QLoRA default)."""
     device_map: str | None = None
     """device_map for from_pretrained (e.g. 'auto', 'cpu', 'cuda:0'); quantised loads default to the local device."""
-    model_max_length: int | None = None
-    """Overrides the tokenizer's model_max_length (LLaVA-1.5 trained with 2048)."""
 
     def __post_init__(self):
         if self.model_name_or_path is None and self.llm is None:
-            raise ValueError("give --model-name-or-path (a LLaVA checkpoint) or --llm and --vision-tower (compose)")
+            raise ValueError("give --model-name-or-path (a LLaVA checkpoint) or --model.llm and --model.vision-tower (compose)")
         if self.model_name_or_path is not None and self.llm is not None:
-            raise ValueError("--model-name-or-path and --llm are exclusive: a LLaVA checkpoint already has its LLM")
+            raise ValueError("--model-name-or-path and --model.llm are exclusive: a LLaVA checkpoint already has its LLM")
         if self.llm is not None and self.vision_tower is None:
-            raise ValueError("composing a LLaVA from --llm needs --vision-tower")
+            raise ValueError("composing a LLaVA from --model.llm needs --model.vision-tower")
         if self.load_in_4bit and self.load_in_8bit:
             raise ValueError("--load-in-4bit and --load-in-8bit are exclusive")
         if self.torch_dtype not in DTYPES:
@@ -120,7 +116,8 @@ class DataArgs:
     image_aspect_ratio: Literal["pad", "resize"] = "pad"
     """'pad': pad to a square with the processor's mean colour (LLaVA-1.5); 'resize': let the processor crop."""
     model_max_length: int = 2048
-    """Longest tokenised sample; longer text is truncated (never the image tokens)."""
+    """Longest tokenised sample; longer text is truncated (never the image tokens). The trained model's tokenizer
+    keeps the smaller of this and its own model_max_length (LLaVA-1.5 trained with 2048)."""
     group_by_length: bool = True
     """Batch samples of similar length, text-only and image samples apart (LLaVA's group_by_modality_length)."""
     template: str = "vicuna_v1"
@@ -138,9 +135,4 @@ class DataArgs:
             raise ValueError("model_max_length must be positive")
 
 
-# --- argparse <-> dataclass -------------------------------------------------------------------------
-
-__all__ = [
-    "ModelArgs", "TrainablesArgs", "DataArgs", "DEFAULT_LORA_TARGET_REGEX",
-    "add_dataclass_args", "dataclass_from_args", "field_docs", "asdict",
-]
+__all__ = ["ModelArgs", "TrainablesArgs", "DataArgs", "DEFAULT_LORA_TARGET_REGEX"]

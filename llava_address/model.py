@@ -83,11 +83,9 @@ def build_llava(args: ModelArgs):
             args.vision_feature_layer not in (None, model.config.vision_feature_layer)
             or args.vision_feature_select_strategy not in (None, model.config.vision_feature_select_strategy)):
         raise ValueError("--vision-feature-layer / --vision-feature-select-strategy change what a trained projector "
-                         "reads: set them together with --vision-tower (a tower swap aligns a fresh projector), "
+                         "reads: set them together with --model.vision-tower (a tower swap aligns a fresh projector), "
                          f"or leave them unset to keep the checkpoint's ({model.config.vision_feature_layer}, "
                          f"{model.config.vision_feature_select_strategy!r})")
-    if args.model_max_length is not None:
-        processor.tokenizer.model_max_length = args.model_max_length
     check_processor(model.config, processor)
     return model, processor
 

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from clip_stage.core.config import Section
 from clip_stage.core.errors import command_main
 from clip_stage.core.fs import cut_jsonl_log, load_error_text, remove_stale_temps
 from clip_stage.core.trackers import plan_trackers, start_trackers
@@ -55,13 +56,13 @@ from llava_address.checkpoint import (
 from llava_address.config import DataArgs, ModelArgs, TrainablesArgs
 from llava_address.data import validate_data
 from llava_address.prompting import attach_chat_template
-from llava_address.train_args import ConfigGroup, TrainArgs, parse_config, to_plain
+from llava_address.train_args import TrainArgs, build_parser, to_plain
 
 GROUPS = [
-    ConfigGroup("model", ModelArgs),
-    ConfigGroup("trainables", TrainablesArgs),
-    ConfigGroup("data", DataArgs),
-    ConfigGroup("train", TrainArgs),
+    Section("model", ModelArgs),
+    Section("trainables", TrainablesArgs),
+    Section("data", DataArgs),
+    Section("train", TrainArgs),
 ]
 
 
@@ -89,10 +90,10 @@ class RunConfig:
 
 
 def parse_args(argv: list[str] | None = None) -> RunConfig:
-    instances, _, recipe = parse_config(GROUPS, argv, prog="train-llava", description=__doc__.split("\n\n")[0])
-    if instances["data"].data_path is None:
+    parsed = build_parser(GROUPS, prog="train-llava", description=__doc__.split("\n\n")[0]).parse_config(argv)
+    if parsed["data"].data_path is None:
         raise SystemExit("train-llava: --data-path is required (LLaVA-format conversations)")
-    return RunConfig(instances["model"], instances["trainables"], instances["data"], instances["train"], recipe)
+    return RunConfig(parsed["model"], parsed["trainables"], parsed["data"], parsed["train"], parsed.config_file)
 
 
 @dataclass
@@ -256,6 +257,10 @@ def build_model(cfg: RunConfig):
     from llava_address.trainables import apply_trainables
 
     model, processor = model_lib.build_llava(cfg.model)
+    # One training length (data.model_max_length): the saved tokenizer carries it too, since inference
+    # budgets prompts by the tokenizer's limit; a tokenizer that already has a smaller one keeps it.
+    tok = processor.tokenizer
+    tok.model_max_length = min(tok.model_max_length, cfg.data.model_max_length)
     # Every checkpoint's processor then carries the chat template of the prompts it was trained on.
     attach_chat_template(processor, cfg.data.template)
     if cfg.train.init_from:

@@ -1,12 +1,12 @@
-"""Training options of `train-llava` (TrainArgs) and the recipe/flag parser shared by every config group.
+"""Training options of `train-llava` (TrainArgs), its shipped recipes and its parser.
 
 A run is described by four dataclasses, one per concern: ModelArgs, TrainablesArgs and DataArgs
 (llava_address.config) and TrainArgs (here). A YAML recipe with the sections `model:`, `trainables:`,
-`data:` and `train:` stands in for flags; flags given on the command line override it. Every field's
-one-line docstring is its `--help`. Flags are the field names with dashes (`--learning-rate`); a name
-that two groups share is spelled with its group (`--train.seed`). The snake_case spelling of LLaVA's and
-transformers' scripts is the same flag (`--model_name_or_path`, `--train.per_device_batch_size`), and a
-boolean takes an optional value as they write it (`--gradient_checkpointing True`, `--no-gradient-checkpointing`).
+`data:` and `train:` stands in for flags; flags given on the command line override it. Parsing follows
+the rules of every command (clip_stage.core.config): a field is `--field-name` or `--section.field-name`
+(only the latter where two sections share the name, e.g. `--model.vision-tower`), `_` and `-` are the same
+(`--model_name_or_path`), and a boolean takes an optional value as LLaVA's scripts write it
+(`--gradient_checkpointing True`, `--no-gradient-checkpointing`).
 
     train-llava --recipe address_lora --data-path convs.json --output-dir runs/lora
     train-llava --recipe path/to/my_recipe.yaml --learning-rate 1e-4
@@ -14,18 +14,14 @@ boolean takes an optional value as they write it (`--gradient_checkpointing True
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
-import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from clip_stage.core.config import ArgumentParser, str2bool, field_docs
+from clip_stage.core.config import ConfigParser, FieldKind, Section
 
 RECIPE_DIR = Path(__file__).with_name("recipes")
 
@@ -153,185 +149,14 @@ class TrainArgs:
 # --------------------------------------------------------------------------------------------
 
 
-def _strip_optional(tp: Any) -> tuple[Any, bool]:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0], True
-    return tp, False
-
-
-def _converter(tp: Any, name: str):
-    """(argparse type, choices, nargs) for a field annotation."""
-    tp, optional = _strip_optional(tp)
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        choices = list(typing.get_args(tp))
-        kind = type(choices[0])
-        return kind, choices, None
-    if origin in (list, tuple) or tp in (list, tuple):
-        args = typing.get_args(tp)
-        inner = args[0] if args else str
-        return inner, None, "*"
-    if tp in (int, float, str):
-        return tp, None, None
-    if tp is bool:
-        return bool, None, None
-    # Anything else (dicts, nested types) is YAML text on the command line.
-    return yaml.safe_load, None, None
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Checks/converts a YAML value against a field annotation (ints accepted for floats)."""
-    if value is None:
-        return None
-    base, _ = _strip_optional(tp)
-    origin = typing.get_origin(base)
-    if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if base is float and isinstance(value, str):
-        try:  # YAML 1.1 reads "1e-3" (no dot) as a string
-            return float(value)
-        except ValueError:
-            pass
-    if base in (int, str, bool, float) and not isinstance(value, base) or (base is int and isinstance(value, bool)):
-        raise TypeError(f"{where}: expected {base.__name__}, got {value!r}")
-    if origin is Literal and value not in typing.get_args(base):
-        raise ValueError(f"{where}: {value!r} is not one of {list(typing.get_args(base))}")
-    if origin is tuple and isinstance(value, str):
-        value = [value]  # `report_to: wandb` in a recipe: a one-item list
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise TypeError(f"{where}: expected a list, got {value!r}")
-        return tuple(value) if origin is tuple else list(value)
-    return value
-
-
-@dataclass(frozen=True)
-class ConfigGroup:
-    """One dataclass of the run config and the YAML section / flag prefix it lives under."""
-
-    section: str
-    cls: type
-
-
-def build_parser(groups: list[ConfigGroup], prog: str, description: str) -> tuple[argparse.ArgumentParser, dict]:
-    """An argparse parser with one flag per field of every group; returns it and dest -> (section, field)."""
-    parser = ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
-    parser.add_argument(
-        "--recipe",
-        default=None,
-        help=f"a recipe name ({', '.join(list_recipes()) or 'none found'}) or a YAML file; flags override it",
-    )
-    seen: dict[str, int] = {}
-    for g in groups:
-        for f in dataclasses.fields(g.cls):
-            seen[f.name] = seen.get(f.name, 0) + 1
-    dests: dict[str, tuple[str, str]] = {}
-    for g in groups:
-        hints = typing.get_type_hints(g.cls)
-        docs = field_docs(g.cls)
-        arg_group = parser.add_argument_group(g.section, (g.cls.__doc__ or "").strip().splitlines()[0] if g.cls.__doc__ else None)
-        for f in dataclasses.fields(g.cls):
-            if not f.init:
-                continue
-            flag = f.name.replace("_", "-")
-            flags = [f"--{g.section}.{flag}"]
-            if seen[f.name] == 1:
-                flags.insert(0, f"--{flag}")
-            dest = f"{g.section}__{f.name}"
-            dests[dest] = (g.section, f.name)
-            tp = hints[f.name]
-            conv, choices, nargs = _converter(tp, f.name)
-            default = f.default if f.default is not dataclasses.MISSING else (
-                f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
-            )
-            help_text = docs.get(f.name, "")
-            help_text = f"{help_text} (default: {default!r})" if help_text else f"(default: {default!r})"
-            help_text = help_text.replace("%", "%%")
-            if conv is bool:  # `--flag`, `--flag true|false` (LLaVA's scripts write `--bf16 True`) and `--no-flag`
-                arg_group.add_argument(*flags, dest=dest, type=_none_or(str2bool, _strip_optional(tp)[1]), nargs="?",
-                                       const=True, metavar="BOOL", help=help_text)
-                arg_group.add_argument(*(f"--no-{f[2:]}" for f in flags), dest=dest, action="store_false",
-                                       help=argparse.SUPPRESS)
-            else:
-                # A list option given twice keeps both lists (`--report-to wandb --report-to mlflow`).
-                arg_group.add_argument(
-                    *flags, dest=dest, type=_none_or(conv, _strip_optional(tp)[1]), choices=choices, nargs=nargs,
-                    action="extend" if nargs else "store", help=help_text, metavar=None if choices else f.name.upper(),
-                )
-    return parser, dests
-
-
-def _none_or(conv, optional: bool):
-    if not optional:
-        return conv
-
-    def parse(text: str):
-        return None if text.lower() in ("none", "null") else conv(text)
-
-    parse.__name__ = getattr(conv, "__name__", "value")
-    return parse
-
-
 def list_recipes() -> list[str]:
     """Names of the recipes shipped in llava_address/recipes/."""
     return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
 
 
-def resolve_recipe(name_or_path: str) -> Path:
-    """A recipe name (exact) or a path to a YAML file; an unknown name lists the valid ones."""
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") and path.exists():
-        return path
-    candidate = RECIPE_DIR / f"{name_or_path}.yaml"
-    if candidate.exists():
-        return candidate
-    raise FileNotFoundError(f"unknown recipe {name_or_path!r}: not a file, and not one of {list_recipes()}")
-
-
-def load_recipe(name_or_path: str, groups: list[ConfigGroup]) -> dict[str, dict[str, Any]]:
-    """The recipe's sections as {section: {field: value}}; unknown sections or fields are errors."""
-    path = resolve_recipe(name_or_path)
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
-    by_section = {g.section: g for g in groups}
-    out: dict[str, dict[str, Any]] = {}
-    for section, values in data.items():
-        if section not in by_section:
-            raise ValueError(f"{path}: unknown section {section!r}; valid: {sorted(by_section)}")
-        values = values or {}
-        g = by_section[section]
-        names = {f.name: f for f in dataclasses.fields(g.cls)}
-        hints = typing.get_type_hints(g.cls)
-        for key, value in values.items():
-            if key not in names:
-                raise ValueError(f"{path}: unknown field {section}.{key}; valid: {sorted(names)}")
-            out.setdefault(section, {})[key] = _coerce(value, hints[key], f"{path}: {section}.{key}")
-    return out
-
-
-def parse_config(
-    groups: list[ConfigGroup], argv: list[str] | None, prog: str, description: str
-) -> tuple[dict[str, Any], dict[str, dict[str, Any]], str | None]:
-    """Parses argv over an optional recipe; returns ({section: dataclass instance}, the merged values, recipe path)."""
-    parser, dests = build_parser(groups, prog, description)
-    ns = vars(parser.parse_args(argv))
-    recipe = ns.pop("recipe", None)
-    values = load_recipe(recipe, groups) if recipe else {}
-    for dest, value in ns.items():
-        section, name = dests[dest]
-        values.setdefault(section, {})[name] = value
-    instances = {}
-    for g in groups:
-        kwargs = values.get(g.section, {})
-        try:
-            instances[g.section] = g.cls(**kwargs)
-        except (TypeError, ValueError) as e:
-            parser.error(f"{g.section}: {e}")
-    return instances, values, str(resolve_recipe(recipe)) if recipe else None
+def build_parser(sections: list[Section], prog: str = "train-llava", description: str | None = None) -> ConfigParser:
+    """train-llava's parser: `--recipe NAME|FILE` and one flag per field of every section (clip_stage.core.config)."""
+    return ConfigParser(sections, prog=prog, description=description, config_flag="--recipe", named_configs=RECIPE_DIR)
 
 
 def to_plain(obj: Any) -> Any:
@@ -355,8 +180,5 @@ def from_plain(cls: type, data: dict[str, Any]) -> Any:
     for k, v in data.items():
         if k not in names:
             continue
-        base, _ = _strip_optional(hints[k])
-        if typing.get_origin(base) is tuple and isinstance(v, list):
-            v = tuple(v)
-        kwargs[k] = v
+        kwargs[k] = FieldKind.of(hints[k]).finish(v)
     return cls(**kwargs)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from clip_stage.core.config import ConfigError
 from clip_stage.train_config import parse_config
 from clip_stage.train_data import AddressImageDataset
 from clip_stage.model import CheckpointError, create_clip, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -168,9 +169,10 @@ def test_config_file_and_flags(tmp_path):
     assert cfg.model.model == "addressclip-tiny" and cfg.model.pretrained is None
     assert cfg.optim.lr == 5e-4 and cfg.optim.epochs == 3 and cfg.data.augment is False
     assert cfg.optim.beta2 == 0.98 and cfg.loss.semantic_weight == 0.2  # paper defaults
-    with pytest.raises(SystemExit):
+    # a value the config refuses is a one-line user error naming its section (exit 2 through command_main)
+    with pytest.raises(ConfigError, match="model: precision 'fp8'"):
         parse_config(["--dataset", "/x", "--precision", "fp8"])
-    with pytest.raises(SystemExit):
+    with pytest.raises(ConfigError, match="loss: .*nope"):
         parse_config(["--dataset", "/x", "--geo-target", "nope"])
 
 

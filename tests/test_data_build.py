@@ -17,8 +17,8 @@ from clip_stage.data.build import main
 from clip_stage.data.splits import SplitConfig, assign_splits
 from clip_stage.data.summary import summary, summary_main
 from clip_stage.core.schema import COLUMNS, DatasetPaths, read_info, read_records, read_sub_streets
-from tests.test_network import lonlat, write_osm
-from tests.test_substreets import MAIN_X
+from tests.test_data_network import lonlat, write_osm
+from tests.test_data_substreets import MAIN_X
 
 GOOD = (
     [(x, (-1) ** i * 2.0) for i, x in enumerate(x for k in sorted(MAIN_X) for x in MAIN_X[k])]

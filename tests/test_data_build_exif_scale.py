@@ -18,8 +18,8 @@ from clip_stage.data.summary import format_summary, summary
 from clip_stage.data.geocode import ReverseGeocoder
 from clip_stage.data.network import load_street_network
 from clip_stage.core.schema import Address, DatasetPaths, read_records, render_address
-from tests.test_build import GOOD, _argv, make_inputs
-from tests.test_network import lonlat, write_osm
+from tests.test_data_build import GOOD, _argv, make_inputs
+from tests.test_data_network import lonlat, write_osm
 
 
 def _photo(path, x, y, fmt, orientation=1, size=(24, 12), seed=0, gps=True):

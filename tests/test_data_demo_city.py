@@ -208,8 +208,9 @@ def test_cli_and_config_checks(tmp_path, capsys):
     with pytest.raises(FileExistsError, match="not a demo-city folder"):
         demo_city.generate_demo_city(precious, demo_city.DemoCityConfig(num_images=5, image_size=64))
     assert (precious / "thesis.txt").read_text() == "keep me"
-    with pytest.raises(SystemExit):
-        demo_city.main(["--out", str(out), "--image-size", "500"])
+    capsys.readouterr()
+    assert demo_city.main(["--out", str(out), "--image-size", "500"]) == 2
+    assert capsys.readouterr().err.strip() == "demo-city: error: image_size must be in 64..224, got 500"
     with pytest.raises(ValueError, match="bad_fraction"):
         demo_city.DemoCityConfig(bad_fraction=0.9)
 

@@ -7,7 +7,7 @@ import pytest
 
 from clip_stage.data.geocode import AMBIGUOUS, FAR_FROM_STREET, GeocodeConfig, ReverseGeocoder, naive_geocode_xy
 from clip_stage.data.network import helsinki_pbf_path, load_street_network
-from tests.test_network import utm, write_osm
+from tests.test_data_network import utm, write_osm
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import numpy as np
 from clip_stage.data.build import main
 from clip_stage.data.splits import SplitConfig, split_fractions
 from clip_stage.core.schema import DatasetPaths, read_info, read_records
-from tests.test_build import _argv, make_inputs
+from tests.test_data_build import _argv, make_inputs
 
 
 def test_split_fractions_warn_only_when_far_from_the_request():

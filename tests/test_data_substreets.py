@@ -16,7 +16,7 @@ from clip_stage.data.neighbourhoods import load_zones
 from clip_stage.data.street_pieces import split_streets
 from clip_stage.data.substreet_types import SubStreetConfig
 from clip_stage.data.substreets import partition_sub_streets, side_by_side, sub_streets_geojson
-from tests.test_network import HARBOUR, ORIGIN, lonlat, utm, write_geojson, write_osm
+from tests.test_data_network import HARBOUR, ORIGIN, lonlat, utm, write_geojson, write_osm
 
 MAIN_X = {0: [20, 40, 60, 80, 90], 1: [150, 170, 200, 230, 250], 2: [350, 380, 400, 420, 450], 3: [520, 540, 560, 570, 580]}
 

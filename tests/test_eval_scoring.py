@@ -177,7 +177,7 @@ def test_parse_mc(scorer, text, expected):
 
 
 def test_embedding_fallback_parses_what_the_gazetteer_cannot(toy_dataset):
-    from tests.test_gazetteer import _trigram_embed
+    from tests.test_eval_gazetteer import _trigram_embed
 
     ref = {"street": "Bulevardi", "sub_street": "Bulevardi/2", "cross_streets": ["Fredrikinkatu", "Annankatu"],
            "neighbourhood": "Kamppi", "city": "Helsinki", "question_type": FULL_ADDRESS}

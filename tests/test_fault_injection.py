@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_build import _argv as build_argv
-from tests.test_build import make_inputs
+from tests.test_data_build import _argv as build_argv
+from tests.test_data_build import make_inputs
 from tests.test_checkpoint_safety import _llava_argv
 
 REPO = Path(__file__).resolve().parents[1]

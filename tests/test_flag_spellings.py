@@ -1,7 +1,8 @@
 """Every command takes `--snake_case` for its `--kebab-case` flags (LLaVA / transformers users type underscores).
 
-One test per parser family: dataclass configs (`clip_stage.core.config.add_dataclass_args`), train-llava's recipe
-parser (`llava_address.train_args`), and hand-written parsers (`clip_stage.core.config.ArgumentParser`); plus a
+One test per parser family: section configs (`clip_stage.core.config.ConfigParser`) and the single-dataclass helper
+(`add_dataclass_args`), train-llava's recipe parser (the same ConfigParser), and hand-written parsers
+(`clip_stage.core.config.ArgumentParser`); plus a
 check that no registered command builds a parser that would miss the snake_case spellings.
 """
 
@@ -27,10 +28,9 @@ def test_dash_flags_rewrites_only_known_option_names():
 
 def test_dataclass_family_accepts_both_spellings_in_any_parser(capsys):
     from conversations.build import build_parser
-    from conversations.config import BuildConfig, config_from_args
 
     def parse(*argv):
-        return config_from_args(BuildConfig, build_parser().parse_args(["--dataset", "d", "--out", "o", *argv]), None)
+        return build_parser().parse_config(["--dataset", "d", "--out", "o", *argv])["conversations"]
 
     snake = parse("--eval_held_out_prob", "0.25", "--sub_street_prob=0.5", "--formats", "llava,messages")
     kebab = parse("--eval-held-out-prob", "0.25", "--sub-street-prob=0.5", "--formats", "llava,messages")
@@ -57,10 +57,10 @@ def test_dataclass_family_accepts_both_spellings_in_any_parser(capsys):
 
 def test_train_llava_family_accepts_llava_style_flags():
     from llava_address.train import GROUPS
-    from llava_address.train_args import parse_config
+    from llava_address.train_args import build_parser
 
     def parse(*argv):
-        return parse_config(GROUPS, ["--data-path", "d.json", *argv], "train-llava", "")[0]
+        return build_parser(GROUPS).parse_config(["--data-path", "d.json", *argv]).sections
 
     snake = parse("--model_name_or_path", "X", "--train.per_device_batch_size", "3", "--learning_rate=1e-4",
                   "--gradient_checkpointing", "True")

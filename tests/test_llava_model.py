@@ -337,7 +337,8 @@ def test_llava15_7b_shapes_on_meta_device():
 def test_dataclass_flags_roundtrip():
     import argparse
 
-    from llava_address.config import DataArgs, add_dataclass_args, dataclass_from_args, field_docs
+    from clip_stage.core.config import add_dataclass_args, dataclass_from_args, field_docs
+    from llava_address.config import DataArgs
 
     parser = argparse.ArgumentParser()
     add_dataclass_args(parser, ModelArgs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from tests.test_bench_scripts import _load
+from tests.test_scripts_bench import _load
 
 
 def test_bench_build_runs_the_real_command_at_a_tiny_size(tmp_path, capsys):

@@ -171,7 +171,7 @@ def test_dataset_summary_into_a_closed_pipe_is_quiet(toy_dataset, tmp_path):
 def test_build_dataset_with_every_row_rejected_exits_non_zero(tmp_path, capsys):
     from PIL import Image
 
-    from tests.test_network import write_osm
+    from tests.test_data_network import write_osm
 
     images = tmp_path / "img"
     images.mkdir()

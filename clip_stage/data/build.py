@@ -31,7 +31,6 @@ GPS-table file is an error naming the file; a bad row never stops the build.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -44,6 +43,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from clip_stage.core.config import ConfigParser, Section
 from clip_stage.core.errors import command_main
 from clip_stage.core.fs import atomic_dir, atomic_write_json
 from clip_stage.core.outdir import check_out_dir, write_marker
@@ -422,48 +422,26 @@ def build_dataset(
 # command line
 
 
-def _load_config_file(path: str) -> dict:
-    text = Path(path).read_text(encoding="utf-8")
-    if path.endswith((".yaml", ".yml")):
-        import yaml
-
-        data = yaml.safe_load(text) or {}
-    else:
-        data = json.loads(text)
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping with sections build / geocode / sub_streets / split")
-    unknown = set(data) - {"build", "geocode", "sub_streets", "split"}
-    if unknown:
-        raise ValueError(f"{path}: unknown sections {sorted(unknown)}; valid: build, geocode, sub_streets, split")
-    return data
-
-
 SECTIONS = (("build", BuildArgs), ("geocode", GeocodeConfig), ("sub_streets", SubStreetConfig), ("split", SplitConfig))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from clip_stage.core.config import add_dataclass_args
-
-    parser = argparse.ArgumentParser(
+def build_parser() -> ConfigParser:
+    parser = ConfigParser(
+        [Section(name, cls) for name, cls in SECTIONS],
         prog="address-llava build-dataset",
         description="Images with GPS + a street network -> an image-address dataset (see clip_stage.core.schema).",
     )
-    parser.add_argument("--config", help="YAML/JSON file with sections build, geocode, sub_streets, split (flags override it)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or summary")
-    for name, cls in SECTIONS:
-        add_dataclass_args(parser, cls, title=name)
     return parser
 
 
 @command_main("build-dataset")
 def main(argv: list[str] | None = None) -> int:
-    from clip_stage.core.config import dataclass_from_args
-
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    parsed = parser.parse_config(argv)
+    ns = parsed.args
+    cfgs = [parsed[name] for name, _ in SECTIONS]
     try:
-        base = _load_config_file(ns.config) if ns.config else {}
-        cfgs = [dataclass_from_args(cls, ns, base=base.get(name)) for name, cls in SECTIONS]
         report = build_dataset(*cfgs, progress=not ns.quiet)
     except (NetworkFileError, GpsTableError, ZoneFileError, FileNotFoundError, FileExistsError, ValueError, OSError) as e:
         parser.exit(2, f"build-dataset: error: {e}\n")

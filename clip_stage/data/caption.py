@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clip_stage.core.config import parse_groups
+from clip_stage.core.config import ConfigParser, Section
+from clip_stage.core.schema import empty_captions
 from clip_stage.core.errors import command_main
 from clip_stage.core.fs import atomic_write_json, resolve_under_root
 from clip_stage.core.schema import DatasetPaths, empty_captions, read_info, read_records, write_records
@@ -156,7 +157,8 @@ def run(args: CaptionArgs) -> dict:
 
 @command_main("caption")
 def main(argv: list[str] | None = None) -> int:
-    args = parse_groups({"caption": CaptionArgs}, argv, prog="caption", description=__doc__.split("\n\n")[0])["caption"]
+    parser = ConfigParser([Section("caption", CaptionArgs)], prog="caption", description=__doc__.split("\n\n")[0])
+    args = parser.parse_config(argv)["caption"]
     run(args)
     return 0
 

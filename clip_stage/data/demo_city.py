@@ -31,7 +31,6 @@ Everything is deterministic for a given seed, whatever the number of worker proc
 
 from __future__ import annotations
 
-import argparse
 import csv
 import functools
 import hashlib
@@ -422,20 +421,17 @@ def _write_csv(path: Path, columns, rows) -> None:
 
 @command_main("demo-city")
 def main(argv: list[str] | None = None) -> int:
-    from clip_stage.core.config import add_dataclass_args, dataclass_from_args
+    from clip_stage.core.config import ConfigParser, Section
 
-    parser = argparse.ArgumentParser(
+    parser = ConfigParser(
+        [Section("demo_city", DemoCityConfig)],
         prog="address-llava demo-city",
         description="Render the built-in demo city: synthetic street-view images + GPS along real Helsinki streets.",
     )
     parser.add_argument("--out", required=True, help="output folder (images/, gps.csv, demo_truth.csv, demo_city.json)")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier demo-city folder at --out (any other non-empty folder is refused)")
-    add_dataclass_args(parser, DemoCityConfig, title="demo city")
-    ns = parser.parse_args(argv)
-    try:
-        cfg = dataclass_from_args(DemoCityConfig, ns)
-    except ValueError as e:
-        parser.error(str(e))
+    parsed = parser.parse_config(argv)
+    cfg, ns = parsed["demo_city"], parsed.args
     # One rule for every command's --out (clip_stage.core.outdir); demo_city.json marks folders from before it.
     check_out_dir(ns.out, "demo-city", inputs=[cfg.network or None], overwrite=ns.overwrite, legacy=[META_FILE])
     gps = generate_demo_city(ns.out, cfg, overwrite=ns.overwrite)

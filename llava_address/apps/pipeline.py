@@ -20,7 +20,6 @@ GraphML, GeoJSON) instead of central Helsinki.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import shutil
@@ -307,12 +306,9 @@ def print_clip_table(result: dict) -> None:
 
 
 def parse_args(argv: list[str] | None) -> DemoConfig:
-    from clip_stage.core.config import add_dataclass_args, dataclass_from_args
+    from clip_stage.core.config import ConfigParser, Section
 
-    parser = argparse.ArgumentParser(prog="address-llava demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataclass_args(parser, DemoConfig, title="demo")
-    return dataclass_from_args(DemoConfig, parser.parse_args(argv))
+    return ConfigParser([Section("demo", DemoConfig)], prog="address-llava demo", description=__doc__).parse_config(argv)["demo"]
 
 
 @command_main("demo")
