@@ -12,6 +12,7 @@ import importlib
 import sys
 from dataclasses import dataclass
 
+from clip_stage.core.config import ArgumentParser
 from clip_stage.core.registry import Registry
 
 
@@ -76,8 +77,8 @@ def run_command(name: str, argv: list[str]) -> int:
     return _resolve(COMMANDS[name].target)(argv)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
         prog="address-llava",
         description="Street-address localisation with AddressCLIP and LLaVA. One subcommand per stage.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
