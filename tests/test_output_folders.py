@@ -165,7 +165,7 @@ def test_train_clip(tmp_path, capsys):
 
 def test_export_clip(tmp_path, capsys):
     run = tmp_path / "run"
-    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoint-000001").mkdir(parents=True)
     refused(capsys, ["export-clip", "--checkpoint", str(run), "--out", str(run), "--overwrite"], "is the input")
     refused(capsys, ["export-clip", "--checkpoint", str(run), "--out", str(foreign(tmp_path / "mine")), "--overwrite"],
             "not a export-clip output")

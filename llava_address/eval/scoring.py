@@ -463,7 +463,7 @@ def score_files(dataset: str | Path, answers: str | Path, eval_file: str | Path 
 def clip_text_embedder(path: str | Path, device: str = "cpu") -> Callable[[list[str]], np.ndarray]:
     """`embed(texts)` (L2-normalised rows) from AddressCLIP's text tower, for --embed-clip.
 
-    path: a train-clip checkpoint (open_clip; a run folder with final/ or checkpoints/ works too), or an
+    path: a train-clip checkpoint (open_clip; a run folder with final/ or checkpoint-NNNNNN/ works too), or an
     export-clip folder (its clip_model/ CLIPModel + tokenizer, transformers).
     """
     import torch
