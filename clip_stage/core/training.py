@@ -184,6 +184,7 @@ class MetricsLogger:
         self.history: list[dict[str, Any]] = []
         if self.is_main:
             cut_jsonl_log(self.path, start_step)
+            self.path.touch()  # the file exists from the first step on, even before a row is due
 
     def log(self, row: dict[str, Any], tracker_values: dict[str, Any] | None = None) -> None:
         """Writes `row` (with its "step") and sends `tracker_values` (default: row without "step")."""
