@@ -158,7 +158,7 @@ def test_train_clip(tmp_path, capsys):
     data = fake_dataset(tmp_path / "data")
     before = snapshot(data)
     base = ["train-clip", "--dataset", str(data), "--model", "addressclip-tiny", "--pretrained", "none"]
-    refused(capsys, [*base, "--output-dir", str(data), "--resume"], "is the input")
+    refused(capsys, [*base, "--output-dir", str(data), "--resume", "latest"], "is the input")
     refused(capsys, [*base, "--output-dir", str(foreign(tmp_path / "mine"))], "not a train-clip output")
     assert snapshot(data) == before
 
