@@ -1,7 +1,7 @@
 """Baselines and the loss ablation of AddressCLIP, trained and evaluated in one harness.
 
     address-llava clip-baselines --dataset data/demo --model addressclip-small --pretrained none \\
-        --out runs/baselines --seeds 0 1 -- --max-steps 300 --batch-size 32 --lr 1e-3
+        --out runs/baselines --seeds 0 1 -- --max-steps 300 --per-device-batch-size 32 --learning-rate 1e-3
 
 Variants (registry `VARIANTS`; paper: AddressCLIP, ECCV 2024, Table "loss ablation"):
 

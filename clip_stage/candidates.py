@@ -124,13 +124,14 @@ def fold_train_config(checkpoint: str | os.PathLike, dataset: str, fold: int, fo
     cfg = TrainConfig.from_dict(recorded)
     # As many optimiser steps as the full run (a fold model sees (n-1)/n of the images per epoch): fewer steps
     # would make the training candidates clearly worse than the test ones (measured on the demo city).
-    epochs = math.ceil(cfg.optim.epochs * folds / (folds - 1))
+    epochs = math.ceil(cfg.optim.num_epochs * folds / (folds - 1))
     return dataclasses.replace(
         cfg,
-        optim=dataclasses.replace(cfg.optim, epochs=epochs),
+        optim=dataclasses.replace(cfg.optim, num_epochs=epochs),
         data=dataclasses.replace(cfg.data, dataset=str(dataset), holdout_fold=f"{fold}/{folds}"),
-        run=dataclasses.replace(cfg.run, output_dir=str(out_dir / f"fold-{fold}"), resume=True, stop_at_step=None,
-                                progress=progress, tensorboard=False),
+        run=dataclasses.replace(cfg.run, output_dir=str(out_dir / f"fold-{fold}"), resume="latest", stop_at_step=None,
+                                progress_bar=progress,
+                                report_to=tuple(n for n in cfg.run.report_to if n != "tensorboard")),
     )
 
 

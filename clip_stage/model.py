@@ -8,17 +8,18 @@ JSON files in `clip_stage/model_configs/` registered once with `open_clip.add_mo
 
 Checkpoint folder (written atomically by `save_checkpoint`, read by `load_checkpoint`):
 
-    <run>/checkpoints/step-000123/
+    <run>/checkpoint-000123/
         model.safetensors     the open_clip state dict
         clip_config.json      {"model_name", "pretrained", "model_config" (open_clip's dict),
                                "train_config" (our TrainConfig as a dict), "step", "epoch", "format"}
         training_state.pt     optimizer, scheduler, step, epoch, RNG, data position
                               (tensors and primitives only: loads with torch.load(weights_only=True))
         manifest.json         size + sha256 of every file (checked on load; fsynced before the rename)
-    <run>/checkpoints/latest  text file naming the newest complete step folder
     <run>/final/              the same layout (without training_state.pt) at the end of training
 
-`load_checkpoint` accepts a step folder, a `final/` folder or a run folder (final/ first, else latest).
+Step folders are named, rotated and resumed as train-llava's are (clip_stage.core.training).
+`load_checkpoint` accepts a step folder, a `final/` folder or a run folder (final/ first, else the newest
+complete step folder).
 """
 
 from __future__ import annotations
@@ -31,20 +32,16 @@ from typing import Any, Callable
 
 import torch
 
-from clip_stage.core.fs import ManifestError, atomic_dir, atomic_write_text, load_error_text, verify_manifest
+from clip_stage.core.fs import ManifestError, atomic_dir, load_error_text, verify_manifest
+from clip_stage.core.training import CheckpointError, list_checkpoints
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "clip_config.json"
 STATE_FILE = "training_state.pt"
-LATEST_FILE = "latest"
 CHECKPOINT_FORMAT = 1
 
 _registered = False
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder that is missing, incomplete, or does not fit the requested architecture."""
 
 
 @dataclass
@@ -105,7 +102,7 @@ def model_config(model_name: str) -> dict:
 
 def _is_checkpoint_dir(path: str | Path) -> bool:
     p = Path(path)
-    return p.is_dir() and ((p / CONFIG_FILE).exists() or (p / "final").is_dir() or (p / "checkpoints").is_dir())
+    return p.is_dir() and ((p / CONFIG_FILE).exists() or (p / "final").is_dir() or bool(list_checkpoints(p)))
 
 
 def create_clip(
@@ -158,11 +155,11 @@ def _resolve_checkpoint_dir(path: str | Path) -> Path:
         return p
     if (p / "final" / CONFIG_FILE).exists():
         return p / "final"
-    ckdir = p / "checkpoints" if (p / "checkpoints").is_dir() else p
-    latest = latest_checkpoint(ckdir)
+    latest = latest_checkpoint(p)
     if latest is not None:
         return latest
-    raise CheckpointError(f"{p}: neither a checkpoint folder ({CONFIG_FILE} missing) nor a run folder with final/ or checkpoints/")
+    raise CheckpointError(f"{p}: neither a checkpoint folder ({CONFIG_FILE} missing) nor a run folder with final/ or "
+                          "checkpoint-NNNNNN/")
 
 
 def read_checkpoint_config(path: str | Path) -> dict:
@@ -282,35 +279,12 @@ def save_checkpoint(
     return path
 
 
-def step_dir_name(step: int) -> str:
-    return f"step-{step:06d}"
-
-
-def mark_latest(checkpoints_dir: str | Path, step_dir: str | Path) -> None:
-    """Points `<checkpoints_dir>/latest` at a complete step folder (atomic)."""
-    atomic_write_text(Path(checkpoints_dir) / LATEST_FILE, Path(step_dir).name + "\n")
-
-
-def latest_checkpoint(checkpoints_dir: str | Path) -> Path | None:
-    """The newest complete step folder: the `latest` pointer if valid, else the highest complete step."""
-    d = Path(checkpoints_dir)
-    if not d.is_dir():
-        return None
-    pointer = d / LATEST_FILE
-    if pointer.exists():
-        target = d / pointer.read_text(encoding="utf-8").strip()
-        if (target / CONFIG_FILE).exists() and (target / WEIGHTS_FILE).exists():
-            return target
-    steps = step_checkpoints(d)
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete step folder of a run folder (not verified), or None."""
+    steps = step_checkpoints(run_dir)
     return steps[-1] if steps else None
 
 
-def step_checkpoints(checkpoints_dir: str | Path) -> list[Path]:
-    """The step folders of a checkpoints folder that have weights and config, oldest first (not verified)."""
-    d = Path(checkpoints_dir)
-    if not d.is_dir():
-        return []
-    return sorted(
-        (p for p in d.glob("step-*") if p.is_dir() and (p / CONFIG_FILE).exists() and (p / WEIGHTS_FILE).exists()),
-        key=lambda p: p.name,
-    )
+def step_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The step folders of a run folder that have weights and config, oldest first (not verified)."""
+    return list_checkpoints(run_dir, lambda p: (p / CONFIG_FILE).exists() and (p / WEIGHTS_FILE).exists())

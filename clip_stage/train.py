@@ -6,17 +6,19 @@
 
 One step: encode the per-rank images once and the address texts (and "caption + address" texts) in the
 same forward, gather features across ranks (clip_stage.losses), back-propagate a*L_addr + b*L_sem + c*L_geo,
-AdamW step under a warm-up + cosine schedule. Mixed precision and DDP come from accelerate.
+AdamW step under a warm-up + cosine schedule (clip_stage.schedule). Mixed precision and DDP come from accelerate.
 
-Outputs under --output-dir: checkpoints/step-NNNNNN/ (atomic; see clip_stage.model), checkpoints/latest,
-final/, tensorboard/, train_log.jsonl, run_summary.json (world size, steps, losses, throughput).
-`--report-to tensorboard,wandb,mlflow | none` picks the trackers (clip_stage.core.trackers; wandb/ and mlruns/
-are written offline under --output-dir unless WANDB_MODE / MLFLOW_TRACKING_URI say otherwise).
-`--resume` continues from the newest complete checkpoint; data order and augmentation are functions of
-(seed, epoch, row), so the resumed run reproduces the uninterrupted one. Every checkpoint carries a
-manifest (size + sha256 per file) checked before resuming: a damaged newest checkpoint is reported and the
-previous one is used. train_log.jsonl is cut back to the checkpoint's step, and what killed saves left
-(`.step-*.tmp`, ...) is removed at the start. Errors about checkpoints are one line, exit code 2.
+The run is `setup` (model, data, optimizer, resume position), `fit` (the loop), `save` and `log_step`; the
+skeleton, the flag names and the run-folder layout are train-llava's (clip_stage.core.training):
+checkpoint-NNNNNN/ (atomic; see clip_stage.model), final/, tensorboard/, metrics.jsonl, run_summary.json
+(world size, steps, losses, throughput). `--report-to tensorboard,wandb,mlflow | none` picks the trackers
+(clip_stage.core.trackers; wandb/ and mlruns/ are written offline under --output-dir unless WANDB_MODE /
+MLFLOW_TRACKING_URI say otherwise). `--resume latest` continues from the newest intact checkpoint (or
+`--resume PATH` from that one); data order and augmentation are functions of (seed, epoch, row), so the
+resumed run reproduces the uninterrupted one. Every checkpoint carries a manifest (size + sha256 per file)
+checked before resuming: a damaged newest checkpoint is reported and the previous one is used.
+metrics.jsonl is cut back to the checkpoint's step, and what killed saves left (`.checkpoint-*.tmp`, ...) is
+removed at the start. Errors about checkpoints are one line, exit code 2.
 """
 
 from __future__ import annotations
@@ -24,45 +26,55 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from clip_stage.train_config import DEFAULT_GEO_WEIGHT, TrainConfig, parse_config
-from clip_stage.train_data import (
-    AddressImageDataset,
-    Collate,
+from clip_stage.core.errors import command_main
+from clip_stage.core.fs import atomic_write_json, load_error_text, remove_stale_temps
+from clip_stage.core.outdir import check_out_dir, write_marker
+from clip_stage.core.schema import read_records
+from clip_stage.core.trackers import TrackerPlan, finish_trackers, plan_trackers, start_trackers
+from clip_stage.core.training import (
+    METRICS_FILE,
+    TENSORBOARD_DIR,
+    CheckpointError,
+    Hooks,
+    MetricsLogger,
+    checkpoint_name,
+    make_accelerator,
+    prune_checkpoints,
+    refuse_foreign_checkpoints,
+    resolve_resume,
+)
+from clip_stage.losses import AddressClipLoss, logit_scale_clamp_
+from clip_stage.model import (
+    CONFIG_FILE,
+    STATE_FILE,
+    WEIGHTS_FILE,
+    ClipBundle,
+    create_clip,
+    load_checkpoint,
+    save_checkpoint,
+    verify_checkpoint,
+)
+from clip_stage.schedule import (
+    LossPlan,
     check_batch_size,
     cosine_lr,
-    drop_fold,
     epoch_batches,
     plan_losses,
     steps_per_epoch,
     total_steps,
 )
-from clip_stage.core.errors import command_main
-from clip_stage.core.fs import atomic_write_json, cut_jsonl_log, load_error_text, remove_stale_temps
-from clip_stage.losses import AddressClipLoss, logit_scale_clamp_
-from clip_stage.model import (
-    STATE_FILE,
-    CheckpointError,
-    create_clip,
-    latest_checkpoint,
-    load_checkpoint,
-    mark_latest,
-    save_checkpoint,
-    step_checkpoints,
-    step_dir_name,
-    verify_checkpoint,
-)
-from clip_stage.core.outdir import check_out_dir, write_marker
-from clip_stage.core.schema import read_records
 from clip_stage.text_encoder import ContrastiveForward, padding_trim
-from clip_stage.core.trackers import finish_trackers, plan_trackers, start_trackers
+from clip_stage.train_config import DEFAULT_GEO_WEIGHT, TrainConfig, parse_config
+from clip_stage.train_data import AddressImageDataset, Collate, drop_fold
 
 log = logging.getLogger("clip_stage.train")
 
@@ -71,28 +83,8 @@ def _mixed_precision(precision: str) -> str:
     if precision == "auto":
         return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     if precision == "fp16" and not torch.cuda.is_available():
-        raise ValueError("--precision fp16 needs a CUDA GPU; use bf16 or fp32 on this machine")
-    return {"fp32": "no"}.get(precision, precision)
-
-
-def make_accelerator(precision: str, log_with=None):
-    """An Accelerator for one run (gloo when launched without a GPU); `log_with` from clip_stage.core.trackers."""
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
-
-    # Without a GPU, multi-process runs must use gloo (accelerate picks no working backend on CPU otherwise);
-    # a single process must get no backend,
-    # or accelerate believes it is distributed.
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if not launched:
-        # accelerate keeps process-wide singletons; a second in-process run (tests, notebooks) with another
-        # precision would be refused. A single process has no process group to lose, so start afresh.
-        from accelerate.state import AcceleratorState, GradientState
-
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if launched and not torch.cuda.is_available() else []
-    return Accelerator(mixed_precision=_mixed_precision(precision), kwargs_handlers=handlers, log_with=log_with)
+        raise ValueError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on this machine")
+    return precision
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -121,23 +113,17 @@ def _warn_truncation(tokenizer, dataset: AddressImageDataset, semantic: bool) ->
             )
 
 
-def resume_checkpoint(ck_dir: Path, report: bool = True) -> Path | None:
-    """The newest step checkpoint that passes its manifest check; a damaged one is reported (`report`) and
-    the previous one tried. None when there is no checkpoint; CheckpointError when none is intact."""
-    candidates = step_checkpoints(ck_dir)[::-1]
-    for i, ckpt in enumerate(candidates):
-        try:
-            verify_checkpoint(ckpt, required=True)
-            return ckpt
-        except CheckpointError as e:
-            if report:
-                then = (f"falling back to {candidates[i + 1].name}" if i + 1 < len(candidates)
-                        else "no earlier checkpoint")
-                print(f"train-clip: {e}; {then}", file=sys.stderr, flush=True)
-    if candidates:
-        raise CheckpointError(f"{ck_dir}: no intact checkpoint to resume from (all {len(candidates)} failed their "
-                              "manifest check, see above)")
-    return None
+def _resumable(ckpt: Path) -> bool:
+    return (ckpt / CONFIG_FILE).exists() and (ckpt / WEIGHTS_FILE).exists()
+
+
+def resume_checkpoint(resume: str, run_dir: Path, report: bool = True) -> Path | None:
+    """The checkpoint `--resume PATH|latest` names, checked against its manifest; for 'latest' a damaged one is
+    reported (`report`) and the previous one tried. None when there is no checkpoint; CheckpointError when
+    none is intact."""
+    return resolve_resume(resume, run_dir, verify=lambda p: verify_checkpoint(p, required=True), resumable=_resumable,
+                          command="train-clip",
+                          report=(lambda m: print(m, file=sys.stderr, flush=True)) if report else None)
 
 
 def _load_training_state(ckpt: Path) -> dict:
@@ -155,21 +141,59 @@ def _path_or_none(spec: str | None) -> str | None:
     return spec if spec and os.path.exists(spec) else None
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Runs (or resumes) one training run; returns the run summary (also written to run_summary.json)."""
+@dataclass
+class ClipRun:
+    """One train-clip run as `setup` builds it; `fit` advances its position (step, epoch, batch_in_epoch)."""
+
+    cfg: TrainConfig
+    out_dir: Path
+    accelerator: Any
+    trackers: TrackerPlan
+    bundle: ClipBundle
+    dataset: AddressImageDataset
+    collate: Collate
+    plan: LossPlan
+    optimizer: Any
+    forward: Any
+    loss_fn: AddressClipLoss
+    per_epoch: int
+    total: int
+    warmup: int
+    resume_from: Path | None
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    metrics: MetricsLogger | None = None
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The bare open_clip model (what checkpoints hold); `forward` is its DDP-wrapped step."""
+        return self.bundle.model
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+def setup(cfg: TrainConfig) -> ClipRun | dict:
+    """Model, data, loss plan, optimizer and the resume position of one run; the finished run's summary (a
+    dict) instead when `--resume` finds the run already complete."""
     if cfg.run.num_threads:
         torch.set_num_threads(cfg.run.num_threads)
     out_dir = Path(cfg.run.output_dir)
-    ck_dir = out_dir / "checkpoints"
     # One rule for every command's output folder (clip_stage.core.outdir): a run folder (marker, or the files of runs
     # from before it) is continued, anything else non-empty is refused, as is a folder holding an input.
     check_out_dir(out_dir, "train-clip", inputs=[cfg.data.dataset, _path_or_none(cfg.model.pretrained)], resume=True,
-                  legacy=["checkpoints", "train_log.jsonl", "run_summary.json"], flag="--output-dir")
+                  legacy=["checkpoint-*", METRICS_FILE, "run_summary.json"], flag="--output-dir")
     # The trackers' packages are checked before any data or model is loaded; they start once the step is known.
-    trackers = plan_trackers(cfg.run.report_to, out_dir, "train_clip", tensorboard_dir=out_dir / "tensorboard")
-    accelerator = make_accelerator(cfg.model.precision, log_with=trackers.log_with)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    main_proc = accelerator.is_main_process
+    trackers = plan_trackers(cfg.run.report_to, out_dir, "train_clip", tensorboard_dir=out_dir / TENSORBOARD_DIR)
+    accelerator = make_accelerator(_mixed_precision(cfg.model.mixed_precision), log_with=trackers.log_with,
+                                   project_dir=out_dir)
+    world, main_proc = accelerator.num_processes, accelerator.is_main_process
 
     # --- data and loss plan ---
     df = drop_fold(read_records(cfg.data.dataset, cfg.data.split), cfg.data.holdout_fold)
@@ -178,16 +202,15 @@ def train(cfg: TrainConfig) -> dict:
             warnings.simplefilter("ignore")
         plan = plan_losses(df, cfg.loss.address_weight, cfg.loss.semantic_weight, cfg.loss.geo_weight,
                            DEFAULT_GEO_WEIGHT, where=f"{cfg.data.dataset} [{cfg.data.split}]")
-    check_batch_size(len(df), cfg.optim.batch_size, world, cfg.data.dataset)
+    batch = cfg.optim.per_device_batch_size
+    check_batch_size(len(df), batch, world, cfg.data.dataset)
 
     # --- model (same seed on every rank; DDP also broadcasts rank 0's weights) ---
     if main_proc:
         # Before anything of this run is saved: staging folders of a killed save are garbage.
-        remove_stale_temps(ck_dir, ("step-", "latest"))
-        remove_stale_temps(out_dir, ("final", "run_summary.json", "train_log.jsonl"))
-    resume_from = resume_checkpoint(ck_dir, report=main_proc) if cfg.run.resume else None
-    if not cfg.run.resume and latest_checkpoint(ck_dir) is not None:
-        raise CheckpointError(f"{out_dir} already holds checkpoints: pass --resume to continue, or another --output-dir")
+        remove_stale_temps(out_dir, ("checkpoint-", "final", "run_summary.json", METRICS_FILE))
+    resume_from = resume_checkpoint(cfg.run.resume, out_dir, report=main_proc) if cfg.run.resume else None
+    refuse_foreign_checkpoints(out_dir, cfg.run.resume)
     torch.manual_seed(cfg.optim.seed)
     if resume_from is not None:
         bundle = load_checkpoint(resume_from, device="cpu", model_name=cfg.model.model)
@@ -195,7 +218,7 @@ def train(cfg: TrainConfig) -> dict:
     else:
         bundle = create_clip(cfg.model.model, cfg.model.pretrained, device="cpu")
     model = bundle.model
-    if cfg.model.grad_checkpointing:
+    if cfg.model.gradient_checkpointing:
         model.set_grad_checkpointing(True)
     model.train()
 
@@ -206,19 +229,19 @@ def train(cfg: TrainConfig) -> dict:
     collate = Collate(bundle.tokenizer, with_semantic=plan.semantic_weight > 0, trim=padding_trim(model))
     if main_proc:
         _warn_truncation(bundle.tokenizer, dataset, plan.semantic_weight > 0)
-    per_epoch = steps_per_epoch(len(dataset), cfg.optim.batch_size, world)
-    total = total_steps(len(dataset), cfg.optim.batch_size, world, cfg.optim.epochs, cfg.optim.max_steps)
+    per_epoch = steps_per_epoch(len(dataset), batch, world)
+    total = total_steps(len(dataset), batch, world, cfg.optim.num_epochs, cfg.optim.max_steps)
     warmup = cfg.optim.warmup_steps if cfg.optim.warmup_steps is not None else int(round(0.02 * total))
 
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                  betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.learning_rate,
+                                  betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2), eps=cfg.optim.adam_epsilon)
     step, epoch, batch_in_epoch = 0, 0, 0
     if resume_from is not None:
         state = _load_training_state(Path(resume_from))
-        if state["global_batch"] != cfg.optim.batch_size * world:
+        if state["global_batch"] != batch * world:
             raise CheckpointError(
                 f"{resume_from} was trained with a global batch of {state['global_batch']}, now "
-                f"{cfg.optim.batch_size} x {world}: resume with the same batch size x processes"
+                f"{batch} x {world}: resume with the same batch size x processes"
             )
         optimizer.load_state_dict(state["optimizer"])
         step, epoch, batch_in_epoch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
@@ -234,124 +257,145 @@ def train(cfg: TrainConfig) -> dict:
     # One module call per step for the DDP wrapper; `model` stays the bare open_clip model (checkpoints).
     forward, optimizer = accelerator.prepare(ContrastiveForward(model), optimizer)
     loss_fn = AddressClipLoss(plan.address_weight, plan.semantic_weight, plan.geo_weight, cfg.loss.geo_target,
-                              cfg.loss.geo_tau, rank=rank, world_size=world, gather_with_grad=cfg.loss.gather_with_grad)
+                              cfg.loss.geo_tau, rank=accelerator.process_index, world_size=world,
+                              gather_with_grad=cfg.loss.gather_with_grad)
+    return ClipRun(cfg, out_dir, accelerator, trackers, bundle, dataset, collate, plan, optimizer, forward, loss_fn,
+                   per_epoch, total, warmup, resume_from, step, epoch, batch_in_epoch)
 
-    log_file = None
-    if main_proc:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_marker(out_dir, "train-clip")
-    start_trackers(accelerator, trackers, config=cfg.to_dict(), resume_step=step if resume_from else None)
-    if main_proc:
-        # The log holds this run's steps only: none after the checkpoint (or a killed run's before any).
-        cut_jsonl_log(out_dir / "train_log.jsonl", step)
-        log_file = open(out_dir / "train_log.jsonl", "a", encoding="utf-8")
-        print(f"train-clip: {cfg.model.model} on {len(dataset)} images, {world} process(es) x batch "
-              f"{cfg.optim.batch_size}, {total} steps ({per_epoch}/epoch), warm-up {warmup}, "
+
+def save(run: ClipRun, final: bool = False) -> None:
+    """Writes checkpoint-<step>/ (and final/ at the end) from rank 0, keeps `--save-total-limit` of them.
+    Every rank calls it (they wait for the write)."""
+    cfg = run.cfg
+    if run.is_main:
+        state = {
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": {"step": run.step, "total": run.total, "warmup": run.warmup},
+            "step": run.step, "epoch": run.epoch, "batch_in_epoch": run.batch_in_epoch,
+            "global_batch": cfg.optim.per_device_batch_size * run.world, "world_size": run.world,
+            "rng_torch": torch.get_rng_state(),
+        }
+        save_checkpoint(run.out_dir / checkpoint_name(run.step), run.model, run.bundle.model_name,
+                        run.bundle.pretrained, cfg.to_dict(), state, step=run.step, epoch=run.epoch)
+        prune_checkpoints(run.out_dir, cfg.run.save_total_limit)
+        if final:
+            save_checkpoint(run.out_dir / "final", run.model, run.bundle.model_name, run.bundle.pretrained,
+                            cfg.to_dict(), None, step=run.step, epoch=run.epoch)
+    run.accelerator.wait_for_everyone()
+
+
+def log_step(run: ClipRun, lr: float, terms: dict[str, float], images_per_s: float) -> None:
+    """One metrics.jsonl row and the trackers' points of the current step (rank 0)."""
+    run.metrics.log({"step": run.step, "epoch": run.epoch, "lr": lr, "images_per_s": images_per_s, **terms},
+                    tracker_values={**{f"train/{k}": v for k, v in terms.items()}, "train/lr": lr,
+                                    "train/images_per_s": images_per_s,
+                                    "train/logit_scale": float(run.model.logit_scale.detach().exp())})
+
+
+def _start_logging(run: ClipRun) -> None:
+    cfg, accelerator = run.cfg, run.accelerator
+    if run.is_main:
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        write_marker(run.out_dir, "train-clip")
+    start_trackers(accelerator, run.trackers, config=cfg.to_dict(), resume_step=run.step if run.resume_from else None)
+    # The log holds this run's steps only: none after the checkpoint (or a killed run's before any).
+    run.metrics = MetricsLogger(run.out_dir, accelerator, run.step)
+    if run.is_main:
+        plan = run.plan
+        print(f"train-clip: {cfg.model.model} on {len(run.dataset)} images, {run.world} process(es) x batch "
+              f"{cfg.optim.per_device_batch_size}, {run.total} steps ({run.per_epoch}/epoch), warm-up {run.warmup}, "
               f"weights a={plan.address_weight} b={plan.semantic_weight} c={plan.geo_weight}, "
-              f"precision {accelerator.mixed_precision}, trackers: {trackers.describe()}"
-              + (f", resumed from {resume_from}" if resume_from else ""),
+              f"precision {accelerator.mixed_precision}, trackers: {run.trackers.describe()}"
+              + (f", resumed from {run.resume_from}" if run.resume_from else ""),
               flush=True)
 
+
+def fit(run: ClipRun, hooks: Hooks | None = None) -> dict:
+    """The training loop from the run's position to the end (or `--stop-at-step`); returns the run summary."""
     from clip_stage.core.progress import progress as tqdm  # a line every 30 s when not on a terminal
 
-    bar = tqdm(total=total, initial=step, disable=not (main_proc and cfg.run.progress), desc="train-clip",
+    hooks = hooks or Hooks()
+    cfg, accelerator, model, plan = run.cfg, run.accelerator, run.model, run.plan
+    rank, world, main_proc = accelerator.process_index, run.world, run.is_main
+    batch_size, total = cfg.optim.per_device_batch_size, run.total
+    _start_logging(run)
+    bar = tqdm(total=total, initial=run.step, disable=not (main_proc and cfg.run.progress_bar), desc="train-clip",
                dynamic_ncols=True)
-
-    def save(final: bool = False) -> None:
-        if main_proc:
-            state = {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": {"step": step, "total": total, "warmup": warmup},
-                "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                "global_batch": cfg.optim.batch_size * world, "world_size": world,
-                "rng_torch": torch.get_rng_state(),
-            }
-            d = save_checkpoint(ck_dir / step_dir_name(step), model, bundle.model_name, bundle.pretrained,
-                                cfg.to_dict(), state, step=step, epoch=epoch)
-            mark_latest(ck_dir, d)
-            old = sorted(p for p in ck_dir.glob("step-*") if p.is_dir() and p.name != d.name)
-            for p in old[: max(0, len(old) - (cfg.run.keep_checkpoints - 1))]:
-                shutil.rmtree(p, ignore_errors=True)
-            if final:
-                save_checkpoint(out_dir / "final", model, bundle.model_name, bundle.pretrained, cfg.to_dict(),
-                                None, step=step, epoch=epoch)
-        accelerator.wait_for_everyone()
 
     last_terms: dict[str, float] = {}
     window_images, window_t0 = 0, time.perf_counter()
     t_start = time.perf_counter()
     images_seen = 0
     stopped = False
-    last_saved = step if resume_from is not None else -1
-    while step < total and not stopped:
-        dataset.set_epoch(epoch)
-        batches = epoch_batches(len(dataset), cfg.optim.batch_size, world, rank, cfg.optim.seed, epoch, batch_in_epoch)
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
+    last_saved = run.step if run.resume_from is not None else -1
+    hooks.fit_start()
+    while run.step < total and not stopped:
+        run.dataset.set_epoch(run.epoch)
+        batches = epoch_batches(len(run.dataset), batch_size, world, rank, cfg.optim.seed, run.epoch, run.batch_in_epoch)
+        loader = torch.utils.data.DataLoader(run.dataset, batch_sampler=batches, collate_fn=run.collate,
                                              num_workers=cfg.data.num_workers)
         for batch in loader:
-            lr = cosine_lr(step, total, cfg.optim.lr, cfg.optim.min_lr, warmup)
-            for g in optimizer.param_groups:
+            lr = cosine_lr(run.step, total, cfg.optim.learning_rate, cfg.optim.min_lr, run.warmup)
+            for g in run.optimizer.param_groups:
                 g["lr"] = lr
             images = batch["image"].to(accelerator.device)
             b = images.shape[0]
             semantic = batch["semantic_tokens"].to(accelerator.device) if plan.semantic_weight > 0 else None
-            out = forward(images, batch["address_tokens"].to(accelerator.device), semantic)
-            terms = loss_fn(out["image_features"].float(), out["address_features"].float(), out["logit_scale"].float(),
-                            semantic_features=out["semantic_features"].float() if semantic is not None else None,
-                            coords=batch["coords"].to(accelerator.device) if plan.geo_weight > 0 else None)
+            out = run.forward(images, batch["address_tokens"].to(accelerator.device), semantic)
+            terms = run.loss_fn(out["image_features"].float(), out["address_features"].float(),
+                                out["logit_scale"].float(),
+                                semantic_features=out["semantic_features"].float() if semantic is not None else None,
+                                coords=batch["coords"].to(accelerator.device) if plan.geo_weight > 0 else None)
             accelerator.backward(terms["loss"])
-            if cfg.optim.grad_clip is not None:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            if cfg.optim.max_grad_norm:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
             logit_scale_clamp_(model)
-            step += 1
-            batch_in_epoch += 1
+            run.step += 1
+            run.batch_in_epoch += 1
             n_img = b * world
             images_seen += n_img
             window_images += n_img
             last_terms = {k: float(v.detach()) for k, v in terms.items()}
             bar.update(1)
-            if main_proc and (step % cfg.run.log_every == 0 or step == total):
+            hooks.step_end(run.step)
+            if main_proc and (run.step % cfg.run.log_every == 0 or run.step == total):
                 dt = max(time.perf_counter() - window_t0, 1e-9)
                 ips = window_images / dt
                 window_images, window_t0 = 0, time.perf_counter()
-                accelerator.log({**{f"train/{k}": v for k, v in last_terms.items()}, "train/lr": lr,
-                                 "train/images_per_s": ips,
-                                 "train/logit_scale": float(model.logit_scale.detach().exp())}, step=step)
+                log_step(run, lr, last_terms, ips)
                 bar.set_postfix(loss=f"{last_terms['loss']:.4f}", lr=f"{lr:.2e}", ips=f"{ips:.0f}")
-                log_file.write(json.dumps({"step": step, "epoch": epoch, "lr": lr, "images_per_s": ips, **last_terms}) + "\n")
-                log_file.flush()
-            if step % cfg.run.save_every == 0 and step < total:
-                save()
-                last_saved = step
+            if run.step % cfg.run.save_every == 0 and run.step < total:
+                save(run)
+                last_saved = run.step
                 window_images, window_t0 = 0, time.perf_counter()  # keep checkpoint I/O out of throughput
-            if cfg.run.stop_at_step is not None and step >= cfg.run.stop_at_step and step < total:
+            if cfg.run.stop_at_step is not None and run.step >= cfg.run.stop_at_step and run.step < total:
                 stopped = True
                 break
-            if step >= total:
+            if run.step >= total:
                 break
-        if not stopped and batch_in_epoch >= per_epoch:
-            epoch, batch_in_epoch = epoch + 1, 0
+        if not stopped and run.batch_in_epoch >= run.per_epoch:
+            run.epoch, run.batch_in_epoch = run.epoch + 1, 0
     bar.close()
     wall = time.perf_counter() - t_start
 
     if stopped:
-        if last_saved != step:
-            save()
-    else:
-        if last_saved != step or not (out_dir / "final").exists():
-            save(final=True)
+        if last_saved != run.step:
+            save(run)
+    elif last_saved != run.step or not (run.out_dir / "final").exists():
+        save(run, final=True)
+    step, out_dir = run.step, run.out_dir
     summary = {
-        "model": bundle.model_name,
+        "model": run.bundle.model_name,
         "world_size": world,
         "rank0_pid": os.getpid(),
         "mixed_precision": str(accelerator.mixed_precision),
         "steps": step,
         "total_steps": total,
-        "epochs_completed": epoch,
+        "epochs_completed": run.epoch,
         "complete": step >= total,
-        "resumed_from": str(resume_from) if resume_from else None,
+        "resumed_from": str(run.resume_from) if run.resume_from else None,
         "loss_weights": {"address": plan.address_weight, "semantic": plan.semantic_weight, "geo": plan.geo_weight},
         "notes": list(plan.notes),
         "last_losses": last_terms,
@@ -362,14 +406,21 @@ def train(cfg: TrainConfig) -> dict:
     }
     finish_trackers(accelerator)  # flushes TensorBoard, ends the wandb / MLflow runs
     if main_proc:
-        log_file.close()
         atomic_write_json(out_dir / "run_summary.json", summary)
         if step >= total:
             print(f"train-clip: done, {step} steps in {wall:.1f}s; final model in {out_dir / 'final'}", flush=True)
         else:
-            print(f"train-clip: stopped at step {step}/{total}; continue with --resume", flush=True)
+            print(f"train-clip: stopped at step {step}/{total}; continue with --resume latest", flush=True)
     accelerator.wait_for_everyone()
     return summary
+
+
+def train(cfg: TrainConfig, hooks: Hooks | None = None) -> dict:
+    """Runs (or resumes) one training run; returns the run summary (also written to run_summary.json)."""
+    run = setup(cfg)
+    if isinstance(run, dict):  # already complete
+        return run
+    return fit(run, hooks)
 
 
 @command_main("train-clip")

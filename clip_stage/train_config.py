@@ -5,6 +5,10 @@ optional YAML/JSON file (`--config recipe.yaml`) into the frozen `TrainConfig`, 
 `clip_stage.core.config`. Checks live in `__post_init__`; never
 mutate a parsed config: derive with `dataclasses.replace`.
 
+Field names are train-llava's for every concept the two trainers share (HF Trainer's words:
+`--learning-rate`, `--max-grad-norm`, `--per-device-batch-size`, `--num-epochs`, `--save-total-limit`,
+`--resume PATH|latest`, `--stop-at-step`, ...; see clip_stage.core.training for the run-folder layout).
+
 Defaults are the paper's recipe (OpenAI CLIP ViT-B/16, AdamW lr 2.4e-5 -> 2.4e-8 cosine, betas
 0.9/0.98, wd 0.2, batch 32 per device, 100 epochs, loss weights 1 / 0.2 / 0.8).
 """
@@ -17,7 +21,7 @@ from typing import Any
 
 from clip_stage.core.config import ConfigParser, Section
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "no", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -28,14 +32,14 @@ class ModelArgs:
     """open_clip architecture name (see `list_clip_models()`; ours: addressclip-tiny, addressclip-small)."""
     pretrained: str | None = "openai"
     """open_clip pretrained tag, weights file, or a train-clip checkpoint folder; 'none' for random init."""
-    grad_checkpointing: bool = False
+    gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (open_clip set_grad_checkpointing): less memory, slower."""
-    precision: str = "auto"
-    """Mixed precision: auto (bf16 on a GPU that supports it, else fp32), fp32, bf16, fp16 (CUDA only)."""
+    mixed_precision: str = "auto"
+    """Mixed precision: auto (bf16 on a GPU that supports it, else no), no (fp32), bf16, fp16 (CUDA only)."""
 
     def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision {self.precision!r}; valid: {PRECISIONS}")
+        if self.mixed_precision not in PRECISIONS:
+            raise ValueError(f"mixed_precision {self.mixed_precision!r}; valid: {PRECISIONS}")
         if self.pretrained is not None and self.pretrained.lower() == "none":
             object.__setattr__(self, "pretrained", None)
 
@@ -106,36 +110,38 @@ DEFAULT_GEO_WEIGHT = 0.8
 class OptimArgs:
     """AdamW with linear warm-up and a cosine decay."""
 
-    lr: float = 2.4e-5
+    learning_rate: float = 2.4e-5
     """Peak learning rate."""
     min_lr: float = 2.4e-8
     """Final learning rate of the cosine schedule."""
     warmup_steps: int | None = None
     """Linear warm-up steps (unset: 2% of the total steps)."""
-    beta1: float = 0.9
+    adam_beta1: float = 0.9
     """AdamW beta1."""
-    beta2: float = 0.98
+    adam_beta2: float = 0.98
     """AdamW beta2."""
-    eps: float = 1e-6
+    adam_epsilon: float = 1e-6
     """AdamW epsilon."""
     weight_decay: float = 0.2
     """Decoupled weight decay (not applied to gains, biases and the logit scale)."""
-    batch_size: int = 32
-    """Images per device per step (global batch = batch_size x processes)."""
-    epochs: int = 100
+    per_device_batch_size: int = 32
+    """Images per process per step (global batch = per_device_batch_size x processes)."""
+    num_epochs: int = 100
     """Passes over the training split."""
     max_steps: int | None = None
     """Cap on total optimiser steps (the schedule is planned over this many)."""
-    grad_clip: float | None = None
-    """Clip the gradient norm to this value (unset: no clipping)."""
+    max_grad_norm: float | None = None
+    """Clip the gradient norm to this value (unset or 0: no clipping)."""
     seed: int = 0
     """Seed of initialisation, data order and augmentation."""
 
     def __post_init__(self):
-        if self.batch_size < 1 or self.epochs < 1:
-            raise ValueError("--batch-size and --epochs must be >= 1")
-        if not 0 <= self.min_lr <= self.lr:
-            raise ValueError("need 0 <= --min-lr <= --lr")
+        if self.per_device_batch_size < 1 or self.num_epochs < 1:
+            raise ValueError("--per-device-batch-size and --num-epochs must be >= 1")
+        if not 0 <= self.min_lr <= self.learning_rate:
+            raise ValueError("need 0 <= --min-lr <= --learning-rate")
+        if self.max_grad_norm is not None and self.max_grad_norm < 0:
+            raise ValueError("--max-grad-norm must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -143,22 +149,20 @@ class RunArgs:
     """Outputs, checkpoints, logging."""
 
     output_dir: str = "runs/addressclip"
-    """Run folder: checkpoints/, final/, tensorboard/ (and wandb/, mlruns/ when asked), train_log.jsonl, run_summary.json."""
+    """Run folder: checkpoint-NNNNNN/, final/, tensorboard/ (and wandb/, mlruns/ when asked), metrics.jsonl, run_summary.json."""
     save_every: int = 1000
     """Write a checkpoint every N steps (and always at the end)."""
-    keep_checkpoints: int = 2
-    """Step checkpoints kept on disk (older ones are deleted)."""
-    resume: bool = False
-    """Continue from the newest complete checkpoint in output_dir/checkpoints (fresh start if none)."""
+    save_total_limit: int | None = 2
+    """Keep only the newest this many step checkpoints (unset: keep all)."""
+    resume: str | None = None
+    """'latest': continue from the newest intact checkpoint in output_dir (fresh start if none); or a checkpoint folder."""
     stop_at_step: int | None = None
     """Checkpoint and exit once this global step is reached, without changing the schedule (time-sliced jobs)."""
     log_every: int = 10
     """Steps between log lines / tracker points."""
     report_to: tuple[str, ...] = ("tensorboard",)
     """Trackers, a comma list or the flag repeated: tensorboard (output_dir/tensorboard), wandb (offline under output_dir/wandb unless WANDB_MODE is set), mlflow (file store output_dir/mlruns unless MLFLOW_TRACKING_URI is set), or none."""
-    tensorboard: bool = True
-    """Kept for older commands and configs: false drops tensorboard from report_to."""
-    progress: bool = True
+    progress_bar: bool = True
     """Show a tqdm progress bar (rank 0)."""
     num_threads: int | None = None
     """torch CPU threads per process (unset: torch's / accelerate's default)."""
@@ -166,8 +170,11 @@ class RunArgs:
     def __post_init__(self):
         from clip_stage.core.trackers import parse_report_to
 
-        names = parse_report_to(self.report_to)
-        object.__setattr__(self, "report_to", tuple(n for n in names if n != "tensorboard" or self.tensorboard))
+        object.__setattr__(self, "report_to", parse_report_to(self.report_to))
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise ValueError("--save-total-limit must be >= 1")
+        if self.stop_at_step is not None and self.stop_at_step < 1:
+            raise ValueError("--stop-at-step must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -192,7 +199,7 @@ GROUPS: dict[str, type] = {"model": ModelArgs, "data": DataArgs, "loss": LossArg
 # --- flags and config file (clip_stage.core.config) -----------------------------------------------
 
 def build_parser(prog: str = "train-clip", description: str | None = None) -> ConfigParser:
-    """train-clip's parser: `--config FILE` and one flag per field (`--lr`, also `--optim.lr`)."""
+    """train-clip's parser: `--config FILE` and one flag per field (`--learning-rate`, also `--optim.learning-rate`)."""
     return ConfigParser([Section(name, cls) for name, cls in GROUPS.items()], prog=prog, description=description)
 
 

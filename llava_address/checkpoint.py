@@ -38,7 +38,6 @@ import copy
 import dataclasses
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -47,30 +46,23 @@ import torch
 
 from clip_stage.core.config import asdict
 from clip_stage.core.fs import ManifestError, atomic_dir, atomic_write_json, load_error_text, verify_manifest
+# The folder pattern, rotation and `--resume latest` are the same for both trainers (clip_stage.core.training).
+from clip_stage.core.training import (  # noqa: F401 - part of this module's interface
+    CheckpointError,
+    checkpoint_name,
+    list_checkpoints,
+    prune_checkpoints,
+)
+from clip_stage.core.training import resolve_resume as _resolve_resume
 from llava_address.checkpoint_layout import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, ARGS_FILE, CHECKPOINT_FORMAT,
-                                             LLAVA_CONFIG_FILE, NON_LORA_WEIGHTS, CheckpointError,
-                                             read_checkpoint_args)
+                                             LLAVA_CONFIG_FILE, NON_LORA_WEIGHTS, read_checkpoint_args)
 from llava_address.components import check_processor
 from llava_address.config import ModelArgs, TrainablesArgs
 from llava_address.model import build_llava
 from llava_address.trainables import component_of, is_peft
 
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_DIR = "state"
 TRAINER_STATE = "trainer_state.json"
-
-
-def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """The step checkpoints in a run folder, oldest first."""
-    out = Path(output_dir)
-    if not out.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in out.iterdir() if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))]
-    return [p for _, p in sorted(found)]
-
-
-def checkpoint_name(step: int) -> str:
-    return f"checkpoint-{step:06d}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,17 +224,6 @@ def save_checkpoint(
     return path
 
 
-def prune_checkpoints(output_dir: str | os.PathLike, keep: int | None) -> list[Path]:
-    """Removes all but the newest `keep` step checkpoints; returns the removed folders."""
-    if keep is None:
-        return []
-    ckpts = list_checkpoints(output_dir)
-    removed = ckpts[:-keep] if len(ckpts) > keep else []
-    for p in removed:
-        shutil.rmtree(p, ignore_errors=True)
-    return removed
-
-
 # --------------------------------------------------------------------------------------------
 # loading
 # --------------------------------------------------------------------------------------------
@@ -261,25 +242,10 @@ def resolve_resume(resume: str, output_dir: str | os.PathLike, report=print) -> 
     """The verified checkpoint folder `--resume` names; 'latest' is the newest intact one in output_dir
     (None if there is none). A damaged 'latest' candidate is reported through `report` (None: silent, for
     ranks other than 0) and the previous one is tried; an explicit folder that fails is an error."""
-    if resume == "latest":
-        ckpts = [p for p in list_checkpoints(output_dir) if (p / STATE_DIR).is_dir()][::-1]
-        for i, ckpt in enumerate(ckpts):
-            try:
-                verify_checkpoint(ckpt, required=True)
-                return ckpt
-            except CheckpointError as e:
-                if report is not None:
-                    then = f"falling back to {ckpts[i + 1].name}" if i + 1 < len(ckpts) else "no earlier checkpoint"
-                    report(f"train-llava: {e}; {then}")
-        if ckpts:
-            raise CheckpointError(f"{output_dir}: no intact checkpoint to resume from (all {len(ckpts)} failed "
-                                  "their manifest check, see above)")
-        return None
-    path = Path(resume)
-    if not (path / STATE_DIR).is_dir() or not (path / TRAINER_STATE).is_file():
-        raise CheckpointError(f"--resume {resume}: not a checkpoint folder with training state ({STATE_DIR}/)")
-    verify_checkpoint(path, required=True)
-    return path
+    if resume != "latest" and not (Path(resume) / TRAINER_STATE).is_file():
+        raise CheckpointError(f"--resume {resume}: not a checkpoint folder with training state ({TRAINER_STATE})")
+    return _resolve_resume(resume, output_dir, verify=verify_checkpoint, resumable=lambda p: (p / STATE_DIR).is_dir(),
+                           command="train-llava", report=report)
 
 
 def check_resume_trust(checkpoint: str | os.PathLike, output_dir: str | os.PathLike, deepspeed: bool,

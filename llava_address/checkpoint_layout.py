@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from clip_stage.core.training import CheckpointError  # noqa: F401 - one class for both trainers
 from llava_address.config import ModelArgs, TrainablesArgs
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -20,10 +21,6 @@ NON_LORA_WEIGHTS = "non_lora_trainables.safetensors"
 ARGS_FILE = "llava_args.json"
 LLAVA_CONFIG_FILE = "llava_config.json"
 CHECKPOINT_FORMAT = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, damaged, untrusted or does not fit the run (a one-line user error)."""
 
 
 def read_checkpoint_args(checkpoint: str | os.PathLike) -> tuple[ModelArgs, TrainablesArgs, dict[str, Any]]:

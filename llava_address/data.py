@@ -322,7 +322,7 @@ class LengthGroupedSampler(Sampler[int]):
         return iter(length_grouped_indices(self.lengths, self.has_image, self.batch_size, g, self.megabatch_mult))
 
 
-# --- entry points used by train-llava ----------------------------------------------------------------
+# --- the record check train-llava runs first ---------------------------------------------------------------
 
 def validate_data(args: DataArgs) -> None:
     """The shared record check (`conversations.validate`) of the training file, before any model loads.
@@ -339,47 +339,3 @@ def validate_data(args: DataArgs) -> None:
     if not Path(root).is_dir():
         raise RecordError(f"image root {root} is not a folder")
     require_valid(args.data_path, root, allow_text_only=True, allow_duplicate_ids=True, command="train-llava")
-
-
-def build_dataset(args: DataArgs, processor, model_config, **kwargs) -> LlavaDataset:
-    """The training dataset of `args`, with the image-token count of `model_config` (a LlavaConfig)."""
-    from llava_address.components import num_image_tokens
-
-    return LlavaDataset.from_args(args, processor, num_image_tokens(model_config),
-                                  image_token_id=model_config.image_token_id, **kwargs)
-
-
-def build_dataloader(dataset: LlavaDataset, args: DataArgs, batch_size: int, world_size: int = 1, seed: int = 0,
-                     num_workers: int = 0, processor=None, pad_to_multiple_of: int | None = None):
-    """DataLoader with the collator and, when `args.group_by_length`, the length-grouped sampler.
-
-    batch_size is per device; `world_size` is accepted for symmetry (accelerate shards the batches).
-    The loader is deterministic in (seed, epoch): call `set_epoch` (accelerate's prepared loader forwards it).
-    """
-    from torch.utils.data import DataLoader
-
-    tokenizer = getattr(processor, "tokenizer", processor) if processor is not None else dataset.tokenizer
-    collate = LlavaCollator(tokenizer.pad_token_id, pad_to_multiple_of=pad_to_multiple_of)
-    if args.group_by_length:
-        sampler = LengthGroupedSampler(dataset.lengths, dataset.has_image, batch_size=batch_size, seed=seed)
-    else:
-        sampler = _EpochRandomSampler(len(dataset), seed)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=num_workers,
-                      drop_last=False, persistent_workers=num_workers > 0)
-
-
-class _EpochRandomSampler(Sampler[int]):
-    """A shuffling sampler deterministic in (seed, epoch), so a resumed run sees the same order."""
-
-    def __init__(self, n: int, seed: int = 0):
-        self.n, self.seed, self.epoch = n, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())

@@ -11,9 +11,13 @@ warm-up then cosine/linear/constant) are always ours: the DeepSpeed configs in d
 
 Each optimizer step: gradient accumulation (global batch = per-device x processes x accumulation),
 clipping, one scheduler step. Rank 0 shows a tqdm bar and logs loss, learning rates, tokens/s and memory
-to <output>/metrics.jsonl and the `--report-to` trackers (clip_stage.core.trackers: TensorBoard in <output>/tb
-by default; wandb, MLflow offline under <output> unless WANDB_MODE / MLFLOW_TRACKING_URI say otherwise).
-Checkpoints: see llava_address.checkpoint.
+to <output>/metrics.jsonl and the `--report-to` trackers (clip_stage.core.trackers: TensorBoard in
+<output>/tensorboard by default; wandb, MLflow offline under <output> unless WANDB_MODE / MLFLOW_TRACKING_URI
+say otherwise). Checkpoints: see llava_address.checkpoint. The run is `setup` (model, data, optimizer, resume
+position), `fit` (the loop), `save` and `log_step`; the skeleton, the flag names and the run-folder layout
+are train-clip's (clip_stage.core.training), and `train(cfg, hooks)` takes the callbacks a caller (the
+training benchmark) observes the loop with. `--stop-at-step N` checkpoints and exits at step N without
+changing the schedule (time-sliced jobs).
 `--resume` restores model, optimizer, scheduler, RNG and the position in the data, after checking the
 checkpoint's manifest (`--resume latest` falls back to the previous checkpoint if the newest is damaged),
 and cuts metrics.jsonl back to the checkpoint's step. An output folder that already holds checkpoints is
@@ -38,9 +42,19 @@ import torch
 
 from clip_stage.core.config import Section
 from clip_stage.core.errors import command_main
-from clip_stage.core.fs import cut_jsonl_log, load_error_text, remove_stale_temps
-from clip_stage.core.trackers import plan_trackers, start_trackers
+from clip_stage.core.fs import load_error_text, remove_stale_temps
 from clip_stage.core.outdir import check_out_dir, write_marker
+from clip_stage.core.trackers import TrackerPlan, plan_trackers, start_trackers
+from clip_stage.core.training import (
+    METRICS_FILE,
+    TENSORBOARD_DIR,
+    EpochSampler,
+    Hooks,
+    MetricsLogger,
+    make_accelerator,
+    refuse_foreign_checkpoints,
+    world_size_from_env,
+)
 from llava_address.checkpoint import (
     STATE_DIR,
     TRAINER_STATE,
@@ -48,7 +62,6 @@ from llava_address.checkpoint import (
     check_resume_trust,
     check_state_files,
     checkpoint_name,
-    list_checkpoints,
     prune_checkpoints,
     resolve_resume,
     save_checkpoint,
@@ -114,34 +127,6 @@ class TrainResult:
 # --------------------------------------------------------------------------------------------
 # pieces
 # --------------------------------------------------------------------------------------------
-
-
-def make_accelerator(args: TrainArgs, accumulation: int | None = None, log_with=None):
-    """An Accelerator whose process group works on CPU too (gloo) and that logs to `log_with` (clip_stage.core.trackers)."""
-    from accelerate import Accelerator, InitProcessGroupKwargs
-    from accelerate.utils import ProjectConfiguration
-
-    from accelerate.state import AcceleratorState, GradientState
-
-    # A fresh state per run: tests and notebooks call train() several times in one process.
-    AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
-    handlers = []
-    if not torch.cuda.is_available() and world_size_from_env() > 1:
-        # accelerate + DeepSpeed on CPU otherwise believes it has one process (gather crashes).
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
-    return Accelerator(
-        gradient_accumulation_steps=accumulation or 1,
-        mixed_precision=args.mixed_precision,
-        log_with=log_with,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(Path(args.output_dir) / "tb")),
-        kwargs_handlers=handlers,
-    )
-
-
-def world_size_from_env() -> int:
-    """The number of processes the launcher started (before any process group exists)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def fill_deepspeed_auto(accelerator, model, args: TrainArgs) -> None:
@@ -278,23 +263,6 @@ def build_model(cfg: RunConfig):
     return model, processor, summary
 
 
-class EpochShuffleSampler(torch.utils.data.Sampler[int]):
-    """A random permutation that depends only on (seed, epoch): resumable without saving sampler state."""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch = n, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
-
-
 def build_dataset(cfg: RunConfig, processor, model):
     """The dataset; under a multi-process launch only each node's main process runs the start-up tokenisation pass."""
     import contextlib
@@ -325,7 +293,7 @@ def build_dataloader(dataset, cfg: RunConfig, processor) -> torch.utils.data.Dat
     if cfg.data.group_by_length:
         sampler = LengthGroupedSampler(dataset.lengths, dataset.has_image, batch_size=bs, seed=cfg.train.seed)
     else:
-        sampler = EpochShuffleSampler(len(dataset), cfg.train.seed)
+        sampler = EpochSampler(len(dataset), cfg.train.seed)
     tokenizer = getattr(processor, "tokenizer", processor)
     return torch.utils.data.DataLoader(
         dataset, batch_size=bs, sampler=sampler, collate_fn=LlavaCollator(tokenizer.pad_token_id),
@@ -346,34 +314,64 @@ def _existing(spec: str | None) -> str | None:
     return spec if spec and os.path.exists(spec) else None
 
 
-def train(cfg: RunConfig) -> TrainResult:
+@dataclass
+class LlavaRun:
+    """One train-llava run as `setup` builds it; `fit` advances its position (global_step, epoch, batches_done)."""
+
+    cfg: RunConfig
+    out: Path
+    accelerator: Any
+    trackers: TrackerPlan
+    model: torch.nn.Module
+    """the prepared (wrapped) model"""
+    processor: Any
+    summary: Any
+    """what llava_address.model.apply_trainables reported"""
+    loader: Any
+    optimizer: Any
+    scheduler: Any
+    accumulation: int
+    total_steps: int
+    micro_per_epoch: int
+    resume_from: Path | None
+    run_json: dict[str, Any]
+    global_step: int = 0
+    epoch: int = 0
+    batches_done: int = 0
+    """micro-batches of the current epoch already trained"""
+    metrics: MetricsLogger | None = None
+    checkpoints: list[Path] = field(default_factory=list)
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+def setup(cfg: RunConfig) -> LlavaRun:
+    """Output folder checks, accelerator, model, data, optimizer, schedule and the resume position of one run."""
     from accelerate.utils import set_seed
-    from clip_stage.core.progress import progress as tqdm  # a line every 30 s when not on a terminal
 
     args = cfg.train
     out = Path(args.output_dir)
     # One rule for every command's output folder (clip_stage.core.outdir), before any model loads: a run folder
     # (marker, or the files of a run from before it) is continued; anything else non-empty, or a folder holding
     # an input, is refused.
-    check_out_dir(out, "train-llava", resume=True, legacy=["checkpoint-*", "metrics.jsonl"], flag="--output-dir",
+    check_out_dir(out, "train-llava", resume=True, legacy=["checkpoint-*", METRICS_FILE], flag="--output-dir",
                   inputs=[cfg.data.data_path, cfg.data.image_root, *(_existing(p) for p in (
                       cfg.model.model_name_or_path, cfg.model.llm, cfg.model.vision_tower, args.init_from))])
-    existing = list_checkpoints(out)
-    if existing and not args.resume:
-        # Another run's checkpoints would be overwritten and its metrics mixed with this run's.
-        raise CheckpointError(f"{out} already holds checkpoints ({existing[-1].name}): pass --resume latest to "
-                              "continue, or another --output-dir")
+    refuse_foreign_checkpoints(out, args.resume)
     world = world_size_from_env()
     accumulation = args.accumulation_for(world)
     # The trackers' packages are checked before any model loads; they start once the resume step is known.
-    trackers = plan_trackers(args.report_to, out, "train_llava", tensorboard_dir=out / "tb" / "train_llava")
-    accelerator = make_accelerator(args, accumulation, log_with=trackers.log_with)
+    trackers = plan_trackers(args.report_to, out, "train_llava", tensorboard_dir=out / TENSORBOARD_DIR)
+    accelerator = make_accelerator(args.mixed_precision, gradient_accumulation_steps=accumulation,
+                                   log_with=trackers.log_with, project_dir=out)
     if accelerator.num_processes != world:
         raise RuntimeError(f"launcher said {world} processes, accelerate sees {accelerator.num_processes}")
     is_main = accelerator.is_main_process
     if is_main:
         # Before anything of this run is saved: what a killed save left is garbage.
-        remove_stale_temps(out, ("checkpoint-", "metrics.jsonl"))
+        remove_stale_temps(out, ("checkpoint-", METRICS_FILE))
         out.mkdir(parents=True, exist_ok=True)
         write_marker(out, "train-llava")
     set_seed(args.seed)
@@ -429,52 +427,86 @@ def train(cfg: RunConfig) -> TrainResult:
             raise CheckpointError(f"{resume_from / STATE_DIR}: cannot be loaded ({load_error_text(e)})") from e
         scheduler.load_state_dict(st["scheduler"])
         global_step, epoch, batches_done = st["global_step"], st["epoch"], st["batches_done_in_epoch"]
+    return LlavaRun(cfg, out, accelerator, trackers, model, processor, summary, loader, optimizer, scheduler,
+                    accumulation, total_steps, micro_per_epoch, resume_from, cfg.to_json(), global_step, epoch,
+                    batches_done)
 
-    run_json = cfg.to_json()
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        # The log holds this run's steps only: none after the checkpoint (or a killed run's before any).
-        cut_jsonl_log(out / "metrics.jsonl", global_step)
+
+def save(run: LlavaRun) -> None:
+    """Writes checkpoint-<global_step>/ at the run's position and keeps `--save-total-limit` of them.
+    Collective: every process calls it."""
+    path = run.out / checkpoint_name(run.global_step)
+    accelerator = run.accelerator
+    state = {
+        "global_step": run.global_step, "epoch": run.epoch, "batches_done_in_epoch": run.batches_done,
+        "total_steps": run.total_steps, "world_size": accelerator.num_processes, "accumulation": run.accumulation,
+        "micro_batches_per_epoch": run.micro_per_epoch, "scheduler": _jsonable(run.scheduler.state_dict()),
+    }
+    extra = {k: v for k, v in run.run_json.items() if k not in ("model", "trainables")}
+    save_checkpoint(path, accelerator=accelerator, model=run.model, processor=run.processor,
+                    model_args=run.cfg.model, trainables=run.cfg.trainables,
+                    config={**extra, "trainables_summary": _jsonable(run.summary)}, trainer_state=state)
+    run.checkpoints.append(path)
+    if run.is_main:
+        prune_checkpoints(run.out, run.cfg.train.save_total_limit)
+
+
+def log_step(run: LlavaRun, window: torch.Tensor, elapsed: float, step_lrs: dict[str, float]) -> dict[str, Any]:
+    """Reduces the log window over the ranks (collective) and writes one metrics row; returns it."""
+    stats = run.accelerator.reduce(window.clone(), reduction="sum").tolist()
+    row = {
+        "step": run.global_step,
+        "epoch": run.epoch + run.batches_done / run.micro_per_epoch,
+        "loss": float(stats[0] / max(stats[1], 1)),
+        "tokens": int(stats[2]),
+        "elapsed_s": elapsed,
+        "tokens_per_s": float(stats[2] / max(elapsed, 1e-9)),
+        "memory_mb": peak_memory_mb(run.accelerator.device),
+    }
+    row.update(step_lrs)
+    run.metrics.log(row)
+    return row
+
+
+def _start_logging(run: LlavaRun) -> None:
+    accelerator = run.accelerator
+    if run.is_main:
+        run.out.mkdir(parents=True, exist_ok=True)
         accelerator.print(
             f"train-llava: {accelerator.num_processes} process(es), {accelerator.distributed_type}, "
-            f"accumulation {accumulation}, {total_steps} optimizer steps, trackers: {trackers.describe()}, "
-            f"trainables: {summary}"
+            f"accumulation {run.accumulation}, {run.total_steps} optimizer steps, trackers: {run.trackers.describe()}, "
+            f"trainables: {run.summary}"
         )
-    start_trackers(accelerator, trackers, config={s: run_json[s] for s in ("model", "trainables", "data", "train")},
-                   resume_step=global_step if resume_from is not None else None)
+    # The log holds this run's steps only: none after the checkpoint (or a killed run's before any).
+    run.metrics = MetricsLogger(run.out, accelerator, run.global_step)
+    start_trackers(accelerator, run.trackers, config={s: run.run_json[s] for s in ("model", "trainables", "data", "train")},
+                   resume_step=run.global_step if run.resume_from is not None else None)
 
-    history: list[dict[str, Any]] = []
-    checkpoints: list[Path] = []
-    metrics_file = out / "metrics.jsonl"
-    bar = tqdm(total=total_steps, initial=global_step, desc="train-llava", disable=not (is_main and args.progress_bar))
+
+def fit(run: LlavaRun, hooks: Hooks | None = None) -> TrainResult:
+    """The training loop from the run's position to the end (or `--stop-at-step`)."""
+    from clip_stage.core.progress import progress as tqdm  # a line every 30 s when not on a terminal
+
+    hooks = hooks or Hooks()
+    args, accelerator, model, optimizer = run.cfg.train, run.accelerator, run.model, run.optimizer
+    total_steps = run.total_steps
+    _start_logging(run)
+    bar = tqdm(total=total_steps, initial=run.global_step, desc="train-llava",
+               disable=not (run.is_main and args.progress_bar))
     # [loss sum, micro-batches, tokens] of the current log window, kept on the device (no sync per micro-step).
     window = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
     t_window = time.perf_counter()
     stopped_early = False
-
-    def save(step: int) -> None:
-        path = out / checkpoint_name(step)
-        state = {
-            "global_step": step, "epoch": epoch_now, "batches_done_in_epoch": batches_now,
-            "total_steps": total_steps, "world_size": accelerator.num_processes, "accumulation": accumulation,
-            "micro_batches_per_epoch": micro_per_epoch, "scheduler": _jsonable(scheduler.state_dict()),
-        }
-        extra = {k: v for k, v in run_json.items() if k not in ("model", "trainables")}
-        save_checkpoint(path, accelerator=accelerator, model=model, processor=processor, model_args=cfg.model,
-                        trainables=cfg.trainables, config={**extra, "trainables_summary": _jsonable(summary)},
-                        trainer_state=state)
-        checkpoints.append(path)
-        if is_main:
-            prune_checkpoints(out, args.save_total_limit)
+    resumed_at = run.global_step if run.resume_from is not None else None
 
     model.train()
-    done = global_step >= total_steps
-    epoch_now, batches_now = epoch, batches_done
+    hooks.fit_start()
+    done = run.global_step >= total_steps
     while not done:
+        loader = run.loader
         if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        it = accelerator.skip_first_batches(loader, batches_done) if batches_done else loader
-        batches_now = batches_done
+            loader.set_epoch(run.epoch)
+        it = accelerator.skip_first_batches(loader, run.batches_done) if run.batches_done else loader
         for batch in it:
             with accelerator.accumulate(model):
                 outputs = model(**batch)
@@ -484,7 +516,7 @@ def train(cfg: RunConfig) -> TrainResult:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            batches_now += 1
+            run.batches_done += 1
             n_tokens = batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
             window += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=window.device),
                                    torch.as_tensor(n_tokens, dtype=torch.float64, device=window.device)])
@@ -492,58 +524,47 @@ def train(cfg: RunConfig) -> TrainResult:
                 continue
             # The learning rates this step used (logged below), before the schedule moves on.
             step_lrs = {f"lr/{g.get('name', i)}": float(g["lr"]) for i, g in enumerate(optimizer.param_groups)}
-            scheduler.step()
-            global_step += 1
-            epoch_now = epoch
+            run.scheduler.step()
+            run.global_step += 1
             bar.update(1)
-            if global_step % args.log_every == 0 or global_step == total_steps:
-                stats = accelerator.reduce(window.clone(), reduction="sum").tolist()
-                elapsed = time.perf_counter() - t_window
-                row = {
-                    "step": global_step,
-                    "epoch": epoch + batches_now / micro_per_epoch,
-                    "loss": float(stats[0] / max(stats[1], 1)),
-                    "tokens": int(stats[2]),
-                    "elapsed_s": elapsed,
-                    "tokens_per_s": float(stats[2] / max(elapsed, 1e-9)),
-                    "memory_mb": peak_memory_mb(accelerator.device),
-                }
-                row.update(step_lrs)
-                if is_main:
-                    history.append(row)
-                    with open(metrics_file, "a", encoding="utf-8") as f:
-                        f.write(json.dumps(row) + "\n")
+            hooks.step_end(run.global_step)
+            if run.global_step % args.log_every == 0 or run.global_step == total_steps:
+                row = log_step(run, window, time.perf_counter() - t_window, step_lrs)
+                if run.is_main:
                     bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{next(iter(step_lrs.values())):.2e}")
-                accelerator.log({k: v for k, v in row.items() if k != "step"}, step=global_step)
                 window.zero_()
                 t_window = time.perf_counter()
-            if args.stop_after_steps is not None and global_step >= args.stop_after_steps and global_step < total_steps:
-                if args.save_every and global_step % args.save_every == 0:
-                    save(global_step)
+            if args.stop_at_step is not None and run.global_step >= args.stop_at_step and run.global_step < total_steps:
+                save(run)  # a time-sliced job ends on a checkpoint
                 stopped_early = True
                 done = True
                 break
-            if global_step >= total_steps:
+            if run.global_step >= total_steps:
                 done = True
                 break
-            if args.save_every and global_step % args.save_every == 0:
-                save(global_step)
+            if args.save_every and run.global_step % args.save_every == 0:
+                save(run)
                 t_window = time.perf_counter()  # tokens/s measures training, not saving
         if done:
             break
-        epoch += 1
-        batches_done = 0
-        epoch_now, batches_now = epoch, 0
+        run.epoch += 1
+        run.batches_done = 0
     bar.close()
-    final = checkpoint_name(global_step)
-    already = (checkpoints and checkpoints[-1].name == final) or (resume_from is not None and resume_from.name == final)
-    if not stopped_early and global_step > 0 and not already:
-        save(global_step)
+    already = (run.checkpoints and run.checkpoints[-1].name == checkpoint_name(run.global_step)) or \
+        resumed_at == run.global_step
+    if not stopped_early and run.global_step > 0 and not already:
+        save(run)
     accelerator.end_training()
     return TrainResult(
-        model=accelerator.unwrap_model(model), processor=processor, global_step=global_step, history=history,
-        checkpoints=checkpoints, world_size=accelerator.num_processes, stopped_early=stopped_early,
+        model=accelerator.unwrap_model(model), processor=run.processor, global_step=run.global_step,
+        history=run.metrics.history, checkpoints=run.checkpoints, world_size=accelerator.num_processes,
+        stopped_early=stopped_early,
     )
+
+
+def train(cfg: RunConfig, hooks: Hooks | None = None) -> TrainResult:
+    """Sets up and runs (or resumes) one training run; `hooks` observe the loop (clip_stage.core.training.Hooks)."""
+    return fit(setup(cfg), hooks)
 
 
 def _jsonable(obj: Any) -> Any:

@@ -31,7 +31,7 @@ class TrainArgs:
     """Optimisation, schedule, precision, logging and checkpointing of one training run."""
 
     output_dir: str = "runs/llava"
-    """folder for checkpoints (checkpoint-<step>/), TensorBoard logs (tb/), wandb/ and mlruns/ when asked, and metrics.jsonl"""
+    """folder for checkpoints (checkpoint-<step>/), TensorBoard logs (tensorboard/), wandb/ and mlruns/ when asked, and metrics.jsonl"""
     learning_rate: float = 2e-4
     """peak learning rate of the LLM / LoRA parameter group"""
     projector_lr: float | None = None
@@ -80,12 +80,12 @@ class TrainArgs:
     """checkpoint folder to resume from, or 'latest' for the newest one in output_dir"""
     trust_checkpoint: bool = False
     """allow a DeepSpeed --resume from outside output_dir (DeepSpeed unpickles its shards: only your own)"""
-    stop_after_steps: int | None = None
-    """stop (without a final save) after this many optimizer steps, as if killed; the schedule is unchanged"""
+    stop_at_step: int | None = None
+    """checkpoint and exit once this optimizer step is reached, without changing the schedule (time-sliced jobs)"""
     num_workers: int = 0
     """DataLoader worker processes"""
     report_to: tuple[str, ...] = ("tensorboard",)
-    """trackers besides metrics.jsonl, a comma list or the flag repeated: tensorboard (output_dir/tb/train_llava), wandb (offline under output_dir/wandb unless WANDB_MODE is set), mlflow (file store output_dir/mlruns unless MLFLOW_TRACKING_URI is set), or none"""
+    """trackers besides metrics.jsonl, a comma list or the flag repeated: tensorboard (output_dir/tensorboard), wandb (offline under output_dir/wandb unless WANDB_MODE is set), mlflow (file store output_dir/mlruns unless MLFLOW_TRACKING_URI is set), or none"""
     progress_bar: bool = True
     """show a tqdm progress bar on rank 0"""
 
@@ -122,8 +122,8 @@ class TrainArgs:
             raise ValueError("save_every must be >= 0 and log_every >= 1")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise ValueError(f"save_total_limit must be >= 1, got {self.save_total_limit}")
-        if self.stop_after_steps is not None and self.stop_after_steps < 1:
-            raise ValueError(f"stop_after_steps must be >= 1, got {self.stop_after_steps}")
+        if self.stop_at_step is not None and self.stop_at_step < 1:
+            raise ValueError(f"stop_at_step must be >= 1, got {self.stop_at_step}")
 
     def accumulation_for(self, world_size: int) -> int:
         """Micro-steps per optimizer step on `world_size` processes (exact: a global batch must divide)."""

@@ -19,29 +19,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for _path in (REPO, REPO / "scripts"):  # the package, and the harness beside this script
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from bench_worker import emit, peak_rss_mb, rss_mb, run_worker  # noqa: E402
 
 QUESTIONS = ["Where was this photo taken?", "What street is this?", "Which neighbourhood is this?",
              "Give the address of this place.", "What is the nearest cross street?"]
 TARGET = 2.0
-
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # --- workers (each in its own process) -------------------------------------------------------------------
@@ -144,17 +136,11 @@ def prepare_work(work: Path, a) -> None:
         Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(work / "images" / f"{i:04d}.png")
 
 
-def run_worker(kind: str, a, work: Path) -> dict:
-    cmd = [sys.executable, __file__, "--worker", kind, "--work", str(work), "--questions", str(a.questions),
-           "--batch-size", str(a.batch_size), "--max-new-tokens", str(a.max_new_tokens), "--threads", str(a.threads),
-           "--device", a.device, "--config", a.config]
-    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("BENCH ")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{kind} worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return json.loads(lines[-1][len("BENCH "):])
+def measure(kind: str, a, work: Path) -> dict:
+    """One worker run of `kind` in its own process (scripts/bench_worker.py)."""
+    return run_worker(__file__, kind, work, [
+        "--questions", str(a.questions), "--batch-size", str(a.batch_size), "--max-new-tokens", str(a.max_new_tokens),
+        "--threads", str(a.threads), "--device", a.device, "--config", a.config], threads=a.threads)
 
 
 def parse(argv=None):
@@ -179,7 +165,7 @@ def main(argv=None) -> int:
     a = parse(argv)
     if a.worker:
         fn = {"ours": worker_ours, "pipeline": worker_pipeline}[a.worker]
-        print("BENCH " + json.dumps(fn(a, a.work)), flush=True)
+        emit(fn(a, a.work))
         return 0
     import platform
 
@@ -191,8 +177,8 @@ def main(argv=None) -> int:
         prepare_work(work, a)
         ours, theirs = [], []
         for _ in range(a.repeats):  # alternate so that load on a shared machine hits both alike
-            ours.append(run_worker("ours", a, work))
-            theirs.append(run_worker("pipeline", a, work))
+            ours.append(measure("ours", a, work))
+            theirs.append(measure("pipeline", a, work))
     best_ours = max(ours, key=lambda r: r["answers_per_s"])
     best_pipe = max(theirs, key=lambda r: r["answers_per_s"])
     same = sum(x == y for x, y in zip(best_ours["answers"], best_pipe["answers"])) / a.questions

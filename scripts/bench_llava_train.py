@@ -23,25 +23,17 @@ import argparse
 import json
 import math
 import os
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for _path in (REPO, REPO / "scripts"):  # the package, and the harness beside this script
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from bench_worker import emit, peak_rss_mb, rss_mb, run_worker  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------
@@ -77,22 +69,17 @@ def worker_ours(a, work: Path) -> dict:
     """Our loop (train-llava) with the final checkpoint write excluded from the timing."""
     import torch
 
+    from clip_stage.core.training import Hooks
     from llava_address import train as T
 
     torch.set_num_threads(a.threads)
     out = Path(tempfile.mkdtemp(prefix="ours-", dir=work))
     cfg = T.parse_args(_common_argv(a, work, out, "address_full" if a.full else "address_lora"))
     rss0 = {"value": None}
-    real_prepare = T.build_dataloader
-
-    def build_dataloader(*args, **kwargs):  # the last thing before the loop: record the baseline here
-        loader = real_prepare(*args, **kwargs)
-        rss0["value"] = rss_mb()
-        return loader
-
-    T.build_dataloader = build_dataloader
+    # The loop's own seam: the baseline is taken once everything is set up, just before the first step.
+    hooks = Hooks(on_fit_start=[lambda: rss0.update(value=rss_mb())])
     stamps = clock_optimizer_steps()
-    result = T.train(cfg)
+    result = T.train(cfg, hooks)
     tokens = sum(r["tokens"] for r in result.history[1:])
     elapsed = stamps[-1][0] - stamps[0][0]
     cpu = stamps[-1][1] - stamps[0][1]
@@ -283,17 +270,12 @@ def prepare_work(work: Path, records: int) -> None:
     write_toy_llava_data(work / "data", n=records, seed=0)
 
 
-def run_worker(kind: str, a, work: Path, extra: list[str] | None = None) -> dict:
-    cmd = [sys.executable, __file__, "--worker", kind, "--work", str(work), "--steps", str(a.steps),
-           "--batch-size", str(a.batch_size), "--accumulation", str(a.accumulation), "--lora-r", str(a.lora_r),
-           "--threads", str(a.threads), *(["--group-by-length"] if a.group_by_length else []), *(extra or [])]
-    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu",
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("BENCH ")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{kind} worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return json.loads(lines[-1][len("BENCH "):])
+def measure(kind: str, a, work: Path, extra: list[str] | None = None) -> dict:
+    """One worker run of `kind` in its own process (scripts/bench_worker.py)."""
+    return run_worker(__file__, kind, work, [
+        "--steps", str(a.steps), "--batch-size", str(a.batch_size), "--accumulation", str(a.accumulation),
+        "--lora-r", str(a.lora_r), "--threads", str(a.threads), *(["--group-by-length"] if a.group_by_length else []),
+        *(extra or [])], threads=a.threads, env={"DS_ACCELERATOR": "cpu"})
 
 
 def parse(argv=None):
@@ -324,7 +306,7 @@ def main(argv=None) -> int:
     if a.worker:
         fn = {"ours": lambda: worker_ours(a, a.work), "trl": lambda: worker_trl(a, a.work),
               "real7b": lambda: worker_real7b(a)}[a.worker]
-        print("BENCH " + json.dumps(fn()), flush=True)
+        emit(fn())
         return 0
     if a.real_7b_shape:
         result = worker_real7b(a)
@@ -342,9 +324,9 @@ def main(argv=None) -> int:
         prepare_work(work, a.records)
         ours, theirs = [], []
         for _ in range(a.repeats):  # alternate so that load on a shared machine hits both alike
-            ours.append(run_worker("ours", a, work))
-            theirs.append(run_worker("trl", a, work))
-        full = run_worker("ours", a, work, ["--full"])
+            ours.append(measure("ours", a, work))
+            theirs.append(measure("trl", a, work))
+        full = measure("ours", a, work, ["--full"])
     best_ours = max(ours, key=lambda r: r["tokens_per_s"])
     best_trl = max(theirs, key=lambda r: r["tokens_per_s"])
     lora_mem = min(r["train_memory_mb"] for r in ours)

@@ -45,7 +45,7 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
     (out / "clip" / "stale.txt").write_text("from the earlier run")
     assert pipeline.main(["--out", str(out), *TINY, "--force", "--until", "clip"]) == 0
     assert not (out / "clip" / "stale.txt").exists()
-    steps = [json.loads(line)["step"] for line in (out / "clip" / "train_log.jsonl").read_text().splitlines()]
+    steps = [json.loads(line)["step"] for line in (out / "clip" / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps))  # one run's log, not two
 
 

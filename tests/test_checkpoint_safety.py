@@ -169,11 +169,11 @@ def test_cut_jsonl_log_keeps_steps_up_to_the_checkpoint(tmp_path):
 
 def _clip_argv(dataset, out, *extra):
     return ["--dataset", str(dataset), "--model", "addressclip-tiny", "--pretrained", "none",
-            "--output-dir", str(out), "--num-workers", "0", "--progress", "false", "--lr", "1e-3",
-            "--min-lr", "1e-5", "--batch-size", "16", "--tensorboard", "false", *map(str, extra)]
+            "--output-dir", str(out), "--num-workers", "0", "--progress-bar", "false", "--learning-rate", "1e-3",
+            "--min-lr", "1e-5", "--per-device-batch-size", "16", "--report-to", "none", *map(str, extra)]
 
 
-CLIP_COMMON = ("--max-steps", "8", "--save-every", "2", "--keep-checkpoints", "3", "--warmup-steps", "2",
+CLIP_COMMON = ("--max-steps", "8", "--save-every", "2", "--save-total-limit", "3", "--warmup-steps", "2",
                "--seed", "5")
 
 
@@ -200,21 +200,21 @@ def test_clip_resume_falls_back_from_a_bit_flipped_checkpoint(toy_dataset, clip_
 
     part = tmp_path / "part"
     assert main(_clip_argv(toy_dataset, part, *CLIP_COMMON, "--stop-at-step", "6")) == 0
-    ck = part / "checkpoints"
-    assert sorted(p.name for p in ck.glob("step-*")) == ["step-000002", "step-000004", "step-000006"]
-    log_before = (part / "train_log.jsonl").read_text().splitlines()
+    ck = part
+    assert sorted(p.name for p in ck.glob("checkpoint-*")) == ["checkpoint-000002", "checkpoint-000004", "checkpoint-000006"]
+    log_before = (part / "metrics.jsonl").read_text().splitlines()
     # The killed run had logged two more steps than its last checkpoint.
-    (part / "train_log.jsonl").write_text("\n".join(log_before) + '\n{"step": 7, "loss": 0}\n{"step": 8, "lo')
-    _flip_bit(ck / "step-000006" / "model.safetensors")
-    with pytest.raises(CheckpointError, match=r"step-000006/model\.safetensors: sha256 differs"):
-        load_checkpoint(ck / "step-000006")
+    (part / "metrics.jsonl").write_text("\n".join(log_before) + '\n{"step": 7, "loss": 0}\n{"step": 8, "lo')
+    _flip_bit(ck / "checkpoint-000006" / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"checkpoint-000006/model\.safetensors: sha256 differs"):
+        load_checkpoint(ck / "checkpoint-000006")
     capsys.readouterr()
-    assert main(_clip_argv(toy_dataset, part, *CLIP_COMMON, "--resume")) == 0
+    assert main(_clip_argv(toy_dataset, part, *CLIP_COMMON, "--resume", "latest")) == 0
     err = capsys.readouterr().err
-    assert "step-000006/model.safetensors: sha256 differs" in err and "falling back to step-000004" in err
-    assert json.loads((part / "run_summary.json").read_text())["resumed_from"].endswith("step-000004")
+    assert "checkpoint-000006/model.safetensors: sha256 differs" in err and "falling back to checkpoint-000004" in err
+    assert json.loads((part / "run_summary.json").read_text())["resumed_from"].endswith("checkpoint-000004")
     assert _same(_clip_final(part), _clip_final(clip_full_run), atol=1e-6)
-    steps = [json.loads(x)["step"] for x in (part / "train_log.jsonl").read_text().splitlines()]
+    steps = [json.loads(x)["step"] for x in (part / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 8  # no step logged twice, no torn line
 
 
@@ -223,10 +223,10 @@ def test_clip_resume_with_every_checkpoint_damaged_is_one_line_exit_2(toy_datase
 
     part = tmp_path / "part"
     assert main(_clip_argv(toy_dataset, part, *CLIP_COMMON, "--stop-at-step", "2")) == 0
-    f = part / "checkpoints" / "step-000002" / "training_state.pt"
+    f = part / "checkpoint-000002" / "training_state.pt"
     f.write_bytes(f.read_bytes()[:-10])
     capsys.readouterr()
-    assert main(_clip_argv(toy_dataset, part, *CLIP_COMMON, "--resume")) == 2
+    assert main(_clip_argv(toy_dataset, part, *CLIP_COMMON, "--resume", "latest")) == 2
     err = capsys.readouterr().err
     assert "training_state.pt" in err and "truncated" in err and "no intact checkpoint" in err
     assert "Traceback" not in err
@@ -238,13 +238,13 @@ def test_clip_planted_pickle_in_training_state_is_refused_and_never_run(toy_data
     part = tmp_path / "part"
     marker = tmp_path / "marker"
     assert main(_clip_argv(toy_dataset, part, *CLIP_COMMON, "--stop-at-step", "2")) == 0
-    ckpt = part / "checkpoints" / "step-000002"
+    ckpt = part / "checkpoint-000002"
     _plant(ckpt / "training_state.pt", marker)
     capsys.readouterr()
-    assert main(_clip_argv(toy_dataset, part, *CLIP_COMMON, "--resume")) == 2  # the manifest sees it
+    assert main(_clip_argv(toy_dataset, part, *CLIP_COMMON, "--resume", "latest")) == 2  # the manifest sees it
     assert "training_state.pt" in capsys.readouterr().err
     write_manifest(ckpt)  # an attacker who also rewrites the manifest: the file is still not unpickled
-    assert main(_clip_argv(toy_dataset, part, *CLIP_COMMON, "--resume")) == 2
+    assert main(_clip_argv(toy_dataset, part, *CLIP_COMMON, "--resume", "latest")) == 2
     err = capsys.readouterr().err
     assert "training_state.pt: not a plain training-state file" in err and len(err.strip().splitlines()) == 1
     assert not marker.exists()
@@ -284,7 +284,7 @@ def llava_stopped(tiny_llava_dir, tiny_llava_data, tmp_path):
     from llava_address.train import main
 
     out = tmp_path / "part"
-    assert main(_llava_argv(tiny_llava_dir, tiny_llava_data, out, *LLAVA_COMMON, "--stop-after-steps", 4)) == 0
+    assert main(_llava_argv(tiny_llava_dir, tiny_llava_data, out, *LLAVA_COMMON, "--stop-at-step", 4)) == 0
     return out
 
 
@@ -396,14 +396,14 @@ def test_clip_killed_at_random_resumes_to_the_uninterrupted_weights(toy_dataset,
 
     out = tmp_path / "run"
     # Checkpoints at every step: the kill often lands inside a save.
-    args = _clip_argv(toy_dataset, out, "--max-steps", "8", "--save-every", "1", "--keep-checkpoints", "3",
+    args = _clip_argv(toy_dataset, out, "--max-steps", "8", "--save-every", "1", "--save-total-limit", "3",
                       "--warmup-steps", "2", "--seed", "5")
     rc = _kill_after_first_checkpoint([sys.executable, "-m", "clip_stage.train", *args],
-                                      out / "checkpoints" / "step-000001", seed)
+                                      out / "checkpoint-000001", seed)
     assert rc == -signal.SIGKILL, "the run ended before it was killed: make it longer"
-    assert main([*args, "--resume"]) == 0
+    assert main([*args, "--resume", "latest"]) == 0
     assert _same(_clip_final(out), _clip_final(clip_full_run), atol=1e-6)
-    assert _no_temps(out, out / "checkpoints") == []
+    assert _no_temps(out) == []
 
 
 @pytest.mark.parametrize("seed", [2])

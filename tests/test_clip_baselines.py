@@ -12,8 +12,8 @@ from clip_stage.baselines import VARIANTS, main, train_argv
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-TRAIN_ARGS = ["--batch-size", "16", "--max-steps", "36", "--lr", "2e-3", "--warmup-steps", "3", "--num-workers", "0",
-              "--progress", "false", "--tensorboard", "false", "--save-every", "1000"]
+TRAIN_ARGS = ["--per-device-batch-size", "16", "--max-steps", "36", "--learning-rate", "2e-3", "--warmup-steps", "3", "--num-workers", "0",
+              "--progress-bar", "false", "--report-to", "none", "--save-every", "1000"]
 
 
 def test_harness_produces_every_row_and_fine_tuning_beats_zero_shot(toy_dataset, tmp_path, capsys):

@@ -50,8 +50,8 @@ def clip_run(toy_dataset, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("clip") / "run"
     assert main(["--dataset", str(toy_dataset), "--model", "addressclip-tiny", "--pretrained", "none",
-                 "--output-dir", str(out), "--num-workers", "0", "--progress", "false", "--lr", "1e-3",
-                 "--min-lr", "1e-5", "--batch-size", "16", "--epochs", "2", "--tensorboard", "false"]) == 0
+                 "--output-dir", str(out), "--num-workers", "0", "--progress-bar", "false", "--learning-rate", "1e-3",
+                 "--min-lr", "1e-5", "--per-device-batch-size", "16", "--num-epochs", "2", "--report-to", "none"]) == 0
     return out
 
 

@@ -29,8 +29,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def _argv(dataset, out, *extra):
     return ["--dataset", str(dataset), "--model", "addressclip-tiny", "--pretrained", "none",
-            "--output-dir", str(out), "--num-workers", "0", "--progress", "false", "--lr", "1e-3",
-            "--min-lr", "1e-5", "--batch-size", "16", *map(str, extra)]
+            "--output-dir", str(out), "--num-workers", "0", "--progress-bar", "false", "--learning-rate", "1e-3",
+            "--min-lr", "1e-5", "--per-device-batch-size", "16", *map(str, extra)]
 
 
 def _summary(out) -> dict:
@@ -69,8 +69,8 @@ def _copy_dataset(src, dst, edit=None) -> Path:
 
 def test_training_learns_the_toy_city(toy_dataset, tmp_path):
     out = tmp_path / "run"
-    assert main(_argv(toy_dataset, out, "--epochs", "12", "--log-every", "6", "--save-every", "30")) == 0
-    log = [json.loads(l) for l in (out / "train_log.jsonl").read_text().splitlines()]
+    assert main(_argv(toy_dataset, out, "--num-epochs", "12", "--log-every", "6", "--save-every", "30")) == 0
+    log = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert {"address_loss", "semantic_loss", "geo_loss", "loss", "lr", "images_per_s"} <= set(log[0])
     assert log[-1]["loss"] < 0.75 * log[0]["loss"]
     assert log[-1]["lr"] < log[0]["lr"] or log[0]["lr"] < 1e-3  # cosine decay (or still warming up at the first point)
@@ -80,13 +80,13 @@ def test_training_learns_the_toy_city(toy_dataset, tmp_path):
     # chance is 1/9 over the nine sub-street addresses
     assert _retrieval_accuracy(out, toy_dataset, "train") > 0.6
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
-    # checkpoints: final/, step folders within keep_checkpoints, latest pointer, self-describing config
+    # checkpoints: final/, step folders within save_total_limit, the newest found, self-describing config
     cfg = json.loads((out / "final" / "clip_config.json").read_text())
     assert cfg["model_name"] == "addressclip-tiny" and cfg["model_config"]["vision_cfg"]["width"] == 64
-    assert cfg["train_config"]["optim"]["lr"] == 1e-3
-    steps = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
-    assert steps == ["step-000060", "step-000072"] and latest_checkpoint(out / "checkpoints").name == "step-000072"
-    assert _max_diff(_weights(out / "final"), _weights(out / "checkpoints" / "step-000072")) == 0
+    assert cfg["train_config"]["optim"]["learning_rate"] == 1e-3
+    steps = sorted(p.name for p in out.glob("checkpoint-*"))
+    assert steps == ["checkpoint-000060", "checkpoint-000072"] and latest_checkpoint(out).name == "checkpoint-000072"
+    assert _max_diff(_weights(out / "final"), _weights(out / "checkpoint-000072")) == 0
 
 
 def test_resume_reproduces_an_uninterrupted_run(toy_dataset, tmp_path, capsys):
@@ -96,21 +96,21 @@ def test_resume_reproduces_an_uninterrupted_run(toy_dataset, tmp_path, capsys):
     part = tmp_path / "part"
     main(_argv(toy_dataset, part, *common, "--stop-at-step", "5"))
     assert not (part / "final").exists() and not _summary(part)["complete"]
-    assert latest_checkpoint(part / "checkpoints").name == "step-000005"
-    state = torch.load(part / "checkpoints" / "step-000005" / "training_state.pt", weights_only=True)
+    assert latest_checkpoint(part).name == "checkpoint-000005"
+    state = torch.load(part / "checkpoint-000005" / "training_state.pt", weights_only=True)
     assert state["step"] == 5 and state["batch_in_epoch"] == 5 and state["optimizer"]["state"]
     assert main(_argv(toy_dataset, part, *common)) == 2  # one line on stderr, no traceback
     assert "--resume" in capsys.readouterr().err
-    main(_argv(toy_dataset, part, *common, "--resume"))
+    main(_argv(toy_dataset, part, *common, "--resume", "latest"))
     summary = _summary(part)
-    assert summary["complete"] and summary["resumed_from"].endswith("step-000005")
+    assert summary["complete"] and summary["resumed_from"].endswith("checkpoint-000005")
     assert _max_diff(_weights(tmp_path / "full" / "final"), _weights(part / "final")) < 1e-6
     assert summary["last_losses"]["loss"] == pytest.approx(_summary(tmp_path / "full")["last_losses"]["loss"], abs=1e-6)
     # resuming a finished run is a no-op that keeps its results
-    main(_argv(toy_dataset, part, *common, "--resume"))
+    main(_argv(toy_dataset, part, *common, "--resume", "latest"))
     assert _summary(part) == summary
     # a checkpoint of another architecture is a clear error, not a shape dump
-    assert main([*_argv(toy_dataset, part, *common, "--resume"), "--model", "addressclip-small"]) == 2
+    assert main([*_argv(toy_dataset, part, *common, "--resume", "latest"), "--model", "addressclip-small"]) == 2
     assert "addressclip-small" in capsys.readouterr().err
 
 
@@ -119,7 +119,7 @@ def test_two_processes_via_accelerate_launch_match_one_process(toy_dataset, tmp_
     accelerate = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     args = _argv(toy_dataset, tmp_path / "ddp", "--max-steps", "3", "--log-every", "1")
-    args[args.index("--batch-size") + 1] = "8"
+    args[args.index("--per-device-batch-size") + 1] = "8"
     proc = subprocess.run([*accelerate, "-m", "clip_stage.train", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -153,7 +153,7 @@ def test_missing_coordinates_disable_geo_with_warning_or_error_when_asked(toy_da
 
 
 def test_bf16_and_gradient_checkpointing_options_train(toy_dataset, tmp_path):
-    main(_argv(toy_dataset, tmp_path / "r", "--max-steps", "2", "--precision", "bf16", "--grad-checkpointing"))
+    main(_argv(toy_dataset, tmp_path / "r", "--max-steps", "2", "--mixed-precision", "bf16", "--gradient-checkpointing"))
     summary = _summary(tmp_path / "r")
     assert summary["mixed_precision"] == "bf16" and summary["steps"] == 2
     assert torch.isfinite(torch.tensor(summary["last_losses"]["loss"]))
@@ -164,14 +164,14 @@ def test_bf16_and_gradient_checkpointing_options_train(toy_dataset, tmp_path):
 
 def test_config_file_and_flags(tmp_path):
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text("model: {model: addressclip-tiny, pretrained: none}\nlr: 0.0005\ndata: {dataset: /x}\n")
-    cfg = parse_config(["--config", str(recipe), "--epochs", "3", "--no-augment"])
+    recipe.write_text("model: {model: addressclip-tiny, pretrained: none}\nlearning_rate: 0.0005\ndata: {dataset: /x}\n")
+    cfg = parse_config(["--config", str(recipe), "--num-epochs", "3", "--no-augment"])
     assert cfg.model.model == "addressclip-tiny" and cfg.model.pretrained is None
-    assert cfg.optim.lr == 5e-4 and cfg.optim.epochs == 3 and cfg.data.augment is False
-    assert cfg.optim.beta2 == 0.98 and cfg.loss.semantic_weight == 0.2  # paper defaults
+    assert cfg.optim.learning_rate == 5e-4 and cfg.optim.num_epochs == 3 and cfg.data.augment is False
+    assert cfg.optim.adam_beta2 == 0.98 and cfg.loss.semantic_weight == 0.2  # paper defaults
     # a value the config refuses is a one-line user error naming its section (exit 2 through command_main)
-    with pytest.raises(ConfigError, match="model: precision 'fp8'"):
-        parse_config(["--dataset", "/x", "--precision", "fp8"])
+    with pytest.raises(ConfigError, match="model: mixed_precision 'fp8'"):
+        parse_config(["--dataset", "/x", "--mixed-precision", "fp8"])
     with pytest.raises(ConfigError, match="loss: .*nope"):
         parse_config(["--dataset", "/x", "--geo-target", "nope"])
 

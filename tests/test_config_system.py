@@ -122,8 +122,8 @@ def test_yaml_sections_then_flags(command, tmp_path):
     parse, section, _, _ = COMMANDS[command]
     cfg = tmp_path / "c.yaml"
     yaml_text, flags, check = {
-        "train-clip": ("optim:\n  lr: 1.0e-3\n  epochs: 5\nrun: {save-every: 7}\nseed: 3\n", ["--epochs", "6"],
-                       lambda p: (p["optim"].lr, p["optim"].epochs, p["run"].save_every, p["optim"].seed) == (1e-3, 6, 7, 3)),
+        "train-clip": ("optim:\n  learning_rate: 1.0e-3\n  num_epochs: 5\nrun: {save-every: 7}\nseed: 3\n", ["--num-epochs", "6"],
+                       lambda p: (p["optim"].learning_rate, p["optim"].num_epochs, p["run"].save_every, p["optim"].seed) == (1e-3, 6, 7, 3)),
         "train-llava": ("train:\n  learning_rate: 1e-3\n  num_epochs: 5\ntrainables: {lora_r: 8}\n",
                         ["--num-epochs", "6"],
                         lambda p: (p["train"].learning_rate, p["train"].num_epochs, p["trainables"].lora_r) == (1e-3, 6, 8)),
@@ -176,15 +176,15 @@ def test_unknown_flag_and_bad_value_are_one_line_with_exit_2(capsys):
     from llava_address.apps.cli import main
 
     for argv in (["conversations", "--dataset", "d", "--out", "o", "--max-turnz", "3"],
-                 ["train-clip", "--dataset", "d", "--epochs", "many"]):
+                 ["train-clip", "--dataset", "d", "--num-epochs", "many"]):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"{argv[0]}: error: " in err[0] and ("--max-turnz" in err[0] or "many" in err[0]), err
-    assert main(["train-clip", "--dataset", "d", "--precision", "fp8"]) == 2
+    assert main(["train-clip", "--dataset", "d", "--mixed-precision", "fp8"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].endswith("train-clip: error: model: precision 'fp8'; valid: ('auto', 'fp32', 'bf16', 'fp16')")
+    assert len(err) == 1 and err[0].endswith("train-clip: error: model: mixed_precision 'fp8'; valid: ('auto', 'no', 'bf16', 'fp16')")
 
 
 def test_a_single_section_command_takes_flat_yaml_and_no_prefixed_flags(tmp_path):

@@ -116,9 +116,10 @@ def test_same_flag_in_both_trainers():
                         (["--report-to", "none"], ())]:
         assert parse_config(["--dataset", "d", *extra]).run.report_to == want, extra
         assert parse_args(["--data-path", "d", "--model-name-or-path", "m", *extra]).train.report_to == want, extra
-    # older commands and configs: train-clip's --tensorboard false; train-llava's saved report_to string
-    assert parse_config(["--dataset", "d", "--tensorboard", "false", "--report-to", "tensorboard,wandb"]).run.report_to == ("wandb",)
-    assert RunArgs(tensorboard=False).report_to == ()
+    # train-clip's old --tensorboard switch is gone (pre-1.0: no aliases); train-llava's saved report_to string
+    with pytest.raises(SystemExit):
+        parse_config(["--dataset", "d", "--tensorboard", "false"])
+    assert RunArgs(report_to="none").report_to == ()
     assert TrainArgs(report_to="tensorboard").report_to == ("tensorboard",)
 
 
@@ -181,8 +182,8 @@ def test_missing_package_names_the_pip_install(monkeypatch):
 
 def _clip_argv(dataset, out, *extra):
     return ["--dataset", str(dataset), "--model", "addressclip-tiny", "--pretrained", "none", "--output-dir", str(out),
-            "--num-workers", "0", "--progress", "false", "--lr", "1e-3", "--min-lr", "1e-5", "--batch-size", "16",
-            "--epochs", "1", "--max-steps", "3", "--log-every", "1", *map(str, extra)]
+            "--num-workers", "0", "--progress-bar", "false", "--learning-rate", "1e-3", "--min-lr", "1e-5", "--per-device-batch-size", "16",
+            "--num-epochs", "1", "--max-steps", "3", "--log-every", "1", *map(str, extra)]
 
 
 def test_train_clip_logs_to_every_tracker_offline(toy_dataset, tmp_path, offline_env):
@@ -190,7 +191,7 @@ def test_train_clip_logs_to_every_tracker_offline(toy_dataset, tmp_path, offline
 
     out = tmp_path / "run"
     assert main(_clip_argv(toy_dataset, out, "--report-to", "tensorboard,wandb", "--report-to", "mlflow")) == 0
-    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     loss = {r["step"]: r["loss"] for r in log}
     assert sorted(loss) == [1, 2, 3]
 
@@ -206,7 +207,7 @@ def test_train_clip_logs_to_every_tracker_offline(toy_dataset, tmp_path, offline
     # MLflow: the local file store <output-dir>/mlruns, experiment train_clip, the run's config as params
     client, run = mlflow_run(out, "train_clip")
     assert_same_series({m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/loss")}, loss)
-    assert run.data.params["optim.lr"] == "0.001" and run.data.params["model.model"] == "addressclip-tiny"
+    assert run.data.params["optim.learning_rate"] == "0.001" and run.data.params["model.model"] == "addressclip-tiny"
     assert run.info.status == "FINISHED"
 
 
@@ -215,7 +216,7 @@ def test_train_clip_report_to_none_writes_no_tracker_files(toy_dataset, tmp_path
 
     out = tmp_path / "run"
     assert main(_clip_argv(toy_dataset, out, "--report-to", "none", "--max-steps", "1")) == 0
-    assert (out / "train_log.jsonl").is_file()
+    assert (out / "metrics.jsonl").is_file()
     assert not [p.name for p in out.iterdir() if p.name in ("tensorboard", "wandb", "mlruns")]
 
 
@@ -236,8 +237,8 @@ def test_train_llava_logs_to_every_tracker_offline(tiny_llava_dir, tiny_llava_da
     loss = {r["step"]: r["loss"] for r in rows}
     assert sorted(loss) == [1, 2, 3]
 
-    # TensorBoard: where it always was (<output-dir>/tb/train_llava)
-    assert_same_series(tensorboard_scalars(out / "tb" / "train_llava", "loss"), loss)
+    # TensorBoard: the folder both trainers use (<output-dir>/tensorboard)
+    assert_same_series(tensorboard_scalars(out / "tensorboard", "loss"), loss)
     history = [r for r in wandb_history(out) if "loss" in r]
     assert_same_series({r["_step"]: r["loss"] for r in history}, loss)
     assert {"lr/llm", "lr/projector", "tokens_per_s", "memory_mb"} <= set(history[0])
@@ -252,7 +253,7 @@ def test_train_llava_report_to_none_writes_no_tracker_files(tiny_llava_dir, tiny
     out = tmp_path / "run"
     assert main(_llava_argv(tiny_llava_dir, tiny_llava_data, out, "--report-to", "none", "--max-steps", "1")) == 0
     assert (out / "metrics.jsonl").is_file()
-    assert not [p.name for p in out.iterdir() if p.name in ("tb", "wandb", "mlruns")]
+    assert not [p.name for p in out.iterdir() if p.name in ("tensorboard", "wandb", "mlruns")]
 
 
 @pytest.mark.parametrize("command", ["train-clip", "train-llava"])
@@ -280,4 +281,4 @@ def test_missing_tracker_package_is_one_line_before_training(command, toy_datase
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].endswith(f"{command}: error: --report-to mlflow needs the mlflow package: "
                                              "pip install mlflow-skinny (or pip install 'address-llava[trackers]')")
-    assert not (out / "checkpoints").exists() and not list(out.glob("checkpoint-*"))
+    assert not list(out.glob("checkpoint-*"))

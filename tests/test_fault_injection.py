@@ -159,7 +159,7 @@ def llava_checkpoints(tiny_llava_dir, tiny_llava_data, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("fault_llava") / "run"
     assert main(_llava_argv(tiny_llava_dir, tiny_llava_data, out, "--num-epochs", "1", "--save-every", "1",
-                            "--stop-after-steps", "2")) == 0
+                            "--stop-at-step", "2")) == 0
     return out / "checkpoint-000001", out / "checkpoint-000002"
 
 

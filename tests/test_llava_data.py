@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,8 +12,8 @@ from PIL import Image
 
 from llava_address.config import DataArgs, ModelArgs
 from conversations.records import RecordError, load_records
-from llava_address.data import (LengthGroupedSampler, LlavaCollator, LlavaDataset, build_dataloader, build_dataset,
-                                expand_to_square, length_grouped_indices)
+from llava_address.data import (LengthGroupedSampler, LlavaCollator, LlavaDataset, expand_to_square,
+                                length_grouped_indices)
 from llava_address.prompting import (IGNORE_INDEX, ConversationError, encode_conversation, generation_prompt,
                                      get_template, render_text)
 
@@ -123,6 +124,23 @@ def test_message_text_cannot_inject_special_tokens(tok):
     assert enc.input_ids.count(tok.eos_token_id) == 1 and enc.input_ids[-1] == tok.eos_token_id
     assert tok.pad_token_id not in enc.input_ids
     assert enc.input_ids.count(tok.convert_tokens_to_ids("<image>")) == N_IMG
+
+
+
+def build_dataset(args: DataArgs, processor, model_config):
+    """train-llava's own dataset step (llava_address.train.build_dataset) for these data args."""
+    from llava_address.train import build_dataset as build
+
+    return build(SimpleNamespace(data=args), processor, SimpleNamespace(config=model_config))
+
+
+def build_dataloader(dataset, args: DataArgs, batch_size: int, seed: int, processor):
+    """train-llava's own loader step (llava_address.train.build_dataloader)."""
+    from llava_address.train import build_dataloader as build
+    from llava_address.train_args import TrainArgs
+
+    cfg = SimpleNamespace(data=args, train=TrainArgs(per_device_batch_size=batch_size, seed=seed))
+    return build(dataset, cfg, processor)
 
 
 # --- dataset ---------------------------------------------------------------------------------------

@@ -112,7 +112,7 @@ def test_deepspeed_zero3_stop_resume_and_reload(tiny_llava_dir, tiny_llava_data,
 
     out = tmp_path / "zero3"
     launch = ["--config_file", "ds_configs/accelerate_zero3.yaml", "--num_processes", "2", "--main_process_port", "29613"]
-    first = _launch(launch, _args(tiny_llava_dir, tiny_llava_data, out, "--stop-after-steps", 2))
+    first = _launch(launch, _args(tiny_llava_dir, tiny_llava_data, out, "--stop-at-step", 2))
     assert first["summary"] == {**first["summary"], "global_step": 2, "world_size": 2, "stopped_early": True}
     assert "DistributedType.DEEPSPEED" in first["stdout"]
     resumed = _launch(launch, _args(tiny_llava_dir, tiny_llava_data, out, "--resume", "latest"))

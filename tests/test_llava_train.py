@@ -119,7 +119,7 @@ def test_lora_recipe_trains_checkpoints_and_logs(tiny_llava_dir, tiny_llava_data
     assert rows == hist
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = list((out / "tb").rglob("events.out.tfevents.*"))
+    events = list((out / "tensorboard").rglob("events.out.tfevents.*"))
     assert events
     acc = EventAccumulator(str(events[0].parent))
     acc.Reload()
@@ -138,7 +138,7 @@ def test_resume_after_stop_matches_uninterrupted_run(tiny_llava_dir, tiny_llava_
 
     # Stop at step 4: one step into the second epoch (a checkpoint is written there, then the run ends).
     stopped = train(parse_args(_argv("address_lora", tiny_llava_dir, tiny_llava_data, tmp_path / "b", *common,
-                                     "--stop-after-steps", 4)))
+                                     "--stop-at-step", 4)))
     assert stopped.stopped_early and stopped.global_step == 4
     assert sorted(p.name for p in (tmp_path / "b").iterdir() if p.name.startswith("checkpoint")) == [
         "checkpoint-000002", "checkpoint-000004"]

@@ -158,14 +158,14 @@ def test_train_clip(tmp_path, capsys):
     data = fake_dataset(tmp_path / "data")
     before = snapshot(data)
     base = ["train-clip", "--dataset", str(data), "--model", "addressclip-tiny", "--pretrained", "none"]
-    refused(capsys, [*base, "--output-dir", str(data), "--resume"], "is the input")
+    refused(capsys, [*base, "--output-dir", str(data), "--resume", "latest"], "is the input")
     refused(capsys, [*base, "--output-dir", str(foreign(tmp_path / "mine"))], "not a train-clip output")
     assert snapshot(data) == before
 
 
 def test_export_clip(tmp_path, capsys):
     run = tmp_path / "run"
-    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoint-000001").mkdir(parents=True)
     refused(capsys, ["export-clip", "--checkpoint", str(run), "--out", str(run), "--overwrite"], "is the input")
     refused(capsys, ["export-clip", "--checkpoint", str(run), "--out", str(foreign(tmp_path / "mine")), "--overwrite"],
             "not a export-clip output")

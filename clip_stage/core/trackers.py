@@ -16,9 +16,9 @@ trainers' own JSONL logs are written either way. This module is the one place th
   and, at the end, `finish_trackers` or `accelerator.end_training()`; accelerate logs from the main
   process only.
 
-TensorBoard keeps each trainer's documented folder: accelerate's `TensorBoardTracker` writes to
-`<logging_dir>/<run name>`, so it is built here with the exact folder (train-clip: `<output-dir>/tensorboard`,
-train-llava: `<output-dir>/tb/train_llava`) instead of deriving it from the project name.
+TensorBoard writes to the one folder both trainers document, `<output-dir>/tensorboard`: accelerate's
+`TensorBoardTracker` writes to `<logging_dir>/<run name>`, so it is built here with the exact folder instead
+of deriving it from the project name.
 
     plan = plan_trackers(cfg.run.report_to, out_dir, "train_clip", tensorboard_dir=out_dir / "tensorboard")
     accelerator = Accelerator(log_with=plan.log_with, ...)

@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 from clip_stage.core.config import ConfigParser, Section
-from clip_stage.core.schema import empty_captions
 from clip_stage.core.errors import command_main
 from clip_stage.core.fs import atomic_write_json, resolve_under_root
 from clip_stage.core.schema import DatasetPaths, empty_captions, read_info, read_records, write_records

@@ -148,9 +148,9 @@ def stage_dataset(cfg: DemoConfig, p: Paths) -> dict:
 
 def stage_clip(cfg: DemoConfig, p: Paths) -> dict:
     run_command("train-clip", ["--dataset", str(p.dataset), "--model", cfg.clip_model, "--pretrained", "none",
-                               "--output-dir", str(p.clip_run), "--lr", "5e-4", "--min-lr", "1e-6",
-                               "--epochs", str(cfg.clip_epochs), "--batch-size", "64", "--num-workers", "1",
-                               "--seed", str(cfg.seed), "--resume"])
+                               "--output-dir", str(p.clip_run), "--learning-rate", "5e-4", "--min-lr", "1e-6",
+                               "--num-epochs", str(cfg.clip_epochs), "--per-device-batch-size", "64",
+                               "--num-workers", "1", "--seed", str(cfg.seed), "--resume", "latest"])
     run_command("eval-clip", ["--checkpoint", str(p.clip_run), "--dataset", str(p.dataset), "--split", "test",
                               "--out", str(p.clip_eval)])
     # Zero-shot: the same architecture before fine-tuning (random init here: nothing can be downloaded).
