@@ -99,7 +99,7 @@ def check_chunk(table: pd.DataFrame, geocoder: ReverseGeocoder) -> ChunkResult:
 
     Inputs are the chunk (as `iter_gps_table` yields it) and the read-only geocoder; the output
     depends on nothing else (no file system, no global state, no other chunk), so any engine can run
-    it on shards of a table (see README "Beyond one machine"). The checks that need every row
+    it on shards of a table (see docs/data.md "Beyond one machine"). The checks that need every row
     (duplicates) or the image files come after, in `build_dataset`.
     """
     n = len(table)
