@@ -5,8 +5,8 @@ the same. The optimizer (torch AdamW with a separate projector learning rate) an
 warm-up then cosine/linear/constant) are always ours: the DeepSpeed configs in ds_configs/ have no
 `optimizer` or `scheduler` section, and their "auto" values are filled from the recipe here.
 
-    python -m llava_address.train --recipe address_lora --data-path convs.json --output-dir runs/lora
-    accelerate launch --config_file ds_configs/accelerate_zero3.yaml -m llava_address.train --recipe ...
+    python -m llava_address.train --config address_lora --data-path convs.json --output-dir runs/lora
+    accelerate launch --config_file ds_configs/accelerate_zero3.yaml -m llava_address.train --config ...
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m llava_address.train ...  # CPU
 
 Each optimizer step: gradient accumulation (global batch = per-device x processes x accumulation),

@@ -8,8 +8,8 @@ the rules of every command (clip_stage.core.config): a field is `--field-name` o
 (`--model_name_or_path`), and a boolean takes an optional value as LLaVA's scripts write it
 (`--gradient_checkpointing True`, `--no-gradient-checkpointing`).
 
-    train-llava --recipe address_lora --data-path convs.json --output-dir runs/lora
-    train-llava --recipe path/to/my_recipe.yaml --learning-rate 1e-4
+    train-llava --config address_lora --data-path convs.json --output-dir runs/lora
+    train-llava --config path/to/my_recipe.yaml --learning-rate 1e-4
 """
 
 from __future__ import annotations
@@ -155,8 +155,8 @@ def list_recipes() -> list[str]:
 
 
 def build_parser(sections: list[Section], prog: str = "train-llava", description: str | None = None) -> ConfigParser:
-    """train-llava's parser: `--recipe NAME|FILE` and one flag per field of every section (clip_stage.core.config)."""
-    return ConfigParser(sections, prog=prog, description=description, config_flag="--recipe", named_configs=RECIPE_DIR)
+    """train-llava's parser: `--config NAME|FILE` and one flag per field of every section (clip_stage.core.config)."""
+    return ConfigParser(sections, prog=prog, description=description, named_configs=RECIPE_DIR)
 
 
 def to_plain(obj: Any) -> Any:

@@ -54,7 +54,7 @@ def clock_optimizer_steps() -> list[tuple[float, float]]:
 
 def _common_argv(a, work: Path, out: Path, recipe: str) -> list[str]:
     return [
-        "--recipe", recipe, "--model-name-or-path", str(work / "model"), "--data-path", str(work / "data" / "train.json"),
+        "--config", recipe, "--model-name-or-path", str(work / "model"), "--data-path", str(work / "data" / "train.json"),
         "--output-dir", str(out), "--model.torch-dtype", "float32", "--mixed-precision", "no",
         "--trainables.lora-r", str(a.lora_r), "--lora-alpha", str(2 * a.lora_r),
         "--per-device-batch-size", str(a.batch_size), "--global-batch-size", "none",

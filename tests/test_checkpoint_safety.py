@@ -257,7 +257,7 @@ def test_clip_planted_pickle_in_training_state_is_refused_and_never_run(toy_data
 
 def _llava_argv(model_dir, data_dir, out, *extra):
     return [
-        "--recipe", "address_lora", "--model-name-or-path", str(model_dir),
+        "--config", "address_lora", "--model-name-or-path", str(model_dir),
         "--data-path", str(Path(data_dir) / "train.json"), "--output-dir", str(out),
         "--model.torch-dtype", "float32", "--mixed-precision", "no", "--no-progress-bar", "--report-to", "none",
         "--trainables.lora-r", "8", "--lora-alpha", "16", "--per-device-batch-size", "4",

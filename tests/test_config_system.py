@@ -90,7 +90,7 @@ def test_comma_list_text_fields_take_yaml_lists_and_mappings(tmp_path):
 def test_underscores_and_dashes_are_one_flag(command):
     parse, section, _, _ = COMMANDS[command]
     name, values = {
-        "train-clip": ("batch_size", ("4", 4)), "train-llava": ("per_device_batch_size", ("4", 4)),
+        "train-clip": ("per_device_batch_size", ("4", 4)), "train-llava": ("per_device_batch_size", ("4", 4)),
         "conversations": ("max_turns", ("3", 3)), "build-dataset": ("chunk_rows", ("4", 4)),
     }[command]
     section = {"train-clip": "optim", "train-llava": "train"}.get(command, section)
@@ -133,7 +133,7 @@ def test_yaml_sections_then_flags(command, tmp_path):
                           lambda p: (p["split"].split, p["split"].seed, p["build"].workers) == ("geo", 6, 2)),
     }[command]
     cfg.write_text(yaml_text)
-    flag = "--recipe" if command == "train-llava" else "--config"
+    flag = "--config" if command == "train-llava" else "--config"
     parsed = parse([flag, str(cfg), *flags])
     assert check(parsed) and parsed.config_file == str(cfg)
 
@@ -149,7 +149,7 @@ def test_yaml_sections_then_flags(command, tmp_path):
 def test_bad_yaml_values_name_the_file_and_key(command, tmp_path):
     parse, _, bool_name, (section, name, _, _) = COMMANDS[command]
     cfg = tmp_path / "c.yaml"
-    flag = "--recipe" if command == "train-llava" else "--config"
+    flag = "--config" if command == "train-llava" else "--config"
     cfg.write_text(f"{section}:\n  {name}: seven\n")
     with pytest.raises(ConfigError, match=f"{cfg}: {section}.{name}: expected int"):
         parse([flag, str(cfg)])

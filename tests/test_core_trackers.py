@@ -131,7 +131,7 @@ def test_recipes_and_configs_name_trackers(tmp_path):
                        ("'wandb,mlflow'", ("wandb", "mlflow")), ("none", ())]:
         recipe = tmp_path / "recipe.yaml"
         recipe.write_text(f"train:\n  report_to: {text}\n")
-        assert parse_args(["--recipe", str(recipe), "--data-path", "d", "--model-name-or-path", "m"]).train.report_to == want
+        assert parse_args(["--config", str(recipe), "--data-path", "d", "--model-name-or-path", "m"]).train.report_to == want
         config = tmp_path / "clip.yaml"
         config.write_text(f"run:\n  report_to: {text}\n")
         assert parse_config(["--config", str(config), "--dataset", "d"]).run.report_to == want
@@ -221,7 +221,7 @@ def test_train_clip_report_to_none_writes_no_tracker_files(toy_dataset, tmp_path
 
 
 def _llava_argv(model_dir, data_dir, out, *extra):
-    return ["--recipe", "address_lora", "--model-name-or-path", str(model_dir),
+    return ["--config", "address_lora", "--model-name-or-path", str(model_dir),
             "--data-path", str(Path(data_dir) / "train.json"), "--output-dir", str(out), "--model.torch-dtype", "float32",
             "--mixed-precision", "no", "--no-progress-bar", "--trainables.lora-r", "8", "--lora-alpha", "16",
             "--per-device-batch-size", "4", "--global-batch-size", "4", "--max-steps", "3", "--learning-rate", "1e-2",

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 def _args(model_dir, data_dir, out, *extra):
     # 12 records, 2 per micro-batch, global batch 8: 4 micro-steps on 1 process, 2 x 2 on 2 processes.
     return [
-        "--recipe", "address_lora", "--model-name-or-path", str(model_dir),
+        "--config", "address_lora", "--model-name-or-path", str(model_dir),
         "--data-path", str(Path(data_dir) / "train.json"), "--output-dir", str(out),
         "--model.torch-dtype", "float32", "--mixed-precision", "no", "--no-progress-bar",
         "--trainables.lora-r", "8", "--lora-alpha", "16", "--trainables.lora-dropout", "0",

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def _argv(model_dir, data_dir, out):
     return [
-        "--recipe", "address_qlora", "--model-name-or-path", str(model_dir),
+        "--config", "address_qlora", "--model-name-or-path", str(model_dir),
         "--data-path", str(Path(data_dir) / "train.json"), "--output-dir", str(out),
         "--model.torch-dtype", "float32", "--bnb-4bit-compute-dtype", "float32", "--mixed-precision", "no",
         "--trainables.lora-r", "8", "--lora-alpha", "16", "--per-device-batch-size", "4", "--global-batch-size", "8",

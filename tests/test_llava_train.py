@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def _argv(recipe, model_dir, data_dir, out, *extra):
     return [
-        "--recipe", recipe, "--model-name-or-path", str(model_dir), "--data-path", str(Path(data_dir) / "train.json"),
+        "--config", recipe, "--model-name-or-path", str(model_dir), "--data-path", str(Path(data_dir) / "train.json"),
         "--output-dir", str(out), "--model.torch-dtype", "float32", "--mixed-precision", "no",
         "--no-progress-bar", *map(str, extra),
     ]
@@ -260,16 +260,16 @@ def test_recipe_and_flags(tiny_llava_dir, tiny_llava_data, tmp_path, capsys):
     assert cfg.train.learning_rate == 5e-5 and cfg.trainables.lora_r == 4
     assert cfg.trainables.lora_alpha == 256 and cfg.train.projector_lr == 2e-5 and cfg.train.global_batch_size == 128
     assert cfg.train.lr_scheduler == "cosine" and cfg.train.warmup_ratio == 0.03 and cfg.train.num_epochs == 1
-    q = parse_args(["--recipe", "address_qlora", "--data-path", "x.json"])
+    q = parse_args(["--config", "address_qlora", "--data-path", "x.json"])
     assert q.model.load_in_4bit and q.model.bnb_4bit_quant_type == "nf4"
     with pytest.raises(FileNotFoundError, match="address_lora"):
-        parse_args(["--recipe", "no_such_recipe", "--data-path", "x.json"])
+        parse_args(["--config", "no_such_recipe", "--data-path", "x.json"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  learning_rat: 1.0e-3\n")
     with pytest.raises(ValueError, match="learning_rat"):
-        parse_args(["--recipe", str(bad), "--model-name-or-path", "m", "--data-path", "x.json"])
+        parse_args(["--config", str(bad), "--model-name-or-path", "m", "--data-path", "x.json"])
     with pytest.raises(SystemExit):
-        parse_args(["--recipe", "address_lora", "--data-path", "x.json", "--lr-scheduler", "step"])
+        parse_args(["--config", "address_lora", "--data-path", "x.json", "--lr-scheduler", "step"])
     with pytest.raises(SystemExit):
         main(["--help"])
     help_text = capsys.readouterr().out

@@ -222,7 +222,7 @@ def train_and_merge(cfg: DemoConfig, p: Paths, recipe: str, model: Path, data: P
     """One LLaVA stage: `train-llava` from `model`, then `merge` its last checkpoint into llava/<name>."""
     run = p.llava / f"{name}_run"
     # float32 without gradient checkpointing: the fastest settings for a small model on CPU cores.
-    run_command("train-llava", ["--recipe", recipe, "--model-name-or-path", str(model), *extra,
+    run_command("train-llava", ["--config", recipe, "--model-name-or-path", str(model), *extra,
                                 "--data-path", str(data), "--image-root", str(p.dataset / "images"),
                                 "--output-dir", str(run), "--max-steps", str(steps), "--learning-rate", lr,
                                 "--per-device-batch-size", "16", "--global-batch-size", "16",
