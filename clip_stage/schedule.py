@@ -3,7 +3,7 @@
 `plan_losses` checks the loss weights against the dataset (captions for the semantic term, coordinates for
 the geo term). `epoch_batches` derives each epoch's order from (seed, epoch) alone (the shared
 clip_stage.core.training.epoch_permutation), so a resumed run needs only (epoch, batch) to see the batches
-the uninterrupted run would; each global batch of `batch_size x world_size` rows is split into contiguous
+the uninterrupted run would; each global batch of `per_device_batch_size x world_size` rows is split into contiguous
 per-rank shards. `cosine_lr` is the warm-up + cosine schedule.
 """
 
