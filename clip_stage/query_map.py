@@ -1,4 +1,4 @@
-"""Where does AddressCLIP "see" an address? Similarity of every image to one address text, on the city map.
+"""`query-map`: where AddressCLIP "sees" an address, drawn as every image's similarity to one address text on the map.
 
     address-llava query-map --checkpoint runs/clip --dataset data/demo --query "Kamppi, Helsinki" --out runs/qmap
     address-llava query-map --checkpoint runs/clip --dataset data/demo --out runs/qmap \

@@ -1,5 +1,5 @@
-"""A city's gazetteer: the street, cross-street, neighbourhood and city names of an address dataset, with
-sub-street geometry in UTM, and the text matching that finds them in a model's free-text answer.
+"""A city's gazetteer (an address dataset's names, with sub-street geometry in UTM), for finding the address
+a model's free-text answer names.
 
 Built from a dataset folder (`records.parquet` + `sub_streets.geojson` + `dataset_info.json`, see
 `clip_stage.core.schema`) with `Gazetteer.from_dataset(dir)`. `Gazetteer.parse(text)` returns the street,
