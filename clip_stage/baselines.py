@@ -38,6 +38,9 @@ from clip_stage.core.fs import atomic_write_json, atomic_write_text
 from clip_stage.gallery import GalleryEncoder, gallery_from_dataset
 from clip_stage.core.registry import Registry
 from clip_stage.core.schema import ADDRESS_STYLES, SPLITS
+from clip_stage.model import create_clip, load_checkpoint, read_checkpoint_config
+from clip_stage.train import main as train_main
+from clip_stage.train_config import parse_config
 
 
 @dataclass(frozen=True)
@@ -89,9 +92,6 @@ _RESULT_NEUTRAL = {("data", "num_workers")}
 
 def reuse_mismatches(run_dir: Path, argv: list[str]) -> list[str]:
     """'group.field: was X, now Y' for every result-relevant train-clip option a finished run differs in."""
-    from clip_stage.train_config import parse_config
-    from clip_stage.model import read_checkpoint_config
-
     saved = read_checkpoint_config(run_dir).get("train_config") or {}
     wanted = parse_config(argv).to_dict()
     out = []
@@ -121,9 +121,6 @@ def run_baselines(dataset: str | Path, out_dir: str | Path, *, model: str, pretr
                   variants: list[str], seeds: list[int], train_args: list[str], split: str = "test",
                   style: str = "full", reuse: bool = False, device: str = "cpu") -> dict:
     """Trains and evaluates every (variant, seed); returns the report written to baselines.json."""
-    from clip_stage.model import create_clip, load_checkpoint
-    from clip_stage.train import main as train_main
-
     chosen = [get_variant(v) for v in variants]
     _check_train_args(train_args)
     out_dir = Path(out_dir)

@@ -45,6 +45,13 @@ from clip_stage.core.config import ArgumentParser
 from clip_stage.core.errors import command_main
 from clip_stage.core.fs import atomic_write_json, iter_jsonl
 from clip_stage.core.outdir import check_out_dir, write_marker
+from clip_stage.core.schema import DatasetPaths, read_records
+from clip_stage.evaluate import encode_images
+from clip_stage.gallery import GalleryEncoder, default_cache_dir, gallery_from_dataset
+from clip_stage.model import CheckpointError, create_clip, load_checkpoint, read_checkpoint_config
+from clip_stage.train import train
+from clip_stage.train_config import TrainConfig
+from clip_stage.train_data import fold_of
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +68,6 @@ class AddressRanker:
 
     def __init__(self, bundle, dataset_dir: str | os.PathLike, style: str = "full", device: str = "cpu",
                  cache_dir: str | os.PathLike | None = None):
-        from clip_stage.gallery import GalleryEncoder, default_cache_dir, gallery_from_dataset
-
         self.bundle = bundle
         self.device = device
         self.gallery = gallery_from_dataset(dataset_dir, style)
@@ -71,14 +76,10 @@ class AddressRanker:
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | os.PathLike, dataset_dir, style: str = "full", device: str = "cpu"):
-        from clip_stage.model import load_checkpoint
-
         return cls(load_checkpoint(checkpoint, device=device), dataset_dir, style, device)
 
     @classmethod
     def from_args(cls, checkpoint: str | None, model: str | None, pretrained: str | None, dataset_dir, device="cpu"):
-        from clip_stage.model import create_clip, load_checkpoint
-
         bundle = load_checkpoint(checkpoint, device=device) if checkpoint else create_clip(model, pretrained, device=device)
         return cls(bundle, dataset_dir, device=device)
 
@@ -114,9 +115,6 @@ class AddressRanker:
 def fold_train_config(checkpoint: str | os.PathLike, dataset: str, fold: int, folds: int, out_dir: Path,
                       progress: bool = False):
     """The recorded train-clip config of `checkpoint`, retargeted to train without fold `fold` of `folds`."""
-    from clip_stage.train_config import TrainConfig
-    from clip_stage.model import read_checkpoint_config
-
     recorded = read_checkpoint_config(checkpoint).get("train_config")
     if not recorded:
         raise CandidatesError(f"{checkpoint}: no recorded train-clip config (clip_config.json 'train_config'); "
@@ -136,8 +134,6 @@ def fold_train_config(checkpoint: str | os.PathLike, dataset: str, fold: int, fo
 
 
 def _encode_split_images(ranker: AddressRanker, image_root: Path, rel_paths: list[str], batch_size: int = 64):
-    from clip_stage.evaluate import encode_images
-
     return encode_images(ranker.bundle.model, ranker.bundle.preprocess_val, image_root, rel_paths, batch_size,
                          ranker.device)
 
@@ -153,11 +149,6 @@ def cross_fit_candidates(checkpoint: str | os.PathLike, dataset: str | os.PathLi
                          folds: int = 2, top_k: int = 5, style: str = "full", splits: Sequence[str] = ("train", "val", "test"),
                          device: str = "cpu", progress: bool = False) -> dict:
     """Trains the fold models (resuming), ranks every image of `splits`, writes the outputs; returns the info."""
-    from clip_stage.train_data import fold_of
-    from clip_stage.model import load_checkpoint
-    from clip_stage.core.schema import DatasetPaths, read_records
-    from clip_stage.train import train
-
     out, dataset = Path(out), Path(dataset)
     if folds < 2:
         raise CandidatesError(f"--folds {folds}: cross-fitting needs at least 2 folds")
@@ -254,7 +245,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
-    from clip_stage.model import CheckpointError
 
     try:
         if not Path(args.checkpoint).exists():

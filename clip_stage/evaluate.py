@@ -36,7 +36,8 @@ from clip_stage.gallery import (Gallery, GalleryEncoder, default_cache_dir, enco
                                 gallery_from_file)
 from clip_stage.geo_metrics import candidate_geometries, score, sub_street_geometries_utm
 from clip_stage.model import add_model_source_args, bundle_from_args
-from clip_stage.core.schema import ADDRESS_STYLES, SPLITS, DatasetPaths, read_records
+from clip_stage.core.schema import ADDRESS_STYLES, SPLITS, Address, DatasetPaths, read_records, render_address
+from clip_stage.plots import plot_prediction_map
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -127,8 +128,6 @@ def evaluate(bundle, dataset_dir: str | Path, out_dir: str | Path | None = None,
     atomic_write_text(out_dir / PREDICTIONS_FILE, "\n".join(lines) + "\n")
     atomic_write_json(out_dir / METRICS_FILE, metrics)
     if plot:
-        from clip_stage.plots import plot_prediction_map
-
         rank_key = {"SSA-1": "ssa_rank", "SA-1": "sa_rank"}.get(primary)
         correct = np.array([(r[rank_key] == 0) if rank_key else r["neighbourhood_ok"] for r in per_image])
         pts = df[["utm_x", "utm_y"]].to_numpy(dtype=float)
@@ -143,8 +142,6 @@ def evaluate(bundle, dataset_dir: str | Path, out_dir: str | Path | None = None,
 
 
 def _render_truth(row, style: str) -> str:
-    from clip_stage.core.schema import Address, render_address
-
     col = f"address_{style}"
     return str(row[col]) if col in row.index else render_address(Address.from_row(row), style)
 

@@ -39,6 +39,7 @@ from torch import nn
 
 from clip_stage.core.config import ArgumentParser
 from clip_stage.core.errors import command_main
+from clip_stage.core.fs import atomic_dir, atomic_write_json
 from clip_stage.model import add_model_source_args, bundle_from_args
 from clip_stage.core.model_card import CardError, ModelCard, add_hub_args, push_folder, read_metrics, write_card
 from clip_stage.core.outdir import check_out_dir, write_marker
@@ -398,8 +399,6 @@ def export_open_clip(model: nn.Module, tokenizer, out_dir: str | Path, *, full: 
     unmappable text tower an error.
     """
     from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPVisionModelWithProjection
-
-    from clip_stage.core.fs import atomic_dir, atomic_write_json
 
     model = model.float().eval().to("cpu")  # verification runs on CPU in float32
     out_dir = Path(out_dir)

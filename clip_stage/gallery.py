@@ -33,6 +33,7 @@ import torch
 
 from clip_stage.core.fs import parse_jsonl, user_cache_dir
 from clip_stage.core.schema import ADDRESS_STYLES, Address, read_records, read_sub_streets, render_address
+from clip_stage.text_encoder import encode_text, padding_trim
 
 log = logging.getLogger(__name__)
 
@@ -207,8 +208,6 @@ def encode_texts(model: torch.nn.Module, tokenizer, texts: list[str], batch_size
     Each batch is cut after its last EOT where that is exact (`clip_stage.text_encoder`): addresses are far
     shorter than the context, so this is several times faster than open_clip's padded `encode_text`.
     """
-    from clip_stage.text_encoder import encode_text, padding_trim
-
     trim = padding_trim(model) or (lambda tokens: tokens)
     return encode_in_batches(model, texts, batch_size,
                              lambda chunk: encode_text(model, trim(tokenizer(list(chunk))).to(device)))

@@ -1,4 +1,4 @@
-"""Where does AddressCLIP "see" an address? Similarity of every image to one address text, on the city map.
+"""`query-map`: where AddressCLIP "sees" an address, drawn as every image's similarity to one address text on the map.
 
     address-llava query-map --checkpoint runs/clip --dataset data/demo --query "Kamppi, Helsinki" --out runs/qmap
     address-llava query-map --checkpoint runs/clip --dataset data/demo --out runs/qmap \
@@ -40,7 +40,13 @@ from clip_stage.core.config import ArgumentParser, add_dataclass_args, asdict, d
 from clip_stage.core.errors import command_main
 from clip_stage.core.fs import atomic_write_json
 from clip_stage.core.outdir import check_out_dir, write_marker
-from clip_stage.core.schema import ADDRESS_STYLES, SPLITS, STORED_STYLES, DatasetPaths, read_records, render_address
+from clip_stage.core.schema import (ADDRESS_STYLES, SPLITS, STORED_STYLES, DatasetPaths, read_records, read_sub_streets,
+                                     render_address)
+from clip_stage.evaluate import encode_images
+from clip_stage.gallery import city_addresses, encode_texts
+from clip_stage.geo_metrics import sub_street_geometries_utm
+from clip_stage.model import add_model_source_args, bundle_from_args
+from clip_stage.plots import _lines
 
 JSON_FILE = "query_map.json"
 SINGLE_PNG = "query_map.png"
@@ -122,9 +128,6 @@ class AddressIndex:
     @classmethod
     def from_dataset(cls, dataset_dir: str | Path, fuzzy_threshold: float = 85.0) -> "AddressIndex":
         """Names from every sub-street's fields, every address style rendered, and the stored address columns."""
-        from clip_stage.gallery import city_addresses
-        from clip_stage.core.schema import read_sub_streets
-
         entries: dict[tuple[str, str], _Entry] = {}
 
         def add(text, level: str, sub: str) -> None:
@@ -250,8 +253,6 @@ class QueryMapper:
     """One model and one split of one dataset: images encoded once (on first use), any number of queries."""
 
     def __init__(self, bundle, dataset_dir: str | Path, config: QueryMapConfig = QueryMapConfig()):
-        from clip_stage.geo_metrics import sub_street_geometries_utm
-
         self.bundle, self.config, self.dataset_dir = bundle, config, Path(dataset_dir)
         self.records = read_records(self.dataset_dir, config.split)
         if self.records.empty:
@@ -264,16 +265,12 @@ class QueryMapper:
     @property
     def image_embeddings(self) -> torch.Tensor:
         if self._image_emb is None:
-            from clip_stage.evaluate import encode_images
-
             model = self.bundle.model.to(self.config.device)
             self._image_emb = encode_images(model, self.bundle.preprocess_val, DatasetPaths(self.dataset_dir).images,
                                             self.records["image"].tolist(), self.config.batch_size, self.config.device)
         return self._image_emb
 
     def query(self, texts: list[str]) -> list[QueryResult]:
-        from clip_stage.gallery import encode_texts
-
         for t in texts:
             if not t.strip():
                 raise ValueError("empty query text")
@@ -303,8 +300,6 @@ class QueryMapper:
         """A matplotlib figure: grey streets, images coloured by similarity (colour bar), the area outlined."""
         from matplotlib.collections import LineCollection
         from matplotlib.figure import Figure  # not pyplot: a long-running web demo keeps no figure registry
-
-        from clip_stage.plots import _lines
 
         segs = [line for g in self.geoms.values() for line in _lines(g)]
         allxy = np.concatenate([*segs, self.points]) if segs else self.points
@@ -388,8 +383,6 @@ def run(mapper: QueryMapper, queries: list[str], out_dir: str | Path) -> dict:
 
 
 def build_parser() -> ArgumentParser:
-    from clip_stage.model import add_model_source_args
-
     p = ArgumentParser(prog="address-llava query-map", description=__doc__)
     add_model_source_args(p, "map a base (not fine-tuned) model")
     p.add_argument("--dataset", required=True, help="address dataset folder (records.parquet, sub_streets.geojson)")
@@ -402,8 +395,6 @@ def build_parser() -> ArgumentParser:
 
 @command_main("query-map")
 def main(argv: list[str] | None = None) -> int:
-    from clip_stage.model import bundle_from_args
-
     args = build_parser().parse_args(argv)
     try:
         config = dataclass_from_args(QueryMapConfig, args)

@@ -38,6 +38,7 @@ import torch
 from clip_stage.core.errors import command_main
 from clip_stage.core.fs import atomic_write_json, load_error_text, remove_stale_temps
 from clip_stage.core.outdir import check_out_dir, write_marker
+from clip_stage.core.progress import progress as tqdm  # a line every 30 s when not on a terminal
 from clip_stage.core.schema import read_records
 from clip_stage.core.trackers import TrackerPlan, finish_trackers, plan_trackers, start_trackers
 from clip_stage.core.training import (
@@ -312,8 +313,6 @@ def _start_logging(run: ClipRun) -> None:
 
 def fit(run: ClipRun, hooks: Hooks | None = None) -> dict:
     """The training loop from the run's position to the end (or `--stop-at-step`); returns the run summary."""
-    from clip_stage.core.progress import progress as tqdm  # a line every 30 s when not on a terminal
-
     hooks = hooks or Hooks()
     cfg, accelerator, model, plan = run.cfg, run.accelerator, run.model, run.plan
     rank, world, main_proc = accelerator.process_index, run.world, run.is_main

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from clip_stage.core.config import ConfigParser, Section
+from clip_stage.core.trackers import parse_report_to
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 
@@ -71,7 +72,7 @@ class DataArgs:
         if self.num_workers < 0:
             raise ValueError("--num-workers must be >= 0")
         if self.holdout_fold:
-            from clip_stage.train_data import parse_fold
+            from clip_stage.train_data import parse_fold  # lazy: reading a config imports no torch
 
             parse_fold(self.holdout_fold)
 
@@ -94,7 +95,7 @@ class LossArgs:
     """Back-propagate through all ranks' gathered features (default: local shard only, as open_clip)."""
 
     def __post_init__(self):
-        from clip_stage.losses import geo_target_fn
+        from clip_stage.losses import geo_target_fn  # lazy: reading a config imports no torch
 
         geo_target_fn(self.geo_target)
         for name in ("address_weight", "semantic_weight", "geo_weight"):
@@ -168,8 +169,6 @@ class RunArgs:
     """torch CPU threads per process (unset: torch's / accelerate's default)."""
 
     def __post_init__(self):
-        from clip_stage.core.trackers import parse_report_to
-
         object.__setattr__(self, "report_to", parse_report_to(self.report_to))
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise ValueError("--save-total-limit must be >= 1")

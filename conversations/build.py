@@ -395,7 +395,7 @@ def build(config: BuildConfig) -> dict:
         raise ValueError(f"{paths.records}: no images in splits {config.train_splits} / {config.eval_splits}")
     candidates = None
     if config.candidates:
-        from clip_stage.candidates import read_candidates
+        from clip_stage.candidates import read_candidates  # lazy: it imports torch, which only --candidates needs
 
         candidates = read_candidates(config.candidates)
         missing = sum(s.image_id not in candidates for s in train_samples)

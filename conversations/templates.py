@@ -25,6 +25,7 @@ import string
 from dataclasses import dataclass
 
 from clip_stage.core.registry import Registry
+from conversations.candidates import split_candidates
 from conversations.records import IMAGE_TOKEN
 
 MIN_QUESTIONS = 15
@@ -135,7 +136,6 @@ def classify_question(text: str) -> tuple[str, bool] | None:
         _MATCHERS = [(template_regex(q), qt.name, held)
                      for qt in QUESTION_TYPES.values()
                      for held, qs in ((False, qt.questions), (True, qt.held_out)) for q in qs]
-    from conversations.candidates import split_candidates
 
     text = split_candidates(text.replace(IMAGE_TOKEN, "").strip())[1]
     for pattern, name, held in _MATCHERS:

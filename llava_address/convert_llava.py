@@ -31,9 +31,12 @@ import torch
 
 from clip_stage.core.config import ArgumentParser
 from clip_stage.core.errors import command_main
+from clip_stage.core.fs import atomic_dir
+from clip_stage.core.outdir import check_out_dir, write_marker
 from llava_address.checkpoint_layout import CheckpointError
 from llava_address.components import (IMAGE_TOKEN, add_llava_tokens, check_processor, load_tower, new_processor,
                                       num_image_tokens)
+from llava_address.prompting import attach_chat_template, get_template
 
 log = logging.getLogger(__name__)
 
@@ -250,10 +253,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 @command_main("convert-llava")
 def main(argv: list[str] | None = None) -> int:
-    from clip_stage.core.fs import atomic_dir
-    from clip_stage.core.outdir import check_out_dir, write_marker
-    from llava_address.prompting import attach_chat_template, get_template
-
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # One rule for every command's --out (clip_stage.core.outdir), before anything loads.

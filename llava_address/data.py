@@ -26,6 +26,7 @@ from torch.utils.data import Dataset, Sampler
 
 from clip_stage.core.fs import UnsafePathError, resolve_under_root
 from conversations.records import RecordError, load_records
+from conversations.validate import require_valid
 from llava_address.config import DataArgs
 from llava_address.length_cache import LengthCache, resolve_cache_dir
 from llava_address import prompting
@@ -331,8 +332,6 @@ def validate_data(args: DataArgs) -> None:
     by id); an empty answer, a record starting with an assistant turn, an unsafe or missing image path are
     refused in one line naming the file and record. Raises ConversationFileError (a ValueError).
     """
-    from conversations.validate import require_valid
-
     if args.data_path is None:
         raise RecordError("DataArgs.data_path is required")
     root = args.image_root if args.image_root is not None else str(Path(args.data_path).parent)

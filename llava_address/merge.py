@@ -34,6 +34,10 @@ from clip_stage.core.errors import command_main
 from clip_stage.core.fs import atomic_dir
 from clip_stage.core.model_card import CardError, ModelCard, add_hub_args, push_folder, read_metrics, write_card
 from clip_stage.core.outdir import check_out_dir, write_marker
+from llava_address.checkpoint import load_for_inference
+from llava_address.checkpoint_layout import read_checkpoint_args
+from llava_address.components import num_image_tokens
+from llava_address.prompting import attach_chat_template
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +98,6 @@ def model_card(stored: dict, checkpoint: Path, *, base: str | None, vision_tower
 def merge_checkpoint(checkpoint: str | Path, base: str | None = None, vision_tower: str | None = None,
                      torch_dtype: str = "auto", device_map: str | None = None):
     """(merged plain LlavaForConditionalGeneration in eval mode, processor) of a checkpoint."""
-    from llava_address.checkpoint import load_for_inference, read_checkpoint_args
-
     stored, _, _ = read_checkpoint_args(checkpoint)
     dtype = torch_dtype
     if dtype == "auto" and stored.load_in_4bit:
@@ -114,8 +116,6 @@ def merge_checkpoint(checkpoint: str | Path, base: str | None = None, vision_tow
 
 def _probe_inputs(model, processor):
     """A deterministic synthetic batch: one image + a prompt with its image tokens + some text."""
-    from llava_address.components import num_image_tokens
-
     cfg = model.config
     n_img = num_image_tokens(cfg)
     g = torch.Generator().manual_seed(0)
@@ -156,8 +156,6 @@ def main(argv: list[str] | None = None) -> int:
     # the checkpoint or its run folder, and replaces only an earlier merge, with --overwrite.
     check_out_dir(out, "merge", inputs=[ckpt, _existing(args.base), _existing(args.vision_tower)],
                   inside_ok=[ckpt.parent], overwrite=args.overwrite and not args.no_overwrite)
-    from llava_address.checkpoint_layout import read_checkpoint_args
-    from llava_address.prompting import attach_chat_template
 
     try:
         stored = read_checkpoint_args(ckpt)[2]
@@ -170,8 +168,6 @@ def main(argv: list[str] | None = None) -> int:
     # Checkpoints written before chat templates were saved get theirs here, from the template they trained on.
     attach_chat_template(processor, stored.get("data", {}).get("template", "vicuna_v1"))
     if args.check:
-        from llava_address.checkpoint import load_for_inference
-
         dtype = merged.dtype
         ref, _ = load_for_inference(args.base, ckpt, load_in_4bit=False, load_in_8bit=False,
                                     torch_dtype=str(dtype).replace("torch.", ""), device_map=args.device_map,

@@ -1,5 +1,5 @@
-"""Conversation templates, the ONE function that turns a conversation into token ids + training labels, and
-the Jinja chat template that reproduces it in every saved processor.
+"""How a conversation becomes the model's tokens: one rendering per template, the same for training (ids +
+labels, in ONE function), inference and the Jinja chat template of every saved processor.
 
 Templates carry LLaVA's names and wording (`llava/conversation.py` of haotian-liu/LLaVA):
 

@@ -19,7 +19,9 @@ from typing import Any, Iterable
 
 import torch
 
+from clip_stage.core.fs import atomic_write_json
 from conversations.records import IMAGE_TOKEN
+from llava_address.prompting import VICUNA_V1_SYSTEM
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +164,6 @@ def build_tiny_llava(tokenizer, vision_tower: str | os.PathLike | None = None, v
 
 def demo_texts(n: int = 200) -> list[str]:
     """A few hundred lines in the style of address Q&A: enough for a tiny tokenizer to cover its vocabulary."""
-    from llava_address.prompting import VICUNA_V1_SYSTEM
-
     streets = ["Main Street", "Oak Avenue", "Mannerheimintie", "Broadway", "Amsterdam Avenue", "West 72nd Street",
                "Elm Road", "Harbour Lane", "Aleksanterinkatu", "Forbes Avenue", "Craig Street"]
     areas = ["Downtown", "Kamppi", "Upper West Side", "Oakland", "Kluuvi", "Harbourside"]
@@ -185,8 +185,6 @@ def write_toy_llava_data(out_dir: str | os.PathLike, n: int = 12, seed: int = 0,
     import random
 
     from PIL import Image
-
-    from clip_stage.core.fs import atomic_write_json
 
     rng = random.Random(seed)
     out = Path(out_dir)

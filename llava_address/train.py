@@ -1,9 +1,8 @@
 """`train-llava`: projector alignment, LoRA, QLoRA and full fine-tuning of LLaVA, driven by accelerate.
 
 One process, DDP or DeepSpeed ZeRO-2/3 (with or without CPU offload): the launcher decides, the code is
-the same. The optimizer (torch AdamW with a separate projector learning rate) and the schedule (linear
-warm-up then cosine/linear/constant) are always ours: the DeepSpeed configs in ds_configs/ have no
-`optimizer` or `scheduler` section, and their "auto" values are filled from the recipe here.
+the same. This module is the command and the run; the model and data it builds are
+llava_address.train_inputs, the optimizer, schedule and DeepSpeed "auto" values llava_address.optim.
 
     python -m llava_address.train --config address_lora --data-path convs.json --output-dir runs/lora
     accelerate launch --config_file ds_configs/accelerate_zero3.yaml -m llava_address.train --config ...
@@ -29,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import resource
 import sys
@@ -44,11 +42,11 @@ from clip_stage.core.config import Section
 from clip_stage.core.errors import command_main
 from clip_stage.core.fs import load_error_text, remove_stale_temps
 from clip_stage.core.outdir import check_out_dir, write_marker
+from clip_stage.core.progress import progress as tqdm  # a line every 30 s when not on a terminal
 from clip_stage.core.trackers import TrackerPlan, plan_trackers, start_trackers
 from clip_stage.core.training import (
     METRICS_FILE,
     TENSORBOARD_DIR,
-    EpochSampler,
     Hooks,
     MetricsLogger,
     make_accelerator,
@@ -68,8 +66,9 @@ from llava_address.checkpoint import (
 )
 from llava_address.config import DataArgs, ModelArgs, TrainablesArgs
 from llava_address.data import validate_data
-from llava_address.prompting import attach_chat_template
+from llava_address.optim import fill_deepspeed_auto, make_optimizer, make_scheduler
 from llava_address.train_args import TrainArgs, build_parser, to_plain
+from llava_address.train_inputs import build_dataloader, build_dataset, build_model
 
 GROUPS = [
     Section("model", ModelArgs),
@@ -124,189 +123,11 @@ class TrainResult:
     stopped_early: bool = False
 
 
-# --------------------------------------------------------------------------------------------
-# pieces
-# --------------------------------------------------------------------------------------------
-
-
-def fill_deepspeed_auto(accelerator, model, args: TrainArgs) -> None:
-    """Fills the DeepSpeed "auto" values accelerate cannot (LLaVA's config has no top-level hidden_size),
-    and the clipping norm from the recipe (accelerate would otherwise put 1.0)."""
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is None:
-        return
-    ds = plugin.deepspeed_config
-    text_cfg = getattr(model.config, "text_config", model.config)
-    h = int(getattr(text_cfg, "hidden_size"))
-    zero = ds.setdefault("zero_optimization", {})
-    for key, value in {
-        "reduce_bucket_size": h * h,
-        "stage3_prefetch_bucket_size": int(0.9 * h * h),
-        "stage3_param_persistence_threshold": 10 * h,
-    }.items():
-        if zero.get(key) == "auto":
-            zero[key] = value
-    if ds.get("gradient_clipping", "auto") == "auto":
-        ds["gradient_clipping"] = float(args.max_grad_norm)
-    for section in ("optimizer", "scheduler"):
-        if section in ds:
-            raise ValueError(
-                f"the DeepSpeed config has a {section!r} section: it would replace the recipe's; remove it "
-                "(the ds_configs/ files have none)"
-            )
-
-
-def param_groups(model: torch.nn.Module, args: TrainArgs) -> list[dict[str, Any]]:
-    """AdamW groups: LLM/LoRA, projector and vision tower at their own learning rates; no decay on
-    biases and norms. Empty groups are left out."""
-    buckets: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        part = "projector" if "multi_modal_projector" in name else "vision" if "vision_tower" in name else "llm"
-        decay = p.ndim >= 2 and "norm" not in name.lower()
-        buckets.setdefault((part, decay), []).append(p)
-    lrs = {
-        "llm": args.learning_rate,
-        "projector": args.projector_lr or args.learning_rate,
-        "vision": args.vision_lr or args.learning_rate,
-    }
-    groups = []
-    for part in ("llm", "projector", "vision"):
-        for decay in (True, False):
-            params = buckets.get((part, decay))
-            if params:
-                groups.append({
-                    "params": params, "lr": lrs[part], "weight_decay": args.weight_decay if decay else 0.0,
-                    "name": f"{part}{'' if decay else '_no_decay'}",
-                })
-    if not groups:
-        raise ValueError("no trainable parameters")
-    return groups
-
-
-def make_scheduler(optimizer, args: TrainArgs, total_steps: int):
-    from transformers import get_scheduler
-
-    warmup = math.ceil(args.warmup_ratio * total_steps)
-    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[args.lr_scheduler]
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
-
-
 def peak_memory_mb(device: torch.device) -> float:
     """Peak accelerator memory (CUDA) or peak resident memory of this process (CPU), in MiB."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def load_stage_weights(model: torch.nn.Module, checkpoint: str | os.PathLike) -> list[str]:
-    """Loads a previous stage's non-LoRA weights (non_lora_trainables.safetensors, e.g. the projector of a
-    projector-alignment run, or LLaVA's own `mm_projector.bin`) into a plain LLaVA before this stage's
-    trainables are applied."""
-    from safetensors.torch import load_file
-
-    from llava_address.checkpoint_layout import ADAPTER_WEIGHTS, NON_LORA_WEIGHTS
-
-    from llava_address.convert_llava import mm_projector_file, read_mm_projector
-
-    ckpt = Path(checkpoint)
-    if (ckpt / ADAPTER_WEIGHTS).is_file():
-        raise ValueError(f"--init-from {ckpt} holds a LoRA adapter: merge it first (address-llava merge) and "
-                         "pass the merged folder as --model-name-or-path")
-    if (projector := mm_projector_file(ckpt)) is not None:  # LLaVA's own projector pre-training output
-        weights = read_mm_projector(projector)
-    elif not (ckpt / NON_LORA_WEIGHTS).is_file():
-        raise FileNotFoundError(f"--init-from {ckpt}: no {NON_LORA_WEIGHTS} or LLaVA mm_projector.bin")
-    else:
-        weights = load_file(str(ckpt / NON_LORA_WEIGHTS))
-    own = dict(model.named_parameters())
-    unknown = sorted(set(weights) - set(own))
-    if unknown:
-        raise KeyError(f"--init-from {ckpt}: weights the model does not have: {unknown[:5]}")
-    for name, value in weights.items():
-        if own[name].shape != value.shape:
-            raise ValueError(f"--init-from {ckpt}: {name} is {tuple(value.shape)}, the model's is {tuple(own[name].shape)}"
-                             " (a different vision tower or LLM?)")
-    with torch.no_grad():
-        for name, value in weights.items():
-            own[name].copy_(value.to(own[name].dtype))
-    return sorted(weights)
-
-
-def build_model(cfg: RunConfig):
-    """(model, processor, trainables summary) through llava_address.model."""
-    from accelerate.utils import set_seed
-
-    from llava_address import model as model_lib
-    from llava_address.trainables import apply_trainables
-
-    model, processor = model_lib.build_llava(cfg.model)
-    # One training length (data.model_max_length): the saved tokenizer carries it too, since inference
-    # budgets prompts by the tokenizer's limit; a tokenizer that already has a smaller one keeps it.
-    tok = processor.tokenizer
-    tok.model_max_length = min(tok.model_max_length, cfg.data.model_max_length)
-    # Every checkpoint's processor then carries the chat template of the prompts it was trained on.
-    attach_chat_template(processor, cfg.data.template)
-    if cfg.train.init_from:
-        load_stage_weights(model, cfg.train.init_from)
-    # New parts (LoRA) are initialised from the seed alone: how the base loaded (e.g. transformers' ZeRO-3
-    # aware loading draws random numbers) must not change them, so every launcher starts from the same model.
-    set_seed(cfg.train.seed)
-    result = apply_trainables(model, cfg.trainables)
-    if isinstance(result, tuple):  # (model, summary)
-        model, summary = result
-    elif isinstance(result, torch.nn.Module):
-        model, summary = result, None
-    else:
-        summary = result
-    return model, processor, summary
-
-
-def build_dataset(cfg: RunConfig, processor, model):
-    """The dataset; under a multi-process launch only each node's main process runs the start-up tokenisation pass."""
-    import contextlib
-
-    from accelerate import PartialState
-
-    from llava_address.data import LlavaDataset
-    from llava_address.length_cache import resolve_cache_dir
-    from llava_address.components import num_image_tokens
-
-    config = model.config
-    # The main process tokenises every record and writes the length cache while the others wait, then they
-    # read it (seconds, not minutes each). One per node: ~/.cache is usually node-local, and with a shared
-    # cache folder the nodes' main processes still take one pass's time. Without a cache waiting gains
-    # nothing: all ranks tokenise at once. If a main process fails (invalid records) it exits, and the
-    # launcher stops the ranks still waiting.
-    cached = resolve_cache_dir(cfg.data.length_cache_dir) is not None
-    with PartialState().local_main_process_first() if cached else contextlib.nullcontext():
-        return LlavaDataset.from_args(cfg.data, processor, num_image_tokens(config),
-                                      image_token_id=getattr(config, "image_token_id", None))
-
-
-def build_dataloader(dataset, cfg: RunConfig, processor) -> torch.utils.data.DataLoader:
-    """Per-process batches; accelerate shards them (consecutive batches go to different ranks)."""
-    from llava_address.data import LengthGroupedSampler, LlavaCollator
-
-    bs = cfg.train.per_device_batch_size
-    if cfg.data.group_by_length:
-        sampler = LengthGroupedSampler(dataset.lengths, dataset.has_image, batch_size=bs, seed=cfg.train.seed)
-    else:
-        sampler = EpochSampler(len(dataset), cfg.train.seed)
-    tokenizer = getattr(processor, "tokenizer", processor)
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=bs, sampler=sampler, collate_fn=LlavaCollator(tokenizer.pad_token_id),
-        num_workers=cfg.train.num_workers, drop_last=False,
-        # Its own generator: starting an epoch's iterator must not draw from the global RNG, or a resumed
-        # run's dropout masks would be shifted by one draw against the uninterrupted run's.
-        generator=torch.Generator().manual_seed(cfg.train.seed),
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# the loop
-# --------------------------------------------------------------------------------------------
 
 
 def _existing(spec: str | None) -> str | None:
@@ -390,10 +211,7 @@ def setup(cfg: RunConfig) -> LlavaRun:
 
     dataset = build_dataset(cfg, processor, model)
     loader = build_dataloader(dataset, cfg, processor)
-    optimizer = torch.optim.AdamW(
-        param_groups(model, args), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-        eps=args.adam_epsilon,
-    )
+    optimizer = make_optimizer(model, args)
     fill_deepspeed_auto(accelerator, model, args)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     micro_per_epoch = len(loader)
@@ -485,8 +303,6 @@ def _start_logging(run: LlavaRun) -> None:
 
 def fit(run: LlavaRun, hooks: Hooks | None = None) -> TrainResult:
     """The training loop from the run's position to the end (or `--stop-at-step`)."""
-    from clip_stage.core.progress import progress as tqdm  # a line every 30 s when not on a terminal
-
     hooks = hooks or Hooks()
     args, accelerator, model, optimizer = run.cfg.train, run.accelerator, run.model, run.optimizer
     total_steps = run.total_steps

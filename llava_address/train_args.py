@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from clip_stage.core.config import ConfigParser, FieldKind, Section
+from clip_stage.core.trackers import parse_report_to
 
 RECIPE_DIR = Path(__file__).with_name("recipes")
 
@@ -90,8 +91,6 @@ class TrainArgs:
     """show a tqdm progress bar on rank 0"""
 
     def __post_init__(self) -> None:
-        from clip_stage.core.trackers import parse_report_to
-
         # a string (older checkpoints' configs, Python callers) or a list of comma lists -> checked names
         object.__setattr__(self, "report_to", parse_report_to(self.report_to))
         if self.learning_rate <= 0:

@@ -96,6 +96,7 @@ def worker_trl(a, work: Path) -> dict:
 
     from llava_address import train as T
     from llava_address.data import LlavaCollator
+    from llava_address.train_inputs import build_dataset, build_model
 
     torch.set_num_threads(a.threads)
     out = Path(tempfile.mkdtemp(prefix="trl-", dir=work))
@@ -103,9 +104,9 @@ def worker_trl(a, work: Path) -> dict:
     from accelerate.utils import set_seed
 
     set_seed(cfg.train.seed)
-    model, processor, _ = T.build_model(cfg)
+    model, processor, _ = build_model(cfg)
     model.train()
-    dataset = T.build_dataset(cfg, processor, model)
+    dataset = build_dataset(cfg, processor, model)
     base_collate = LlavaCollator(processor.tokenizer.pad_token_id)
     micro_tokens: list[int] = []
 

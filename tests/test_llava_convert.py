@@ -125,7 +125,7 @@ def test_init_from_accepts_llavas_mm_projector_bin(original_llava, tiny_llava_di
     from llava_address.config import ModelArgs
     from llava_address.convert_llava import OriginalLlavaError
     from llava_address.model import build_llava
-    from llava_address.train import load_stage_weights
+    from llava_address.train_inputs import load_stage_weights
 
     model, _ = build_llava(ModelArgs(model_name_or_path=str(tiny_llava_dir)))
     hidden = model.config.text_config.hidden_size

@@ -128,15 +128,15 @@ def test_message_text_cannot_inject_special_tokens(tok):
 
 
 def build_dataset(args: DataArgs, processor, model_config):
-    """train-llava's own dataset step (llava_address.train.build_dataset) for these data args."""
-    from llava_address.train import build_dataset as build
+    """train-llava's own dataset step (llava_address.train_inputs.build_dataset) for these data args."""
+    from llava_address.train_inputs import build_dataset as build
 
     return build(SimpleNamespace(data=args), processor, SimpleNamespace(config=model_config))
 
 
 def build_dataloader(dataset, args: DataArgs, batch_size: int, seed: int, processor):
-    """train-llava's own loader step (llava_address.train.build_dataloader)."""
-    from llava_address.train import build_dataloader as build
+    """train-llava's own loader step (llava_address.train_inputs.build_dataloader)."""
+    from llava_address.train_inputs import build_dataloader as build
     from llava_address.train_args import TrainArgs
 
     cfg = SimpleNamespace(data=args, train=TrainArgs(per_device_batch_size=batch_size, seed=seed))
@@ -458,7 +458,7 @@ def _build_on_rank(rank: int, world: int, port: int, data_path: str, cache: str,
     from accelerate import PartialState
     from transformers import AutoProcessor
 
-    from llava_address import train
+    from llava_address import train_inputs
 
     state = PartialState(cpu=True, backend="gloo")
     processor = AutoProcessor.from_pretrained(model_dir)
@@ -466,7 +466,7 @@ def _build_on_rank(rank: int, world: int, port: int, data_path: str, cache: str,
     encode = LlavaDataset._encode
     LlavaDataset._encode = lambda self, i, rec: (calls.append(i), encode(self, i, rec))[1]
     cfg = SimpleNamespace(data=DataArgs(data_path=data_path, length_cache_dir=cache))
-    ds = train.build_dataset(cfg, processor, SimpleNamespace(config=_config(processor)))
+    ds = train_inputs.build_dataset(cfg, processor, SimpleNamespace(config=_config(processor)))
     Path(out, f"rank{rank}.json").write_text(json.dumps({"calls": len(calls), "lengths": ds.lengths}))
     state.wait_for_everyone()
     state.destroy_process_group()

@@ -28,7 +28,7 @@ def test_expected_files_exist():
 
 def _filled(cfg: dict, micro=2, accumulation=4, world=1, hidden=64, clip=0.5) -> dict:
     """The config as train-llava + accelerate hand it to DeepSpeed (all "auto" replaced)."""
-    from llava_address.train import fill_deepspeed_auto
+    from llava_address.optim import fill_deepspeed_auto
 
     cfg = copy.deepcopy(cfg)
     acc = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=cfg)))
@@ -104,7 +104,7 @@ def test_accelerate_yaml_loads(path, monkeypatch):
 
 
 def test_fill_refuses_an_optimizer_section():
-    from llava_address.train import fill_deepspeed_auto
+    from llava_address.optim import fill_deepspeed_auto
 
     cfg = json.loads((DS_DIR / "zero2.json").read_text())
     cfg["optimizer"] = {"type": "AdamW", "params": {"lr": 1e-3}}

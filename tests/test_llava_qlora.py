@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from llava_address.train import build_model, parse_args, train
+from llava_address.train import parse_args, train
+from llava_address.train_inputs import build_model
 from tests.llava_helpers import reference_logits
 
 

@@ -47,6 +47,7 @@ from clip_stage.core.config import ConfigParser, Section
 from clip_stage.core.errors import command_main
 from clip_stage.core.fs import atomic_dir, atomic_write_json
 from clip_stage.core.outdir import check_out_dir, write_marker
+from clip_stage.core.progress import progress as tqdm  # a line every 30 s when not on a terminal
 from clip_stage.core.schema import COLUMNS, INFO_FILE, DatasetPaths, RecordsWriter, address_columns
 from clip_stage.data.exif_gps import scan_exif_gps
 from clip_stage.data.geocode import GeocodeConfig, ReverseGeocoder
@@ -348,8 +349,6 @@ def write_dataset(args: BuildArgs, inputs: Inputs, data: Labelled, splits: np.nd
                   report: dict, info: dict, timer: _Timer, progress: bool) -> None:
     """Step 5: the dataset folder, atomically: images, records.parquet (slice by slice), sub_streets.geojson,
     rejects.jsonl, dataset_info.json and build_report.json (its total time set last)."""
-    from clip_stage.core.progress import progress as tqdm  # a line every 30 s when not on a terminal
-
     kept, n = data.kept, len(data.kept.row)
     sub_cols = _sub_street_columns(data.partition.sub_streets)
     with atomic_dir(inputs.out) as tmp:  # --out was checked at the start (check_out_dir)

@@ -23,6 +23,7 @@ import torch
 from clip_stage.core.config import ConfigParser, Section
 from clip_stage.core.errors import command_main
 from clip_stage.core.fs import atomic_write_json, resolve_under_root
+from clip_stage.core.progress import progress as tqdm  # a line every 30 s when not on a terminal
 from clip_stage.core.schema import DatasetPaths, empty_captions, read_info, read_records, write_records
 
 DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-large"
@@ -105,7 +106,6 @@ def caption_images(net, processor, images, prompt: str, max_new_tokens: int = 40
 def run(args: CaptionArgs) -> dict:
     """Captions the rows that need it; returns counts {"captioned", "skipped", "remaining"}."""
     from PIL import Image
-    from clip_stage.core.progress import progress as tqdm  # a line every 30 s when not on a terminal
 
     paths = DatasetPaths(args.dataset)
     df = read_records(args.dataset)

@@ -46,6 +46,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
+from clip_stage.core.config import ConfigParser, Section
 from clip_stage.core.errors import command_main
 from clip_stage.core.fs import atomic_dir
 from clip_stage.data.network import StreetNetwork, helsinki_pbf_path, load_street_network
@@ -421,8 +422,6 @@ def _write_csv(path: Path, columns, rows) -> None:
 
 @command_main("demo-city")
 def main(argv: list[str] | None = None) -> int:
-    from clip_stage.core.config import ConfigParser, Section
-
     parser = ConfigParser(
         [Section("demo_city", DemoCityConfig)],
         prog="address-llava demo-city",

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from clip_stage.core.fs import UnsafePathError, resolve_under_root
+from clip_stage.core.progress import progress as tqdm  # a line every 30 s when not on a terminal
 from clip_stage.data.exif_gps import exif_orientation
 
 @dataclass(frozen=True)
@@ -102,8 +103,6 @@ def check_images(root: Path, rels: np.ndarray, mode: str, workers: int, progress
 
     Paths go to the threads in batches: one future per image costs more than a stat at a million rows.
     """
-    from clip_stage.core.progress import progress as tqdm  # a line every 30 s when not on a terminal
-
     batch = 512
     starts = range(0, len(rels), batch)
     out: list[ImageCheck] = []

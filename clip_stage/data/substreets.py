@@ -37,6 +37,7 @@ import numpy as np
 import shapely
 from shapely.geometry import MultiLineString, Point
 
+from clip_stage.core.schema import address_columns
 from clip_stage.data.geocode import SegmentIndex
 from clip_stage.data.neighbourhoods import neighbourhoods
 from clip_stage.data.network import StreetNetwork
@@ -270,8 +271,6 @@ def side_by_side(sub_streets: list[SubStreet], within_m: float = 20.0, min_fract
 
 def sub_streets_geojson(partition: SubStreetPartition, network: StreetNetwork) -> dict:
     """The sub-streets as a WGS84 GeoJSON FeatureCollection with their address fields as properties."""
-    from clip_stage.core.schema import address_columns
-
     def to_wgs(xy: np.ndarray) -> np.ndarray:
         lon, lat = network.to_wgs84(xy[:, 0], xy[:, 1])
         return np.stack([lon, lat], axis=1)

@@ -27,6 +27,7 @@ from typing import Sequence, TextIO
 
 from clip_stage.core.config import ArgumentParser
 from clip_stage.core.errors import command_main
+from conversations.candidates import with_candidates
 from llava_address.eval.infer import (Generator, InferenceInputError, PromptTooLongError, load_generator, load_ranker,
                                   open_image, user_turn)
 
@@ -37,8 +38,6 @@ def conversation(question: str, history: History = (), candidates: Sequence | No
                  scores: bool = False) -> list[dict]:
     """LLaVA-format messages: the history's (question, answer) pairs, then `question`; the image, and the
     candidate addresses if any (`conversations.candidates` format, as in training), in turn one."""
-    from conversations.candidates import with_candidates
-
     questions = [q for q, _ in history] + [question]
     if candidates:
         questions[0] = with_candidates(questions[0], candidates, scores)

@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass
 
 from clip_stage.core.config import ArgumentParser
+from clip_stage.core.errors import DEBUG_FLAG, run_guarded
 from clip_stage.core.registry import Registry
 
 
@@ -92,8 +93,6 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from clip_stage.core.errors import DEBUG_FLAG, run_guarded
-
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = []
     while argv and argv[0] == DEBUG_FLAG:  # `address-llava --debug CMD ...`: tracebacks for user errors too

@@ -28,11 +28,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from clip_stage.core.config import ConfigParser, Section
 from clip_stage.core.errors import command_main
 from clip_stage.core.fs import atomic_write_json
 from clip_stage.core.outdir import check_out_dir, write_marker
 from conversations.records import IMAGE_TOKEN, load_records
 from llava_address.apps import cli
+from llava_address.prompting import VICUNA_V1_SYSTEM
 
 
 @dataclass(frozen=True)
@@ -195,7 +197,7 @@ def _texts_for_tokenizer(*files: Path) -> list[str]:
 
 
 def last_checkpoint(run_dir: Path) -> Path:
-    from llava_address.checkpoint import list_checkpoints
+    from llava_address.checkpoint import list_checkpoints  # lazy: torch loads when the demo runs, not for --help
 
     checkpoints = list_checkpoints(run_dir)
     if not checkpoints:
@@ -205,8 +207,7 @@ def last_checkpoint(run_dir: Path) -> Path:
 
 def build_base_init(cfg: DemoConfig, p: Paths) -> Path:
     """The random-weight tiny LLaVA the demo starts from (tokenizer trained on the demo's dialogues)."""
-    from llava_address.prompting import VICUNA_V1_SYSTEM
-    from llava_address.tiny import build_tiny_llava, train_tokenizer
+    from llava_address.tiny import build_tiny_llava, train_tokenizer  # lazy: torch, as above
 
     base_init = p.llava / "base_init"
     if not (base_init / "config.json").exists():
@@ -306,8 +307,6 @@ def print_clip_table(result: dict) -> None:
 
 
 def parse_args(argv: list[str] | None) -> DemoConfig:
-    from clip_stage.core.config import ConfigParser, Section
-
     return ConfigParser([Section("demo", DemoConfig)], prog="address-llava demo", description=__doc__).parse_config(argv)["demo"]
 
 

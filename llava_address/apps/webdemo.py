@@ -26,7 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from clip_stage.core.errors import command_main
+from clip_stage.candidates import AddressRanker  # AddressCLIP's ranker: infer, chat and benchmark use the same one
+from clip_stage.core.config import ArgumentParser
+from clip_stage.core.errors import command_main, is_user_error, one_line
+from clip_stage.query_map import QueryMapConfig, QueryMapper
+from llava_address.apps import chat
+from llava_address.eval.gazetteer import Gazetteer
+from llava_address.eval.infer import load_generator
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +113,6 @@ def _user_facing(handler):
     def wrapped(*args, **kwargs):
         import gradio as gr
 
-        from clip_stage.core.errors import is_user_error, one_line
-
         try:
             return handler(*args, **kwargs)
         except gr.Error as e:
@@ -120,11 +124,6 @@ def _user_facing(handler):
             raise gr.Error("the request failed on the server (its log has the details)") from None
 
     return wrapped
-
-
-# The ranker lives with AddressCLIP (clip_stage.candidates): infer, chat and benchmark use the same one.
-from clip_stage.candidates import AddressRanker  # noqa: E402
-from clip_stage.core.config import ArgumentParser  # noqa: E402
 
 
 def city_map(gazetteer, top: list[dict], title: str = ""):
@@ -266,8 +265,6 @@ class Demo:
         answers, for a model trained with `conversations --candidates`)."""
         import gradio as gr
 
-        from llava_address.apps.chat import answer
-
         history = list(history or [])
         if self.generator is None:
             raise gr.Error("no LLaVA model loaded")
@@ -288,9 +285,9 @@ class Demo:
                 pending = None
         if use_candidates and self.ranker is None:
             raise gr.Error("candidate-grounded answers need an AddressCLIP model (--clip)")
-        reply = answer(image, message, self.capped_history(pairs), model=self.generator,
-                       max_new_tokens=self.max_new_tokens, candidates=self.ranker if use_candidates else None,
-                       max_time=self.max_time)
+        reply = chat.answer(image, message, self.capped_history(pairs), model=self.generator,
+                            max_new_tokens=self.max_new_tokens, candidates=self.ranker if use_candidates else None,
+                            max_time=self.max_time)
         return history + [{"role": "user", "content": message}, {"role": "assistant", "content": reply}], ""
 
     def build(self):
@@ -375,8 +372,6 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    from llava_address.eval.gazetteer import Gazetteer
-    from llava_address.eval.infer import load_generator
 
     ranker = None
     if args.clip or args.clip_model:
@@ -386,8 +381,6 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("give --clip/--clip-model and/or --model/--adapter")
     mapper = None
     if ranker is not None:
-        from clip_stage.query_map import QueryMapConfig, QueryMapper
-
         mapper = QueryMapper(ranker.bundle, args.dataset, QueryMapConfig(split="test", device=device))
     demo = Demo(ranker, gen, Gazetteer.from_dataset(args.dataset),
                 UploadLimits(max_bytes=int(args.max_upload_mb * 2**20), max_side=args.max_side),

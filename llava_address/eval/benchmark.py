@@ -43,11 +43,13 @@ from typing import Any, Callable, Sequence
 
 from clip_stage.core.config import ArgumentParser
 from clip_stage.core.errors import command_main
+from clip_stage.core.fs import atomic_write_json, atomic_write_text
 from clip_stage.core.outdir import check_out_dir, write_marker
 from clip_stage.core.registry import Registry
 from llava_address.eval.infer import (InferenceInputError, candidate_answer_batch, eval_items, llava_answer_batch,
                                  load_generator, load_ranker, run_answers)
 from llava_address.eval.scoring import METRICS, Scorer, read_answers, read_references
+from llava_address.eval.vllm_engine import load_vllm, vllm_answer_batch, vllm_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +141,6 @@ def _load_llava(spec: SystemSpec, ctx: RunContext) -> System:
     _check_options(spec, ("adapter", "max_new_tokens", "pad_to_square", "candidates", "top_k", "scores"))
     ranker = load_ranker(spec.options["candidates"], ctx.dataset) if spec.options.get("candidates") else None
     if ctx.engine == "vllm":
-        from llava_address.eval.vllm_engine import load_vllm, vllm_answer_batch
-
         vgen = load_vllm(spec.target or None, spec.options.get("adapter"), ctx.dtype)
         vgen.pad_to_square = spec.options.get("pad_to_square", "true").lower() != "false"
         answer_batch = vllm_answer_batch(vgen, int(spec.options.get("max_new_tokens", ctx.max_new_tokens)))
@@ -182,7 +182,7 @@ def clip_retrieval(bundle, gallery_texts: list[str], text_embeddings, device: st
         for q, e in zip(questions, img):
             choices = choices_in_question(q)
             if len(choices) >= 2:
-                from clip_stage.gallery import encode_texts
+                from clip_stage.gallery import encode_texts  # lazy: torch only for an AddressCLIP system
 
                 t = encode_texts(model, bundle.tokenizer, [c for _, c in choices], device=device)
                 best = int(torch.argmax(t @ e))
@@ -195,6 +195,7 @@ def clip_retrieval(bundle, gallery_texts: list[str], text_embeddings, device: st
 
 
 def _load_clip(spec: SystemSpec, ctx: RunContext) -> System:
+    # lazy: torch and open_clip load only when an AddressCLIP system is benchmarked
     from clip_stage.gallery import GalleryEncoder, gallery_from_dataset
     from clip_stage.model import create_clip, load_checkpoint
 
@@ -381,8 +382,6 @@ def bar_chart(results: dict[str, dict], path: str | Path, title: str = "Address 
 
 
 def write_outputs(results: dict[str, dict], out_dir: str | Path) -> None:
-    from clip_stage.core.fs import atomic_write_json, atomic_write_text
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "benchmark.md", markdown_table(results))
@@ -424,8 +423,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{k.name:<6} {k.help}")
         return 0
     if args.engine == "vllm":  # refused before any system is loaded
-        from llava_address.eval.vllm_engine import vllm_unavailable
-
         reason = vllm_unavailable()
         if reason:
             print(f"error: {reason}", file=sys.stderr)

@@ -39,6 +39,7 @@ def clip_text_embedder(path: str | Path, device: str = "cpu") -> Callable[[list[
             return np.concatenate(out) if out else np.zeros((0, model.config.projection_dim))
 
         return embed
+    # lazy, like torch above: scoring without --embed-clip imports neither
     from clip_stage.gallery import encode_texts
     from clip_stage.model import load_checkpoint
 

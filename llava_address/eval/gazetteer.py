@@ -1,5 +1,5 @@
-"""A city's gazetteer: the street, cross-street, neighbourhood and city names of an address dataset, with
-sub-street geometry in UTM, and the text matching that finds them in a model's free-text answer.
+"""A city's gazetteer (an address dataset's names, with sub-street geometry in UTM), for finding the address
+a model's free-text answer names.
 
 Built from a dataset folder (`records.parquet` + `sub_streets.geojson` + `dataset_info.json`, see
 `clip_stage.core.schema`) with `Gazetteer.from_dataset(dir)`. `Gazetteer.parse(text)` returns the street,
@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
+
+from clip_stage.core.schema import Address, DatasetPaths, read_info, read_records, read_sub_streets, render_address
 
 # --- normalisation -----------------------------------------------------------------------------------
 
@@ -303,8 +305,6 @@ class Gazetteer:
     def from_dataset(cls, dataset_dir: str | Path, aliases: dict[str, str] | str | Path | None = None,
                      **kwargs) -> "Gazetteer":
         """Reads records.parquet + sub_streets.geojson (+ dataset_info.json for the UTM zone)."""
-        from clip_stage.core.schema import DatasetPaths, read_info, read_records, read_sub_streets
-
         paths = DatasetPaths(dataset_dir)
         df = read_records(dataset_dir)
         features = read_sub_streets(dataset_dir) if paths.sub_streets.exists() else []
@@ -500,8 +500,6 @@ class Gazetteer:
 
     def address_texts(self) -> tuple[list[str], list[str]]:
         """(sub-street ids, their 'full'-style address texts), the gallery for the embedding fallback."""
-        from clip_stage.core.schema import Address, render_address
-
         ids = sorted(self.sub_streets)
         texts = [render_address(Address(s.street, s.id, s.cross_streets, s.neighbourhood, s.city), "full")
                  for s in (self.sub_streets[i] for i in ids)]

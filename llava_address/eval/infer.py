@@ -27,11 +27,16 @@ from typing import Any, Iterable, Sequence
 
 from clip_stage.core.config import ArgumentParser
 from clip_stage.core.errors import command_main
-from clip_stage.core.fs import atomic_write_text, parse_jsonl
+from clip_stage.core.fs import UnsafePathError, atomic_write_text, parse_jsonl, resolve_under_root
 from clip_stage.core.outdir import check_not_input
+from clip_stage.core.progress import progress as progress_bar
+from conversations.candidates import with_candidates
 from conversations.records import IMAGE_TOKEN, Reference, first_question, load_records, record_where
 from conversations.validate import require_valid
+from llava_address.config import ModelArgs
 from llava_address.eval.errors import InferenceInputError, PromptTooLongError
+from llava_address.eval.vllm_engine import load_vllm, vllm_answer_batch, vllm_unavailable
+from llava_address.prompting import generation_prompt
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +60,7 @@ def open_image(path: str | os.PathLike):
 
 def num_image_tokens(config) -> int:
     """Image-token ids per `<image>`: the tower's patch grid, plus the CLS token with the 'full' strategy."""
-    from llava_address.components import num_image_tokens as shared  # the LLaVA stage's definition
+    from llava_address.components import num_image_tokens as shared  # the LLaVA stage's (lazy: it imports torch)
 
     return int(shared(config))
 
@@ -97,7 +102,7 @@ class Generator:
         return next(self.model.parameters()).device
 
     def pixel_values(self, images: Sequence) -> Any:
-        from llava_address.data import expand_to_square, mean_colour  # the training pipeline's padding
+        from llava_address.data import expand_to_square, mean_colour  # training's padding (lazy: torch)
 
         ip = self.processor.image_processor
         if self.pad_to_square:
@@ -107,8 +112,6 @@ class Generator:
         return pv.to(self.device, dtype=dtype)
 
     def prompt_ids(self, conversation: list[dict]) -> list[int]:
-        from llava_address.prompting import generation_prompt
-
         return generation_prompt(conversation, self.tokenizer, num_image_tokens(self.model.config),
                                  num_images=1, image_token_id=self.model.config.image_token_id,
                                  template=self.template)
@@ -178,7 +181,7 @@ def load_generator(model_path: str | os.PathLike | None, adapter: str | os.PathL
     """
     import torch
 
-    from llava_address.config import ModelArgs
+    # lazy: torch and transformers load with a model, not when infer is imported or refuses its inputs
     from llava_address.checkpoint import load_for_inference
     from llava_address.model import build_llava
 
@@ -297,8 +300,6 @@ def eval_items(path: str | os.PathLike, limit: int | None = None, command: str =
 
 def unusable_images(items: Sequence[EvalItem], image_root: str | os.PathLike) -> list[tuple[str, str]]:
     """(id, reason) of the items whose image path is unsafe or missing: cheap, checked before the model loads."""
-    from clip_stage.core.fs import UnsafePathError, resolve_under_root
-
     bad = []
     for it in items:
         try:
@@ -325,9 +326,6 @@ def run_answers(answer_batch, items: Sequence[EvalItem], image_root: str | os.Pa
     resumed run unless `retry_errors`. Shared by `infer` and every system of `benchmark`.
     Returns counts {'total', 'skipped', 'answered', 'errors'}.
     """
-    from clip_stage.core.fs import UnsafePathError, resolve_under_root
-    from clip_stage.core.progress import progress as progress_bar
-
     done = read_done_ids(out, retry_errors=retry_errors)
     todo = [it for it in items if it.id not in done]
     bar = progress_bar(total=len(todo), desc=f"answering -> {Path(out).name}", unit="q", disable=not progress)
@@ -389,8 +387,6 @@ def candidate_answer_batch(answer_batch, ranker, top_k: int = 5, scores: bool = 
     """`answer_batch` with AddressCLIP's top-k addresses of each image written before its question.
 
     The block is `conversations.candidates.with_candidates`, the format the model was trained with."""
-    from conversations.candidates import with_candidates
-
     def answer(questions: list[str], images: list) -> list[str]:
         tops = ranker.top_k_batch(images, top_k)
         return answer_batch([with_candidates(q, top, scores) for q, top in zip(questions, tops)], images)
@@ -400,7 +396,7 @@ def candidate_answer_batch(answer_batch, ranker, top_k: int = 5, scores: bool = 
 
 def load_ranker(checkpoint: str | os.PathLike, dataset: str | os.PathLike, style: str = "full", device: str = "cpu"):
     """An AddressCLIP ranker over the dataset's address gallery (text embeddings from the gallery cache)."""
-    from clip_stage.candidates import AddressRanker
+    from clip_stage.candidates import AddressRanker  # lazy: it imports torch
 
     if not Path(checkpoint).exists():
         raise InferenceInputError(f"candidates checkpoint {checkpoint}: not found")
@@ -448,8 +444,6 @@ def _existing(spec: str | None) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.engine == "vllm":  # refused before anything is read or loaded
-        from llava_address.eval.vllm_engine import vllm_unavailable
-
         reason = vllm_unavailable()
         if reason:
             print(f"error: {reason}", file=sys.stderr)
@@ -469,8 +463,6 @@ def main(argv: list[str] | None = None) -> int:
     ranker = load_ranker(args.candidates, args.dataset, device=args.device if args.device != "auto" else "cpu") \
         if args.candidates else None
     if args.engine == "vllm":
-        from llava_address.eval.vllm_engine import load_vllm, vllm_answer_batch
-
         try:
             vgen = load_vllm(args.model, args.adapter, args.dtype)
         except InferenceInputError as e:  # adapter not merged, no config.json or chat template: before any weights

@@ -75,7 +75,7 @@ class VllmGenerator:
 
     def requests(self, questions: Sequence[str], images: Sequence) -> list[dict]:
         """vLLM prompts: token ids + the (padded) image as multi_modal_data."""
-        from llava_address.data import expand_to_square, mean_colour  # the training pipeline's padding
+        from llava_address.data import expand_to_square, mean_colour  # training's padding (lazy: torch)
 
         if self.pad_to_square:
             images = [expand_to_square(im, mean_colour(self.processor.image_processor)) for im in images]
