@@ -82,7 +82,7 @@ def _reddish(path) -> int:
 def test_query_map_command_writes_maps_and_scores_the_area(trained_clip, toy_dataset, tmp_path, capsys):
     out = tmp_path / "qmap"
     queries = ["Aleksanterinkatu", "Kamppi, Helsinki", "a lovely beach at sunset"]
-    argv = ["--checkpoint", str(trained_clip), "--dataset", str(toy_dataset), "--out", str(out), "--per-device-batch-size", "7"]
+    argv = ["--checkpoint", str(trained_clip), "--dataset", str(toy_dataset), "--out", str(out), "--batch-size", "7"]
     assert main(argv + [a for q in queries for a in ("--query", q)]) == 0
     report = json.loads((out / JSON_FILE).read_text())
     test = read_records(toy_dataset, "test")
