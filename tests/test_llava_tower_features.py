@@ -55,7 +55,7 @@ def test_a_token_count_mismatch_is_an_error(tiny_llava_dir, tiny_vision_tower_di
 
 
 def test_features_of_a_trained_projector_change_only_with_a_swap(tiny_llava_dir):
-    with pytest.raises(ValueError, match="with --vision-tower"):
+    with pytest.raises(ValueError, match="with --model.vision-tower"):
         build_llava(ModelArgs(model_name_or_path=str(tiny_llava_dir), vision_feature_select_strategy="full"))
     model, _ = build_llava(ModelArgs(model_name_or_path=str(tiny_llava_dir), vision_feature_layer=-2))  # its own: fine
     assert model.config.vision_feature_layer == -2
