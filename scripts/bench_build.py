@@ -81,7 +81,9 @@ def child(images: str, table: str, out: str, workers: int, chunk_rows: int) -> i
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from clip_stage.core.config import ArgumentParser  # the project's parser: --a_b = --a-b, one-line errors
+
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="100000,300000,1000000", help="comma-separated row counts")
     parser.add_argument("--noise-m", type=float, default=5.0, help="GPS offset from the street centreline (std, m)")
     parser.add_argument("--workers", type=int, default=2, help="build-dataset --workers")

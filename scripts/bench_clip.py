@@ -316,7 +316,9 @@ def _in_children(target, kinds, args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from clip_stage.core.config import ArgumentParser  # the project's parser: --a_b = --a-b, one-line errors
+
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="addressclip-small", help="open_clip architecture (random init)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cpu")

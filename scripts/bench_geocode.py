@@ -40,7 +40,9 @@ def sample_points(lines: list[np.ndarray], n: int, noise_m: float, rng: np.rando
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from clip_stage.core.config import ArgumentParser  # the project's parser: --a_b = --a-b, one-line errors
+
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--points", type=int, default=100_000, help="points for the vectorised geocoder")
     parser.add_argument("--naive-points", type=int, default=2_000, help="subsample for the naive loop")
     parser.add_argument("--noise-m", type=float, default=10.0, help="GPS offset from the street centreline (std, metres)")

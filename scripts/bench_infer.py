@@ -144,7 +144,9 @@ def measure(kind: str, a, work: Path) -> dict:
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    from clip_stage.core.config import ArgumentParser  # the project's parser: --a_b = --a-b, one-line errors
+
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--questions", type=int, default=64, help="questions (one image each) answered by both")
     p.add_argument("--batch-size", type=int, default=16, help="questions per generate() call of our engine")
     p.add_argument("--max-new-tokens", type=int, default=16, help="answer length limit of both")

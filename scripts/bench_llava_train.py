@@ -280,7 +280,9 @@ def measure(kind: str, a, work: Path, extra: list[str] | None = None) -> dict:
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    from clip_stage.core.config import ArgumentParser  # the project's parser: --a_b = --a-b, one-line errors
+
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=30, help="optimizer steps per measurement (rate over steps 2..N)")
     p.add_argument("--batch-size", type=int, default=4, help="per-device micro-batch")
     p.add_argument("--accumulation", type=int, default=2, help="micro-batches per optimizer step")

@@ -64,7 +64,9 @@ class _Redirect(Paths):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from clip_stage.core.config import ArgumentParser  # the project's parser: --a_b = --a-b, one-line errors
+
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--demo", required=True, help="a demo run folder with its conversations and base LLaVA")
     ap.add_argument("--layers", type=int, nargs="+", default=[-2, -1])
     ap.add_argument("--strategies", nargs="+", default=["default", "full"], choices=["default", "full"])

@@ -70,7 +70,9 @@ def stage_features(model_dir: Path, image_root: Path, images: list[str], batch: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from clip_stage.core.config import ArgumentParser  # the project's parser: --a_b = --a-b, one-line errors
+
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--demo", required=True, help="a demo run folder whose llava stage finished")
     ap.add_argument("--model", default=None, help="LLaVA folder to probe (default: <demo>/llava/merged)")
     ap.add_argument("--limit", type=int, default=0, help="images per split (0: all)")
