@@ -7,6 +7,7 @@ llava_address.convert_llava, whose errors are checkpoint errors) so that neither
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -31,4 +32,12 @@ def read_checkpoint_args(checkpoint: str | os.PathLike) -> tuple[ModelArgs, Trai
     data = json.loads(path.read_text())
     if data.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: checkpoint format {data.get('format')!r}, expected {CHECKPOINT_FORMAT}")
-    return ModelArgs(**data["model"]), TrainablesArgs(**data["trainables"]), data
+    parts = []
+    for section, cls in (("model", ModelArgs), ("trainables", TrainablesArgs)):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data.get(section, {})) - known)
+        if unknown:  # written by another version of address-llava: say so instead of a TypeError
+            raise CheckpointError(f"{path}: {section} field(s) {unknown} are not this version's; the checkpoint was "
+                                  f"written by another version of address-llava")
+        parts.append(cls(**data[section]))
+    return parts[0], parts[1], data

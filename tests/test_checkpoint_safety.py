@@ -427,3 +427,23 @@ def test_llava_killed_at_random_resumes_to_the_uninterrupted_weights(tiny_llava_
     ref = [json.loads(x) for x in (llava_full_run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [r["step"] for r in ref] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in ref], rel=1e-6, abs=1e-7)
+
+
+def test_checkpoint_args_of_another_version_are_a_one_line_error(tmp_path):
+    import dataclasses
+
+    from clip_stage.core.training import CheckpointError
+    from llava_address.checkpoint_layout import ARGS_FILE, CHECKPOINT_FORMAT, read_checkpoint_args
+    from llava_address.config import ModelArgs, TrainablesArgs
+
+    model = dataclasses.asdict(ModelArgs(model_name_or_path="some/model"))
+    trainables = dataclasses.asdict(TrainablesArgs())
+    ckpt = tmp_path / "checkpoint-000001"
+    ckpt.mkdir()
+    (ckpt / ARGS_FILE).write_text(json.dumps({"format": CHECKPOINT_FORMAT, "model": model, "trainables": trainables}))
+    assert read_checkpoint_args(ckpt)[0] == ModelArgs(model_name_or_path="some/model")
+    # a field this version does not have (an older release kept model_max_length in the model section)
+    (ckpt / ARGS_FILE).write_text(json.dumps({"format": CHECKPOINT_FORMAT, "model": {**model, "model_max_length": 512},
+                                              "trainables": trainables}))
+    with pytest.raises(CheckpointError, match=r"model field\(s\) \['model_max_length'\] are not this version's"):
+        read_checkpoint_args(ckpt)
