@@ -61,7 +61,7 @@ def _no_temps(*folders: Path) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
-# fsutil: manifests, fsync, stale staging, log cutting
+# clip_stage.core.fs: manifests, fsync, stale staging, log cutting
 # --------------------------------------------------------------------------------------------
 
 

@@ -100,7 +100,7 @@ def _modules_of_commands():
 
 @pytest.mark.parametrize("module", _modules_of_commands())
 def test_no_command_parser_misses_the_snake_spellings(module):
-    """A command's parser is `cliargs.ArgumentParser`, or argparse's with only dataclass fields (whose twins the
+    """A command's parser is `clip_stage.core.config.ArgumentParser`, or argparse's with only dataclass fields (whose twins the
     helper registers) and dash-free hand-written flags."""
     source = inspect.getsource(importlib.import_module(module))
     if "argparse.ArgumentParser(" not in source:
