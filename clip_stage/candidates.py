@@ -38,7 +38,6 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from clip_stage.core.config import ArgumentParser

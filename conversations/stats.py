@@ -14,7 +14,6 @@ not grow with the number of records. Records that do not validate are counted as
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import Counter
 from dataclasses import dataclass, field

@@ -11,7 +11,6 @@ warnings (from build_report.json: no city found, sub-streets without a neighbour
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections import Counter
