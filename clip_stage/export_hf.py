@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +41,7 @@ from clip_stage.core.errors import command_main
 from clip_stage.core.fs import atomic_dir, atomic_write_json
 from clip_stage.model import add_model_source_args, bundle_from_args
 from clip_stage.core.model_card import CardError, ModelCard, add_hub_args, push_folder, read_metrics, write_card
-from clip_stage.core.outdir import check_out_dir, write_marker
+from clip_stage.core.outdir import check_out_dir, on_disk, write_marker
 
 VISION_DIR = "vision_tower"
 CLIP_DIR = "clip_model"
@@ -488,17 +487,13 @@ def export_card(source: dict, res: ExportResult, args) -> ModelCard:
     )
 
 
-def _existing(spec: str | None) -> str | None:
-    """spec when it names an existing file or folder (a weights file), else None (an open_clip tag)."""
-    return spec if spec and os.path.exists(spec) else None
-
 
 @command_main("export-clip")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # One rule for every command's --out (clip_stage.core.outdir), before the model loads; export_report.json marks
     # exports written before it. The export may sit inside the run folder (the demo's clip/hf): nothing reads it.
-    check_out_dir(args.out, "export-clip", inputs=[_existing(args.pretrained)], inside_ok=[args.checkpoint],
+    check_out_dir(args.out, "export-clip", inputs=[on_disk(args.pretrained)], inside_ok=[args.checkpoint],
                   overwrite=args.overwrite, legacy=[REPORT_FILE])
     bundle = bundle_from_args(args)
     source = {"checkpoint": str(args.checkpoint)} if args.checkpoint else {"model": args.model, "pretrained": args.pretrained}

@@ -37,7 +37,7 @@ import torch
 
 from clip_stage.core.errors import command_main
 from clip_stage.core.fs import atomic_write_json, load_error_text, remove_stale_temps
-from clip_stage.core.outdir import check_out_dir, write_marker
+from clip_stage.core.outdir import check_out_dir, on_disk, write_marker
 from clip_stage.core.progress import progress as tqdm  # a line every 30 s when not on a terminal
 from clip_stage.core.schema import read_records
 from clip_stage.core.trackers import TrackerPlan, finish_trackers, plan_trackers, start_trackers
@@ -137,10 +137,6 @@ def _load_training_state(ckpt: Path) -> dict:
         raise CheckpointError(f"{ckpt / STATE_FILE}: not a plain training-state file ({load_error_text(e)})") from None
 
 
-def _path_or_none(spec: str | None) -> str | None:
-    """spec when it names an existing file or folder (a weights file or checkpoint), else None (a hub tag)."""
-    return spec if spec and os.path.exists(spec) else None
-
 
 @dataclass
 class ClipRun:
@@ -188,7 +184,7 @@ def setup(cfg: TrainConfig) -> ClipRun | dict:
     out_dir = Path(cfg.run.output_dir)
     # One rule for every command's output folder (clip_stage.core.outdir): a run folder (marker, or the files of runs
     # from before it) is continued, anything else non-empty is refused, as is a folder holding an input.
-    check_out_dir(out_dir, "train-clip", inputs=[cfg.data.dataset, _path_or_none(cfg.model.pretrained)], resume=True,
+    check_out_dir(out_dir, "train-clip", inputs=[cfg.data.dataset, on_disk(cfg.model.pretrained)], resume=True,
                   legacy=["checkpoint-*", METRICS_FILE, "run_summary.json"], flag="--output-dir")
     # The trackers' packages are checked before any data or model is loaded; they start once the step is known.
     trackers = plan_trackers(cfg.run.report_to, out_dir, "train_clip", tensorboard_dir=out_dir / TENSORBOARD_DIR)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from clip_stage.core.config import ArgumentParser
 from clip_stage.core.errors import command_main
 from clip_stage.core.fs import atomic_dir
 from clip_stage.core.model_card import CardError, ModelCard, add_hub_args, push_folder, read_metrics, write_card
-from clip_stage.core.outdir import check_out_dir, write_marker
+from clip_stage.core.outdir import check_out_dir, on_disk, write_marker
 from llava_address.checkpoint import load_for_inference
 from llava_address.checkpoint_layout import read_checkpoint_args
 from llava_address.components import num_image_tokens
@@ -138,10 +137,6 @@ def max_logit_difference(a, b, processor) -> float:
     return float((la - lb.to(la.device)).abs().max())
 
 
-def _existing(spec: str | None) -> str | None:
-    """spec when it names an existing file or folder, else None (a hub id)."""
-    return spec if spec and os.path.exists(spec) else None
-
 
 @command_main("merge")
 def main(argv: list[str] | None = None) -> int:
@@ -154,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     # One rule for every command's --out (clip_stage.core.outdir), before any model loads: --out may not be (or hold)
     # the checkpoint or its run folder, and replaces only an earlier merge, with --overwrite.
-    check_out_dir(out, "merge", inputs=[ckpt, _existing(args.base), _existing(args.vision_tower)],
+    check_out_dir(out, "merge", inputs=[ckpt, on_disk(args.base), on_disk(args.vision_tower)],
                   inside_ok=[ckpt.parent], overwrite=args.overwrite and not args.no_overwrite)
 
     try:

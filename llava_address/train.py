@@ -41,7 +41,7 @@ import torch
 from clip_stage.core.config import Section
 from clip_stage.core.errors import command_main
 from clip_stage.core.fs import load_error_text, remove_stale_temps
-from clip_stage.core.outdir import check_out_dir, write_marker
+from clip_stage.core.outdir import check_out_dir, on_disk, write_marker
 from clip_stage.core.progress import progress as tqdm  # a line every 30 s when not on a terminal
 from clip_stage.core.trackers import TrackerPlan, plan_trackers, start_trackers
 from clip_stage.core.training import (
@@ -130,10 +130,6 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def _existing(spec: str | None) -> str | None:
-    """spec when it names an existing file or folder, else None (a hub id)."""
-    return spec if spec and os.path.exists(spec) else None
-
 
 @dataclass
 class LlavaRun:
@@ -178,7 +174,7 @@ def setup(cfg: RunConfig) -> LlavaRun:
     # (marker, or the files of a run from before it) is continued; anything else non-empty, or a folder holding
     # an input, is refused.
     check_out_dir(out, "train-llava", resume=True, legacy=["checkpoint-*", METRICS_FILE], flag="--output-dir",
-                  inputs=[cfg.data.data_path, cfg.data.image_root, *(_existing(p) for p in (
+                  inputs=[cfg.data.data_path, cfg.data.image_root, *(on_disk(p) for p in (
                       cfg.model.model_name_or_path, cfg.model.llm, cfg.model.vision_tower, args.init_from))])
     refuse_foreign_checkpoints(out, args.resume)
     world = world_size_from_env()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from clip_stage.core.outdir import MARKER_FILE, OutputFolderError, check_not_input, check_out_dir, write_marker
+from clip_stage.core.outdir import MARKER_FILE, OutputFolderError, check_not_input, check_out_dir, on_disk, write_marker
 from llava_address.apps import cli
 
 
@@ -99,6 +99,10 @@ def test_inputs_compared_as_real_paths(tmp_path):
     check_not_input(data / "images" / "x", [data], inside_ok=[data])  # a run folder's own export
     with pytest.raises(OutputFolderError, match="is the input"):
         check_not_input(data, [], inside_ok=[data])
+    # a model option is protected when it is a path on disk, not when it is a hub id or an open_clip tag
+    assert on_disk(str(data)) == str(data) and on_disk("openai") is None and on_disk(None) is None
+    with pytest.raises(OutputFolderError, match="is the input"):
+        check_not_input(data, [on_disk(str(data))])
 
 
 # --- stage 1: data ------------------------------------------------------------------------------------------

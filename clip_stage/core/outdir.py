@@ -60,6 +60,11 @@ def _real(p: str | os.PathLike) -> Path:
     return Path(os.path.realpath(os.path.expanduser(os.fspath(p))))
 
 
+def on_disk(spec: str | None) -> str | None:
+    """A model option as an input to protect: the path when it exists, else None (a hub id or open_clip tag)."""
+    return spec if spec and os.path.exists(spec) else None
+
+
 def check_not_input(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None], flag: str = "--out",
                     inside_ok: Iterable[str | os.PathLike | None] = ()) -> None:
     """Refuses `out` equal to, containing or inside an input (folders), or equal to / containing an input file.

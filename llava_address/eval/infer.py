@@ -28,7 +28,7 @@ from typing import Any, Iterable, Sequence
 from clip_stage.core.config import ArgumentParser
 from clip_stage.core.errors import command_main
 from clip_stage.core.fs import UnsafePathError, atomic_write_text, parse_jsonl, resolve_under_root
-from clip_stage.core.outdir import check_not_input
+from clip_stage.core.outdir import check_not_input, on_disk
 from clip_stage.core.progress import progress as progress_bar
 from conversations.candidates import with_candidates
 from conversations.records import IMAGE_TOKEN, Reference, first_question, load_records, record_where
@@ -435,10 +435,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _existing(spec: str | None) -> str | None:
-    """spec when it names an existing file or folder, else None (a hub id)."""
-    return spec if spec and os.path.exists(spec) else None
-
 
 @command_main("infer")
 def main(argv: list[str] | None = None) -> int:
@@ -451,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_size < 1:
         raise SystemExit("--batch-size must be at least 1")
     # The output-folder rule (clip_stage.core.outdir) for a file: --out must not be, or lie inside, an input.
-    check_not_input(args.out, [args.eval, args.image_root, _existing(args.model), args.adapter, args.candidates,
+    check_not_input(args.out, [args.eval, args.image_root, on_disk(args.model), args.adapter, args.candidates,
                                args.dataset])
     if args.candidates and not args.dataset:
         raise SystemExit("--candidates needs --dataset (the address gallery)")
