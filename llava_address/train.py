@@ -53,6 +53,7 @@ from clip_stage.core.training import (
     refuse_foreign_checkpoints,
     world_size_from_env,
 )
+from conversations.records import RecordError, iter_records
 from llava_address.checkpoint import (
     STATE_DIR,
     TRAINER_STATE,
@@ -164,6 +165,17 @@ class LlavaRun:
         return self.accelerator.is_main_process
 
 
+def check_text_only_can_train(cfg: RunConfig) -> None:
+    """Text-only records give no gradient when the LLM is frozen (projector alignment): refuse them up front."""
+    if cfg.trainables.llm != "frozen":
+        return
+    text_only = sum(1 for item in iter_records(cfg.data.data_path)
+                    if isinstance(item.value, dict) and item.value.get("image") is None)
+    if text_only:
+        raise RecordError(f"{cfg.data.data_path}: {text_only} text-only records, but the LLM is frozen (only the "
+                          "projector/tower train), so they would teach nothing; give this stage image records only")
+
+
 def setup(cfg: RunConfig) -> LlavaRun:
     """Output folder checks, accelerator, model, data, optimizer, schedule and the resume position of one run."""
     from accelerate.utils import set_seed
@@ -194,6 +206,7 @@ def setup(cfg: RunConfig) -> LlavaRun:
     set_seed(args.seed)
 
     validate_data(cfg.data)  # one line naming the bad record, before minutes of model loading
+    check_text_only_can_train(cfg)
     model, processor, summary = build_model(cfg)
     if args.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input grads (the embeddings are frozen under LoRA).

@@ -193,6 +193,35 @@ def test_projector_alignment_trains_only_the_projector(tiny_llava_dir, tiny_llav
                           reference_logits(model, result.processor, tiny_llava_data), atol=1e-5)
 
 
+def _with_text_only_records(data_dir, out_dir) -> Path:
+    records = json.loads((Path(data_dir) / "train.json").read_text())
+    records += [{"id": f"text-{i}", "conversations": [{"from": "human", "value": "Which street runs by the harbour?"},
+                                                       {"from": "gpt", "value": "The one along the water."}]}
+                for i in range(4)]
+    out_dir.mkdir()
+    (out_dir / "train.json").write_text(json.dumps(records))
+    return out_dir
+
+
+def test_text_only_records_are_refused_when_only_the_projector_trains(tiny_llava_dir, tiny_llava_data, tmp_path,
+                                                                     capsys):
+    # LLaVA's own mixes hold text-only records; under projector alignment they would give no gradient at all
+    # (a library traceback mid-run): one line naming the file instead, before any step.
+    data = _with_text_only_records(tiny_llava_data, tmp_path / "data")
+    argv = _argv("align_projector", tiny_llava_dir, data, tmp_path / "align", "--image-root",
+                 tiny_llava_data, "--per-device-batch-size", 4, "--global-batch-size", 4,
+                 "--max-steps", 2)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "4 text-only records" in err and str(data / "train.json") in err
+    assert not list((tmp_path / "align").glob("checkpoint-*"))
+    # the same data trains when the LLM trains (full fine-tuning)
+    full = train(parse_args(_argv("address_full", tiny_llava_dir, data, tmp_path / "full", "--image-root",
+                                  tiny_llava_data, "--per-device-batch-size", 4,
+                                  "--global-batch-size", 4, "--max-steps", 4, "--no-gradient-checkpointing")))
+    assert full.global_step == 4
+
+
 def test_lora_stage_starts_from_the_aligned_projector(tiny_llava_dir, tiny_llava_data, tmp_path):
     from safetensors.torch import load_file
 
