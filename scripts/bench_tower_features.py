@@ -2,7 +2,7 @@
 `vision_feature_select_strategy`, measured on a finished demo run.
 
     python scripts/bench_tower_features.py --demo runs/demo [--layers -2 -1] [--strategies default full] \
-        [--align-steps 60] [--tune-steps 800] [--questions 200]
+        [--align-steps 60] [--tune-steps 700] [--questions 200]
 
 For each combination, the demo's own base model gets the AddressCLIP tower with those features, a fresh
 projector is aligned and the model is address-tuned exactly as in `address-llava demo` (same recipes, steps

@@ -75,7 +75,7 @@ class DemoConfig:
     """steps of the base LLaVA's scene-description pre-training"""
     align_steps: int = 60
     """steps of projector alignment after the tower swap"""
-    tune_steps: int = 800
+    tune_steps: int = 700
     """steps of address tuning (full fine-tuning of the tiny LLM + projector)"""
     tune_lr: str = "1.5e-3"
     """peak learning rate of address tuning"""
