@@ -148,6 +148,10 @@ def test_benchmark_scores_every_system_and_reports_failures(tiny_llava, tiny_lla
     imported = tmp_path / "closed.jsonl"
     imported.write_text("".join(json.dumps({"id": r["id"], "answer": r["conversations"][1]["value"]}) + "\n"
                                 for r in recs))
+    # ... and one that answered only half of them (counted wrong on the rest, in the table)
+    partial = tmp_path / "partial.jsonl"
+    partial.write_text("".join(json.dumps({"id": r["id"], "answer": r["conversations"][1]["value"]}) + "\n"
+                               for r in recs[:4]))
     out = tmp_path / "bench"
     argv = ["--dataset", str(toy_dataset), "--eval", str(small_eval), "--out", str(out), "--device", "cpu",
             "--batch-size", "4", "--max-new-tokens", "4",
@@ -155,10 +159,11 @@ def test_benchmark_scores_every_system_and_reports_failures(tiny_llava, tiny_lla
             "--system", "addressclip=clip:,model=addressclip-tiny",
             "--system", f"hf-model=hf:{tiny_llava_with_template}",
             "--system", f"closed=jsonl:{imported}",
+            "--system", f"partial=jsonl:{partial}",
             "--system", f"broken=llava:{tmp_path / 'no-such-model'}"]
     assert benchmark.main(argv) == 1  # one system failed
     results = json.loads((out / "benchmark.json").read_text())
-    assert set(results) == {"ours", "addressclip", "hf-model", "closed", "broken"}
+    assert set(results) == {"ours", "addressclip", "hf-model", "closed", "partial", "broken"}
     assert "error" in results["broken"] and "no-such-model" in results["broken"]["error"]
     closed = results["closed"]["report"]
     assert all(m["correct"] == m["total"] for m in closed["metrics"].values())
@@ -169,6 +174,16 @@ def test_benchmark_scores_every_system_and_reports_failures(tiny_llava, tiny_lla
     clip = results["addressclip"]["report"]
     assert not [u for u in clip["unparseable"] if u["question_type"] in ("full", "street", "cross", "neighbourhood")]
     table = (out / "benchmark.md").read_text()
+    part = results["partial"]["report"]
+    assert part["n_answers"] == 4 and all(m["correct"] == m["total"] for m in part["metrics"].values())
+    strict_totals = {k: m["total"] for k, m in part["strict_metrics"].items()}
+    assert strict_totals == {k: m["total"] for k, m in closed["metrics"].items()}  # one denominator for all
+    assert sum(strict_totals.values()) > sum(m["total"] for m in part["metrics"].values())
+    row = next(line for line in table.splitlines() if line.startswith("| partial |"))
+    assert "| 4/8 |" in row
+    for m in part["strict_metrics"].values():
+        if m["total"]:
+            assert f"({m['correct']}/{m['total']})" in row
     assert table.count("\n| ") >= 5 and "| broken | llava | failed" in table and "100.0%" in table
     png = out / "benchmark.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and Image.open(png).size[0] > 400

@@ -123,6 +123,28 @@ def test_partial_answers_count_missing_and_unknown_ids_fail(toy_dataset, scorer)
         scorer.score(half + half[:1], refs)
 
 
+def test_strict_metrics_count_missing_and_error_rows_wrong(toy_dataset, scorer):
+    recs = _eval_records(toy_dataset)
+    refs = scoring.eval_references(recs)
+    half = len(recs) // 2
+    rows = [{"id": r["id"], "answer": _perfect_answer(r)} for r in recs[:half]]
+    rows.append({"id": recs[half]["id"], "error": "image unreadable"})  # an error row; the rest are missing
+    report = scorer.score(rows, refs)
+    assert all(m["correct"] == m["total"] for m in report.metrics.values() if m["total"])  # over the answered
+    strict = report.strict_metrics
+    assert sum(m["total"] for m in strict.values()) > sum(m["total"] for m in report.metrics.values())
+    for name, m in strict.items():
+        assert m["correct"] == report.metrics[name]["correct"]  # the unanswered add to the totals only
+        if m["total"] > report.metrics[name]["total"]:
+            assert m["value"] < 1.0
+    assert "unanswered counted wrong" in report.markdown()
+    # every question answered: strict and plain agree; without the split there is no strict table
+    full = scorer.score([{"id": r["id"], "answer": _perfect_answer(r)} for r in recs], refs)
+    assert full.strict_metrics == full.metrics
+    own = scorer.score([{"id": r["id"], "answer": _perfect_answer(r), "reference": r["reference"]} for r in recs[:3]])
+    assert own.strict_metrics == {}
+
+
 def test_answers_without_eval_split_use_their_own_references(toy_dataset, scorer, tmp_path):
     recs = _eval_records(toy_dataset)[:6]
     rows = [{"id": r["id"], "answer": _perfect_answer(r), "reference": r["reference"]} for r in recs]

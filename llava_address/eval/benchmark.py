@@ -305,6 +305,11 @@ def _supported_metric(res: dict, metric: str) -> bool:
     return bool(set(METRICS[metric]) & set(res.get("supports", ALL_TYPES)))
 
 
+def shown_metrics(report: dict) -> dict:
+    """What the table and plot show: unanswered questions counted wrong (one denominator for every system)."""
+    return report.get("strict_metrics") or report["metrics"]
+
+
 def markdown_table(results: dict[str, dict]) -> str:
     head = ["system", "kind", *METRIC_LABELS.values(), "median error", "answered", "unparseable"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -316,7 +321,7 @@ def markdown_table(results: dict[str, dict]) -> str:
         r = res["report"]
         cells = []
         for m in METRIC_LABELS:
-            v = r["metrics"][m]
+            v = shown_metrics(r)[m]
             if not _supported_metric(res, m) or v["value"] is None:
                 cells.append("-")
             else:
@@ -362,8 +367,8 @@ def bar_chart(results: dict[str, dict], path: str | Path, title: str = "Address 
     width = 0.8 / max(len(ok), 1)
     x = np.arange(len(metrics))
     for i, (name, r) in enumerate(ok.items()):
-        vals = [100 * r["report"]["metrics"][m]["value"]
-                if _supported_metric(r, m) and r["report"]["metrics"][m]["value"] is not None else np.nan
+        vals = [100 * shown_metrics(r["report"])[m]["value"]
+                if _supported_metric(r, m) and shown_metrics(r["report"])[m]["value"] is not None else np.nan
                 for m in metrics]
         bars = ax.bar(x + (i - (len(ok) - 1) / 2) * width, np.nan_to_num(vals, nan=0.0), width, label=name)
         for b, v in zip(bars, vals):

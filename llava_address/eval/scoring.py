@@ -21,7 +21,10 @@ Metrics (each over the questions it applies to; an unparseable answer counts as 
 - distance: metres from the photo's position to the predicted sub-street (else street) geometry, median
   over the answers that map to geometry (full, street questions).
 Ids in the answers that are not in the evaluation split are an error; ids of the split without an answer
-are counted as missing and the rest is scored.
+are counted as missing and the rest is scored. `metrics` are over the answered questions; `strict_metrics`
+(with the evaluation split) count every unanswered question (missing id, or an error row such as an
+unreadable image) as wrong, so that systems that fail on different images compare fairly: the benchmark
+table shows them.
 """
 
 from __future__ import annotations
@@ -118,6 +121,8 @@ class ScoreReport:
     details: list[ScoredAnswer] = field(default_factory=list, repr=False)
     errors: list[dict] = field(default_factory=list)
     """error rows of the answers ({id, error}: e.g. an unreadable image): unanswered, like the missing ids"""
+    strict_metrics: dict[str, dict] = field(default_factory=dict)
+    """the metrics with every unanswered question (missing or error) counted wrong; {} without the split"""
 
     def to_dict(self, details: bool = False) -> dict:
         d = asdict(self)
@@ -129,10 +134,12 @@ class ScoreReport:
         lines = [f"### {name}" if name else "### scores",
                  f"answers {self.n_answers} of {self.n_eval} (missing {self.n_missing}, errors {len(self.errors)}), "
                  f"unparseable {len(self.unparseable)}", "",
-                 "| metric | value | correct / total |", "|---|---|---|"]
+                 "| metric | value | correct / total | unanswered counted wrong |", "|---|---|---|---|"]
         for m, v in self.metrics.items():
             val = "n/a" if v["value"] is None else f"{100 * v['value']:.1f}%"
-            lines.append(f"| {m} | {val} | {v['correct']} / {v['total']} |")
+            st = self.strict_metrics.get(m)
+            strict = "n/a" if not st or st["value"] is None else f"{100 * st['value']:.1f}% ({st['correct']} / {st['total']})"
+            lines.append(f"| {m} | {val} | {v['correct']} / {v['total']} | {strict} |")
         med = self.distance["median_m"]
         lines.append(f"| median distance | {'n/a' if med is None else f'{med:.0f} m'} | "
                      f"{self.distance['n']} mapped / {self.distance['total']} |")
@@ -277,6 +284,11 @@ class Scorer:
             scored.phrasing = ref.phrasing
             details.append(scored)
         metrics = _metric_table(details)
+        strict_metrics = {}
+        if references is not None:  # the unanswered ones scored as empty answers: wrong, whatever their type
+            unanswered = [self.score_one(rid, "", references[rid].reference, references[rid].image)
+                          for rid in [*missing, *(e["id"] for e in errors)]]
+            strict_metrics = _metric_table(details + unanswered)
         phrasings = sorted({d.phrasing for d in details if d.phrasing})
         by_phrasing = {g: _metric_table([d for d in details if d.phrasing == g]) for g in phrasings}
         dists = [d.distance_m for d in details if d.distance_m is not None]
@@ -289,7 +301,7 @@ class Scorer:
         unparseable = [{"id": d.id, "question_type": d.question_type, "answer": d.answer}
                        for d in details if d.unparseable]
         return ScoreReport(n_eval, len(rows), len(missing), missing, metrics, distance, by_type, unparseable,
-                           by_phrasing, details, errors)
+                           by_phrasing, details, errors, strict_metrics)
 
 
 def score_files(dataset: str | Path, answers: str | Path, eval_file: str | Path | None = None,
