@@ -49,7 +49,14 @@ def wandb_history(run_dir: Path) -> list[dict]:
 
     files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1, files
-    raw = files[0].read_bytes()
+    return wandb_file_rows(files[0])
+
+
+def wandb_file_rows(path: Path) -> list[dict]:
+    """The `run.log` rows of one offline `.wandb` file (see wandb_history)."""
+    from wandb.proto import wandb_internal_pb2
+
+    raw = path.read_bytes()
     assert raw[:4] == b":W&B"
     pos, block, chunks, records = 7, 32768, b"", []
     while pos + 7 <= len(raw):
@@ -209,6 +216,30 @@ def test_train_clip_logs_to_every_tracker_offline(toy_dataset, tmp_path, offline
     assert_same_series({m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/loss")}, loss)
     assert run.data.params["optim.learning_rate"] == "0.001" and run.data.params["model.model"] == "addressclip-tiny"
     assert run.info.status == "FINISHED"
+
+
+def test_a_resumed_run_continues_its_wandb_and_mlflow_runs(toy_dataset, tmp_path, offline_env):
+    from clip_stage.train import main
+
+    out = tmp_path / "run"
+    trackers = ("--report-to", "wandb,mlflow")
+    assert main(_clip_argv(toy_dataset, out, *trackers, "--stop-at-step", "2")) == 0
+    first = json.loads((out / "trackers.json").read_text())
+    assert set(first) == {"wandb", "mlflow"}
+    assert main(_clip_argv(toy_dataset, out, *trackers, "--resume", "latest")) == 0
+    assert json.loads((out / "trackers.json").read_text()) == first
+    loss = {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    assert sorted(loss) == [1, 2, 3]
+
+    # MLflow: one run, its metric history the whole series
+    client, run = mlflow_run(out, "train_clip")
+    assert run.info.run_id == first["mlflow"]
+    assert_same_series({m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/loss")}, loss)
+    # wandb (offline): each start is a folder, both with the run's one id; `wandb sync` joins them
+    folders = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(folders) == 2 and all(f.name.endswith("-" + first["wandb"]) for f in folders)
+    rows = [r for f in folders for path in f.glob("run-*.wandb") for r in wandb_file_rows(path) if "train/loss" in r]
+    assert_same_series({r["_step"]: r["train/loss"] for r in rows}, loss)
 
 
 def test_train_clip_report_to_none_writes_no_tracker_files(toy_dataset, tmp_path, offline_env):

@@ -16,6 +16,11 @@ trainers' own JSONL logs are written either way. This module is the one place th
   and, at the end, `finish_trackers` or `accelerator.end_training()`; accelerate logs from the main
   process only.
 
+A resumed run continues its tracker runs rather than starting new ones: `start_trackers` keeps the wandb run
+id and the MLflow run id in `<output-dir>/trackers.json` and, on resume, hands them back (wandb `id` +
+`resume="allow"`, MLflow `run_id`), so a killed and resumed run is one run in wandb and MLflow, as it is one
+series in TensorBoard.
+
 TensorBoard writes to the one folder both trainers document, `<output-dir>/tensorboard`: accelerate's
 `TensorBoardTracker` writes to `<logging_dir>/<run name>`, so it is built here with the exact folder instead
 of deriving it from the project name.
@@ -29,11 +34,15 @@ of deriving it from the project name.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from clip_stage.core.fs import atomic_write_json
 
 # name -> (module that must import, what to pip install). MLflow: accelerate imports `mlflow`, which the much
 # lighter `mlflow-skinny` distribution provides as well.
@@ -97,6 +106,8 @@ class TrackerPlan:
     """the local MLflow store this run sets up (None: MLFLOW_TRACKING_URI is set, or no MLflow)"""
     where: dict[str, str] = field(default_factory=dict)
     """tracker -> where it writes, for the trainer's start-up line"""
+    run_dir: str = ""
+    """the run's output folder: `trackers.json` (the tracker run ids a resume continues) lives there"""
 
     def describe(self) -> str:
         return ", ".join(f"{n} ({self.where[n]})" for n in self.names) or "none"
@@ -145,7 +156,7 @@ def plan_trackers(names: Iterable[str], run_dir: str | os.PathLike, project: str
             init_kwargs[name] = {"run_name": run_dir.resolve().name}
             log_with.append(name)
             where[name] = mlflow_uri or os.environ["MLFLOW_TRACKING_URI"]
-    return TrackerPlan(names, project, log_with or None, init_kwargs, mlflow_uri, where)
+    return TrackerPlan(names, project, log_with or None, init_kwargs, mlflow_uri, where, str(run_dir))
 
 
 def flat_config(config: dict[str, Any], prefix: str = "") -> dict[str, bool | int | float | str]:
@@ -161,15 +172,31 @@ def flat_config(config: dict[str, Any], prefix: str = "") -> dict[str, bool | in
     return out
 
 
+TRACKER_IDS_FILE = "trackers.json"
+
+
+def _tracker_ids(plan: TrackerPlan) -> dict[str, str]:
+    path = Path(plan.run_dir) / TRACKER_IDS_FILE
+    if not plan.run_dir or not path.is_file():
+        return {}
+    try:
+        ids = json.loads(path.read_text())
+    except (OSError, ValueError):  # a torn file of a killed write: start new tracker runs, not fail the resume
+        return {}
+    return {k: v for k, v in ids.items() if isinstance(v, str)} if isinstance(ids, dict) else {}
+
+
 def start_trackers(accelerator, plan: TrackerPlan, config: dict[str, Any] | None = None,
                    resume_step: int | None = None) -> None:
     """`accelerator.init_trackers` for the plan (main process only), with `config` flattened as the run's parameters.
 
     `resume_step`: the checkpoint's step when the run resumes; TensorBoard then hides the events a killed run
-    wrote after it (SummaryWriter's purge_step).
+    wrote after it (SummaryWriter's purge_step), and wandb / MLflow continue the runs `trackers.json` names.
     """
     if not plan.names or not accelerator.is_main_process:
         return
+    ids = _tracker_ids(plan) if resume_step is not None else {}
+    init_kwargs = {name: dict(kwargs) for name, kwargs in plan.init_kwargs.items()}
     if resume_step is not None:
         from accelerate.tracking import TensorBoardTracker
 
@@ -177,6 +204,10 @@ def start_trackers(accelerator, plan: TrackerPlan, config: dict[str, Any] | None
             if isinstance(tracker, TensorBoardTracker):
                 # accelerate passes the tracker's init_kwargs to SummaryWriter when it starts (below).
                 tracker.init_kwargs["purge_step"] = resume_step + 1
+    if "wandb" in init_kwargs:
+        init_kwargs["wandb"].update(id=ids.get("wandb") or uuid.uuid4().hex[:8], resume="allow")
+    if "mlflow" in init_kwargs and ids.get("mlflow"):
+        init_kwargs["mlflow"]["run_id"] = ids["mlflow"]
     if plan.mlflow_uri is not None:
         import mlflow
 
@@ -184,7 +215,17 @@ def start_trackers(accelerator, plan: TrackerPlan, config: dict[str, Any] | None
         mlflow.set_tracking_uri(plan.mlflow_uri)
         # MLflow 3 refuses the file store unless this is set (it recommends a database, which mlflow-skinny lacks).
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-    accelerator.init_trackers(plan.project, config=flat_config(config or {}), init_kwargs=plan.init_kwargs)
+    # A continued run keeps the parameters of its first start (MLflow refuses to change a logged parameter,
+    # and `--resume` itself would be one).
+    params = None if ids else flat_config(config or {})
+    accelerator.init_trackers(plan.project, config=params, init_kwargs=init_kwargs)
+    if plan.run_dir and ("wandb" in init_kwargs or "mlflow" in init_kwargs):
+        started = {}
+        if "wandb" in init_kwargs:
+            started["wandb"] = init_kwargs["wandb"]["id"]
+        if "mlflow" in init_kwargs:
+            started["mlflow"] = accelerator.get_tracker("mlflow", unwrap=True).info.run_id
+        atomic_write_json(Path(plan.run_dir) / TRACKER_IDS_FILE, started)
 
 
 def finish_trackers(accelerator) -> None:
