@@ -235,7 +235,7 @@ def test_a_resumed_run_continues_its_wandb_and_mlflow_runs(toy_dataset, tmp_path
     client, run = mlflow_run(out, "train_clip")
     assert run.info.run_id == first["mlflow"]
     assert_same_series({m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/loss")}, loss)
-    # wandb (offline): each start is a folder, both with the run's one id; `wandb sync` joins them
+    # wandb (offline, which cannot resume): each start is a folder carrying the run's one id
     folders = sorted((out / "wandb").glob("offline-run-*"))
     assert len(folders) == 2 and all(f.name.endswith("-" + first["wandb"]) for f in folders)
     rows = [r for f in folders for path in f.glob("run-*.wandb") for r in wandb_file_rows(path) if "train/loss" in r]

@@ -18,8 +18,9 @@ trainers' own JSONL logs are written either way. This module is the one place th
 
 A resumed run continues its tracker runs rather than starting new ones: `start_trackers` keeps the wandb run
 id and the MLflow run id in `<output-dir>/trackers.json` and, on resume, hands them back (wandb `id` +
-`resume="allow"`, MLflow `run_id`), so a killed and resumed run is one run in wandb and MLflow, as it is one
-series in TensorBoard.
+`resume="allow"`, MLflow `run_id`), so a killed and resumed run is one MLflow run and one wandb run id, as it
+is one series in TensorBoard (offline wandb cannot resume: each start is a folder with that id, uploaded with
+`wandb sync --id ID --append`).
 
 TensorBoard writes to the one folder both trainers document, `<output-dir>/tensorboard`: accelerate's
 `TensorBoardTracker` writes to `<logging_dir>/<run name>`, so it is built here with the exact folder instead
