@@ -5,6 +5,7 @@ files; a bad name or a missing package is one line and exit code 2."""
 from __future__ import annotations
 
 import json
+import re
 import struct
 import sys
 from pathlib import Path
@@ -237,7 +238,9 @@ def test_a_resumed_run_continues_its_wandb_and_mlflow_runs(toy_dataset, tmp_path
     assert_same_series({m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/loss")}, loss)
     # wandb (offline, which cannot resume): each start is a folder carrying the run's one id
     folders = sorted((out / "wandb").glob("offline-run-*"))
-    assert len(folders) == 2 and all(f.name.endswith("-" + first["wandb"]) for f in folders)
+    # (two starts within one second: wandb adds "-1" to the second folder's name)
+    assert len(folders) == 2 and all(re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{first['wandb']}(-\d+)?", f.name)
+                                     for f in folders), folders
     rows = [r for f in folders for path in f.glob("run-*.wandb") for r in wandb_file_rows(path) if "train/loss" in r]
     assert_same_series({r["_step"]: r["train/loss"] for r in rows}, loss)
 
