@@ -142,6 +142,8 @@ class Report:
     records: int = 0
     bad_records: int = 0
     problems: int = 0
+    text_only: int = 0
+    """records without an image (only allowed with allow_text_only)"""
     fatal: bool = False
     shown: list[Problem] = field(default_factory=list)
 
@@ -225,6 +227,7 @@ def validate_file(path: str | os.PathLike, image_root: str | os.PathLike | None,
             report.records += 1
             continue
         report.records += 1
+        report.text_only += isinstance(item.value, dict) and "image" not in item.value
         problems = list(check_record(item.value, root, allow_text_only, need_answer))
         id_hashes.append(_id_hash(item.value))
         for fld, msg in problems:

@@ -26,7 +26,7 @@ from torch.utils.data import Dataset, Sampler
 
 from clip_stage.core.fs import UnsafePathError, resolve_under_root
 from conversations.records import RecordError, load_records
-from conversations.validate import require_valid
+from conversations.validate import Report, require_valid
 from llava_address.config import DataArgs
 from llava_address.length_cache import LengthCache, resolve_cache_dir
 from llava_address import prompting
@@ -325,16 +325,17 @@ class LengthGroupedSampler(Sampler[int]):
 
 # --- the record check train-llava runs first ---------------------------------------------------------------
 
-def validate_data(args: DataArgs) -> None:
+def validate_data(args: DataArgs) -> Report:
     """The shared record check (`conversations.validate`) of the training file, before any model loads.
 
-    Text-only records are accepted (LLaVA's mix665k has them) and so are repeated ids (training keys nothing
-    by id); an empty answer, a record starting with an assistant turn, an unsafe or missing image path are
-    refused in one line naming the file and record. Raises ConversationFileError (a ValueError).
+    Text-only records are accepted (LLaVA's mix665k has them; the report counts them) and so are repeated ids
+    (training keys nothing by id); an empty answer, a record starting with an assistant turn, an unsafe or
+    missing image path are refused in one line naming the file and record. Raises ConversationFileError (a
+    ValueError).
     """
     if args.data_path is None:
         raise RecordError("DataArgs.data_path is required")
     root = args.image_root if args.image_root is not None else str(Path(args.data_path).parent)
     if not Path(root).is_dir():
         raise RecordError(f"image root {root} is not a folder")
-    require_valid(args.data_path, root, allow_text_only=True, allow_duplicate_ids=True, command="train-llava")
+    return require_valid(args.data_path, root, allow_text_only=True, allow_duplicate_ids=True, command="train-llava")

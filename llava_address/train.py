@@ -53,7 +53,7 @@ from clip_stage.core.training import (
     refuse_foreign_checkpoints,
     world_size_from_env,
 )
-from conversations.records import RecordError, iter_records
+from conversations.records import RecordError
 from llava_address.checkpoint import (
     STATE_DIR,
     TRAINER_STATE,
@@ -165,14 +165,10 @@ class LlavaRun:
         return self.accelerator.is_main_process
 
 
-def check_text_only_can_train(cfg: RunConfig) -> None:
+def check_text_only_can_train(cfg: RunConfig, text_only: int) -> None:
     """Text-only records give no gradient when the LLM is frozen (projector alignment): refuse them up front."""
-    if cfg.trainables.llm != "frozen":
-        return
-    text_only = sum(1 for item in iter_records(cfg.data.data_path)
-                    if isinstance(item.value, dict) and item.value.get("image") is None)
-    if text_only:
-        raise RecordError(f"{cfg.data.data_path}: {text_only} text-only records, but the LLM is frozen (only the "
+    if text_only and cfg.trainables.llm == "frozen":
+        raise RecordError(f"{cfg.data.data_path}: {text_only} text-only record{'s' * (text_only != 1)}, but the LLM is frozen (only the "
                           "projector/tower train), so they would teach nothing; give this stage image records only")
 
 
@@ -205,8 +201,8 @@ def setup(cfg: RunConfig) -> LlavaRun:
         write_marker(out, "train-llava")
     set_seed(args.seed)
 
-    validate_data(cfg.data)  # one line naming the bad record, before minutes of model loading
-    check_text_only_can_train(cfg)
+    data_report = validate_data(cfg.data)  # one line naming the bad record, before minutes of model loading
+    check_text_only_can_train(cfg, data_report.text_only)
     model, processor, summary = build_model(cfg)
     if args.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input grads (the embeddings are frozen under LoRA).

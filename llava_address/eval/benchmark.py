@@ -362,13 +362,13 @@ def bar_chart(results: dict[str, dict], path: str | Path, title: str = "Address 
     import numpy as np
 
     ok = {n: r for n, r in results.items() if "error" not in r}
-    metrics = [m for m in METRIC_LABELS if any(r["report"]["metrics"][m]["total"] for r in ok.values())]
+    metrics = [m for m in METRIC_LABELS if any(shown_metrics(r["report"])[m]["total"] for r in ok.values())]
     fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(metrics) + 2), 4.2), dpi=110)
     width = 0.8 / max(len(ok), 1)
     x = np.arange(len(metrics))
     for i, (name, r) in enumerate(ok.items()):
-        vals = [100 * shown_metrics(r["report"])[m]["value"]
-                if _supported_metric(r, m) and shown_metrics(r["report"])[m]["value"] is not None else np.nan
+        shown = shown_metrics(r["report"])
+        vals = [100 * shown[m]["value"] if _supported_metric(r, m) and shown[m]["value"] is not None else np.nan
                 for m in metrics]
         bars = ax.bar(x + (i - (len(ok) - 1) / 2) * width, np.nan_to_num(vals, nan=0.0), width, label=name)
         for b, v in zip(bars, vals):
