@@ -14,6 +14,13 @@ sub-street label:
   answer "Where was this photo taken?" (plain question, no candidates).
 
 A drop between two rows is signal lost by that stage. Prints a markdown table.
+
+A second table does the same for yes/no verification (does the photo show the place the question names?),
+which needs the LLM to compare the named place with the image: the LLM's last hidden state at the end of each
+yes/no question (plain, no candidates; train: every yes/no turn of the training conversations, each asked
+alone with its image; test: the evaluation file's yes/no questions) probed for the expected verdict, and the
+model's own forced choice there (its "Yes" logit against its "No" logit). The tower's own verdict is
+AddressCLIP retrieval's row in the benchmark (yes when its top-1 address is the named place).
 """
 
 from __future__ import annotations
@@ -69,6 +76,48 @@ def stage_features(model_dir: Path, image_root: Path, images: list[str], batch: 
     return {k: torch.cat(v).float() for k, v in feats.items()}
 
 
+def yes_no_questions(conversations_file: Path, eval_file: bool) -> list[tuple[str, str, bool]]:
+    """(image, question, expected yes) of every yes/no question, candidate blocks removed."""
+    from conversations.candidates import split_candidates
+    from conversations.records import load_records
+
+    out = []
+    for r in load_records(conversations_file):
+        if eval_file:
+            ref = r.get("reference") or {}
+            if ref.get("question_type") == "yes_no":
+                question = split_candidates(r["conversations"][0]["value"])[1]
+                out.append((str(r["image"]), question, ref["expected_answer"] == "yes"))
+            continue
+        turns = r["conversations"]
+        for human, gpt in zip(turns[0::2], turns[1::2]):
+            verdict = gpt["value"].split(maxsplit=1)[0].strip(".,").lower() if gpt["value"].strip() else ""
+            if verdict in ("yes", "no"):
+                out.append((str(r["image"]), split_candidates(human["value"])[1], verdict == "yes"))
+    return out
+
+
+@torch.no_grad()
+def yes_no_features(model_dir: Path, image_root: Path, questions: list[tuple[str, str, bool]],
+                    batch: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """LLM last hidden state at the end of each yes/no prompt, and whether "Yes" outscores "No" there."""
+    from llava_address.eval.infer import load_generator, open_image, user_turn
+
+    gen = load_generator(str(model_dir), device="cpu", dtype="float32")
+    yes_id, no_id = (gen.tokenizer(w, add_special_tokens=False).input_ids[0] for w in ("Yes", "No"))
+    hidden, says_yes = [], []
+    for i in range(0, len(questions), batch):
+        chunk = questions[i:i + batch]
+        pil = [open_image(image_root / image) for image, _, _ in chunk]
+        inputs = gen.batch_inputs([[user_turn(q, True)] for _, q, _ in chunk], pil)
+        # left-padded prompts of different lengths: positions as generate() gives them
+        positions = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        out = gen.model(**inputs, position_ids=positions, output_hidden_states=True)
+        hidden.append(out.hidden_states[-1][:, -1])
+        says_yes.append(out.logits[:, -1, yes_id] > out.logits[:, -1, no_id])
+    return torch.cat(hidden).float(), torch.cat(says_yes)
+
+
 def main(argv: list[str] | None = None) -> int:
     from clip_stage.core.config import ArgumentParser  # the project's parser: --a_b = --a-b, one-line errors
 
@@ -103,6 +152,27 @@ def main(argv: list[str] | None = None) -> int:
         result[stage] = accs
         rows.append(f"| {stage} | {100 * accs['street']:.1f}% | {100 * accs['sub_street']:.1f}% |")
     print("\n".join(rows))
+
+    conversations = demo / "conversations"
+    yes_no = {"train": yes_no_questions(conversations / "train.json", eval_file=False),
+              "test": yes_no_questions(conversations / "eval.json", eval_file=True)}
+    if args.limit:
+        yes_no = {s: q[:args.limit] for s, q in yes_no.items()}
+    if yes_no["train"] and yes_no["test"]:
+        x, says = {}, {}
+        for split, questions in yes_no.items():
+            x[split], says[split] = yes_no_features(model_dir, demo / "dataset" / "images", questions)
+        y = {s: torch.tensor([int(yes) for _, _, yes in q]) for s, q in yes_no.items()}
+        probe = fit_probe(x["train"], y["train"], x["test"], y["test"], 2)
+        forced = float((says["test"].long() == y["test"]).float().mean())
+        share_yes = float(y["test"].float().mean())
+        result["yes_no"] = {"train_questions": len(yes_no["train"]), "test_questions": len(yes_no["test"]),
+                            "LLM last hidden (yes/no prompt end)": probe, "model's forced Yes/No": forced,
+                            "majority answer": max(share_yes, 1 - share_yes)}
+        print(f"\n| yes/no ({len(yes_no['train'])} train / {len(yes_no['test'])} test questions) | accuracy |\n"
+              f"|---|---:|\n| majority answer | {100 * max(share_yes, 1 - share_yes):.1f}% |\n"
+              f"| LLM last hidden at the end of the question (probe) | {100 * probe:.1f}% |\n"
+              f"| the model's own forced choice there (Yes vs No logit) | {100 * forced:.1f}% |")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -125,6 +125,27 @@ def test_unloadable_models_and_foreign_output_files_are_clear_errors(tmp_path):
         infer.read_done_ids(foreign)
 
 
+def test_retrieval_answers_yes_no_by_whether_its_top1_is_the_named_place(toy_dataset):
+    from clip_stage.gallery import gallery_from_dataset
+    from llava_address.eval.gazetteer import Gazetteer
+
+    gazetteer = Gazetteer.from_dataset(toy_dataset)
+    top1 = next(c for c in gallery_from_dataset(toy_dataset).candidates if c.sub_streets == {"Aleksanterinkatu/1"})
+
+    def verdict(question):
+        answer = benchmark.verify_by_top1(question, top1, gazetteer)
+        return None if answer is None else answer.split(".")[0]
+
+    assert verdict("Is this place Aleksanterinkatu between Kaivokatu and Fredrikinkatu? Answer yes or no.") == "Yes"
+    assert verdict("Is this place Aleksanterinkatu between Mikonkatu and Kaivokatu? Answer yes or no.") == "No"
+    assert verdict("A friend claims this is Aleksanterinkatu near Fredrikinkatu. Are they right?") == "Yes"
+    assert verdict("A friend claims this is Aleksanterinkatu near Annankatu. Are they right?") == "No"
+    assert verdict("Was this photo taken on Aleksanterinkatu?") == "Yes"
+    assert verdict("Was this photo taken on Bulevardi?") == "No"
+    assert verdict("Where was this photo taken?") is None  # names no place: an open question
+    assert benchmark.verify_by_top1("Was this photo taken on Bulevardi?", top1, gazetteer).endswith(f"{top1.text}.")
+
+
 def test_system_specs_and_kind_registry():
     spec = benchmark.parse_system_spec("ours=llava:runs/merged,adapter=runs/ckpt,max_new_tokens=32")
     assert (spec.name, spec.kind, spec.target, spec.options) == (

@@ -17,8 +17,9 @@ A system is `NAME=KIND:TARGET[,key=value...]`; the kinds are a registry (`SYSTEM
   system through vLLM (merged folders only; `llava_address.eval.vllm_engine`).
 - clip: AddressCLIP retrieval: a train-clip checkpoint (or `model=NAME` + `pretrained=TAG` for open_clip);
   the answer is the top-1 address of the city's gallery (`style=full` by default). Multiple-choice
-  questions are answered by ranking the options listed in the question; yes/no questions are not
-  answerable by retrieval and show as "-".
+  questions are answered by ranking the options listed in the question; a question that names a place and
+  lists no options is a yes/no question, answered "Yes" when retrieval's top-1 address is that place (the
+  same sub-street when the question names one, else the same street), else "No" (`verify_by_top1`).
 - hf: any vision-language model transformers' `pipeline("image-text-to-text")` runs (hub id or folder),
   prompted with the question alone through the model's own chat template.
 - jsonl: answers produced elsewhere (closed APIs), `{"id", "answer"}` per line, scored as they are.
@@ -39,17 +40,21 @@ import sys
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from clip_stage.core.config import ArgumentParser
 from clip_stage.core.errors import command_main
 from clip_stage.core.fs import atomic_write_json, atomic_write_text
 from clip_stage.core.outdir import check_out_dir, write_marker
 from clip_stage.core.registry import Registry
+from llava_address.eval.gazetteer import Gazetteer
 from llava_address.eval.infer import (InferenceInputError, candidate_answer_batch, eval_items, llava_answer_batch,
                                  load_generator, load_ranker, run_answers)
 from llava_address.eval.scoring import METRICS, Scorer, read_answers, read_references
 from llava_address.eval.vllm_engine import load_vllm, vllm_answer_batch, vllm_unavailable
+
+if TYPE_CHECKING:  # clip_stage.gallery imports torch: loaded only when an AddressCLIP system runs
+    from clip_stage.gallery import Candidate, Gallery
 
 log = logging.getLogger(__name__)
 
@@ -169,8 +174,31 @@ def choices_in_question(question: str) -> list[tuple[str, str]]:
     return [(m.group(1), m.group(2)) for m in map(_CHOICE_LINE.match, question.splitlines()) if m]
 
 
-def clip_retrieval(bundle, gallery_texts: list[str], text_embeddings, device: str = "cpu"):
-    """answer_batch for a CLIP model: top-1 gallery address, or the best-ranked listed option for MC."""
+def verify_by_top1(question: str, top1: Candidate, gazetteer: Gazetteer) -> str | None:
+    """Retrieval's yes/no answer to a question that names a place, or None when the question names none.
+
+    The place is what the benchmark's own gazetteer reads in the question (the scorer's parser): "Yes" when
+    retrieval's top-1 address is that sub-street (a question naming cross streets: the top-1 is on the street
+    and has those cross streets, which also decides "X near Y" when Y meets X twice) or lies on that street (a
+    question naming a street alone), else "No". The top-1 address follows the verdict.
+    """
+    parsed = gazetteer.parse(question)
+    if parsed.street is None:
+        return None
+    if parsed.sub_street:
+        same = parsed.sub_street in top1.sub_streets
+    elif parsed.cross_streets:
+        subs = [gazetteer.sub_streets[i] for i in top1.sub_streets if i in gazetteer.sub_streets]
+        same = any(s.street == parsed.street and set(parsed.cross_streets) <= set(s.cross_streets) for s in subs)
+    else:
+        same = parsed.street in top1.streets
+    return f"{'Yes' if same else 'No'}. This is {top1.text}."
+
+
+def clip_retrieval(bundle, gallery: Gallery, text_embeddings, gazetteer: Gazetteer | None = None,
+                   device: str = "cpu"):
+    """answer_batch for a CLIP model: top-1 gallery address, the best-ranked listed option for MC, and (with a
+    gazetteer) a yes/no verdict for a question that names a place (`verify_by_top1`)."""
     import torch
 
     @torch.no_grad()
@@ -188,7 +216,9 @@ def clip_retrieval(bundle, gallery_texts: list[str], text_embeddings, device: st
                 best = int(torch.argmax(t @ e))
                 answers.append(f"{choices[best][0]}. {choices[best][1]}")
             else:
-                answers.append(gallery_texts[int(torch.argmax(text_embeddings @ e))])
+                top1 = gallery.candidates[int(torch.argmax(text_embeddings @ e))]
+                verdict = verify_by_top1(q, top1, gazetteer) if gazetteer is not None else None
+                answers.append(verdict or top1.text)
         return answers
 
     return answer_batch
@@ -208,11 +238,12 @@ def _load_clip(spec: SystemSpec, ctx: RunContext) -> System:
         raise BenchmarkError(f"system {spec.name!r}: give a train-clip checkpoint, or model=NAME[,pretrained=TAG]")
     gallery = gallery_from_dataset(ctx.dataset, spec.options.get("style", "full"))
     emb = GalleryEncoder(None, device=ctx.device)(bundle.model, bundle.tokenizer, gallery.texts)
-    return System(clip_retrieval(bundle, gallery.texts, emb, ctx.device), ADDRESS_TYPES | {"mc"})
+    return System(clip_retrieval(bundle, gallery, emb, Gazetteer.from_dataset(ctx.dataset), ctx.device))
 
 
 register_system_kind(SystemKind("clip", "AddressCLIP retrieval: train-clip checkpoint (or model=,pretrained=); "
-                                        "top-1 gallery address", _load_clip, ADDRESS_TYPES | {"mc"}))
+                                        "top-1 gallery address; yes/no by whether the top-1 is the named place",
+                                _load_clip))
 
 
 # --- any HF image-text-to-text model -------------------------------------------------------------------
