@@ -125,6 +125,8 @@ def test_partial_answers_count_missing_and_unknown_ids_fail(toy_dataset, scorer)
 
 def test_strict_metrics_count_missing_and_error_rows_wrong(toy_dataset, scorer):
     recs = _eval_records(toy_dataset)
+    for i, r in enumerate(recs):
+        r["reference"]["phrasing"] = ("seen", "held_out")[i % 2]
     refs = scoring.eval_references(recs)
     half = len(recs) // 2
     rows = [{"id": r["id"], "answer": _perfect_answer(r)} for r in recs[:half]]
@@ -138,9 +140,16 @@ def test_strict_metrics_count_missing_and_error_rows_wrong(toy_dataset, scorer):
         if m["total"] > report.metrics[name]["total"]:
             assert m["value"] < 1.0
     assert "unanswered counted wrong" in report.markdown()
+    # per wording too: each wording's strict totals are those of the whole split, its correct ones the answered
+    everything = scorer.score([{"id": r["id"], "answer": _perfect_answer(r)} for r in recs], refs).by_phrasing
+    assert set(report.strict_by_phrasing) == set(everything) == {"held_out", "seen"}
+    for g, by_metric in report.strict_by_phrasing.items():
+        for name, m in by_metric.items():
+            assert m["total"] == everything[g][name]["total"]
+            assert m["correct"] == report.by_phrasing.get(g, {}).get(name, {}).get("correct", 0)
     # every question answered: strict and plain agree; without the split there is no strict table
     full = scorer.score([{"id": r["id"], "answer": _perfect_answer(r)} for r in recs], refs)
-    assert full.strict_metrics == full.metrics
+    assert full.strict_metrics == full.metrics and full.strict_by_phrasing == full.by_phrasing
     own = scorer.score([{"id": r["id"], "answer": _perfect_answer(r), "reference": r["reference"]} for r in recs[:3]])
     assert own.strict_metrics == {}
 

@@ -341,6 +341,11 @@ def shown_metrics(report: dict) -> dict:
     return report.get("strict_metrics") or report["metrics"]
 
 
+def shown_by_phrasing(report: dict) -> dict:
+    """The by-wording table's metrics, with unanswered questions counted wrong as in `shown_metrics`."""
+    return report.get("strict_by_phrasing") or report.get("by_phrasing", {})
+
+
 def markdown_table(results: dict[str, dict]) -> str:
     head = ["system", "kind", *METRIC_LABELS.values(), "median error", "answered", "unparseable"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -363,7 +368,7 @@ def markdown_table(results: dict[str, dict]) -> str:
         supported = set(res.get("supports", ALL_TYPES))
         cells.append(str(sum(1 for u in r["unparseable"] if u["question_type"] in supported)))
         lines.append(f"| {name} | {res['kind']} | " + " | ".join(cells) + " |")
-    groups = sorted({g for r in results.values() if "report" in r for g in r["report"].get("by_phrasing", {})})
+    groups = sorted({g for r in results.values() if "report" in r for g in shown_by_phrasing(r["report"])})
     if len(groups) > 1:
         lines += ["", "By question wording (" + " / ".join(groups) + "; held-out wordings were never trained on):", "",
                   "| system | " + " | ".join(METRIC_LABELS.values()) + " |", "|" + "---|" * (len(METRIC_LABELS) + 1)]
@@ -374,7 +379,7 @@ def markdown_table(results: dict[str, dict]) -> str:
             for m in METRIC_LABELS:
                 vals = []
                 for g in groups:
-                    v = res["report"]["by_phrasing"].get(g, {}).get(m)
+                    v = shown_by_phrasing(res["report"]).get(g, {}).get(m)
                     ok = v is not None and v["value"] is not None and _supported_metric(res, m)
                     vals.append(f"{100 * v['value']:.0f}%" if ok else "-")
                 cells.append(" / ".join(vals))

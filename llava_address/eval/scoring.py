@@ -123,6 +123,8 @@ class ScoreReport:
     """error rows of the answers ({id, error}: e.g. an unreadable image): unanswered, like the missing ids"""
     strict_metrics: dict[str, dict] = field(default_factory=dict)
     """the metrics with every unanswered question (missing or error) counted wrong; {} without the split"""
+    strict_by_phrasing: dict[str, dict] = field(default_factory=dict)
+    """by_phrasing with the unanswered questions counted wrong, like strict_metrics; {} without the split"""
 
     def to_dict(self, details: bool = False) -> dict:
         d = asdict(self)
@@ -284,13 +286,19 @@ class Scorer:
             scored.phrasing = ref.phrasing
             details.append(scored)
         metrics = _metric_table(details)
-        strict_metrics = {}
-        if references is not None:  # the unanswered ones scored as empty answers: wrong, whatever their type
-            unanswered = [self.score_one(rid, "", references[rid].reference, references[rid].image)
-                          for rid in [*missing, *(e["id"] for e in errors)]]
-            strict_metrics = _metric_table(details + unanswered)
+        strict_metrics, strict_by_phrasing = {}, {}
         phrasings = sorted({d.phrasing for d in details if d.phrasing})
         by_phrasing = {g: _metric_table([d for d in details if d.phrasing == g]) for g in phrasings}
+        if references is not None:  # the unanswered ones scored as empty answers: wrong, whatever their type
+            unanswered = []
+            for rid in [*missing, *(e["id"] for e in errors)]:
+                ref = references[rid].reference
+                unanswered.append(self.score_one(rid, "", ref, references[rid].image))
+                unanswered[-1].phrasing = ref.phrasing
+            everything = details + unanswered
+            strict_metrics = _metric_table(everything)
+            strict_by_phrasing = {g: _metric_table([d for d in everything if d.phrasing == g])
+                                  for g in sorted({d.phrasing for d in everything if d.phrasing})}
         dists = [d.distance_m for d in details if d.distance_m is not None]
         n_dist_total = sum(1 for d in details if d.question_type in DISTANCE_TYPES)
         distance = {"median_m": statistics.median(dists) if dists else None,
@@ -301,7 +309,7 @@ class Scorer:
         unparseable = [{"id": d.id, "question_type": d.question_type, "answer": d.answer}
                        for d in details if d.unparseable]
         return ScoreReport(n_eval, len(rows), len(missing), missing, metrics, distance, by_type, unparseable,
-                           by_phrasing, details, errors, strict_metrics)
+                           by_phrasing, details, errors, strict_metrics, strict_by_phrasing)
 
 
 def score_files(dataset: str | Path, answers: str | Path, eval_file: str | Path | None = None,
