@@ -95,16 +95,22 @@ def write_osm(path: Path, ways=TOY_WAYS, places=TOY_PLACES, areas=()) -> Path:
     return path
 
 
-def write_geojson(path: Path, ways=TOY_WAYS, places=TOY_PLACES) -> Path:
+def geojson_features(ways, places, to_coords=lonlat) -> list[dict]:
+    """Features of the toy ways (LineStrings) and places (Points), local metres mapped by `to_coords`."""
     feats = []
     for name, hw, pts in ways:
-        lon, lat = lonlat([p[0] for p in pts], [p[1] for p in pts])
+        a, b = to_coords([p[0] for p in pts], [p[1] for p in pts])
         feats.append({"type": "Feature", "properties": {"name": name, "highway": hw},
-                      "geometry": {"type": "LineString", "coordinates": np.stack([lon, lat], 1).tolist()}})
+                      "geometry": {"type": "LineString", "coordinates": np.stack([a, b], 1).tolist()}})
     for name, kind, x, y in places:
-        lon, lat = lonlat(x, y)
+        a, b = to_coords(x, y)
         feats.append({"type": "Feature", "properties": {"name": name, "place": kind},
-                      "geometry": {"type": "Point", "coordinates": [float(lon), float(lat)]}})
+                      "geometry": {"type": "Point", "coordinates": [float(a), float(b)]}})
+    return feats
+
+
+def write_geojson(path: Path, ways=TOY_WAYS, places=TOY_PLACES) -> Path:
+    feats = geojson_features(ways, places)
     path.write_text(json.dumps({"type": "FeatureCollection", "features": feats}), encoding="utf-8")
     return path
 
@@ -326,15 +332,7 @@ def test_projected_graphml_in_another_crs_without_declaration(tmp_path):
 
 
 def _projected_geojson(path: Path, crs_member) -> Path:
-    feats = []
-    for name, hw, pts in TOY_WAYS:
-        x, y = utm([p[0] for p in pts], [p[1] for p in pts])
-        feats.append({"type": "Feature", "properties": {"name": name, "highway": hw},
-                      "geometry": {"type": "LineString", "coordinates": np.stack([x, y], 1).tolist()}})
-    for name, kind, px, py in TOY_PLACES:
-        x, y = utm(px, py)
-        feats.append({"type": "Feature", "properties": {"name": name, "place": kind},
-                      "geometry": {"type": "Point", "coordinates": [float(x), float(y)]}})
+    feats = geojson_features(TOY_WAYS, TOY_PLACES, to_coords=utm)
     x, y = utm([p[0] for p in HARBOUR], [p[1] for p in HARBOUR])
     feats.append({"type": "Feature", "properties": {"name": "Harbour", "place": "neighbourhood"},
                   "geometry": {"type": "Polygon", "coordinates": [np.stack([x, y], 1).tolist()]}})
