@@ -106,6 +106,12 @@ def _metric_table(details: Sequence[ScoredAnswer]) -> dict[str, dict]:
     return out
 
 
+def _by_phrasing(details: Sequence[ScoredAnswer]) -> dict[str, dict]:
+    """The metric table of each question wording the references name ('seen', 'held_out')."""
+    return {g: _metric_table([d for d in details if d.phrasing == g])
+            for g in sorted({d.phrasing for d in details if d.phrasing})}
+
+
 @dataclass
 class ScoreReport:
     n_eval: int
@@ -241,7 +247,7 @@ class Scorer:
                 point = self._point(rid, ref, image)
                 if geom is not None and point is not None:
                     distance = float(geom.distance(point))
-        return ScoredAnswer(rid, t, answer, parsed_out, correct, distance, unparseable)
+        return ScoredAnswer(rid, t, answer, parsed_out, correct, distance, unparseable, ref.phrasing)
 
     def score(self, answers: Sequence[dict], references: dict[str, EvalRecord] | None = None,
               source: str = "answers") -> ScoreReport:
@@ -282,23 +288,13 @@ class Scorer:
                 if "reference" not in a:
                     raise AnswersError(f"{source}: id {rid!r} has no reference (pass the evaluation split)")
                 ref, image = Reference.from_dict(a["reference"], where=f"{source}: id {rid}: "), a.get("image")
-            scored = self.score_one(rid, str(a["answer"] or ""), ref, image)
-            scored.phrasing = ref.phrasing
-            details.append(scored)
-        metrics = _metric_table(details)
+            details.append(self.score_one(rid, str(a["answer"] or ""), ref, image))
+        metrics, by_phrasing = _metric_table(details), _by_phrasing(details)
         strict_metrics, strict_by_phrasing = {}, {}
-        phrasings = sorted({d.phrasing for d in details if d.phrasing})
-        by_phrasing = {g: _metric_table([d for d in details if d.phrasing == g]) for g in phrasings}
         if references is not None:  # the unanswered ones scored as empty answers: wrong, whatever their type
-            unanswered = []
-            for rid in [*missing, *(e["id"] for e in errors)]:
-                ref = references[rid].reference
-                unanswered.append(self.score_one(rid, "", ref, references[rid].image))
-                unanswered[-1].phrasing = ref.phrasing
-            everything = details + unanswered
-            strict_metrics = _metric_table(everything)
-            strict_by_phrasing = {g: _metric_table([d for d in everything if d.phrasing == g])
-                                  for g in sorted({d.phrasing for d in everything if d.phrasing})}
+            everything = details + [self.score_one(rid, "", references[rid].reference, references[rid].image)
+                                    for rid in [*missing, *(e["id"] for e in errors)]]
+            strict_metrics, strict_by_phrasing = _metric_table(everything), _by_phrasing(everything)
         dists = [d.distance_m for d in details if d.distance_m is not None]
         n_dist_total = sum(1 for d in details if d.question_type in DISTANCE_TYPES)
         distance = {"median_m": statistics.median(dists) if dists else None,
