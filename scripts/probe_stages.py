@@ -53,10 +53,10 @@ def fit_probe(x_tr, y_tr, x_te, y_te, classes: int, steps: int = 300, wd: float 
 
 
 @torch.no_grad()
-def stage_features(model_dir: Path, image_root: Path, images: list[str], batch: int = 32) -> dict[str, torch.Tensor]:
-    from llava_address.eval.infer import load_generator, open_image, user_turn
+def stage_features(gen, image_root: Path, images: list[str], batch: int = 32) -> dict[str, torch.Tensor]:
+    """Features of each stage for `images`, from `gen` (an `llava_address.eval.infer.Generator`)."""
+    from llava_address.eval.infer import open_image, user_turn
 
-    gen = load_generator(str(model_dir), device="cpu", dtype="float32")
     model, cfg = gen.model, gen.model.config
     layer, strategy = cfg.vision_feature_layer, cfg.vision_feature_select_strategy
     feats: dict[str, list[torch.Tensor]] = {"tower CLS (last layer)": [], f"tower patches (mean, layer {layer})": [],
@@ -98,12 +98,11 @@ def yes_no_questions(conversations_file: Path, eval_file: bool) -> list[tuple[st
 
 
 @torch.no_grad()
-def yes_no_features(model_dir: Path, image_root: Path, questions: list[tuple[str, str, bool]],
+def yes_no_features(gen, image_root: Path, questions: list[tuple[str, str, bool]],
                     batch: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """LLM last hidden state at the end of each yes/no prompt, and whether "Yes" outscores "No" there."""
-    from llava_address.eval.infer import load_generator, open_image, user_turn
+    from llava_address.eval.infer import open_image, user_turn
 
-    gen = load_generator(str(model_dir), device="cpu", dtype="float32")
     yes_id, no_id = (gen.tokenizer(w, add_special_tokens=False).input_ids[0] for w in ("Yes", "No"))
     hidden, says_yes = [], []
     for i in range(0, len(questions), batch):
@@ -139,7 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     splits = {s: records[records["split"] == s] for s in ("train", "test")}
     if args.limit:
         splits = {s: df.head(args.limit) for s, df in splits.items()}
-    feats = {s: stage_features(model_dir, demo / "dataset" / "images", df["image"].astype(str).tolist())
+    from llava_address.eval.infer import load_generator
+
+    gen = load_generator(str(model_dir), device="cpu", dtype="float32")  # once, for every probe below
+    feats = {s: stage_features(gen, demo / "dataset" / "images", df["image"].astype(str).tolist())
              for s, df in splits.items()}
     rows, result = ["| stage | street | sub-street |", "|---|---:|---:|"], {}
     for stage in feats["train"]:
@@ -161,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     if yes_no["train"] and yes_no["test"]:
         x, says = {}, {}
         for split, questions in yes_no.items():
-            x[split], says[split] = yes_no_features(model_dir, demo / "dataset" / "images", questions)
+            x[split], says[split] = yes_no_features(gen, demo / "dataset" / "images", questions)
         y = {s: torch.tensor([int(yes) for _, _, yes in q]) for s, q in yes_no.items()}
         probe = fit_probe(x["train"], y["train"], x["test"], y["test"], 2)
         forced = float((says["test"].long() == y["test"]).float().mean())
