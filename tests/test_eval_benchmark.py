@@ -144,6 +144,7 @@ def test_retrieval_answers_yes_no_by_whether_its_top1_is_the_named_place(toy_dat
     assert verdict("Was this photo taken on Aleksanterinkatu?") == "Yes"
     assert verdict("Was this photo taken on Bulevardi?") == "No"
     assert verdict("Where was this photo taken?") is None  # names no place: an open question
+    assert verdict("What is near Aleksanterinkatu?") is None  # names a place but asks no verdict
     assert benchmark.verify_by_top1("Was this photo taken on Bulevardi?", top1, gazetteer).endswith(f"{top1.text}.")
 
 

@@ -9,7 +9,7 @@ from conversations.records import (CROSS_STREETS, FULL_ADDRESS, IMAGE_TOKEN, MUL
                                    RecordError, Reference)
 from llava_address.eval import scoring
 from llava_address.eval.embedder import clip_text_embedder
-from llava_address.eval.parse import parse_mc, parse_yes_no
+from llava_address.eval.parse import asks_yes_no, parse_mc, parse_yes_no
 from llava_address.eval.scoring import AnswersError, Scorer
 
 TYPES = [FULL_ADDRESS, STREET, CROSS_STREETS, PLACE, YES_NO, MULTIPLE_CHOICE]
@@ -188,6 +188,20 @@ def test_sub_street_needs_the_right_cross_streets(scorer):
     assert details["a"].correct == {"street_acc": True, "sub_street_acc": True, "neighbourhood_acc": False}
     assert details["b"].correct["street_acc"] and not details["b"].correct["sub_street_acc"]
     assert details["c"].parsed["sub_street"] is None and details["c"].distance_m is not None
+
+
+def test_asks_yes_no_tells_verification_questions_from_every_other_wording():
+    from conversations.templates import QUESTION_TYPES
+
+    for qtype in QUESTION_TYPES.values():  # every training and held-out wording of every question type
+        for wording in qtype.questions + qtype.held_out:
+            question = wording.format(candidate="Bulevardi", choices="A. Bulevardi\nB. Esplanadi")
+            assert asks_yes_no(question) is (qtype.name == YES_NO), question
+    prompt = f"{IMAGE_TOKEN}\nCandidate addresses (AddressCLIP top-5):\n1. Esplanadi\nIsn't this Bulevardi?"
+    assert asks_yes_no(prompt)  # the candidate block above the question is skipped
+    for free_form in ("What is near Bulevardi?", "Can you tell me what is on Bulevardi?", "Name a cafe on Bulevardi.",
+                      "Which one is correct?", ""):
+        assert not asks_yes_no(free_form), free_form
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -17,9 +17,10 @@ A system is `NAME=KIND:TARGET[,key=value...]`; the kinds are a registry (`SYSTEM
   system through vLLM (merged folders only; `llava_address.eval.vllm_engine`).
 - clip: AddressCLIP retrieval: a train-clip checkpoint (or `model=NAME` + `pretrained=TAG` for open_clip);
   the answer is the top-1 address of the city's gallery (`style=full` by default). Multiple-choice
-  questions are answered by ranking the options listed in the question; a question that names a place and
-  lists no options is a yes/no question, answered "Yes" when retrieval's top-1 address is that place (the
-  same sub-street when the question names one, else the same street), else "No" (`verify_by_top1`).
+  questions are answered by ranking the options listed in the question; a yes/no question about a place it
+  names (`parse.asks_yes_no`; "What is near X?" is not one) is answered "Yes" when retrieval's top-1
+  address is that place (the same sub-street when the question names one, else the same street), else "No"
+  (`verify_by_top1`).
 - hf: any vision-language model transformers' `pipeline("image-text-to-text")` runs (hub id or folder),
   prompted with the question alone through the model's own chat template.
 - jsonl: answers produced elsewhere (closed APIs), `{"id", "answer"}` per line, scored as they are.
@@ -48,6 +49,7 @@ from clip_stage.core.fs import atomic_write_json, atomic_write_text
 from clip_stage.core.outdir import check_out_dir, write_marker
 from clip_stage.core.registry import Registry
 from llava_address.eval.gazetteer import Gazetteer
+from llava_address.eval.parse import asks_yes_no
 from llava_address.eval.infer import (InferenceInputError, candidate_answer_batch, eval_items, llava_answer_batch,
                                  load_generator, load_ranker, run_answers)
 from llava_address.eval.scoring import METRICS, Scorer, read_answers, read_references
@@ -175,13 +177,16 @@ def choices_in_question(question: str) -> list[tuple[str, str]]:
 
 
 def verify_by_top1(question: str, top1: Candidate, gazetteer: Gazetteer) -> str | None:
-    """Retrieval's yes/no answer to a question that names a place, or None when the question names none.
+    """Retrieval's yes/no answer to a question that asks for a verdict (`parse.asks_yes_no`) about a place it
+    names, or None for any other question ("What is near X?" is answered with the top-1 address).
 
     The place is what the benchmark's own gazetteer reads in the question (the scorer's parser): "Yes" when
     retrieval's top-1 address is that sub-street (a question naming cross streets: the top-1 is on the street
     and has those cross streets, which also decides "X near Y" when Y meets X twice) or lies on that street (a
     question naming a street alone), else "No". The top-1 address follows the verdict.
     """
+    if not asks_yes_no(question):
+        return None
     parsed = gazetteer.parse(question)
     if parsed.street is None:
         return None
@@ -198,7 +203,7 @@ def verify_by_top1(question: str, top1: Candidate, gazetteer: Gazetteer) -> str 
 def clip_retrieval(bundle, gallery: Gallery, text_embeddings, gazetteer: Gazetteer | None = None,
                    device: str = "cpu"):
     """answer_batch for a CLIP model: top-1 gallery address, the best-ranked listed option for MC, and (with a
-    gazetteer) a yes/no verdict for a question that names a place (`verify_by_top1`)."""
+    gazetteer) a verdict for a yes/no question about a place (`verify_by_top1`)."""
     import torch
 
     @torch.no_grad()

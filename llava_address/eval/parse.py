@@ -26,6 +26,34 @@ def parse_yes_no(answer: str) -> bool | None:
     return None
 
 
+# A question asks for a verdict when it opens with an auxiliary verb ("Is this X?", "Could this be X?") or
+# says so ("Yes or no: ...", "... Correct?", "Confirm or deny ..."); wh-questions ("What is near X?") and
+# polite requests ("Can you name the street?") do not.
+_AUXILIARIES = {"is", "was", "are", "were", "am", "does", "do", "did", "could", "can", "would", "will", "should",
+                "has", "have", "might", "may", "must", "isnt", "wasnt", "arent", "doesnt", "didnt"}
+_WH_WORDS = {"what", "whats", "where", "which", "who", "whose", "when", "why", "how"}
+_REQUEST_VERBS = {"tell", "name", "give", "describe", "pin", "identify", "list", "show", "find", "locate", "provide",
+                  "explain", "work", "determine", "help"}
+_VERDICT_SAID = re.compile(r"\b(yes or no|true or false|confirm or deny|right or wrong)\b", re.I)
+_VERDICT_HINTED = re.compile(r"\b(guess|claims?)\b|\b(correct|right|true)\?", re.I)
+
+
+def asks_yes_no(question: str) -> bool:
+    """Whether a question asks for a yes/no verdict (its last line, so a prompt's candidate block is skipped)."""
+    lines = [ln for ln in question.replace("<image>", " ").splitlines() if ln.strip()]
+    if not lines:
+        return False
+    last = lines[-1]
+    if _VERDICT_SAID.search(last):
+        return True
+    words = tokens(last.replace("n't", "nt"))
+    if not words or words[0] in _WH_WORDS:
+        return False
+    if words[0] in _AUXILIARIES:
+        return not (len(words) > 2 and words[1] == "you" and words[2] in _REQUEST_VERBS)
+    return bool(_VERDICT_HINTED.search(last))
+
+
 _LETTER_PATTERNS = [
     re.compile(r"^\s*\(?([A-Ha-h])\)?\s*(?:[.):,]|$|\s)"),
     re.compile(r"(?:option|answer|choice|letter)\s*(?:is\s*)?[:\-]?\s*\(?([A-Ha-h])\)?(?![A-Za-z])", re.I),
