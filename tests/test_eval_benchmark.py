@@ -124,6 +124,15 @@ def test_unloadable_models_and_foreign_output_files_are_clear_errors(tmp_path):
     foreign.write_text("hello\n")
     with pytest.raises(infer.InferenceInputError, match="refusing to append"):
         infer.read_done_ids(foreign)
+    conversations = tmp_path / "eval.jsonl"  # JSON lines with ids, but no answers: another command's output
+    conversations.write_text('{"id": "1", "image": "1.png", "conversations": []}\n')
+    with pytest.raises(infer.InferenceInputError, match="not an answers line"):
+        infer.read_done_ids(conversations)
+    notes = tmp_path / "notes.txt"  # one unterminated line is not a torn answer: left as it is
+    notes.write_text("important notes, no newline at the end")
+    with pytest.raises(infer.InferenceInputError, match="not an answers file"):
+        infer.read_done_ids(notes)
+    assert notes.read_text() == "important notes, no newline at the end"
 
 
 def test_retrieval_answers_yes_no_by_whether_its_top1_is_the_named_place(toy_dataset):
@@ -256,3 +265,33 @@ def test_adapter_checkpoints_load_merged_with_the_trained_weights(tiny_llava, tm
         untuned = base.model(**inputs).logits
     assert torch.allclose(got, want, atol=1e-4)
     assert not torch.allclose(got, untuned, atol=1e-3)
+
+
+def test_imported_answers_are_scored_on_the_limited_split_and_bad_rows_are_skipped(toy_dataset, eval_split, tmp_path):
+    recs = json.loads(eval_split.read_text())[:8]
+    small_eval = tmp_path / "eval.json"
+    small_eval.write_text(json.dumps(recs))
+    imported = tmp_path / "closed.jsonl"  # answers for the whole split, one line torn by hand
+    imported.write_text("{torn\n" + "".join(json.dumps({"id": r["id"], "answer": r["conversations"][1]["value"]})
+                                            + "\n" for r in recs))
+    out = tmp_path / "bench"
+    results = benchmark.run_benchmark([benchmark.parse_system_spec(f"closed=jsonl:{imported}")], toy_dataset,
+                                      small_eval, out, limit=4, progress=False)
+    report = results["closed"]["report"]
+    assert "error" not in results["closed"]
+    assert report["n_eval"] == report["n_answers"] == 4
+    assert report["bad_rows"] == [{"where": "line 1", "error": report["bad_rows"][0]["error"]}]
+    assert all(m["correct"] == m["total"] for m in report["metrics"].values())
+
+
+def test_resumed_answers_must_come_from_the_same_system(toy_dataset, eval_split, tmp_path):
+    out = tmp_path / "bench"
+    answers = out / "answers" / "ours.jsonl"
+    answers.parent.mkdir(parents=True)
+    answers.write_text('{"id": "x", "answer": "Esplanadi"}\n')
+    benchmark.record_answers_source(answers, benchmark.parse_system_spec(f"ours=llava:{tmp_path / 'merged'}"))
+    benchmark.check_answers_source(answers, benchmark.parse_system_spec(f"ours=llava:{tmp_path / 'merged'}"))
+    with pytest.raises(benchmark.BenchmarkError, match=r"holds the answers of llava:.*merged.*not of llava:.*base"):
+        benchmark.run_benchmark([benchmark.parse_system_spec(f"ours=llava:{tmp_path / 'base'}")], toy_dataset,
+                                eval_split, out, progress=False)
+    assert answers.read_text() == '{"id": "x", "answer": "Esplanadi"}\n'  # nothing deleted

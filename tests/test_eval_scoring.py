@@ -304,3 +304,51 @@ def test_addressclip_text_embedder_from_a_train_clip_checkpoint_and_its_export(t
         "street": "Bulevardi", "sub_street": "Bulevardi/2", "cross_streets": ["Fredrikinkatu", "Annankatu"],
         "neighbourhood": "Kamppi", "city": "Helsinki", "question_type": FULL_ADDRESS}}]).details[0]
     assert d.parsed["method"] == "embedding" and d.parsed["sub_street"] in s.gazetteer.sub_streets
+
+
+def _exit_code(main, argv) -> int:
+    """A command's exit status, whether it returns it or argparse exits with it."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+def test_score_cli_never_writes_over_its_inputs_and_checks_options_first(toy_dataset, tmp_path, capsys):
+    recs = _eval_records(toy_dataset)
+    ev = _write(tmp_path / "eval.jsonl", recs)
+    ans = _write(tmp_path / "answers.jsonl", [{"id": r["id"], "answer": _perfect_answer(r)} for r in recs])
+    before = {p: p.read_bytes() for p in (ev, ans, toy_dataset / "records.parquet")}
+    base = ["--dataset", str(toy_dataset), "--answers", str(ans), "--eval", str(ev)]
+    for extra, message in ((["--out", str(ans)], "is the input"),
+                           (["--details", str(ev)], "is the input"),
+                           (["--out", str(toy_dataset / "records.parquet")], "lies inside the input"),
+                           (["--out", str(tmp_path / "r.json"), "--details", str(tmp_path / "r.json")], "also --out"),
+                           (["--out", str(tmp_path)], "is a folder"),
+                           (["--threshold", "150"], "between 0 and 100")):
+        assert _exit_code(scoring.main, base + extra) == 2
+        assert message in capsys.readouterr().err
+    assert all(p.read_bytes() == data for p, data in before.items())
+
+
+def test_score_keeps_going_past_bad_rows_and_reports_them(toy_dataset, tmp_path, capsys):
+    recs = _eval_records(toy_dataset)
+    ev = _write(tmp_path / "eval.jsonl", recs)
+    good = [{"id": r["id"], "answer": _perfect_answer(r)} for r in recs[2:]]
+    ans = tmp_path / "answers.jsonl"
+    ans.write_text("{not json\n" + json.dumps({"id": recs[1]["id"]}) + "\n" + json.dumps(["a list"]) + "\n"
+                   + "".join(json.dumps(g) + "\n" for g in good) + json.dumps(good[0]) + "\n"
+                   + json.dumps({"id": "nope", "answer": "x"}) + "\n", encoding="utf-8")
+    out = tmp_path / "r.json"
+    assert scoring.main(["--dataset", str(toy_dataset), "--answers", str(ans), "--eval", str(ev), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "line 1: invalid JSON" in err and "line 2: lacks 'id' or 'answer'" in err and "line 3: not a JSON object" in err
+    assert "answered twice" in err and "'nope' is not in the evaluation split" in err
+    report = json.loads(out.read_text())
+    assert len(report["bad_rows"]) == 5 and report["n_answers"] == len(good)
+    assert report["n_missing"] == 2  # the two questions whose rows were bad
+    assert all(m["correct"] == m["total"] for m in report["metrics"].values())
+    junk = tmp_path / "junk.jsonl"
+    junk.write_text("{not json\n[1]\n", encoding="utf-8")
+    assert _exit_code(scoring.main, ["--dataset", str(toy_dataset), "--answers", str(junk), "--eval", str(ev)]) == 2
+    assert "no row could be scored" in capsys.readouterr().err

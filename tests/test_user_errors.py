@@ -93,7 +93,9 @@ CASES = {
                    "none", "--output-dir", str(d.parent / "clip-run")], ["records.parquet"]),
     "dataset-summary corrupt dataset": (lambda d: ["dataset-summary", str(d / "dataset")], ["records.parquet"]),
     "score corrupt dataset": (
-        lambda d: ["score", "--dataset", str(d / "dataset"), "--answers", str(d / "nope.jsonl")], ["records.parquet"]),
+        lambda d: ["score", "--dataset", str(d / "dataset"), "--answers", str(d / "gpt_first.json")], ["records.parquet"]),
+    "score missing answers": (
+        lambda d: ["score", "--dataset", str(d / "dataset"), "--answers", str(d / "nope.jsonl")], ["nope.jsonl"]),
     "conv-stats missing file": (lambda d: ["conv-stats", str(d / "nope.json")], ["nope.json"]),
 }
 

@@ -79,13 +79,30 @@ def check_not_input(out: str | os.PathLike, inputs: Iterable[str | os.PathLike |
             continue
         in_r = _real(inp)
         if out_r == in_r:
-            raise OutputFolderError(f"{flag} {out} is the input {inp}; choose another folder (writing it would "
-                                    "delete the input)")
+            raise OutputFolderError(f"{flag} {out} is the input {inp}; choose another path (writing it would "
+                                    "destroy the input)")
         if out_r in in_r.parents:
-            raise OutputFolderError(f"{flag} {out} contains the input {inp}; choose another folder (writing it "
+            raise OutputFolderError(f"{flag} {out} contains the input {inp}; choose another path (writing it "
                                     "would delete the input)")
         if in_r in out_r.parents and in_r not in nested_ok:
-            raise OutputFolderError(f"{flag} {out} lies inside the input {inp}; choose a folder outside it")
+            raise OutputFolderError(f"{flag} {out} lies inside the input {inp}; choose a path outside it")
+
+
+def check_out_files(outs: dict[str, str | os.PathLike | None], inputs: Iterable[str | os.PathLike | None]) -> None:
+    """Output *files* ({flag: path}, None = not asked for): none is an input, lies inside an input folder or is
+    a folder, and no two are the same file (one would silently replace the other)."""
+    inputs = list(inputs)
+    seen: dict[Path, str] = {}
+    for flag, out in outs.items():
+        if out is None or os.fspath(out) == "":
+            continue
+        if Path(out).is_dir():
+            raise OutputFolderError(f"{flag} {out} is a folder; give a file path")
+        check_not_input(out, inputs, flag)
+        real = _real(out)
+        if real in seen:
+            raise OutputFolderError(f"{flag} {out} is also {seen[real]}; give each output its own file")
+        seen[real] = flag
 
 
 def check_out_dir(out: str | os.PathLike, kind: str, *, inputs: Iterable[str | os.PathLike | None] = (),

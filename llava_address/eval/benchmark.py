@@ -34,6 +34,7 @@ still scored; the command then exits non-zero. Outputs: `OUT/benchmark.md` (tabl
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -294,6 +295,40 @@ register_system_kind(SystemKind("jsonl", "imported answers JSONL (closed models)
 
 # --- running, scoring, reporting -----------------------------------------------------------------------
 
+def _answers_source_file(answers_path: Path) -> Path:
+    return answers_path.with_suffix(".system.json")
+
+
+def _answers_source(spec: SystemSpec) -> dict:
+    """What wrote a system's answers: its kind, target (a folder as its real path) and options."""
+    target = os.path.realpath(spec.target) if spec.target and os.path.exists(spec.target) else spec.target
+    return {"kind": spec.kind, "target": target, "options": spec.options}
+
+
+def check_answers_source(answers_path: Path, spec: SystemSpec) -> None:
+    """Refuses to resume answers that another system (kind, target or options) wrote under this name: they
+    would be scored as this system's."""
+    source = _answers_source_file(answers_path)
+    if not answers_path.exists():
+        return
+    if not source.is_file():
+        return  # answers from before the source was recorded: resumed as they are
+    try:
+        was = json.loads(source.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise BenchmarkError(f"{source}: unreadable ({e}); remove it with {answers_path} to answer afresh") from None
+    now = _answers_source(spec)
+    if was != now:
+        raise BenchmarkError(f"system {spec.name}: {answers_path} holds the answers of {was.get('kind')}:"
+                             f"{was.get('target')} {was.get('options') or ''}, not of {spec.kind}:{spec.target} "
+                             f"{spec.options or ''}; use another system name or --out (nothing was deleted)")
+
+
+def record_answers_source(answers_path: Path, spec: SystemSpec) -> None:
+    if not _answers_source_file(answers_path).exists():
+        atomic_write_json(_answers_source_file(answers_path), _answers_source(spec))
+
+
 def run_benchmark(specs: Sequence[SystemSpec], dataset: str | Path, eval_file: str | Path, out_dir: str | Path,
                   image_root: str | Path | None = None, ctx: RunContext | None = None, scorer: Scorer | None = None,
                   limit: int | None = None, progress: bool = True) -> dict[str, dict]:
@@ -310,23 +345,33 @@ def run_benchmark(specs: Sequence[SystemSpec], dataset: str | Path, eval_file: s
     references = read_references(eval_file)
     if limit is not None:
         references = {it.id: references[it.id] for it in items}
+    for spec in specs:  # before any model loads: resumed answers must come from the same system
+        if get_system_kind(spec.kind).load is not None:
+            check_answers_source(out_dir / "answers" / f"{spec.name}.jsonl", spec)
     scorer = scorer or Scorer.from_dataset(dataset)
     results: dict[str, dict] = {}
     for spec in specs:
         kind = get_system_kind(spec.kind)
         res: dict[str, Any] = {"kind": spec.kind, "target": spec.target, "supports": sorted(kind.supports)}
         try:
+            bad: list[dict] = []  # rows that cannot be scored: skipped and listed in the report
             if kind.load is None:
                 answers_path = Path(spec.target)
-                rows = read_answers(answers_path)
+                rows = read_answers(answers_path, bad)
+                if limit is not None:  # answers made elsewhere for the whole split: score the --limit ones
+                    rows = [r for r in rows if str(r.get("id")) in references]
             else:
                 answers_path = out_dir / "answers" / f"{spec.name}.jsonl"
                 system = kind.load(spec, ctx)
+                record_answers_source(answers_path, spec)
                 res["supports"] = sorted(system.supports)
                 res["counts"] = run_answers(system.answer_batch, items, image_root, answers_path, ctx.batch_size,
                                             progress)
-                rows = read_answers(answers_path)
-            report = scorer.score(rows, references, source=str(answers_path))
+                rows = read_answers(answers_path, bad)
+            report = scorer.score(rows, references, source=str(answers_path), bad_rows=bad)
+            if bad:
+                log.warning("system %s: %d answer rows skipped as unscorable (first: %s: %s); listed in "
+                            "benchmark.json", spec.name, len(bad), bad[0]["where"], bad[0]["error"])
             res.update(answers=str(answers_path), report=report.to_dict())
         except Exception as e:  # one failing system must not lose the others' results
             log.error("system %s failed: %s", spec.name, e)

@@ -56,6 +56,10 @@ _TENS_ORD = {2: "twentieth", 3: "thirtieth", 4: "fortieth", 5: "fiftieth", 6: "s
 _ORDINAL_RE = re.compile(r"^(\d{1,2})(st|nd|rd|th)$")
 
 
+class AliasFileError(ValueError):
+    """An alias file that is not a JSON object of known names (a user error: one line, exit 2)."""
+
+
 def ordinal_word(n: int) -> str:
     """1 -> 'first' ... 99 -> 'ninety ninth' (larger numbers stay digits)."""
     if n < 20:
@@ -288,7 +292,7 @@ class Gazetteer:
             elif canonical in self.cities:
                 self._place_entries.append(("city", canonical, normalise(alias), "alias"))
             else:
-                raise ValueError(f"alias {alias!r} -> {canonical!r}: {canonical!r} is not a street, neighbourhood "
+                raise AliasFileError(f"alias {alias!r} -> {canonical!r}: {canonical!r} is not a street, neighbourhood "
                                  f"or city of this gazetteer")
         self._street_exact: dict[StreetKey, list[tuple[str, str]]] = {}
         for name, key, how in self._street_entries:
@@ -556,7 +560,7 @@ def load_aliases(path: str | Path) -> dict[str, str]:
     except FileNotFoundError:
         raise FileNotFoundError(f"alias file {path} not found") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"alias file {path}: malformed JSON ({e})") from None
+        raise AliasFileError(f"alias file {path}: malformed JSON ({e})") from None
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in obj.items()):
-        raise ValueError(f"alias file {path}: expected a JSON object of alias -> canonical name strings")
+        raise AliasFileError(f"alias file {path}: expected a JSON object of alias -> canonical name strings")
     return obj

@@ -225,10 +225,16 @@ def read_done_ids(path: str | os.PathLike, retry_errors: bool = False) -> set[st
     kept: list[bytes] = []
     n_errors = 0
     lines = data[:good_end].splitlines()
-    for jl in parse_jsonl(lines):
+    parsed = list(parse_jsonl(lines))
+    for jl in parsed:  # all checked before anything is cut or rewritten: someone else's file stays as it is
         row = jl.value
-        if jl.error is not None or not isinstance(row, dict) or "id" not in row:
-            raise InferenceInputError(f"{path}: line {jl.lineno}: not an answers line; refusing to append to it")
+        if jl.error is not None or not isinstance(row, dict) or "id" not in row or not ({"answer", "error"} & set(row)):
+            raise InferenceInputError(f"{path}: line {jl.lineno}: not an answers line (id + answer or error); "
+                                      "refusing to append to it")
+    if good_end < len(data) and not parsed:  # one unterminated line and nothing of ours
+        raise InferenceInputError(f"{path}: not an answers file (no complete answers line); refusing to write it")
+    for jl in parsed:
+        row = jl.value
         if retry_errors and "error" in row:
             n_errors += 1
             continue

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -41,7 +42,8 @@ from shapely.geometry import Point
 
 from clip_stage.core.config import ArgumentParser
 from clip_stage.core.errors import command_main
-from clip_stage.core.fs import atomic_write_json, atomic_write_text, read_jsonl
+from clip_stage.core.fs import atomic_write_json, atomic_write_text, iter_jsonl, read_jsonl
+from clip_stage.core.outdir import check_out_files
 from clip_stage.core.schema import read_records
 from conversations.records import (CAPTION, CROSS_STREETS, FULL_ADDRESS, MULTIPLE_CHOICE, PLACE, SCENE, STREET, YES_NO,
                                    EvalRecord, Reference, eval_records, load_eval_records)
@@ -68,9 +70,23 @@ class AnswersError(ValueError):
     """An answers file that cannot be scored (unknown ids, malformed lines, ...)."""
 
 
-def read_answers(path: str | Path) -> list[dict]:
-    """The rows of an answers JSONL file (one-line AnswersError naming the line of a malformed one)."""
-    return read_jsonl(path, AnswersError)
+def read_answers(path: str | Path, bad_rows: list[dict] | None = None) -> list[dict]:
+    """The rows of an answers JSONL file. A malformed line raises a one-line AnswersError naming it, or, with
+    a `bad_rows` list, is recorded there ({"where": "line N", "error"}) and skipped."""
+    if bad_rows is None:
+        return read_jsonl(path, AnswersError)
+    rows = []
+    for line in iter_jsonl(path):
+        if line.error is None and not isinstance(line.value, dict):
+            bad_rows.append({"where": f"line {line.lineno}", "error": f"not a JSON object ({type(line.value).__name__})"})
+        elif line.error is not None:
+            bad_rows.append({"where": f"line {line.lineno}", "error": line.error})
+        else:
+            rows.append({**line.value, _LINE: line.lineno})
+    return rows
+
+
+_LINE = "_line"  # where a row read with bad_rows came from, so that the scorer's own checks can name the line
 
 
 def eval_references(records: Iterable[dict], where: str = "records") -> dict[str, EvalRecord]:
@@ -131,6 +147,8 @@ class ScoreReport:
     """the metrics with every unanswered question (missing or error) counted wrong; {} without the split"""
     strict_by_phrasing: dict[str, dict] = field(default_factory=dict)
     """by_phrasing with the unanswered questions counted wrong, like strict_metrics; {} without the split"""
+    bad_rows: list[dict] = field(default_factory=list)
+    """answers rows skipped as malformed ({where, error}) when scoring with skip_bad; their ids count as missing"""
 
     def to_dict(self, details: bool = False) -> dict:
         d = asdict(self)
@@ -141,7 +159,8 @@ class ScoreReport:
     def markdown(self, name: str = "") -> str:
         lines = [f"### {name}" if name else "### scores",
                  f"answers {self.n_answers} of {self.n_eval} (missing {self.n_missing}, errors {len(self.errors)}), "
-                 f"unparseable {len(self.unparseable)}", "",
+                 f"unparseable {len(self.unparseable)}"
+                 + (f", bad rows skipped {len(self.bad_rows)}" if self.bad_rows else ""), "",
                  "| metric | value | correct / total | unanswered counted wrong |", "|---|---|---|---|"]
         for m, v in self.metrics.items():
             val = "n/a" if v["value"] is None else f"{100 * v['value']:.1f}%"
@@ -250,45 +269,65 @@ class Scorer:
         return ScoredAnswer(rid, t, answer, parsed_out, correct, distance, unparseable, ref.phrasing)
 
     def score(self, answers: Sequence[dict], references: dict[str, EvalRecord] | None = None,
-              source: str = "answers") -> ScoreReport:
-        """Scores answer rows; `references` (from the evaluation split) is authoritative when given."""
+              source: str = "answers", bad_rows: list[dict] | None = None) -> ScoreReport:
+        """Scores answer rows; `references` (from the evaluation split) is authoritative when given.
+
+        A row that cannot be scored (no id or answer, an id answered twice or not in the split, a reference off
+        the contract) raises a one-line error naming it; with a `bad_rows` list (a batch job that keeps going)
+        it is recorded there and skipped instead, and its question counts as missing.
+        """
+        def reject(i: int, a: dict, message: str, error: type[Exception] = AnswersError) -> None:
+            where = f"line {a[_LINE]}" if isinstance(a, dict) and _LINE in a else f"row {i + 1}"
+            if bad_rows is None:
+                raise error(f"{source}: {where}: {message}")
+            bad_rows.append({"where": where, "error": message})
+
         seen: set[str] = set()
         rows = []
         errors: list[dict] = []
         for i, a in enumerate(answers):
-            if "id" in a and "error" in a and "answer" not in a:  # infer could not answer it (bad image)
-                if str(a["id"]) in seen:
-                    raise AnswersError(f"{source}: id {str(a['id'])!r} answered twice")
-                seen.add(str(a["id"]))
-                errors.append({"id": str(a["id"]), "error": str(a["error"])})
+            if not isinstance(a, dict) or "id" not in a or ("answer" not in a and "error" not in a):
+                reject(i, a, "lacks 'id' or 'answer'")
                 continue
-            if "id" not in a or "answer" not in a:
-                raise AnswersError(f"{source}: row {i} lacks 'id' or 'answer'")
             rid = str(a["id"])
             if rid in seen:
-                raise AnswersError(f"{source}: id {rid!r} answered twice")
+                reject(i, a, f"id {rid!r} answered twice")
+                continue
+            if references is not None and rid not in references and bad_rows is not None:
+                reject(i, a, f"id {rid!r} is not in the evaluation split")
+                continue
+            ref = image = None
+            if references is None and "error" not in a:
+                if "reference" not in a:
+                    reject(i, a, f"id {rid!r} has no reference (pass the evaluation split)")
+                    continue
+                try:
+                    ref, image = Reference.from_dict(a["reference"], where=f"{source}: id {rid}: "), a.get("image")
+                except ValueError as e:
+                    if bad_rows is None:
+                        raise
+                    reject(i, a, str(e))
+                    continue
             seen.add(rid)
-            rows.append(a)
+            if "error" in a and "answer" not in a:  # infer could not answer it (bad image)
+                errors.append({"id": rid, "error": str(a["error"])})
+            else:
+                rows.append((rid, str(a["answer"] or ""), ref, image))
         if references is not None:
-            unknown = [str(a["id"]) for a in [*rows, *errors] if str(a["id"]) not in references]
+            unknown = [rid for rid in seen if rid not in references]
             if unknown:
                 more = f" (and {len(unknown) - 10} more)" if len(unknown) > 10 else ""
                 raise AnswersError(f"{source}: {len(unknown)} answer id(s) not in the evaluation split: "
-                                   f"{unknown[:10]}{more}")
+                                   f"{sorted(unknown)[:10]}{more}")
             missing = sorted(set(references) - seen)
             n_eval = len(references)
         else:
             missing, n_eval = [], len(rows)
         details: list[ScoredAnswer] = []
-        for a in rows:
-            rid = str(a["id"])
+        for rid, answer, ref, image in rows:
             if references is not None:
                 ref, image = references[rid].reference, references[rid].image
-            else:
-                if "reference" not in a:
-                    raise AnswersError(f"{source}: id {rid!r} has no reference (pass the evaluation split)")
-                ref, image = Reference.from_dict(a["reference"], where=f"{source}: id {rid}: "), a.get("image")
-            details.append(self.score_one(rid, str(a["answer"] or ""), ref, image))
+            details.append(self.score_one(rid, answer, ref, image))
         metrics, by_phrasing = _metric_table(details), _by_phrasing(details)
         strict_metrics, strict_by_phrasing = {}, {}
         if references is not None:  # the unanswered ones scored as empty answers: wrong, whatever their type
@@ -305,14 +344,21 @@ class Scorer:
         unparseable = [{"id": d.id, "question_type": d.question_type, "answer": d.answer}
                        for d in details if d.unparseable]
         return ScoreReport(n_eval, len(rows), len(missing), missing, metrics, distance, by_type, unparseable,
-                           by_phrasing, details, errors, strict_metrics, strict_by_phrasing)
+                           by_phrasing, details, errors, strict_metrics, strict_by_phrasing, list(bad_rows or []))
 
 
 def score_files(dataset: str | Path, answers: str | Path, eval_file: str | Path | None = None,
                 scorer: Scorer | None = None, **scorer_kwargs) -> ScoreReport:
+    """Scores an answers file, skipping (and reporting in `bad_rows`) the rows that cannot be scored; a file
+    with none that can is an AnswersError."""
     scorer = scorer or Scorer.from_dataset(dataset, **scorer_kwargs)
     refs = read_references(eval_file) if eval_file else None
-    return scorer.score(read_answers(answers), refs, source=str(answers))
+    bad: list[dict] = []
+    report = scorer.score(read_answers(answers, bad), refs, source=str(answers), bad_rows=bad)
+    if bad and not report.n_answers and not report.errors:
+        raise AnswersError(f"{answers}: no row could be scored ({bad[0]['where']}: {bad[0]['error']}; "
+                           f"{len(bad)} bad rows)")
+    return report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -335,12 +381,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 @command_main("score")
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    embed = clip_text_embedder(args.embed_clip) if args.embed_clip else None
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not 0 <= args.threshold <= 100:
+        parser.error(f"--threshold {args.threshold}: a rapidfuzz ratio between 0 and 100")
+    if not -1 <= args.min_similarity <= 1:
+        parser.error(f"--min-similarity {args.min_similarity}: a cosine similarity between -1 and 1")
+    check_out_files({"--out": args.out, "--details": args.details},
+                    [args.dataset, args.answers, args.eval, args.aliases, args.embed_clip])
+    for flag, path in (("--answers", args.answers), ("--eval", args.eval)):
+        if path and not Path(path).is_file():
+            raise FileNotFoundError(f"{flag} {path}: no such file")
     aliases = load_aliases(args.aliases) if args.aliases else None
+    embed = clip_text_embedder(args.embed_clip) if args.embed_clip else None
     report = score_files(args.dataset, args.answers, args.eval, aliases=aliases, threshold=args.threshold,
                          embed=embed, min_similarity=args.min_similarity)
     print(report.markdown(Path(args.answers).name))
+    for b in report.bad_rows[:20]:
+        print(f"score: {args.answers}: {b['where']}: {b['error']} (skipped)", file=sys.stderr)
+    if len(report.bad_rows) > 20:
+        print(f"score: ... and {len(report.bad_rows) - 20} more bad rows (listed in the report)", file=sys.stderr)
     if report.unparseable:
         print(f"\nunparseable ({len(report.unparseable)}):")
         for u in report.unparseable[:20]:
