@@ -155,7 +155,7 @@ def cross_fit_candidates(checkpoint: str | os.PathLike, dataset: str | os.PathLi
         raise CandidatesError(f"--top-k {top_k}: must be >= 1")
     # One rule for every command's --out (clip_stage.core.outdir): an earlier candidates folder is continued (its
     # fold runs resume); anything else non-empty, or a folder that is or holds an input, is refused.
-    check_out_dir(out, "candidates", resume=True, legacy=[INFO_FILE, "fold-1"],
+    check_out_dir(out, "candidates", resume=True, legacy=[INFO_FILE, "fold-1", "candidates.jsonl"],
                   inputs=[checkpoint, dataset, DatasetPaths(dataset).images])
     records = read_records(dataset)
     truth = dict(zip(records["image_id"].astype(str), records["sub_street"].astype(str)))

@@ -494,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     # One rule for every command's --out (clip_stage.core.outdir), before the model loads; export_report.json marks
     # exports written before it. The export may sit inside the run folder (the demo's clip/hf): nothing reads it.
     check_out_dir(args.out, "export-clip", inputs=[on_disk(args.pretrained)], inside_ok=[args.checkpoint],
-                  overwrite=args.overwrite, legacy=[REPORT_FILE])
+                  overwrite=args.overwrite, legacy=[REPORT_FILE, "vision_tower"])
     bundle = bundle_from_args(args)
     source = {"checkpoint": str(args.checkpoint)} if args.checkpoint else {"model": args.model, "pretrained": args.pretrained}
     source.update(model_name=bundle.model_name, pretrained=bundle.pretrained)

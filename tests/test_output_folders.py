@@ -70,6 +70,8 @@ def test_the_rule(tmp_path):
     assert check_out_dir(legacy, "train-llava", resume=True, legacy=["checkpoint-*"]) == "resume"
     with pytest.raises(OutputFolderError):
         check_out_dir(legacy, "train-llava", resume=True, legacy=["metrics.jsonl"])
+    with pytest.raises(OutputFolderError):  # all of them, not one: an HF Trainer folder has checkpoint-* too
+        check_out_dir(legacy, "train-llava", resume=True, legacy=["checkpoint-*", "metrics.jsonl"])
     (tmp_path / "afile").write_text("x")
     with pytest.raises(OutputFolderError, match="is a file"):
         check_out_dir(tmp_path / "afile", "merge")
@@ -121,7 +123,13 @@ def test_build_dataset(tmp_path, capsys):
     refused(capsys, [*base, "--out", str(tmp_path), "--overwrite"], "contains the input")
     refused(capsys, [*base, "--out", str(images / "ds")], "lies inside")
     refused(capsys, [*base, "--out", str(foreign(tmp_path / "mine")), "--overwrite"], "not a build-dataset output")
-    assert snapshot(tmp_path) == {**before, "mine/thesis.txt": b"keep me"}
+    hf_data = tmp_path / "hf_data"  # a LLaMA-Factory / datasets folder also has a dataset_info.json
+    hf_data.mkdir()
+    (hf_data / "dataset_info.json").write_text("{}")
+    (hf_data / "alpaca.json").write_text("[]")
+    refused(capsys, [*base, "--out", str(hf_data), "--overwrite"], "not a build-dataset output")
+    assert snapshot(tmp_path) == {**before, "mine/thesis.txt": b"keep me", "hf_data/dataset_info.json": b"{}",
+                                  "hf_data/alpaca.json": b"[]"}
 
 
 def test_demo_city(tmp_path, capsys):

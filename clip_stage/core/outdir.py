@@ -9,8 +9,9 @@ A command calls `check_out_dir(out, kind, inputs=[...], overwrite=..., resume=..
   delete the input. Paths are compared after resolving symlinks.
 * A missing or empty folder is fine.
 * A non-empty folder is this command's own kind when it holds the marker `.address-llava.json` with its
-  kind, or one of the files the command wrote before markers existed (e.g. `dataset_info.json`). Anything
-  else is refused, even with `--overwrite`: it is someone else's data.
+  kind, or all of the files the command wrote before markers existed (e.g. `dataset_info.json` with
+  `records.parquet` and `sub_streets.geojson`). Anything else is refused, even with `--overwrite`: it is
+  someone else's data.
 * Its own kind is replaced only with `--overwrite`; commands that resume (train-clip, train-llava, demo,
   candidates) continue it instead (`resume=True`).
 
@@ -110,7 +111,8 @@ def check_out_dir(out: str | os.PathLike, kind: str, *, inputs: Iterable[str | o
                   flag: str = "--out", inside_ok: Iterable[str | os.PathLike | None] = ()) -> str:
     """Applies the rule (module docstring) to `out` for command kind `kind`; raises OutputFolderError.
 
-    legacy: names (glob patterns) of files whose presence marks a folder this command wrote before markers existed.
+    legacy: names (glob patterns) of files that, ALL present, mark a folder this command wrote before markers
+    existed (one common name such as dataset_info.json alone would adopt other tools' folders).
     inside_ok: inputs that `out` may lie inside (see check_not_input).
     Returns "new" (missing or empty folder), "replace" (own kind, --overwrite) or "resume" (own kind, resume).
     """
@@ -121,7 +123,8 @@ def check_out_dir(out: str | os.PathLike, kind: str, *, inputs: Iterable[str | o
     if not path.exists() or not any(path.iterdir()):
         return "new"
     found = read_marker_kind(path)
-    if found is None and any(next(path.glob(pattern), None) is not None for pattern in legacy):
+    legacy = list(legacy)
+    if found is None and legacy and all(next(path.glob(pattern), None) is not None for pattern in legacy):
         found = kind
     if found is None:
         raise OutputFolderError(f"{flag} {out} exists, is not empty and is not a {kind} output (no {MARKER_FILE}); "

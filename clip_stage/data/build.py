@@ -175,7 +175,7 @@ def open_inputs(args: BuildArgs, geocode: GeocodeConfig, sub_streets: SubStreetC
     # One rule for every command's --out (clip_stage.core.outdir); dataset_info.json marks datasets built before it.
     check_out_dir(out, "build-dataset", inputs=[image_root, args.gps or None, args.zones or None,
                                                   args.network if os.path.exists(args.network or "") else None],
-                  overwrite=args.overwrite, legacy=[INFO_FILE])
+                  overwrite=args.overwrite, legacy=[INFO_FILE, "records.parquet", "sub_streets.geojson"])
     if args.gps:
         check_table_path(Path(args.gps))  # before the network is read
 

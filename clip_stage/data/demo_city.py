@@ -432,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     parsed = parser.parse_config(argv)
     cfg, ns = parsed["demo_city"], parsed.args
     # One rule for every command's --out (clip_stage.core.outdir); demo_city.json marks folders from before it.
-    check_out_dir(ns.out, "demo-city", inputs=[cfg.network or None], overwrite=ns.overwrite, legacy=[META_FILE])
+    check_out_dir(ns.out, "demo-city", inputs=[cfg.network or None], overwrite=ns.overwrite, legacy=[META_FILE, "gps.csv"])
     gps = generate_demo_city(ns.out, cfg, overwrite=ns.overwrite)
     meta = json.loads((gps.parent / META_FILE).read_text(encoding="utf-8"))
     print(f"demo city: {meta['images']} rows ({sum(meta['bad_rows'].values())} deliberately bad) on "

@@ -528,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(e))
     # One rule for every command's --out (clip_stage.core.outdir); dataset_info.json marks datasets from before it.
     check_out_dir(ns.out, "load-ial", inputs=[ns.image_root, ns.coords, *ns.annotations], overwrite=ns.overwrite,
-                  legacy=[INFO_FILE])
+                  legacy=[INFO_FILE, "records.parquet", "sub_streets.geojson"])
     try:
         report = load_ial(ns.annotations, ns.coords, ns.image_root, ns.out, cfg)
     except IALFormatError as e:
