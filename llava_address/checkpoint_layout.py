@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from clip_stage.core.training import CheckpointError  # noqa: F401 - one class for both trainers
+from clip_stage.core.training import CheckpointError  # one class for both trainers
 from llava_address.config import ModelArgs, TrainablesArgs
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -29,9 +29,13 @@ def read_checkpoint_args(checkpoint: str | os.PathLike) -> tuple[ModelArgs, Trai
     path = Path(checkpoint) / ARGS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{checkpoint} is not a LLaVA training checkpoint (no {ARGS_FILE})")
-    data = json.loads(path.read_text())
-    if data.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: checkpoint format {data.get('format')!r}, expected {CHECKPOINT_FORMAT}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise CheckpointError(f"{path}: checkpoint format {found!r}, expected {CHECKPOINT_FORMAT}")
     parts = []
     for section, cls in (("model", ModelArgs), ("trainables", TrainablesArgs)):
         known = {f.name for f in dataclasses.fields(cls)}

@@ -34,7 +34,7 @@ from clip_stage.core.fs import atomic_dir
 from clip_stage.core.model_card import CardError, ModelCard, add_hub_args, push_folder, read_metrics, write_card
 from clip_stage.core.outdir import check_out_dir, on_disk, write_marker
 from llava_address.checkpoint import load_for_inference
-from llava_address.checkpoint_layout import read_checkpoint_args
+from llava_address.checkpoint_layout import ARGS_FILE, read_checkpoint_args
 from llava_address.components import num_image_tokens
 from llava_address.prompting import attach_chat_template
 
@@ -144,20 +144,26 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     ckpt = Path(args.checkpoint)
     if not ckpt.is_dir():
-        print(f"merge: {ckpt} is not a folder", file=sys.stderr)
+        print(f"merge: error: {ckpt} is not a folder", file=sys.stderr)
         return 2
     out = Path(args.out)
+    has_args = (ckpt / ARGS_FILE).is_file()
+    stored_model = read_checkpoint_args(ckpt)[0] if has_args else None
     # One rule for every command's --out (clip_stage.core.outdir), before any model loads: --out may not be (or hold)
-    # the checkpoint or its run folder, and replaces only an earlier merge, with --overwrite.
-    check_out_dir(out, "merge", inputs=[ckpt, on_disk(args.base), on_disk(args.vision_tower)],
+    # the checkpoint or its run folder, nor the base model and tower the checkpoint was trained on (given or
+    # stored: merged over its own base, the adapter would be orphaned), and replaces only an earlier merge.
+    bases = [args.base, args.vision_tower]
+    if stored_model is not None:
+        bases += [stored_model.model_name_or_path, stored_model.llm, stored_model.vision_tower]
+    check_out_dir(out, "merge", inputs=[ckpt, *(on_disk(b) for b in bases)],
                   inside_ok=[ckpt.parent], overwrite=args.overwrite and not args.no_overwrite)
+    stored = read_checkpoint_args(ckpt)[2]  # without llava_args.json: one line, "not a LLaVA training checkpoint"
 
     try:
-        stored = read_checkpoint_args(ckpt)[2]
         card = model_card(stored, ckpt, base=args.base, vision_tower=args.vision_tower, repo=args.push_to_hub,
                           license=args.license, metrics_file=args.benchmark)
     except (CardError, OSError, ValueError) as e:
-        print(f"merge: {e}", file=sys.stderr)
+        print(f"merge: error: {e}", file=sys.stderr)
         return 2
     merged, processor = merge_checkpoint(ckpt, args.base, args.vision_tower, args.torch_dtype, args.device_map)
     # Checkpoints written before chat templates were saved get theirs here, from the template they trained on.

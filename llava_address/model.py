@@ -69,8 +69,36 @@ def _load_kwargs(args: ModelArgs, skip_modules: list[str]) -> dict[str, Any]:
     return kw
 
 
+class ModelPathError(ValueError):
+    """A model option naming a local path that holds no model (a user error: one line, exit 2)."""
+
+
+def _looks_local(spec: str) -> bool:
+    """A path, not a hub id ("org/name"): absolute, ./ ../ ~, or more than one folder deep."""
+    return spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or "\\" in spec
+
+
+def check_model_paths(args: ModelArgs) -> None:
+    """Refuses, before transformers touches them, model options that name a folder without config.json (loaded
+    anyway, transformers would build a default 7B LLaVA and report every weight missing) or a local path that
+    does not exist (it would be tried as a hub id, with minutes of retries offline)."""
+    for flag, spec in (("--model-name-or-path", args.model_name_or_path), ("--model.llm", args.llm),
+                       ("--model.vision-tower", args.vision_tower)):
+        if not spec:
+            continue
+        path = os.path.expanduser(spec)
+        if os.path.isdir(path):
+            if not os.path.isfile(os.path.join(path, "config.json")):
+                raise ModelPathError(f"{flag} {spec}: not a model folder (no config.json)")
+        elif os.path.exists(path):
+            raise ModelPathError(f"{flag} {spec}: a file, not a model folder or hub id")
+        elif _looks_local(spec):
+            raise ModelPathError(f"{flag} {spec}: no such folder (and not a hub id of the form org/name)")
+
+
 def build_llava(args: ModelArgs):
     """(LlavaForConditionalGeneration, LlavaProcessor) as `args` describes; see the module docstring."""
+    check_model_paths(args)
     if args.model_name_or_path is not None:
         refuse_original_llava(args.model_name_or_path)  # before transformers builds a default-config model
         model, processor = _load_llava(args)

@@ -402,9 +402,17 @@ def _jsonable(obj: Any) -> Any:
         return str(obj)
 
 
+def with_absolute_model_paths(cfg: RunConfig) -> RunConfig:
+    """Local model folders as absolute paths: checkpoints store them, and `chat --adapter` / `merge` read
+    them from wherever they are run (a relative path would then be tried as a hub id)."""
+    fields = {f: os.path.abspath(os.path.expanduser(v)) for f in ("model_name_or_path", "llm", "vision_tower")
+              if (v := getattr(cfg.model, f)) and os.path.exists(os.path.expanduser(v))}
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **fields)) if fields else cfg
+
+
 @command_main("train-llava")
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
+    cfg = with_absolute_model_paths(parse_args(argv))
     try:
         result = train(cfg)
     except CheckpointError as e:

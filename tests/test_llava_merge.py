@@ -86,3 +86,33 @@ def test_merge_refuses_non_checkpoint(tmp_path, tiny_llava_dir, capsys):
     assert err.startswith("merge: ") and "not a LLaVA training checkpoint" in err and "\n" not in err
     assert main(["--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "m")]) == 2
     assert not (tmp_path / "m").exists()
+
+
+def test_merge_never_writes_over_the_base_the_checkpoint_was_trained_on(tiny_llava_dir, tmp_path, capsys):
+    """The base is read from the checkpoint, not given: it is an input all the same (merged over, the adapter
+    would be orphaned and a second merge would apply it twice)."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llava_dir, base)
+    from clip_stage.core.outdir import write_marker
+
+    write_marker(base, "merge")  # even a folder that an earlier merge wrote
+    _trained_checkpoint(tmp_path / "ck", ModelArgs(model_name_or_path=str(base)), TrainablesArgs(lora_r=4, lora_alpha=8))
+    before = {p.name: p.read_bytes() for p in base.iterdir() if p.is_file()}
+    assert main(["--checkpoint", str(tmp_path / "ck"), "--out", str(base), "--overwrite"]) == 2
+    assert "is the input" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in base.iterdir() if p.is_file()} == before
+
+
+def test_a_model_folder_without_config_is_one_line_before_any_load(tmp_path):
+    from llava_address.model import ModelPathError
+
+    (tmp_path / "noconf").mkdir()
+    (tmp_path / "noconf" / "model.safetensors").write_bytes(b"weights")
+    for args, message in ((ModelArgs(model_name_or_path=str(tmp_path / "noconf")), "no config.json"),
+                          (ModelArgs(model_name_or_path=str(tmp_path / "noconf" / "model.safetensors")), "a file"),
+                          (ModelArgs(model_name_or_path="runs/demo/llava/merged"), "no such folder"),
+                          (ModelArgs(llm=str(tmp_path / "nope"), vision_tower="openai/clip"), "no such folder")):
+        with pytest.raises(ModelPathError, match=message):
+            build_llava(args)

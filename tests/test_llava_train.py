@@ -310,3 +310,17 @@ def test_recipe_and_flags(tiny_llava_dir, tiny_llava_data, tmp_path, capsys):
         TrainArgs(per_device_batch_size=16, global_batch_size=128).accumulation_for(3)
     assert TrainArgs(per_device_batch_size=16, global_batch_size=128).accumulation_for(8) == 1
     assert TrainArgs(per_device_batch_size=16, global_batch_size=128).accumulation_for(1) == 8
+
+
+def test_local_model_folders_are_stored_as_absolute_paths(tmp_path, monkeypatch):
+    """A checkpoint names its base; `chat --adapter` or `merge` run from another folder must still find it."""
+    from llava_address.train import with_absolute_model_paths
+
+    (tmp_path / "models" / "base").mkdir(parents=True)
+    (tmp_path / "data.json").write_text("[]")
+    monkeypatch.chdir(tmp_path)
+    cfg = with_absolute_model_paths(parse_args(["--model-name-or-path", "models/base", "--data-path", "data.json",
+                                                "--model.vision-tower", "openai/clip-vit-large-patch14-336",
+                                                "--output-dir", "run"]))
+    assert cfg.model.model_name_or_path == str(tmp_path / "models" / "base")
+    assert cfg.model.vision_tower == "openai/clip-vit-large-patch14-336"  # a hub id stays one
