@@ -27,6 +27,10 @@ from clip_stage.core.trackers import parse_report_to
 RECIPE_DIR = Path(__file__).with_name("recipes")
 
 
+class BatchSizeError(ValueError):
+    """A global batch the processes cannot split evenly (a user error: one line, exit 2)."""
+
+
 @dataclass(frozen=True)
 class TrainArgs:
     """Optimisation, schedule, precision, logging and checkpointing of one training run."""
@@ -130,7 +134,7 @@ class TrainArgs:
             return self.gradient_accumulation_steps or 1
         per_step = self.per_device_batch_size * world_size
         if self.global_batch_size % per_step:
-            raise ValueError(
+            raise BatchSizeError(
                 f"global_batch_size {self.global_batch_size} is not a multiple of per_device_batch_size "
                 f"{self.per_device_batch_size} x {world_size} processes"
             )

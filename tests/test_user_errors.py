@@ -85,6 +85,25 @@ CASES = {
     "infer eval record starting with gpt": (
         lambda d: ["infer", "--model", str(d / "no-model"), "--eval", str(d / "gpt_first.json"), "--image-root",
                    str(d), "--out", str(d.parent / "answers.jsonl")], ["gpt_first.json", "starts with an assistant message"]),
+    "infer --max-new-tokens 0": (
+        lambda d: ["infer", "--model", "m", "--eval", str(d / "gpt_first.json"), "--image-root", str(d),
+                   "--out", str(d.parent / "answers.jsonl"), "--max-new-tokens", "0"], ["--max-new-tokens 0"]),
+    "infer --limit 0": (
+        lambda d: ["infer", "--model", "m", "--eval", str(d / "gpt_first.json"), "--image-root", str(d),
+                   "--out", str(d.parent / "answers.jsonl"), "--limit", "0"], ["--limit 0"]),
+    "infer --device bogus": (
+        lambda d: ["infer", "--model", "m", "--eval", str(d / "gpt_first.json"), "--image-root", str(d),
+                   "--out", str(d.parent / "answers.jsonl"), "--device", "bogus"], ["--device bogus"]),
+    "infer missing image root": (
+        lambda d: ["infer", "--model", "m", "--eval", str(d / "gpt_first.json"), "--image-root", str(d / "nope"),
+                   "--out", str(d.parent / "answers.jsonl")], ["--image-root", "not a folder"]),
+    "chat empty question": (lambda d: ["chat", "--model", str(d / "no-model"), "--image", str(d / "broken.png"),
+                                       "--question", " "], ["--question is empty"]),
+    "chat --top-k 0": (lambda d: ["chat", "--model", str(d / "no-model"), "--image", str(d / "broken.png"),
+                                  "--top-k", "0"], ["--top-k 0"]),
+    "benchmark --limit -1": (
+        lambda d: ["benchmark", "--dataset", str(d / "dataset"), "--eval", str(d / "gpt_first.json"), "--out",
+                   str(d.parent / "bench"), "--system", "x=jsonl:a.jsonl", "--limit", "-1"], ["--limit -1"]),
     "infer SystemExit message": (
         lambda d: ["infer", "--model", "m", "--eval", str(d / "gpt_first.json"), "--image-root", str(d),
                    "--out", str(d.parent / "answers.jsonl"), "--batch-size", "0"], ["--batch-size"]),

@@ -28,8 +28,8 @@ from typing import Sequence, TextIO
 from clip_stage.core.config import ArgumentParser
 from clip_stage.core.errors import command_main
 from conversations.candidates import with_candidates
-from llava_address.eval.infer import (Generator, InferenceInputError, PromptTooLongError, load_generator, load_ranker,
-                                  open_image, user_turn)
+from llava_address.eval.infer import (Generator, InferenceInputError, PromptTooLongError, check_run_options,
+                                  load_generator, load_ranker, open_image, user_turn)
 
 History = Sequence[tuple[str, str]]
 
@@ -283,6 +283,9 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None, stdout: Tex
         raise SystemExit("give --model and/or --adapter")
     if args.candidates and not args.dataset:
         raise SystemExit("--candidates needs --dataset (the address gallery)")
+    check_run_options(max_new_tokens=args.max_new_tokens, top_k=args.top_k, device=args.device)
+    if args.question is not None and not args.question.strip():
+        raise SystemExit("--question is empty")
     image = open_image(args.image)  # fail on a bad image before loading the model
     ranker = load_ranker(args.candidates, args.dataset) if args.candidates else None
     gen = load_generator(args.model, args.adapter, args.device, args.dtype)

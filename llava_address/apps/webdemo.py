@@ -32,7 +32,7 @@ from clip_stage.core.errors import command_main, is_user_error, one_line
 from clip_stage.query_map import QueryMapConfig, QueryMapper
 from llava_address.apps import chat
 from llava_address.eval.gazetteer import Gazetteer
-from llava_address.eval.infer import load_generator
+from llava_address.eval.infer import check_run_options, load_generator
 
 log = logging.getLogger(__name__)
 
@@ -367,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
 @command_main("web-demo")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    check_run_options(max_new_tokens=args.max_new_tokens, device=args.device)
     device = args.device
     if device == "auto":
         import torch

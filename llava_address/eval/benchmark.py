@@ -51,8 +51,8 @@ from clip_stage.core.outdir import check_out_dir, write_marker
 from clip_stage.core.registry import Registry
 from llava_address.eval.gazetteer import Gazetteer
 from llava_address.eval.parse import asks_yes_no
-from llava_address.eval.infer import (InferenceInputError, candidate_answer_batch, eval_items, llava_answer_batch,
-                                 load_generator, load_ranker, run_answers)
+from llava_address.eval.infer import (InferenceInputError, candidate_answer_batch, check_run_options, eval_items,
+                                 llava_answer_batch, load_generator, load_ranker, run_answers)
 from llava_address.eval.scoring import METRICS, Scorer, read_answers, read_references
 from llava_address.eval.vllm_engine import load_vllm, vllm_answer_batch, vllm_unavailable
 
@@ -518,6 +518,8 @@ def main(argv: list[str] | None = None) -> int:
         if reason:
             print(f"error: {reason}", file=sys.stderr)
             return 2
+    check_run_options(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit,
+                      device=args.device)
     missing = [f for f in ("dataset", "eval", "out") if getattr(args, f) is None]
     if missing or not args.system:
         raise SystemExit(f"benchmark needs --dataset, --eval, --out and at least one --system "

@@ -210,6 +210,25 @@ def load_generator(model_path: str | os.PathLike | None, adapter: str | os.PathL
 
 # --- resumable output ----------------------------------------------------------------------------------
 
+def check_run_options(*, batch_size: int | None = None, max_new_tokens: int | None = None, limit: int | None = None,
+                      top_k: int | None = None, device: str | None = None) -> None:
+    """The numeric and device options infer, chat, benchmark and web-demo share, checked before anything loads
+    (each a one-line InferenceInputError naming the flag)."""
+    for flag, value, least in (("--batch-size", batch_size, 1), ("--max-new-tokens", max_new_tokens, 1),
+                               ("--limit", limit, 1), ("--top-k", top_k, 1)):
+        if value is not None and value < least:
+            raise InferenceInputError(f"{flag} {value}: must be at least {least}")
+    if device is not None and device != "auto":
+        import torch  # lazy: `--help` and input errors need no torch
+
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, ValueError):
+            raise InferenceInputError(f"--device {device}: not a device (cpu, cuda, cuda:1, mps, auto)") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise InferenceInputError(f"--device {device}: no CUDA GPU is available here (use --device cpu)")
+
+
 def read_done_ids(path: str | os.PathLike, retry_errors: bool = False) -> set[str]:
     """Ids already answered in `path` (error rows too, unless `retry_errors`); a torn last line is cut off.
 
@@ -450,8 +469,10 @@ def main(argv: list[str] | None = None) -> int:
         if reason:
             print(f"error: {reason}", file=sys.stderr)
             return 2
-    if args.batch_size < 1:
-        raise SystemExit("--batch-size must be at least 1")
+    check_run_options(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit,
+                      top_k=args.top_k, device=args.device)
+    if not Path(args.image_root).is_dir():
+        raise InferenceInputError(f"--image-root {args.image_root}: not a folder")
     # The output-folder rule (clip_stage.core.outdir) for a file: --out must not be, or lie inside, an input.
     check_not_input(args.out, [args.eval, args.image_root, on_disk(args.model), args.adapter, args.candidates,
                                args.dataset])
