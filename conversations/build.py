@@ -445,8 +445,6 @@ def build(config: BuildConfig) -> dict:
                 {name: f"{name}_messages.json" for name in ("train", "eval")}))
             info["files"]["llamafactory"] = "dataset_info.json"
         atomic_write_json(tmp / "build_info.json", info)
-        for p in (tmp, *tmp.rglob("*")):  # mkdtemp/mkstemp create owner-only files; outputs are shared
-            p.chmod(0o755 if p.is_dir() else 0o644)
     return info
 
 

@@ -79,3 +79,23 @@ def test_atomic_dir_keeps_old_folder_on_failure(tmp_path):
             raise RuntimeError("killed")
     assert (target / "f.txt").read_text() == "one"
     assert [p.name for p in tmp_path.iterdir()] == ["ds"]
+
+
+def test_atomic_outputs_get_the_umask_mode_not_owner_only(tmp_path):
+    """mkstemp/mkdtemp make 0600/0700 files; outputs (a merged model, a report) must be as readable as any file
+    the user creates."""
+    import os
+    import stat
+
+    from clip_stage.core.fs import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "model") as tmp:
+            atomic_write_text(tmp / "config.json", "{}")
+        atomic_write_text(tmp_path / "report.json", "{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "model").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "model" / "config.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "report.json").stat().st_mode) == 0o644

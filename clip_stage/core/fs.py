@@ -26,11 +26,20 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 
+def shared_mode(is_dir: bool) -> int:
+    """The mode a plain open()/mkdir() would give under the process umask. mkstemp/mkdtemp create owner-only
+    files (0600/0700), which would make every output unreadable to the user's group (a shared model folder)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if is_dir else 0o666) & ~mask
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, shared_mode(is_dir=False))
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -68,6 +77,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = True, verified: bool =
             remove_stale_temps(path.parent, (p.name[1:],))
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
+        tmp.chmod(shared_mode(is_dir=True))
         yield tmp
         if verified:
             write_manifest(tmp)

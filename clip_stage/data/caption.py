@@ -22,7 +22,7 @@ import torch
 
 from clip_stage.core.config import ConfigParser, Section
 from clip_stage.core.errors import command_main
-from clip_stage.core.fs import atomic_write_json, resolve_under_root
+from clip_stage.core.fs import atomic_write_json, resolve_under_root, shared_mode
 from clip_stage.core.progress import progress as tqdm  # a line every 30 s when not on a terminal
 from clip_stage.core.schema import DatasetPaths, empty_captions, read_info, read_records, write_records
 
@@ -74,6 +74,7 @@ class CaptionArgs:
 
 def _write_records_atomic(df, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, shared_mode(is_dir=False))
     os.close(fd)
     try:
         write_records(df, tmp)
