@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 from shapely.geometry.base import BaseGeometry
 
+from clip_stage.core.fs import atomic_write_with
+
 
 def _lines(geom: BaseGeometry):
     if geom is None or geom.is_empty:
@@ -76,9 +78,8 @@ def plot_prediction_map(path: str | Path, sub_street_geoms: dict[str, BaseGeomet
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, title=f"top-1 ({metric_name})", title_fontsize=8)
     ax.grid(alpha=0.2)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, bbox_inches="tight")  # keeps the legend outside the axes
-    plt.close(fig)
-    tmp.replace(path)
+    try:  # bbox_inches="tight" keeps the legend outside the axes
+        atomic_write_with(path, lambda tmp: fig.savefig(tmp, bbox_inches="tight", format="png"))
+    finally:
+        plt.close(fig)
     return path

@@ -7,8 +7,9 @@ Reports records, turns (question/answer pairs) per record, question types, answe
 balance and how many questions use held-out phrasings. Question types come from a record's `turn_types`
 or `question_type` when present (our files), otherwise from matching the question against the phrasing
 registry ("other" when nothing matches), so any LLaVA file can be summarised. Streamed: memory does
-not grow with the number of records. Records that do not validate are counted as malformed and skipped. Files in the `messages` form
-(LLaMA-Factory / TRL) are read too.
+not grow with the number of records. Records it cannot read (not JSON, or no list of turns with text) are
+counted as malformed and skipped; the other rules (roles, images, ids) are `validate`'s, which this does not
+repeat. Files in the `messages` form (LLaMA-Factory / TRL) are read too.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from pathlib import Path
 
 from clip_stage.core.config import ArgumentParser
 from clip_stage.core.errors import command_main
-from clip_stage.core.fs import atomic_write_json
+from clip_stage.core.fs import atomic_write_json, atomic_write_with, require_file
+from clip_stage.core.outdir import check_out_files
 
 from conversations.records import iter_records
 from conversations.templates import classify_question
@@ -190,12 +192,10 @@ def plot(st: Stats, png: str | Path) -> None:
     ax.set(title=f"question types (yes/no: {yes} yes, {no} no)", xlabel="questions")
     fig.suptitle(f"{Path(st.path).name}: {st.records} records", fontsize=11)
     fig.tight_layout()
-    png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(png)
+    try:
+        atomic_write_with(png, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -211,9 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
 @command_main("conv-stats")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not Path(args.file).is_file():
-        print(f"error: {args.file}: not found", file=sys.stderr)
-        return 2
+    require_file(args.file)
+    check_out_files({"--png": args.png, "--json": args.json}, [args.file, args.tokenizer])
     st = compute_stats(args.file, args.tokenizer)
     print(st.text())
     if args.json:

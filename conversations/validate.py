@@ -24,7 +24,7 @@ from typing import Iterator
 
 from clip_stage.core.config import ArgumentParser
 from clip_stage.core.errors import command_main
-from clip_stage.core.fs import UnsafePathError, resolve_under_root
+from clip_stage.core.fs import UnsafePathError, require_file, resolve_under_root
 
 from conversations.records import IMAGE_TOKEN, iter_records
 
@@ -290,11 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.image_root is None and not args.no_image_check:
-        print("error: --image-root is required (or pass --no-image-check)", file=sys.stderr)
-        return 2
+        raise SystemExit("--image-root is required (or pass --no-image-check)")
     if args.image_root is not None and not Path(args.image_root).is_dir():
-        print(f"error: image root {args.image_root} is not a folder", file=sys.stderr)
-        return 2
+        raise SystemExit(f"image root {args.image_root} is not a folder")
+    for path in args.files:  # a usage error (exit 2), unlike a file whose records are bad (exit 1)
+        require_file(path)
     root = None if args.no_image_check else args.image_root
     failed = False
     for path in args.files:

@@ -88,4 +88,4 @@ def test_answer_lengths_with_a_tokenizer(toy_conversations, tiny_tokenizer, tmp_
 
 def test_missing_file(tmp_path, capsys):
     assert stats.main([str(tmp_path / "none.json")]) == 2
-    assert "not found" in capsys.readouterr().err
+    assert "none.json: no such file" in capsys.readouterr().err

@@ -169,8 +169,8 @@ def test_not_utf8_and_missing_file(tmp_path, root, capsys):
     path.write_bytes('[{"id": "é"}]'.encode("latin-1"))
     rc, out = _run(path, root, capsys=capsys)
     assert rc == 1 and "not UTF-8" in out
-    rc, out = _run(tmp_path / "none.json", root, capsys=capsys)
-    assert rc == 1 and "not found" in out
+    assert validate.main([str(tmp_path / "none.json"), "--image-root", str(root)]) == 2  # a usage error
+    assert "none.json: no such file" in capsys.readouterr().err
 
 
 def test_usage_errors(tmp_path, capsys):

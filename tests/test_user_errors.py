@@ -116,6 +116,12 @@ CASES = {
     "score missing answers": (
         lambda d: ["score", "--dataset", str(d / "dataset"), "--answers", str(d / "nope.jsonl")], ["nope.jsonl"]),
     "conv-stats missing file": (lambda d: ["conv-stats", str(d / "nope.json")], ["nope.json"]),
+    "conv-stats a folder": (lambda d: ["conv-stats", str(d)], ["a folder, not a file"]),
+    "conv-stats --png at a folder": (lambda d: ["conv-stats", str(d / "gpt_first.json"), "--png", str(d)],
+                                     ["--png", "is a folder"]),
+    "validate missing file": (lambda d: ["validate", str(d / "nope.json"), "--no-image-check"], ["nope.json"]),
+    "chat image is a folder": (lambda d: ["chat", "--model", str(d / "no-model"), "--image", str(d)],
+                               ["is a folder"]),
 }
 
 

@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 
 def shared_mode(is_dir: bool) -> int:
@@ -44,6 +44,33 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def require_file(path: str | os.PathLike) -> Path:
+    """`path` as a Path when it is a file; FileNotFoundError / IsADirectoryError (one line naming it) if not."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: a folder, not a file")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    return path
+
+
+def atomic_write_with(path: str | os.PathLike, write: Callable[[Path], Any]) -> None:
+    """`write(tmp)` writes a temporary file beside `path` (same suffix, so writers that infer the format from
+    it, savefig or parquet, work); it then replaces `path`, or is removed if `write` fails."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, shared_mode(is_dir=False))
+        os.close(fd)
+        write(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

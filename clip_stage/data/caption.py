@@ -11,9 +11,7 @@ Captions start with the prompt, as conditional BLIP captions do ("a street view 
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +20,7 @@ import torch
 
 from clip_stage.core.config import ConfigParser, Section
 from clip_stage.core.errors import command_main
-from clip_stage.core.fs import atomic_write_json, resolve_under_root, shared_mode
+from clip_stage.core.fs import atomic_write_json, atomic_write_with, resolve_under_root
 from clip_stage.core.progress import progress as tqdm  # a line every 30 s when not on a terminal
 from clip_stage.core.schema import DatasetPaths, empty_captions, read_info, read_records, write_records
 
@@ -73,15 +71,7 @@ class CaptionArgs:
 
 
 def _write_records_atomic(df, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, shared_mode(is_dir=False))
-    os.close(fd)
-    try:
-        write_records(df, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_with(path, lambda tmp: write_records(df, tmp))
 
 
 def load_captioner(model: str, device: str = "cpu", dtype: torch.dtype = torch.float32):

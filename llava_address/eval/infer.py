@@ -48,6 +48,8 @@ def open_image(path: str | os.PathLike):
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
+    if path.is_dir():
+        raise InferenceInputError(f"image {path} is a folder, not an image file")
     if not path.is_file():
         raise InferenceInputError(f"image {path} not found")
     try:
