@@ -70,7 +70,7 @@ def test_chat_command_one_shot_and_multi_turn(tiny_llava_dir, photo):
     assert one_shot
 
     stdin = io.StringIO("Where was this photo taken?\n/reset\nWhere was this photo taken?\nAnd the street?\n"
-                        "/image /no/such/file.png\n/quit\n")
+                        "/image /no/such/file.png\n/bogus\n/quit\n")
     out = io.StringIO()
     assert chat.main(["--model", str(tiny_llava_dir), "--image", str(photo), "--max-new-tokens", "6", "--device", "cpu"],
                      stdin=stdin, stdout=out) == 0
@@ -79,6 +79,7 @@ def test_chat_command_one_shot_and_multi_turn(tiny_llava_dir, photo):
     assert len(replies) == 3
     assert replies[0].strip() == replies[1].strip() == one_shot  # /reset forgot the first exchange
     assert "(conversation cleared)" in text and "error: image /no/such/file.png not found" in text
+    assert "unknown command /bogus" in text  # not sent to the model: still three replies
 
 
 # --- the web demo (Gradio): upload checks, top-5 + map, chat; a real server on 127.0.0.1 ---

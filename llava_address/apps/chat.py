@@ -235,7 +235,7 @@ def repl(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = sys.s
             session.history.clear()
             stdout.write("(conversation cleared)\n")
             continue
-        if line.startswith("/image"):
+        if line.split()[0] == "/image":
             path = line[len("/image"):].strip()
             try:
                 session.image = open_image(path)
@@ -246,6 +246,12 @@ def repl(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = sys.s
             session.history.clear()
             stdout.write(f"(new image {path}; conversation cleared)\n")
             continue
+        if line.startswith("/") and not line.startswith("//"):  # a mistyped command is not a question
+            stdout.write(f"unknown command {line.split()[0]}: /reset, /image PATH, /quit (start with // to ask a "
+                         "question that begins with /)\n")
+            continue
+        if line.startswith("//"):
+            line = line[1:]
         dropped = session.dropped
         try:
             stdout.write("assistant> ")
