@@ -257,12 +257,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # One rule for every command's --out (clip_stage.core.outdir), before anything loads.
     check_out_dir(args.out, "convert-llava", inputs=[args.model_path, args.vision_tower], overwrite=args.overwrite)
+    for flag, path in (("--model-path", args.model_path), ("--vision-tower", args.vision_tower)):
+        if not Path(path).is_dir():  # both are local folders: never tried as hub ids (minutes of retries offline)
+            print(f"convert-llava: error: {flag} {path}: no such folder", file=sys.stderr)
+            return 2
     try:
         get_template(args.template)
         model, processor = convert(args.model_path, args.vision_tower, args.torch_dtype)
         attach_chat_template(processor, args.template)
     except (OriginalLlavaError, KeyError, OSError, ValueError) as e:
-        print(f"convert-llava: {e}", file=sys.stderr)
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e  # a KeyError's str() is its repr
+        print(f"convert-llava: error: {message}", file=sys.stderr)
         return 2
     with atomic_dir(args.out) as tmp:
         write_marker(tmp, "convert-llava")

@@ -145,3 +145,20 @@ def test_init_from_accepts_llavas_mm_projector_bin(original_llava, tiny_llava_di
     torch.save({"model.mm_projector.0.weight": NotATensor()}, tmp_path / "evil.bin")
     with pytest.raises(OriginalLlavaError, match="evil.bin"):
         load_stage_weights(model, tmp_path / "evil.bin")
+
+
+def test_convert_names_missing_folders_and_bad_templates_in_one_line(original_llava, tiny_vision_tower_dir, tmp_path,
+                                                                      capsys):
+    from llava_address.convert_llava import main
+
+    ckpt, _, _ = original_llava
+    for argv, message in ((["--model-path", str(tmp_path / "nope"), "--vision-tower", str(tiny_vision_tower_dir)],
+                           "--model-path"),
+                          (["--model-path", str(ckpt), "--vision-tower", "openai/clip-vit-large-patch14-336"],
+                           "--vision-tower"),  # a hub id is not a local folder: said at once, no download attempt
+                          (["--model-path", str(ckpt), "--vision-tower", str(tiny_vision_tower_dir), "--template",
+                            "bogus"], "unknown conversation template 'bogus'")):
+        assert main([*argv, "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("convert-llava: error: ") and message in err and not err.endswith('"')
+    assert not (tmp_path / "x").exists()
