@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from clip_stage.core.outdir import looks_local
 from llava_address.components import (IMAGE_TOKEN, add_llava_tokens, check_processor, fresh_projector, load_tower,
                                       new_processor, num_image_tokens)
 from llava_address.config import ModelArgs
@@ -73,11 +74,6 @@ class ModelPathError(ValueError):
     """A model option naming a local path that holds no model (a user error: one line, exit 2)."""
 
 
-def _looks_local(spec: str) -> bool:
-    """A path, not a hub id ("org/name"): absolute, ./ ../ ~, or more than one folder deep."""
-    return spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or "\\" in spec
-
-
 def check_model_paths(args: ModelArgs) -> None:
     """Refuses, before transformers touches them, model options that name a folder without config.json (loaded
     anyway, transformers would build a default 7B LLaVA and report every weight missing) or a local path that
@@ -92,7 +88,7 @@ def check_model_paths(args: ModelArgs) -> None:
                 raise ModelPathError(f"{flag} {spec}: not a model folder (no config.json)")
         elif os.path.exists(path):
             raise ModelPathError(f"{flag} {spec}: a file, not a model folder or hub id")
-        elif _looks_local(spec):
+        elif looks_local(spec):
             raise ModelPathError(f"{flag} {spec}: no such folder (and not a hub id of the form org/name)")
 
 

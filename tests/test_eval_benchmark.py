@@ -185,6 +185,9 @@ def test_benchmark_scores_every_system_and_reports_failures(tiny_llava, tiny_lla
     partial.write_text("".join(json.dumps({"id": r["id"], "answer": r["conversations"][1]["value"]}) + "\n"
                                for r in recs[:4]))
     out = tmp_path / "bench"
+    broken = tmp_path / "no-such-model"  # passes the up-front checks (a folder with a config), fails to load
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
     argv = ["--dataset", str(toy_dataset), "--eval", str(small_eval), "--out", str(out), "--device", "cpu",
             "--batch-size", "4", "--max-new-tokens", "4",
             "--system", f"ours=llava:{tiny_llava}",
@@ -289,9 +292,31 @@ def test_resumed_answers_must_come_from_the_same_system(toy_dataset, eval_split,
     answers = out / "answers" / "ours.jsonl"
     answers.parent.mkdir(parents=True)
     answers.write_text('{"id": "x", "answer": "Esplanadi"}\n')
+    for model in ("merged", "base"):
+        (tmp_path / model).mkdir()
+        (tmp_path / model / "config.json").write_text("{}")
     benchmark.record_answers_source(answers, benchmark.parse_system_spec(f"ours=llava:{tmp_path / 'merged'}"))
     benchmark.check_answers_source(answers, benchmark.parse_system_spec(f"ours=llava:{tmp_path / 'merged'}"))
     with pytest.raises(benchmark.BenchmarkError, match=r"holds the answers of llava:.*merged.*not of llava:.*base"):
         benchmark.run_benchmark([benchmark.parse_system_spec(f"ours=llava:{tmp_path / 'base'}")], toy_dataset,
                                 eval_split, out, progress=False)
     assert answers.read_text() == '{"id": "x", "answer": "Esplanadi"}\n'  # nothing deleted
+
+
+def test_system_specs_are_checked_before_any_system_loads(toy_dataset, eval_split, tmp_path):
+    imported = tmp_path / "closed.jsonl"
+    imported.write_text('{"id": "x", "answer": "Esplanadi"}\n')
+    (tmp_path / "noconf").mkdir()
+    for spec, message in ((f"ours=llava:{tmp_path / 'noconf'}", "no config.json"),
+                          (f"ours=llava:{tmp_path / 'merged'}", "not found"),
+                          (f"ours=llava:llava-hf/llava-1.5-7b-hf,bogus=1", r"unknown option\(s\) \['bogus'\]"),
+                          (f"ours=llava:llava-hf/llava-1.5-7b-hf,candidates={tmp_path / 'clip'}", "candidates"),
+                          ("ours=llava:llava-hf/llava-1.5-7b-hf,top_k=3", "give candidates= too"),
+                          ("ours=llava:llava-hf/llava-1.5-7b-hf,max_new_tokens=0", "max_new_tokens=0"),
+                          (f"gpt=jsonl:{tmp_path / 'nope.jsonl'}", "nope.jsonl: not found")):
+        # the good system first: it must not run (or write anything) before the bad spec is refused
+        with pytest.raises(benchmark.BenchmarkError, match=message):
+            benchmark.run_benchmark([benchmark.parse_system_spec(f"closed=jsonl:{imported}"),
+                                     benchmark.parse_system_spec(spec)], toy_dataset, eval_split, tmp_path / "bench",
+                                    progress=False)
+        assert not (tmp_path / "bench").exists()

@@ -66,6 +66,11 @@ def on_disk(spec: str | None) -> str | None:
     return spec if spec and os.path.exists(spec) else None
 
 
+def looks_local(spec: str) -> bool:
+    """A model option that is a path, not a hub id ("org/name"): absolute, ./ ../ ~, or nested deeper."""
+    return spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or "\\" in spec
+
+
 def check_not_input(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None], flag: str = "--out",
                     inside_ok: Iterable[str | os.PathLike | None] = ()) -> None:
     """Refuses `out` equal to, containing or inside an input (folders), or equal to / containing an input file.

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from clip_stage.core.config import ArgumentParser
 from clip_stage.core.errors import command_main
 from clip_stage.core.fs import atomic_write_json, atomic_write_text
-from clip_stage.core.outdir import check_out_dir, write_marker
+from clip_stage.core.outdir import check_out_dir, looks_local, write_marker
 from clip_stage.core.registry import Registry
 from llava_address.eval.gazetteer import Gazetteer
 from llava_address.eval.parse import asks_yes_no
@@ -126,6 +126,10 @@ class SystemKind:
     load: Callable[[SystemSpec, RunContext], System] | None
     """None: the answers are imported, not generated"""
     supports: frozenset[str] = ALL_TYPES
+    options: tuple[str, ...] = ()
+    """the key=value options it takes (checked for every system before any loads)"""
+    paths: tuple[str, ...] = ()
+    """"target" and the options that name local folders or files: each must exist (checked up front)"""
 
 
 # an unknown kind is a bad --system spec, reported like the other spec errors
@@ -137,16 +141,34 @@ def register_system_kind(kind: SystemKind) -> None:
     SYSTEM_KINDS.register(kind.name, kind)
 
 
-def _check_options(spec: SystemSpec, allowed: Sequence[str]) -> None:
-    bad = sorted(set(spec.options) - set(allowed))
+_POSITIVE_INT_OPTIONS = ("max_new_tokens", "top_k")
+
+
+def check_system_spec(spec: SystemSpec) -> None:
+    """Everything a --system spec says that can be checked without loading it: its kind, option names, numbers
+    and the paths it names (a typo is one line before any model loads, not a failure after the others ran)."""
+    kind = get_system_kind(spec.kind)
+    bad = sorted(set(spec.options) - set(kind.options))
     if bad:
-        raise BenchmarkError(f"system {spec.name!r} ({spec.kind}): unknown option(s) {bad}; valid: {sorted(allowed)}")
+        raise BenchmarkError(f"system {spec.name!r} ({spec.kind}): unknown option(s) {bad}; valid: {sorted(kind.options)}")
+    for key in _POSITIVE_INT_OPTIONS:
+        value = spec.options.get(key)
+        if value is not None and not (value.isdigit() and int(value) >= 1):
+            raise BenchmarkError(f"system {spec.name!r}: {key}={value} must be a whole number >= 1")
+    if "top_k" in spec.options and "candidates" not in spec.options:
+        raise BenchmarkError(f"system {spec.name!r}: top_k is for candidate-grounded answers; give candidates= too")
+    for key in kind.paths:
+        path = spec.target if key == "target" else spec.options.get(key)
+        if path and not os.path.exists(path) and (key != "target" or spec.kind == "jsonl" or looks_local(path)):
+            raise BenchmarkError(f"system {spec.name!r}: {'the target' if key == 'target' else key} {path}: not found")
+    if spec.kind == "llava" and spec.target and os.path.isdir(spec.target) \
+            and not os.path.isfile(os.path.join(spec.target, "config.json")):
+        raise BenchmarkError(f"system {spec.name!r}: {spec.target}: not a model folder (no config.json)")
 
 
 # --- llava ---------------------------------------------------------------------------------------------
 
 def _load_llava(spec: SystemSpec, ctx: RunContext) -> System:
-    _check_options(spec, ("adapter", "max_new_tokens", "pad_to_square", "candidates", "top_k", "scores"))
     ranker = load_ranker(spec.options["candidates"], ctx.dataset) if spec.options.get("candidates") else None
     if ctx.engine == "vllm":
         vgen = load_vllm(spec.target or None, spec.options.get("adapter"), ctx.dtype)
@@ -164,7 +186,9 @@ def _load_llava(spec: SystemSpec, ctx: RunContext) -> System:
 
 register_system_kind(SystemKind("llava", "LLaVA folder/hub id (merged or base), adapter=train-llava checkpoint, "
                                          "candidates=CLIP_CHECKPOINT[,top_k=5,scores=true] for candidate-grounded "
-                                         "answers", _load_llava))
+                                         "answers", _load_llava,
+                                options=("adapter", "max_new_tokens", "pad_to_square", "candidates", "top_k", "scores"),
+                                paths=("target", "adapter", "candidates")))
 
 
 # --- AddressCLIP retrieval -----------------------------------------------------------------------------
@@ -235,7 +259,6 @@ def _load_clip(spec: SystemSpec, ctx: RunContext) -> System:
     from clip_stage.gallery import GalleryEncoder, gallery_from_dataset
     from clip_stage.model import create_clip, load_checkpoint
 
-    _check_options(spec, ("model", "pretrained", "style"))
     if spec.target:
         bundle = load_checkpoint(spec.target, device=ctx.device)
     elif spec.options.get("model"):
@@ -249,7 +272,7 @@ def _load_clip(spec: SystemSpec, ctx: RunContext) -> System:
 
 register_system_kind(SystemKind("clip", "AddressCLIP retrieval: train-clip checkpoint (or model=,pretrained=); "
                                         "top-1 gallery address; yes/no by whether the top-1 is the named place",
-                                _load_clip))
+                                _load_clip, options=("model", "pretrained", "style"), paths=("target",)))
 
 
 # --- any HF image-text-to-text model -------------------------------------------------------------------
@@ -274,7 +297,6 @@ def hf_pipeline_answer_batch(pipe, max_new_tokens: int = 64):
 def _load_hf(spec: SystemSpec, ctx: RunContext) -> System:
     from transformers import pipeline
 
-    _check_options(spec, ("max_new_tokens", "trust_remote_code"))
     if not spec.target:
         raise BenchmarkError(f"system {spec.name!r}: give a hub id or model folder")
     try:
@@ -289,8 +311,10 @@ def _load_hf(spec: SystemSpec, ctx: RunContext) -> System:
     return System(hf_pipeline_answer_batch(pipe, int(spec.options.get("max_new_tokens", ctx.max_new_tokens))))
 
 
-register_system_kind(SystemKind("hf", "any transformers image-text-to-text model (hub id or folder)", _load_hf))
-register_system_kind(SystemKind("jsonl", "imported answers JSONL (closed models): id, answer", None))
+register_system_kind(SystemKind("hf", "any transformers image-text-to-text model (hub id or folder)", _load_hf,
+                                options=("max_new_tokens", "trust_remote_code"), paths=("target",)))
+register_system_kind(SystemKind("jsonl", "imported answers JSONL (closed models): id, answer", None,
+                                paths=("target",)))
 
 
 # --- running, scoring, reporting -----------------------------------------------------------------------
@@ -345,7 +369,8 @@ def run_benchmark(specs: Sequence[SystemSpec], dataset: str | Path, eval_file: s
     references = read_references(eval_file)
     if limit is not None:
         references = {it.id: references[it.id] for it in items}
-    for spec in specs:  # before any model loads: resumed answers must come from the same system
+    for spec in specs:  # before any model loads: a bad spec, or resumed answers from another system
+        check_system_spec(spec)
         if get_system_kind(spec.kind).load is not None:
             check_answers_source(out_dir / "answers" / f"{spec.name}.jsonl", spec)
     scorer = scorer or Scorer.from_dataset(dataset)
