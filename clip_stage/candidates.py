@@ -21,6 +21,13 @@ Outputs (folder `--out`, its own kind: `candidates_info.json` marks it):
     candidates.jsonl        {"image_id", "split", "source", "candidates": [{"address", "sub_streets", "score"}]}
     candidates_info.json    settings, per-source counts and accuracy
     fold-K/                 the fold models' train-clip runs (resumed if interrupted)
+    folds.json              what each fold model is trained from (checkpoint, its train-clip config, dataset
+                            path and records sha256, fold k of n)
+
+A rerun into the same `--out` reuses (or resumes) a fold model only when it was trained from the same settings:
+its recorded train-clip config (checkpoint's settings, dataset, fold k/n, epochs, seed, ...) and the dataset's
+records must match, else the run is refused naming what differs (nothing is deleted): a fold model of another
+configuration may have trained on the very images it would rank. Options are checked before anything trains.
 
 `AddressRanker` is also what `infer`, `chat`, `benchmark` and `web-demo` use at inference: the top-K of a
 photo against the city's address gallery, whose text embeddings are cached (`clip_stage.gallery`).
@@ -42,13 +49,13 @@ import torch
 
 from clip_stage.core.config import ArgumentParser
 from clip_stage.core.errors import command_main
-from clip_stage.core.fs import atomic_write_json, iter_jsonl
+from clip_stage.core.fs import atomic_write_json, iter_jsonl, sha256_file
 from clip_stage.core.outdir import check_out_dir, write_marker
-from clip_stage.core.schema import DatasetPaths, read_records
+from clip_stage.core.schema import ADDRESS_STYLES, SPLITS, DatasetPaths, read_records
 from clip_stage.evaluate import encode_images
 from clip_stage.gallery import GalleryEncoder, default_cache_dir, gallery_from_dataset
-from clip_stage.model import CheckpointError, create_clip, load_checkpoint, read_checkpoint_config
-from clip_stage.train import train
+from clip_stage.model import CONFIG_FILE, create_clip, latest_checkpoint, load_checkpoint, read_checkpoint_config
+from clip_stage.train import resume_mismatches, train
 from clip_stage.train_config import TrainConfig
 from clip_stage.train_data import fold_of
 
@@ -56,6 +63,7 @@ log = logging.getLogger(__name__)
 
 INFO_FILE = "candidates_info.json"
 CANDIDATES_FILE = "candidates.jsonl"
+FOLDS_FILE = "folds.json"
 
 
 class CandidatesError(ValueError):
@@ -132,6 +140,83 @@ def fold_train_config(checkpoint: str | os.PathLike, dataset: str, fold: int, fo
     )
 
 
+def check_options(folds: int, top_k: int, style: str, splits: Sequence[str]) -> list[str]:
+    """The splits to rank (deduplicated), after checking every option: nothing may train before a bad one."""
+    if folds < 2:
+        raise CandidatesError(f"--folds {folds}: cross-fitting needs at least 2 folds")
+    if top_k < 1:
+        raise CandidatesError(f"--top-k {top_k}: must be >= 1")
+    if style not in ADDRESS_STYLES:
+        raise CandidatesError(f"--style {style!r}: unknown address style; valid: {', '.join(sorted(ADDRESS_STYLES))}")
+    splits = list(dict.fromkeys(s.strip() for s in splits if s.strip()))
+    if not splits:
+        raise CandidatesError(f"--splits: no split given; valid: {', '.join(SPLITS)}")
+    unknown = [s for s in splits if s not in SPLITS]
+    if unknown:
+        raise CandidatesError(f"--splits: unknown split(s) {', '.join(map(repr, unknown))}; valid: {', '.join(SPLITS)}")
+    return splits
+
+
+def fold_source(checkpoint, dataset: Path, records_sha256: str, cfg: TrainConfig, fold: int, folds: int) -> dict:
+    """What fold model `fold` is trained from (folds.json): reuse is allowed only when this is unchanged."""
+    return {"checkpoint": os.path.realpath(checkpoint), "dataset": os.path.realpath(dataset),
+            "records_sha256": records_sha256, "fold": fold, "folds": folds, "train_config": cfg.to_dict()}
+
+
+def _recorded_fold_config(fold_dir: Path) -> dict | None:
+    """The train-clip config a fold run recorded (final/, else its newest checkpoint), None before any save."""
+    done = fold_dir / "final" / CONFIG_FILE
+    ckpt = done if done.is_file() else (latest / CONFIG_FILE if (latest := latest_checkpoint(fold_dir)) else None)
+    if ckpt is None:
+        return None
+    return json.loads(ckpt.read_text(encoding="utf-8")).get("train_config") or {}
+
+
+def fold_mismatches(fold_dir: Path, cfg: TrainConfig, source: dict, recorded: dict | None) -> list[str]:
+    """What an existing fold run differs in from the one wanted (`recorded`: its folds.json entry, if any)."""
+    out = []
+    saved = _recorded_fold_config(fold_dir)
+    if saved is not None:
+        out += resume_mismatches(saved, cfg)
+    for key in ("records_sha256", "folds", "fold"):
+        if recorded and key in recorded and recorded[key] != source[key]:
+            what = "dataset records (sha256)" if key == "records_sha256" else key
+            out.append(f"{what}: was {recorded[key]!r}, now {source[key]!r}")
+    return out
+
+
+def _read_fold_sources(out: Path) -> dict:
+    path = out / FOLDS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise TypeError(f"expected an object, got {type(data).__name__}")
+    except (ValueError, TypeError) as e:
+        raise CandidatesError(f"{path}: unreadable ({e}); cannot tell what the fold models were trained from") from None
+    return data
+
+
+def plan_folds(checkpoint, dataset: Path, out: Path, folds: int, progress: bool) -> tuple[list[TrainConfig], dict]:
+    """Each fold's train-clip config and source; refuses (before anything trains) to reuse a fold run that was
+    trained from other settings."""
+    recorded = _read_fold_sources(out)
+    records_sha256 = sha256_file(DatasetPaths(dataset).records)  # the same path may hold a rebuilt dataset
+    cfgs, sources = [], {}
+    for k in range(1, folds + 1):
+        # The real path: a rerun from another folder names the same dataset.
+        cfg = fold_train_config(checkpoint, os.path.realpath(dataset), k, folds, out, progress)
+        name = f"fold-{k}"
+        sources[name] = fold_source(checkpoint, dataset, records_sha256, cfg, k, folds)
+        differ = fold_mismatches(Path(cfg.run.output_dir), cfg, sources[name], recorded.get(name))
+        if differ:
+            raise CandidatesError(f"{out / name} holds a fold model trained from other settings ({'; '.join(differ)}); "
+                                  "its candidates would not be cross-fitted: use another --out (nothing was deleted)")
+        cfgs.append(cfg)
+    return cfgs, sources
+
+
 def _encode_split_images(ranker: AddressRanker, image_root: Path, rel_paths: list[str], batch_size: int = 64):
     return encode_images(ranker.bundle.model, ranker.bundle.preprocess_val, image_root, rel_paths, batch_size,
                          ranker.device)
@@ -149,10 +234,11 @@ def cross_fit_candidates(checkpoint: str | os.PathLike, dataset: str | os.PathLi
                          device: str = "cpu", progress: bool = False) -> dict:
     """Trains the fold models (resuming), ranks every image of `splits`, writes the outputs; returns the info."""
     out, dataset = Path(out), Path(dataset)
-    if folds < 2:
-        raise CandidatesError(f"--folds {folds}: cross-fitting needs at least 2 folds")
-    if top_k < 1:
-        raise CandidatesError(f"--top-k {top_k}: must be >= 1")
+    splits = check_options(folds, top_k, style, splits)
+    if not Path(checkpoint).exists():
+        raise CandidatesError(f"--checkpoint {checkpoint}: not found")
+    if not DatasetPaths(dataset).records.is_file():
+        raise CandidatesError(f"--dataset {dataset}: not a dataset folder (no records.parquet)")
     # One rule for every command's --out (clip_stage.core.outdir): an earlier candidates folder is continued (its
     # fold runs resume); anything else non-empty, or a folder that is or holds an input, is refused.
     check_out_dir(out, "candidates", resume=True, legacy=[INFO_FILE, "fold-1", "candidates.jsonl"],
@@ -160,14 +246,16 @@ def cross_fit_candidates(checkpoint: str | os.PathLike, dataset: str | os.PathLi
     records = read_records(dataset)
     truth = dict(zip(records["image_id"].astype(str), records["sub_street"].astype(str)))
     image_root = DatasetPaths(dataset).images
+    fold_cfgs, sources = plan_folds(checkpoint, dataset, out, folds, progress) if "train" in splits else ([], {})
     out.mkdir(parents=True, exist_ok=True)
     write_marker(out, "candidates")
+    if sources:  # before a fold trains: a killed run's partial fold models are checked on the rerun too
+        atomic_write_json(out / FOLDS_FILE, {**_read_fold_sources(out), **sources})
     rows: list[dict] = []
     train_df = records[records["split"] == "train"]
     fold_ids = fold_of(train_df["image_id"].astype(str).tolist(), folds)
     if "train" in splits:
-        for k in range(1, folds + 1):
-            cfg = fold_train_config(checkpoint, str(dataset), k, folds, out, progress)
+        for k, cfg in enumerate(fold_cfgs, 1):
             final = Path(cfg.run.output_dir) / "final"
             if not (final / "model.safetensors").exists():
                 log.info("candidates: training fold model %d/%d (%s)", k, folds, cfg.run.output_dir)
@@ -235,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits", default="train,val,test", help="splits to rank (comma list)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     p.add_argument("--progress", action="store_true", help="progress bars of the fold trainings")
-    p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    p.add_argument("--debug", action="store_true", help="show the traceback of user errors too (taken by the "
+                                                        "command guard, clip_stage.core.errors)")
     return p
 
 
@@ -244,20 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
-
-    try:
-        if not Path(args.checkpoint).exists():
-            raise CandidatesError(f"--checkpoint {args.checkpoint}: not found")
-        if not (Path(args.dataset) / "records.parquet").is_file():
-            raise CandidatesError(f"--dataset {args.dataset}: not a dataset folder (no records.parquet)")
-        info = cross_fit_candidates(args.checkpoint, args.dataset, args.out, args.folds, args.top_k, args.style,
-                                    [s.strip() for s in args.splits.split(",") if s.strip()], args.device,
-                                    args.progress)
-    except (CandidatesError, CheckpointError, ValueError, OSError) as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    # User errors go to the guard (command_main): `candidates: error: ...`, exit 2; --debug shows the traceback.
+    info = cross_fit_candidates(args.checkpoint, args.dataset, args.out, args.folds, args.top_k, args.style,
+                                args.splits.split(","), args.device, args.progress)
     for src, acc in info["accuracy"].items():
         print(f"{src}: {acc['images']} images, top-1 {100 * (acc['top1'] or 0):.1f}%, "
               f"top-{info['top_k']} recall {100 * (acc['top_k_recall'] or 0):.1f}%")
@@ -266,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = ["AddressRanker", "CandidatesError", "cross_fit_candidates", "fold_train_config", "read_candidates",
-           "CANDIDATES_FILE", "INFO_FILE"]
+           "CANDIDATES_FILE", "FOLDS_FILE", "INFO_FILE"]
 
 if __name__ == "__main__":
     sys.exit(main())

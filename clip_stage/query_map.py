@@ -20,11 +20,15 @@ the area" (its sub_street is in the matched set): the probability that a random 
 higher than a random image outside (1 = perfect, 0.5 = chance), with the mean similarity inside and
 outside and both counts. Writes to `--out`: `query_map.png` (one query) or `query_map-<slug>.png` (one
 per query, slug of its text), and `query_map.json` (per query: text, level, matched name and
-sub-streets, AUC, means, counts, PNG name), each file atomically.
+sub-streets, AUC, means, counts, PNG name), each file atomically. A rerun into the same folder replaces
+its content: maps of earlier queries that the new query_map.json does not list are removed (only the maps
+this command wrote, as its marker and the earlier query_map.json name them; a killed run's are removed by
+the next). Errors are one line, `query-map: error: ...`, exit 2, checked before the model loads.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -39,7 +43,7 @@ import torch
 from clip_stage.core.config import ArgumentParser, add_dataclass_args, asdict, dataclass_from_args
 from clip_stage.core.errors import command_main
 from clip_stage.core.fs import atomic_write_json
-from clip_stage.core.outdir import check_out_dir, write_marker
+from clip_stage.core.outdir import MARKER_FILE, check_out_dir, write_marker
 from clip_stage.core.schema import (ADDRESS_STYLES, SPLITS, STORED_STYLES, DatasetPaths, read_records, read_sub_streets,
                                      render_address)
 from clip_stage.evaluate import encode_images
@@ -55,6 +59,11 @@ SINGLE_PNG = "query_map.png"
 LEVELS = ("city", "neighbourhood", "street", "sub_street")
 # Address styles whose rendering names a whole street or neighbourhood rather than one sub-street.
 _STYLE_LEVEL = {"street": "street", "neighbourhood": "neighbourhood"}
+_OWN_PNG = re.compile(r"query_map(-[^/\\]+)?\.png")
+
+
+class QueryMapError(ValueError):
+    """A query-map input that cannot be mapped (empty query, missing dataset, unknown split or model)."""
 
 
 @dataclass(frozen=True)
@@ -74,11 +83,11 @@ class QueryMapConfig:
 
     def __post_init__(self):
         if self.split not in SPLITS:
-            raise ValueError(f"unknown split {self.split!r}; valid: {', '.join(SPLITS)}")
+            raise QueryMapError(f"unknown split {self.split!r}; valid: {', '.join(SPLITS)}")
         if self.batch_size < 1:
-            raise ValueError("--batch-size must be >= 1")
+            raise QueryMapError("--batch-size must be >= 1")
         if not 0 < self.fuzzy_threshold <= 100:
-            raise ValueError("--fuzzy-threshold must be in (0, 100]")
+            raise QueryMapError("--fuzzy-threshold must be in (0, 100]")
 
 
 def normalise(text: str) -> str:
@@ -256,7 +265,7 @@ class QueryMapper:
         self.bundle, self.config, self.dataset_dir = bundle, config, Path(dataset_dir)
         self.records = read_records(self.dataset_dir, config.split)
         if self.records.empty:
-            raise ValueError(f"{self.dataset_dir}: split {config.split!r} has no images")
+            raise QueryMapError(f"{self.dataset_dir}: split {config.split!r} has no images")
         self.index = AddressIndex.from_dataset(self.dataset_dir, config.fuzzy_threshold)
         self.geoms = sub_street_geometries_utm(self.dataset_dir)
         self.points = self.records[["utm_x", "utm_y"]].to_numpy(dtype=float)
@@ -273,7 +282,7 @@ class QueryMapper:
     def query(self, texts: list[str]) -> list[QueryResult]:
         for t in texts:
             if not t.strip():
-                raise ValueError("empty query text")
+                raise QueryMapError("empty query text")
         text_emb = encode_texts(self.bundle.model, self.bundle.tokenizer, list(texts), device=self.config.device)
         sims = (self.image_embeddings @ text_emb.T).numpy()
         subs = self.records["sub_street"].astype(str).to_numpy()
@@ -365,20 +374,40 @@ def png_names(queries: list[str]) -> list[str]:
     return names
 
 
+def _listed_maps(out_dir: Path) -> set[str]:
+    """The map files an earlier run here wrote: named by the marker (also a killed run's) or query_map.json."""
+    names: set[str] = set()
+    for path, read in ((out_dir / MARKER_FILE, lambda d: d.get("maps", [])),
+                       (out_dir / JSON_FILE, lambda d: [q.get("png") for q in d.get("queries", [])])):
+        try:
+            names.update(n for n in read(json.loads(path.read_text(encoding="utf-8"))) if isinstance(n, str))
+        except (OSError, ValueError, AttributeError, TypeError):  # absent or not ours to read: nothing listed
+            continue
+    # Plain names of this command's pattern only: a hand-edited list must not reach other files.
+    return {n for n in names if _OWN_PNG.fullmatch(n)}
+
+
 def run(mapper: QueryMapper, queries: list[str], out_dir: str | Path) -> dict:
-    """Writes one PNG per query and query_map.json (last) into `out_dir`; returns the JSON object."""
+    """Writes one PNG per query and query_map.json (last) into `out_dir`, then removes the maps of earlier runs
+    it no longer lists; returns the JSON object."""
     out_dir = Path(out_dir)
     results = mapper.query(queries)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_marker(out_dir, "query-map")
+    earlier, names = _listed_maps(out_dir), png_names(queries)
+    # The marker lists every map that may be on disk until the new report is in place: a killed run's maps are
+    # then the next run's to remove.
+    write_marker(out_dir, "query-map", maps=sorted(earlier | set(names)))
     summaries = []
-    for res, png in zip(results, png_names(queries)):
+    for res, png in zip(results, names):
         save_figure(mapper.figure(res), out_dir / png)
         summaries.append({**res.summary(), "png": png})
     report = {"dataset": str(mapper.dataset_dir), "split": mapper.config.split, "num_images": len(mapper.records),
               "model": {"model_name": mapper.bundle.model_name, "pretrained": mapper.bundle.pretrained},
               "config": asdict(mapper.config), "queries": summaries}
     atomic_write_json(out_dir / JSON_FILE, report)
+    for stale in sorted(earlier - set(names)):
+        (out_dir / stale).unlink(missing_ok=True)
+    write_marker(out_dir, "query-map", maps=names)
     return report
 
 
@@ -393,29 +422,29 @@ def build_parser() -> ArgumentParser:
     return p
 
 
+def _load_model(args, device: str):
+    """The model the options name; an unknown architecture or pretrained tag is a user error, not a bug."""
+    try:
+        return bundle_from_args(args, device=device)
+    except (KeyError, RuntimeError) as e:  # open_clip: an unknown name (KeyError) or pretrained tag (RuntimeError)
+        raise QueryMapError(e.args[0] if isinstance(e, KeyError) and e.args else str(e)) from e
+
+
 @command_main("query-map")
 def main(argv: list[str] | None = None) -> int:
+    # User errors go to the guard (command_main): `query-map: error: ...`, exit 2; --debug shows the traceback.
     args = build_parser().parse_args(argv)
-    try:
-        config = dataclass_from_args(QueryMapConfig, args)
-        if any(not q.strip() for q in args.query):
-            raise ValueError("--query: empty query text")
-        if not DatasetPaths(args.dataset).root.is_dir():
-            raise ValueError(f"{args.dataset}: no such dataset folder")
-        # One rule for every command's --out (clip_stage.core.outdir), before the model loads: maps are added to an
-        # earlier query-map folder (it replaces only its own file names); anything else non-empty is refused.
-        check_out_dir(args.out, "query-map", resume=True, legacy=[JSON_FILE, "query_map*.png"],
-                      inputs=[args.dataset, args.checkpoint, args.pretrained if os.path.exists(args.pretrained or "") else None])
-        bundle = bundle_from_args(args, device=config.device)
-        mapper = QueryMapper(bundle, args.dataset, config)
-    except (KeyError, ValueError, OSError, RuntimeError) as e:
-        print(f"query-map: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
-        return 2
-    try:
-        report = run(mapper, args.query, args.out)
-    except (OSError, ValueError) as e:  # an image that is missing, unreadable or outside the image root
-        print(f"query-map: {e}", file=sys.stderr)
-        return 2
+    config = dataclass_from_args(QueryMapConfig, args)
+    if any(not q.strip() for q in args.query):
+        raise QueryMapError("--query: empty query text")
+    if not DatasetPaths(args.dataset).root.is_dir():
+        raise QueryMapError(f"{args.dataset}: no such dataset folder")
+    # One rule for every command's --out (clip_stage.core.outdir), before the model loads: an earlier query-map
+    # folder is rewritten (only its own maps are replaced or removed); anything else non-empty is refused.
+    check_out_dir(args.out, "query-map", resume=True, legacy=[JSON_FILE, "query_map*.png"],
+                  inputs=[args.dataset, args.checkpoint, args.pretrained if os.path.exists(args.pretrained or "") else None])
+    mapper = QueryMapper(_load_model(args, config.device), args.dataset, config)
+    report = run(mapper, args.query, args.out)
     for q in report["queries"]:
         auc = "n/a" if q["auc"] is None else f"{q['auc']:.3f}"
         where = "no geometry matched" if q["level"] is None else f"{q['level']} {q['matched']!r} ({len(q['sub_streets'])} sub-streets)"

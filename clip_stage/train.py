@@ -18,7 +18,11 @@ MLFLOW_TRACKING_URI say otherwise). `--resume latest` continues from the newest 
 resumed run reproduces the uninterrupted one. Every checkpoint carries a manifest (size + sha256 per file)
 checked before resuming: a damaged newest checkpoint is reported and the previous one is used.
 metrics.jsonl is cut back to the checkpoint's step, and what killed saves left (`.checkpoint-*.tmp`, ...) is
-removed at the start. Errors about checkpoints are one line, exit code 2.
+removed at the start. A resume with settings that change the result (`resume_mismatches`: dataset, split,
+address style, loss weights, schedule, epochs, seed, ...) is refused; only the output folder, logging,
+checkpointing, workers, threads, gradient checkpointing and the per-device batch (same global batch) may
+change. Only this project's own checkpoint folders are listed, resumed or pruned (clip_stage.core.training).
+Errors (options, inputs, checkpoints) are one line, `train-clip: error: ...`, exit code 2, before anything loads.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from clip_stage.core.errors import command_main
 from clip_stage.core.fs import atomic_write_json, load_error_text, remove_stale_temps
 from clip_stage.core.outdir import check_out_dir, on_disk, write_marker
 from clip_stage.core.progress import progress as tqdm  # a line every 30 s when not on a terminal
-from clip_stage.core.schema import read_records
+from clip_stage.core.schema import ADDRESS_STYLES, SPLITS, read_records
 from clip_stage.core.trackers import TrackerPlan, finish_trackers, plan_trackers, start_trackers
 from clip_stage.core.training import (
     METRICS_FILE,
@@ -78,14 +82,70 @@ from clip_stage.train_config import DEFAULT_GEO_WEIGHT, TrainConfig, parse_confi
 from clip_stage.train_data import AddressImageDataset, Collate, drop_fold
 
 log = logging.getLogger("clip_stage.train")
+# A run folder train-clip wrote before output markers existed: all of these (a manifested step checkpoint, not
+# any `checkpoint-*`, which HF Trainer folders have too).
+LEGACY_RUN_FILES = ["checkpoint-[0-9][0-9][0-9][0-9][0-9][0-9]*/manifest.json", METRICS_FILE, "run_summary.json"]
+
+
+class TrainClipError(ValueError):
+    """A train-clip option that cannot work here (unknown split or address style, fp16 without CUDA)."""
 
 
 def _mixed_precision(precision: str) -> str:
     if precision == "auto":
         return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     if precision == "fp16" and not torch.cuda.is_available():
-        raise ValueError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on this machine")
+        raise TrainClipError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on this machine")
     return precision
+
+
+def check_options(cfg: TrainConfig) -> None:
+    """The options the config's own checks cannot see (registries, the machine), before anything loads."""
+    if cfg.data.split not in SPLITS:
+        raise TrainClipError(f"--split {cfg.data.split!r}: unknown split; valid: {', '.join(SPLITS)}")
+    if cfg.data.address_style not in ADDRESS_STYLES:
+        raise TrainClipError(f"--address-style {cfg.data.address_style!r}: unknown address style; valid: "
+                             f"{', '.join(sorted(ADDRESS_STYLES))}")
+    _mixed_precision(cfg.model.mixed_precision)
+
+
+# Settings a resumed run may change: where and how it reports and saves, and how fast it runs. Everything else
+# of model/data/loss/optim changes the result (the per-device batch is checked as the global batch instead).
+RESUME_NEUTRAL = {("model", "gradient_checkpointing"), ("data", "num_workers"), ("optim", "per_device_batch_size")}
+RESUME_GROUPS = ("model", "data", "loss", "optim")
+PATH_FIELDS = {("data", "dataset"), ("model", "pretrained")}
+
+
+def _same_path(a, b) -> bool:
+    return os.path.realpath(os.path.expanduser(str(a))) == os.path.realpath(os.path.expanduser(str(b)))
+
+
+def resume_mismatches(saved: dict, cfg: TrainConfig) -> list[str]:
+    """'group.field: was X, now Y' for every result-changing setting in which `cfg` differs from a checkpoint's
+    recorded train_config (fields it does not record, from older versions, are not compared)."""
+    wanted = cfg.to_dict()
+    out = []
+    for group in RESUME_GROUPS:
+        for name, now in wanted[group].items():
+            if (group, name) in RESUME_NEUTRAL or name not in (saved.get(group) or {}):
+                continue
+            was = saved[group][name]
+            if isinstance(was, list):
+                was = tuple(was)  # JSON has no tuples
+            if (group, name) in PATH_FIELDS and was and now and _same_path(was, now):
+                continue  # the same folder spelled another way
+            if was != now:
+                out.append(f"{group}.{name}: was {was!r}, now {now!r}")
+    return out
+
+
+def check_resume_config(ckpt: Path, cfg: TrainConfig) -> None:
+    """Refuses to continue `ckpt` with settings that would make the result differ from an uninterrupted run."""
+    saved = json.loads((ckpt / CONFIG_FILE).read_text(encoding="utf-8")).get("train_config") or {}
+    differ = resume_mismatches(saved, cfg)
+    if differ:
+        raise CheckpointError(f"{ckpt} was trained with other settings ({'; '.join(differ)}): the resumed run would not "
+                              "reach an uninterrupted run's result; resume with its settings, or use another --output-dir")
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -179,13 +239,14 @@ class ClipRun:
 def setup(cfg: TrainConfig) -> ClipRun | dict:
     """Model, data, loss plan, optimizer and the resume position of one run; the finished run's summary (a
     dict) instead when `--resume` finds the run already complete."""
+    check_options(cfg)
     if cfg.run.num_threads:
         torch.set_num_threads(cfg.run.num_threads)
     out_dir = Path(cfg.run.output_dir)
     # One rule for every command's output folder (clip_stage.core.outdir): a run folder (marker, or the files of runs
     # from before it) is continued, anything else non-empty is refused, as is a folder holding an input.
     check_out_dir(out_dir, "train-clip", inputs=[cfg.data.dataset, on_disk(cfg.model.pretrained)], resume=True,
-                  legacy=["checkpoint-*", METRICS_FILE, "run_summary.json"], flag="--output-dir")
+                  legacy=LEGACY_RUN_FILES, flag="--output-dir")
     # The trackers' packages are checked before any data or model is loaded; they start once the step is known.
     trackers = plan_trackers(cfg.run.report_to, out_dir, "train_clip", tensorboard_dir=out_dir / TENSORBOARD_DIR)
     accelerator = make_accelerator(_mixed_precision(cfg.model.mixed_precision), log_with=trackers.log_with,
@@ -208,6 +269,8 @@ def setup(cfg: TrainConfig) -> ClipRun | dict:
         remove_stale_temps(out_dir, ("checkpoint-", "final", "run_summary.json", METRICS_FILE))
     resume_from = resume_checkpoint(cfg.run.resume, out_dir, report=main_proc) if cfg.run.resume else None
     refuse_foreign_checkpoints(out_dir, cfg.run.resume)
+    if resume_from is not None:
+        check_resume_config(resume_from, cfg)
     torch.manual_seed(cfg.optim.seed)
     if resume_from is not None:
         bundle = load_checkpoint(resume_from, device="cpu", model_name=cfg.model.model)
@@ -274,7 +337,7 @@ def save(run: ClipRun, final: bool = False) -> None:
         }
         save_checkpoint(run.out_dir / checkpoint_name(run.step), run.model, run.bundle.model_name,
                         run.bundle.pretrained, cfg.to_dict(), state, step=run.step, epoch=run.epoch)
-        prune_checkpoints(run.out_dir, cfg.run.save_total_limit)
+        prune_checkpoints(run.out_dir, cfg.run.save_total_limit, complete=_resumable)
         if final:
             save_checkpoint(run.out_dir / "final", run.model, run.bundle.model_name, run.bundle.pretrained,
                             cfg.to_dict(), None, step=run.step, epoch=run.epoch)
@@ -421,11 +484,7 @@ def train(cfg: TrainConfig, hooks: Hooks | None = None) -> dict:
 @command_main("train-clip")
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(argv, prog="train-clip", description=__doc__.split("\n\n")[0])
-    try:
-        train(cfg)
-    except CheckpointError as e:
-        print(f"train-clip: {e}", file=sys.stderr)
-        return 2
+    train(cfg)  # user errors (CheckpointError, TrainClipError, ...) are printed by the guard: one line, exit 2
     return 0
 
 

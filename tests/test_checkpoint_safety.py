@@ -232,6 +232,63 @@ def test_clip_resume_with_every_checkpoint_damaged_is_one_line_exit_2(toy_datase
     assert "Traceback" not in err
 
 
+def _foreign_checkpoints(run: Path, names=("checkpoint-2", "checkpoint-3", "checkpoint-500", "checkpoint-1000")):
+    """HF Trainer-style folders (and one of our name without our manifest) that are someone else's."""
+    for name in (*names, "checkpoint-000010"):
+        (run / name).mkdir(parents=True)
+        (run / name / "trainer_state.json").write_text('{"theirs": true}')
+    return sorted(names) + ["checkpoint-000010"]
+
+
+def test_checkpoint_rotation_lists_and_prunes_only_our_own_folders(tmp_path):
+    from clip_stage.core.training import checkpoint_name, list_checkpoints, prune_checkpoints
+
+    run = tmp_path / "run"
+    for step in (4, 6, 8):
+        with atomic_dir(run / checkpoint_name(step), verified=True) as tmp:
+            (tmp / "w.bin").write_bytes(b"w")
+    foreign = _foreign_checkpoints(run)
+    elsewhere = tmp_path / "elsewhere"  # a link to a folder outside the run: never followed into
+    with atomic_dir(elsewhere, verified=True) as tmp:
+        (tmp / "w.bin").write_bytes(b"keep")
+    (run / checkpoint_name(12)).symlink_to(elsewhere, target_is_directory=True)
+    assert [p.name for p in list_checkpoints(run)] == [checkpoint_name(s) for s in (4, 6, 8)]
+    assert [p.name for p in prune_checkpoints(run, 1)] == [checkpoint_name(4), checkpoint_name(6)]
+    left = sorted(p.name for p in run.iterdir())
+    assert left == sorted([*foreign, checkpoint_name(8), checkpoint_name(12)])
+    assert all((run / n / "trainer_state.json").read_text() == '{"theirs": true}' for n in foreign)
+    assert (elsewhere / "w.bin").read_bytes() == b"keep"
+
+
+def test_clip_resume_beside_foreign_checkpoints_keeps_them_and_resumes_its_own(toy_dataset, clip_full_run, tmp_path):
+    from clip_stage.train import main
+
+    part = tmp_path / "part"
+    assert main(_clip_argv(toy_dataset, part, *CLIP_COMMON, "--stop-at-step", "4")) == 0
+    foreign = _foreign_checkpoints(part)  # checkpoint-500/-1000 "newer" than ours: must not crowd ours out
+    assert main(_clip_argv(toy_dataset, part, *CLIP_COMMON, "--resume", "latest")) == 0
+    summary = json.loads((part / "run_summary.json").read_text())
+    assert summary["complete"] and summary["resumed_from"].endswith("checkpoint-000004")
+    assert _same(_clip_final(part), _clip_final(clip_full_run), atol=1e-6)
+    ours = sorted(p.name for p in part.glob("checkpoint-0*") if (p / "manifest.json").exists())
+    assert ours == ["checkpoint-000004", "checkpoint-000006", "checkpoint-000008"]  # --save-total-limit 3
+    assert all((part / n / "trainer_state.json").read_text() == '{"theirs": true}' for n in foreign)
+
+
+def test_clip_does_not_adopt_a_marker_less_folder_of_foreign_checkpoints(toy_dataset, tmp_path, capsys):
+    from clip_stage.train import main
+
+    theirs = tmp_path / "hf_run"
+    foreign = _foreign_checkpoints(theirs)
+    (theirs / "metrics.jsonl").write_text('{"step": 1}\n')
+    (theirs / "run_summary.json").write_text("{}")
+    before = sorted(p.name for p in theirs.iterdir())
+    assert main(_clip_argv(toy_dataset, theirs, *CLIP_COMMON, "--resume", "latest")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("train-clip: error: ") and "not a train-clip output" in err and "\n" not in err
+    assert sorted(p.name for p in theirs.iterdir()) == before and len(foreign) == 5
+
+
 def test_clip_planted_pickle_in_training_state_is_refused_and_never_run(toy_dataset, tmp_path, capsys):
     from clip_stage.train import main
 

@@ -4,6 +4,7 @@ builder writing them, and the inference paths (infer, chat, benchmark) writing t
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -187,14 +188,18 @@ def test_chat_puts_candidates_in_the_first_turn_only():
     assert resolve_candidates(None, object()) is None
 
 
-def test_benchmark_llava_systems_accept_candidate_options():
-    from llava_address.eval.benchmark import BenchmarkError, _check_options, parse_system_spec
+def test_benchmark_llava_systems_accept_candidate_options(tmp_path):
+    from llava_address.eval.benchmark import BenchmarkError, check_system_spec, parse_system_spec
 
-    spec = parse_system_spec("ours_candidates=llava:runs/merged,candidates=runs/clip,top_k=5,scores=true")
-    assert spec.options == {"candidates": "runs/clip", "top_k": "5", "scores": "true"}
-    _check_options(spec, ("adapter", "max_new_tokens", "pad_to_square", "candidates", "top_k", "scores"))
+    model, clip = tmp_path / "merged", tmp_path / "clip"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    clip.mkdir()
+    spec = parse_system_spec(f"ours_candidates=llava:{model},candidates={clip},top_k=5,scores=true")
+    assert spec.options == {"candidates": str(clip), "top_k": "5", "scores": "true"}
+    check_system_spec(spec)
     with pytest.raises(BenchmarkError):
-        _check_options(parse_system_spec("x=llava:m,cands=y"), ("candidates",))
+        check_system_spec(parse_system_spec(f"x=llava:{model},cands={clip}"))
 
 
 def test_candidates_command_errors_are_one_line(tmp_path, capsys, toy_dataset):
@@ -202,8 +207,64 @@ def test_candidates_command_errors_are_one_line(tmp_path, capsys, toy_dataset):
 
     assert main(["--checkpoint", str(tmp_path / "nope"), "--dataset", str(toy_dataset), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error:") and "nope" in err and "\n" not in err
+    assert err.startswith("candidates: error: ") and "nope" in err and "\n" not in err
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "mine.txt").write_text("user data")
     assert main(["--checkpoint", str(tmp_path), "--dataset", str(toy_dataset), "--out", str(tmp_path / "busy")]) == 2
     assert (tmp_path / "busy" / "mine.txt").read_text() == "user data"
+
+
+@pytest.mark.parametrize("option, message", [
+    (("--splits", "bogus"), "unknown split"),
+    (("--splits", ""), "no split given"),
+    (("--splits", "val,tset"), "'tset'"),
+    (("--style", "bogus"), "unknown address style"),
+])
+def test_candidates_bad_options_are_refused_before_any_fold_trains(option, message, clip_run, toy_dataset, tmp_path,
+                                                                   capsys):
+    from clip_stage.candidates import CandidatesError, main
+
+    argv = ["--checkpoint", str(clip_run), "--dataset", str(toy_dataset), "--out", str(tmp_path / "o"), *option]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("candidates: error: ") and message in err and "\n" not in err
+    assert not (tmp_path / "o").exists()  # nothing trained, nothing written
+    with pytest.raises(CandidatesError, match=message):  # --debug: the traceback, from the command guard
+        main([*argv, "--debug"])
+
+
+def _other_run(toy_dataset, out, *extra):
+    from clip_stage.train import main
+
+    assert main(["--dataset", str(toy_dataset), "--model", "addressclip-tiny", "--pretrained", "none",
+                 "--output-dir", str(out), "--num-workers", "0", "--progress-bar", "false", "--learning-rate", "1e-3",
+                 "--min-lr", "1e-5", "--per-device-batch-size", "16", "--num-epochs", "2", "--report-to", "none",
+                 *extra]) == 0
+    return out
+
+
+def test_a_rerun_with_other_settings_refuses_the_fold_models_and_deletes_nothing(cross_fitted, clip_run, toy_dataset,
+                                                                                 tmp_path, capsys):
+    from clip_stage.candidates import FOLDS_FILE, main
+
+    out, _ = cross_fitted
+    stamp = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    other_seed = _other_run(toy_dataset, tmp_path / "seed9", "--seed", "9")
+    moved = shutil.copytree(toy_dataset, tmp_path / "moved")
+    cases = [
+        (["--checkpoint", str(other_seed), "--dataset", str(toy_dataset)], "optim.seed"),
+        (["--checkpoint", str(clip_run), "--dataset", str(moved)], "data.dataset"),
+        (["--checkpoint", str(clip_run), "--dataset", str(toy_dataset), "--folds", "3"], "data.holdout_fold"),
+    ]
+    for argv, field in cases:
+        assert main([*argv, "--out", str(out), "--top-k", "3"]) == 2, field
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("candidates: error: ") and field in err and "nothing was deleted" in err, err
+    # the same path holding another dataset (rebuilt with another split seed): its records' sha256 differs
+    copy = shutil.copytree(out, tmp_path / "copy")
+    folds = json.loads((copy / FOLDS_FILE).read_text())
+    folds["fold-2"]["records_sha256"] = "0" * 64
+    (copy / FOLDS_FILE).write_text(json.dumps(folds))
+    assert main(["--checkpoint", str(clip_run), "--dataset", str(toy_dataset), "--out", str(copy)]) == 2
+    assert "dataset records (sha256)" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == stamp  # untouched, nothing trained

@@ -146,8 +146,30 @@ def test_bad_inputs_are_one_line_errors(case, message, toy_dataset, tmp_path, ca
         args["--checkpoint"] = str(tmp_path / "no-run")
     assert main([a for kv in args.items() for a in kv]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("query-map: ") and message in err
+    assert len(err.splitlines()) == 1 and err.startswith("query-map: error: ") and message in err
     assert not (tmp_path / "out").exists()
+    if case == "empty query":  # --debug (taken by the command guard) shows the traceback instead
+        with pytest.raises(ValueError, match=message):
+            main([a for kv in args.items() for a in kv] + ["--debug"])
+
+
+def test_a_rerun_leaves_only_the_maps_its_report_lists(toy_dataset, tmp_path):
+    out = tmp_path / "qmap"
+    argv = ["--model", "addressclip-tiny", "--dataset", str(toy_dataset), "--out", str(out)]
+    assert main(argv + ["--query", "Aleksanterinkatu", "--query", "Kamppi"]) == 0
+    first = {q["png"] for q in json.loads((out / JSON_FILE).read_text())["queries"]}
+    assert len(first) == 2 and all((out / n).is_file() for n in first)
+    (out / "notes.txt").write_text("mine")  # the user's files in the folder are never the command's to remove
+    (out / "query_map-mine.png").write_bytes(b"not a map of this command")
+    # a killed run had drawn a map its report never listed: the marker names it, the next run removes it
+    (out / "query_map-killed.png").write_bytes(b"x")
+    marker = json.loads((out / ".address-llava.json").read_text())
+    (out / ".address-llava.json").write_text(json.dumps({**marker, "maps": [*marker["maps"], "query_map-killed.png"]}))
+    assert main(argv + ["--query", "Esplanadi"]) == 0
+    listed = {q["png"] for q in json.loads((out / JSON_FILE).read_text())["queries"]}
+    assert listed == {SINGLE_PNG}
+    assert {p.name for p in out.iterdir()} == {SINGLE_PNG, JSON_FILE, ".address-llava.json", "notes.txt",
+                                               "query_map-mine.png"}
 
 
 def test_web_demo_address_query_box(toy_dataset):

@@ -181,3 +181,47 @@ def test_load_checkpoint_refuses_weights_of_another_shape(tmp_path):
     save_checkpoint(tmp_path / "ck", small.model, "addressclip-tiny", None)  # lying config
     with pytest.raises(CheckpointError, match="do not fit"):
         load_checkpoint(tmp_path / "ck")
+
+
+@pytest.mark.parametrize("change, field", [
+    (("--learning-rate", "5e-3"), "optim.learning_rate"),
+    (("--address-style", "street"), "data.address_style"),
+    (("--max-steps", "12"), "optim.max_steps"),
+    (("--geo-weight", "0.3"), "loss.geo_weight"),
+    (("--seed", "9"), "optim.seed"),
+    (("--dataset", "COPY"), "data.dataset"),
+])
+def test_resume_with_settings_that_change_the_result_is_refused(change, field, toy_dataset, tmp_path, capsys):
+    common = ("--max-steps", "8", "--save-every", "100", "--warmup-steps", "2", "--seed", "3", "--report-to", "none")
+    part = tmp_path / "part"
+    assert main(_argv(toy_dataset, part, *common, "--stop-at-step", "4")) == 0
+    before = sorted(p.name for p in part.iterdir())
+    if change[1] == "COPY":
+        change = (change[0], str(_copy_dataset(toy_dataset, tmp_path / "other")))
+    capsys.readouterr()
+    argv = _argv(toy_dataset, part, *common, "--resume", "latest")
+    argv += [*change]  # a repeated flag: the last one wins
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("train-clip: error: ") and "\n" not in err and field in err
+    assert sorted(p.name for p in part.iterdir()) == before and not (part / "final").exists()
+    # settings that do not change the result may differ: logging, checkpointing, workers, the same path respelled
+    same = os.path.relpath(toy_dataset)
+    assert main(_argv(same, part, *common, "--resume", "latest", "--log-every", "3", "--save-every", "50",
+                      "--num-workers", "1", "--gradient-checkpointing")) == 0
+    assert _summary(part)["complete"]
+
+
+@pytest.mark.parametrize("option, message", [
+    (("--address-style", "bogus"), "unknown address style"),
+    (("--split", "bogus"), "unknown split"),
+    (("--mixed-precision", "fp16"), "needs a CUDA GPU"),
+])
+def test_bad_options_are_one_line_errors_before_anything_loads(option, message, toy_dataset, tmp_path, capsys):
+    if option[1] == "fp16" and torch.cuda.is_available():
+        pytest.skip("fp16 is valid on a CUDA machine")
+    out = tmp_path / "r"
+    assert main(_argv(toy_dataset, out, "--report-to", "none", *option)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("train-clip: error: ") and message in err and "\n" not in err
+    assert not out.exists()

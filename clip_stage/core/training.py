@@ -13,7 +13,10 @@ and the pieces both loops are made of:
 * `EpochSampler` / `epoch_permutation`: the data order of an epoch as a function of (seed, epoch) alone, so a
   resumed run needs only (epoch, batch) to see the batches the uninterrupted run would;
 * `list_checkpoints` / `prune_checkpoints` (`--save-total-limit`) / `resolve_resume` (`--resume PATH|latest`:
-  the newest intact checkpoint, falling back to the previous one when the newest fails its manifest check);
+  the newest intact checkpoint, falling back to the previous one when the newest fails its manifest check).
+  Only folders in this project's own format count (`own_checkpoint_step`: the exact zero-padded name and the
+  manifest.json of a verified save): another tool's `checkpoint-500/` in the same folder is never listed,
+  resumed or pruned;
 * `MetricsLogger`: metrics.jsonl on rank 0 plus the `--report-to` trackers;
 * `Hooks`: the seam a caller (the training benchmark) uses to observe a loop without patching it.
 
@@ -32,7 +35,7 @@ from typing import Any, Callable
 
 import torch
 
-from clip_stage.core.fs import cut_jsonl_log
+from clip_stage.core.fs import MANIFEST_FILE, cut_jsonl_log
 
 CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -108,20 +111,37 @@ def checkpoint_name(step: int) -> str:
     return f"{CHECKPOINT_PREFIX}{step:06d}"
 
 
+def own_checkpoint_step(path: Path) -> int | None:
+    """The step of a checkpoint folder this project wrote, else None.
+
+    Ours is named exactly `checkpoint_name(step)` and holds the manifest.json of a verified save: HF Trainer's
+    `checkpoint-500/`, a user's `checkpoint-2/` or a link elsewhere is someone else's and must never be pruned.
+    """
+    m = CHECKPOINT_RE.match(path.name)
+    if m is None or path.name != checkpoint_name(int(m.group(1))):
+        return None
+    if path.is_symlink() or not path.is_dir() or not (path / MANIFEST_FILE).is_file():
+        return None
+    return int(m.group(1))
+
+
 def list_checkpoints(run_dir: str | os.PathLike, complete: Callable[[Path], bool] | None = None) -> list[Path]:
-    """The step checkpoints of a run folder, oldest first (only those `complete` accepts; not verified)."""
+    """This project's step checkpoints in a run folder (`own_checkpoint_step`), oldest first (only those
+    `complete` accepts; not verified)."""
     out = Path(run_dir)
     if not out.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in out.iterdir() if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))]
+    found = [(step, p) for p in out.iterdir() if (step := own_checkpoint_step(p)) is not None]
     return [p for _, p in sorted(found) if complete is None or complete(p)]
 
 
-def prune_checkpoints(run_dir: str | os.PathLike, keep: int | None) -> list[Path]:
-    """Removes all but the newest `keep` step checkpoints (`--save-total-limit`; None keeps all)."""
+def prune_checkpoints(run_dir: str | os.PathLike, keep: int | None,
+                      complete: Callable[[Path], bool] | None = None) -> list[Path]:
+    """Removes all but the newest `keep` of this project's step checkpoints (`--save-total-limit`; None keeps
+    all); `complete` narrows which count as the trainer's own. Nothing else in the folder is touched."""
     if keep is None:
         return []
-    ckpts = list_checkpoints(run_dir)
+    ckpts = list_checkpoints(run_dir, complete)
     removed = ckpts[:-keep] if len(ckpts) > keep else []
     for p in removed:
         shutil.rmtree(p, ignore_errors=True)
