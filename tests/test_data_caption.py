@@ -86,3 +86,19 @@ def test_caption_one_split_only(toy_dataset, tiny_blip, tmp_path):
     out = read_records(data)
     assert (out.loc[out["split"] == "test", "caption"] != "").all()
     assert (out.loc[out["split"] == "train", "caption"] == "").all()
+
+
+def test_caption_refuses_bad_options_and_non_blip_models_before_writing(toy_dataset, tiny_blip, tiny_llava_dir,
+                                                                         tmp_path, capsys):
+    data = tmp_path / "d"
+    shutil.copytree(toy_dataset, data)
+    write_records(read_records(data).assign(caption=""), data / "records.parquet")
+    before = (data / "records.parquet").read_bytes()
+    for extra, message in ((["--split", "bogus"], "--split 'bogus'"), (["--limit", "-5"], "--limit -5"),
+                           (["--num-beams", "0"], "--num-beams 0"), (["--device", "bogus"], "--device bogus")):
+        assert main(_argv(data, tiny_blip, *extra)) == 2
+        assert message in capsys.readouterr().err
+    # a LLaVA folder would load as BLIP with random weights and "caption" every row: refused
+    assert main(["--dataset", str(data), "--model", str(tiny_llava_dir), "--progress", "false"]) == 2
+    assert "not a BLIP captioner" in capsys.readouterr().err
+    assert (data / "records.parquet").read_bytes() == before

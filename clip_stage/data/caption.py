@@ -11,6 +11,8 @@ Captions start with the prompt, as conditional BLIP captions do ("a street view 
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +23,9 @@ import torch
 from clip_stage.core.config import ConfigParser, Section
 from clip_stage.core.errors import command_main
 from clip_stage.core.fs import atomic_write_json, atomic_write_with, resolve_under_root
+from clip_stage.core.outdir import looks_local
 from clip_stage.core.progress import progress as tqdm  # a line every 30 s when not on a terminal
-from clip_stage.core.schema import DatasetPaths, empty_captions, read_info, read_records, write_records
+from clip_stage.core.schema import SPLITS, DatasetPaths, empty_captions, read_info, read_records, write_records
 
 DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-large"
 DEFAULT_PROMPT = "a street view of"
@@ -68,18 +71,41 @@ class CaptionArgs:
             raise ValueError("--batch-size and --save-every must be >= 1")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"--dtype {self.dtype!r}: use auto, float32, bfloat16 or float16")
+        if self.split is not None and self.split not in SPLITS:
+            raise ValueError(f"--split {self.split!r}: one of {', '.join(SPLITS)} (unset: every row)")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--limit {self.limit}: must be at least 1 (unset: every row)")
+        for flag, value in (("--max-new-tokens", self.max_new_tokens), ("--num-beams", self.num_beams)):
+            if value < 1:
+                raise ValueError(f"{flag} {value}: must be at least 1")
 
 
 def _write_records_atomic(df, path: Path) -> None:
     atomic_write_with(path, lambda tmp: write_records(df, tmp))
 
 
+class CaptionerError(ValueError):
+    """A --model that is no BLIP captioning model (a user error: one line, exit 2)."""
+
+
 def load_captioner(model: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """(model, processor) of a BLIP captioning checkpoint (hub id or local folder)."""
     from transformers import BlipForConditionalGeneration, BlipProcessor
 
-    processor = BlipProcessor.from_pretrained(model)
-    net = BlipForConditionalGeneration.from_pretrained(model, dtype=dtype).to(device).eval()
+    if os.path.isdir(model):
+        config = os.path.join(model, "config.json")
+        if not os.path.isfile(config):
+            raise CaptionerError(f"--model {model}: not a model folder (no config.json)")
+        model_type = json.loads(Path(config).read_text(encoding="utf-8")).get("model_type")
+        if model_type != "blip":  # transformers would load it anyway, with fresh random BLIP weights
+            raise CaptionerError(f"--model {model}: a {model_type!r} model, not a BLIP captioner")
+    if not os.path.exists(model) and looks_local(model):
+        raise CaptionerError(f"--model {model}: no such folder (and not a hub id of the form org/name)")
+    try:
+        processor = BlipProcessor.from_pretrained(model)
+        net = BlipForConditionalGeneration.from_pretrained(model, dtype=dtype).to(device).eval()
+    except OSError as e:  # a folder of another model, or a hub id that cannot be fetched
+        raise CaptionerError(f"--model {model}: cannot load a BLIP captioner ({str(e).splitlines()[0]})") from e
     return net, processor
 
 
@@ -112,6 +138,11 @@ def run(args: CaptionArgs) -> dict:
         return {"captioned": 0, "skipped": skipped, "remaining": 0}
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            raise CaptionerError(f"--device {device}: no CUDA GPU is available here (use --device cpu)")
+    except RuntimeError:
+        raise CaptionerError(f"--device {device}: not a device (cpu, cuda, cuda:1, auto)") from None
     dtype_name = args.dtype if args.dtype != "auto" else ("float16" if device.startswith("cuda") else "float32")
     net, processor = load_captioner(args.model, device, getattr(torch, dtype_name))
     captions = df["caption"].fillna("").astype(str).tolist()
