@@ -89,7 +89,14 @@ def make_inputs(root: Path, fmt: str = "csv"):
             for r in rows:
                 f.write(json.dumps(r) + "\n")
             f.write("{not json\n")
+            # JSON types a CSV cannot have: refused, not coerced ("['a.png']" would be a path, 5 a caption "5.0")
+            f.write(json.dumps({"image": ["west/img000.png"], "lat": 60.1, "lon": 24.9}) + "\n")
+            f.write(json.dumps({"image": "west/img001.png", "lat": 60.1, "lon": 24.9, "caption": 5}) + "\n")
+            f.write(json.dumps({"image": "west/img001.png", "lat": True, "lon": 24.9}) + "\n")
         expected[len(rows) + 1] = ("malformed_row", "row")
+        expected[len(rows) + 2] = ("malformed_row", "image")
+        expected[len(rows) + 3] = ("malformed_row", "caption")
+        expected[len(rows) + 4] = ("malformed_row", "lat")
     network = write_osm(root / "toy.osm")
     return images, table, network, expected, n_good
 
@@ -161,6 +168,7 @@ def test_jsonl_input_gives_the_same_dataset(tmp_path, built):
     pd.testing.assert_frame_equal(a[cols], b[cols])
     rejects = [json.loads(line) for line in DatasetPaths(out).rejects.read_text(encoding="utf-8").splitlines()]
     assert {r["row"]: r["reason"] for r in rejects} == {k: v[0] for k, v in expected.items()}
+    assert {r["row"]: r["field"] for r in rejects} == {k: v[1] for k, v in expected.items()}
 
 
 def test_a_failure_mid_build_leaves_no_dataset(tmp_path, monkeypatch, built):

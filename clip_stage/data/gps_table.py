@@ -8,6 +8,7 @@ table that cannot be read at all (missing file, unknown format, missing columns)
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 from typing import Iterator
 
@@ -42,6 +43,23 @@ def _table_frame(path: Path, records: list[dict], columns_checked: bool) -> pd.D
     return df[TABLE_COLUMNS].reset_index(drop=True)
 
 
+# JSON types each column may have (a CSV cell is always text): anything else would be coerced silently,
+# a caption 5 into "5.0", an image list into the path "['a.png']".
+_JSONL_TYPES = {"image": (str,), "caption": (str, type(None)), "image_id": (str, int, type(None)),
+                "lat": (int, float, str), "lon": (int, float, str)}
+
+
+def _jsonl_type_problem(record: dict) -> tuple[str, str] | None:
+    """(field, detail) of the first column whose JSON type is not one it can have, else None."""
+    for field, types in _JSONL_TYPES.items():
+        value = record.get(field)
+        if field in record and (not isinstance(value, types) or isinstance(value, bool)):
+            allowed = " or ".join("null" if t is type(None) else {str: "a string", int: "an integer",
+                                                                   float: "a number"}[t] for t in types)
+            return field, f"{field} is {type(value).__name__} {json.dumps(value)[:60]}, expected {allowed}"
+    return None
+
+
 def _records(path: Path) -> Iterator[tuple[dict | None, dict | None]]:
     """(record with its `row`, None) or (None, malformed-row reject) per record of a CSV/TSV/JSONL table."""
     suffix = path.suffix.lower()
@@ -51,6 +69,8 @@ def _records(path: Path) -> Iterator[tuple[dict | None, dict | None]]:
                 yield None, {"row": line.lineno, "field": "row", "reason": "malformed_row", "detail": line.error}
             elif not isinstance(line.value, dict):
                 yield None, {"row": line.lineno, "field": "row", "reason": "malformed_row", "detail": "not a JSON object"}
+            elif (problem := _jsonl_type_problem(line.value)) is not None:
+                yield None, {"row": line.lineno, "field": problem[0], "reason": "malformed_row", "detail": problem[1]}
             else:
                 yield {"row": line.lineno, **line.value}, None
     elif suffix in (".csv", ".tsv"):

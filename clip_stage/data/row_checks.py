@@ -38,6 +38,12 @@ REJECT_REASONS = {
 }
 
 
+def _far_detail(dist: np.ndarray, radius_m: float):
+    """The reject detail of a photo too far from any named street (inf: none within the search radius)."""
+    return lambda i: (f"nearest named street {dist[i]:.1f} m away" if np.isfinite(dist[i])
+                      else f"no named street within {radius_m:g} m")
+
+
 def _str_or_empty(v) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return ""
@@ -147,7 +153,7 @@ def check_chunk(table: pd.DataFrame, geocoder: ReverseGeocoder) -> ChunkResult:
         for reason in ("far_from_street", "ambiguous"):
             m = np.zeros(n, dtype=bool)
             m[idx[geo.reason == reason]] = True
-            detail = (lambda i: f"nearest named street {dist[i]:.1f} m away") if reason == "far_from_street" else None
+            detail = _far_detail(dist, geocoder.config.search_radius_m) if reason == "far_from_street" else None
             reject(m, reason, "lat,lon", detail)
 
     ids = table["image_id"].map(_str_or_empty).to_numpy(dtype=object)
