@@ -30,6 +30,10 @@ def test_unknown_name_lists_valid_names_sorted():
     with pytest.raises(KeyError) as e:
         _colours().lookup("pink")
     assert e.value.args[0] == "unknown colour 'pink'; valid: ['blue', 'green', 'red']"
+    # a project ValueError too: a command passing a user's option through reports one line, not a traceback
+    from clip_stage.core.errors import is_user_error, one_line
+
+    assert is_user_error(e.value) and one_line(e.value) == e.value.args[0]
 
 
 def test_custom_error_type():

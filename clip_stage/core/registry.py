@@ -12,8 +12,16 @@ from typing import Generic, TypeVar
 T = TypeVar("T")
 
 
+class UnknownNameError(KeyError, ValueError):
+    """A name no registry entry has. A KeyError for dict-minded callers, and a project ValueError, so a command
+    that passes a user's option through reports it as one line (exit 2), not a traceback."""
+
+    def __str__(self) -> str:  # a KeyError's str() is the repr of its message
+        return str(self.args[0]) if self.args else ""
+
+
 class Registry(dict[str, T], Generic[T]):
-    def __init__(self, kind: str, error: type[Exception] = KeyError):
+    def __init__(self, kind: str, error: type[Exception] = UnknownNameError):
         """`kind` names an entry in messages ("address style"); `error` is what `lookup` raises on a miss."""
         super().__init__()
         self.kind = kind

@@ -172,7 +172,7 @@ def read_records(dataset_dir: str | Path, split: str | None = None) -> pd.DataFr
         raise DatasetFormatError(f"{paths.records}: missing columns {missing}")
     if split is not None:
         if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; valid: {SPLITS}")
+            raise DatasetFormatError(f"unknown split {split!r}; valid: {SPLITS}")
         df = df[df["split"] == split].reset_index(drop=True)
     return df
 

@@ -10,6 +10,7 @@ from typing import Sequence
 import numpy as np
 from rapidfuzz import fuzz
 
+from conversations.records import IMAGE_TOKEN
 from llava_address.eval.gazetteer import Gazetteer, tokens
 
 _YES = {"yes", "yeah", "yep", "correct", "right", "true", "indeed", "affirmative", "kylla", "ja"}
@@ -40,7 +41,7 @@ _VERDICT_HINTED = re.compile(r"\b(guess|claims?)\b|\b(correct|right|true)\?", re
 
 def asks_yes_no(question: str) -> bool:
     """Whether a question asks for a yes/no verdict (its last line, so a prompt's candidate block is skipped)."""
-    lines = [ln for ln in question.replace("<image>", " ").splitlines() if ln.strip()]
+    lines = [ln for ln in question.replace(IMAGE_TOKEN, " ").splitlines() if ln.strip()]
     if not lines:
         return False
     last = lines[-1]
