@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an earlier conversion at --out (any other non-empty folder is refused)")
     p.add_argument("--template", default="vicuna_v1",
                    help="chat template stored with the processor (default vicuna_v1: LLaVA-1.5's --version v1)")
-    p.add_argument("--torch-dtype", "--torch_dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    p.add_argument("--torch-dtype", "--torch_dtype", "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype of the written weights ('auto': the checkpoint's torch_dtype)")
     p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
     return p

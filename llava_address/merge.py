@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (replaced atomically)")
     p.add_argument("--base", default=None, help="LLaVA hub id/path replacing the base stored in the checkpoint")
     p.add_argument("--vision-tower", default=None, help="replaces the stored vision tower path (e.g. if it moved)")
-    p.add_argument("--torch-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    p.add_argument("--torch-dtype", "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype of the merged weights ('auto': the base checkpoint's; a QLoRA run's compute dtype)")
     p.add_argument("--device-map", default=None, help="device_map for loading the base (e.g. 'auto' for big models)")
     p.add_argument("--check", action="store_true", help="verify merged logits == adapter logits before writing")

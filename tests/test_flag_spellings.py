@@ -107,3 +107,18 @@ def test_no_command_parser_misses_the_snake_spellings(module):
         return
     dashed = re.findall(r"add_argument\(\s*\"(--[a-z0-9]+-[a-z0-9-]+)\"", source)
     assert not dashed, f"{module}: use clip_stage.core.config.ArgumentParser so {dashed} also take underscores"
+
+
+@pytest.mark.parametrize("module, required", [
+    ("llava_address.merge", ["--checkpoint", "c", "--out", "o"]),
+    ("llava_address.convert_llava", ["--model-path", "m", "--vision-tower", "t", "--out", "o"]),
+    ("llava_address.eval.infer", ["--eval", "e", "--image-root", "i", "--out", "o"]),
+    ("llava_address.apps.chat", ["--image", "i"]),
+    ("llava_address.eval.benchmark", []),
+])
+def test_weights_dtype_is_one_concept_with_both_spellings(module, required):
+    """Model-loading commands take --dtype and --torch-dtype alike (transformers renamed torch_dtype to dtype)."""
+    parser = importlib.import_module(module).build_parser()
+    values = {vars(parser.parse_args([*required, flag, "bfloat16"])).get(dest)
+              for flag in ("--dtype", "--torch-dtype", "--torch_dtype") for dest in ("dtype", "torch_dtype")}
+    assert values - {None} == {"bfloat16"}

@@ -273,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--question", default=None, help="ask one question, print the answer and exit")
     p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit in tokens")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", "--torch-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--candidates", default=None, metavar="CLIP_CHECKPOINT",
                    help="candidate-grounded answers: this AddressCLIP model's top-K addresses go into the first question")
     p.add_argument("--dataset", default=None, help="with --candidates: the address dataset (candidate gallery)")

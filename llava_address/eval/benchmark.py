@@ -521,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="questions per batch")
     p.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", "--torch-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--limit", type=int, default=None, help="only the first N questions of the split")
     p.add_argument("--engine", default="hf", choices=["hf", "vllm"],
                    help="what serves the llava systems: hf (transformers generate) or vllm (merged models, CUDA GPU "

@@ -447,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-errors", action="store_true",
                    help="answer again the records that are error rows in --out (by default they count as done)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="weights dtype")
+    p.add_argument("--dtype", "--torch-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="weights dtype")
     p.add_argument("--engine", default="hf", choices=["hf", "vllm"],
                    help="hf: transformers generate (batched, KV cache); vllm: vLLM's offline engine on a merged "
                         "model with its chat template (CUDA GPU + vLLM; refused at once otherwise)")
