@@ -19,6 +19,12 @@ is then evaluated by `clip_stage.evaluate.evaluate` on the same gallery. Writes 
     baselines.json              per (variant, seed): weights, metrics, training summary; means over seeds;
                                 the comparisons full-vs-zero-shot and full-vs-address-only (SSA-1)
     baselines.md                the markdown table (mean over seeds, and per seed when several)
+
+Everything is checked before the first model loads: the variants, the train-clip arguments (parsed as
+train-clip would), the dataset and its split, the model name, and `--out` (the output-folder rule of
+`clip_stage.core.outdir`: never the dataset or inside it; a new or empty folder, or an earlier
+clip-baselines folder with `--reuse`, which keeps its finished runs after checking that each was trained with
+the same arguments; anything else is refused, and so is an earlier folder without `--reuse`).
 """
 
 from __future__ import annotations
@@ -33,12 +39,14 @@ import torch
 
 from clip_stage.core.config import ArgumentParser
 from clip_stage.core.errors import command_main
-from clip_stage.evaluate import TABLE_METRICS, evaluate, format_table
+from clip_stage.core.outdir import check_out_dir, on_disk, write_marker
+from clip_stage.evaluate import TABLE_METRICS, evaluate, format_table, split_records
 from clip_stage.core.fs import atomic_write_json, atomic_write_text
 from clip_stage.gallery import GalleryEncoder, gallery_from_dataset
 from clip_stage.core.registry import Registry
 from clip_stage.core.schema import ADDRESS_STYLES, SPLITS
-from clip_stage.model import create_clip, load_checkpoint, read_checkpoint_config
+from clip_stage.model import check_pretrained, create_clip, load_checkpoint, model_config, read_checkpoint_config
+from clip_stage.train import check_options as check_train_options
 from clip_stage.train import main as train_main
 from clip_stage.train_config import parse_config
 
@@ -51,7 +59,18 @@ class Variant:
     description: str
 
 
-VARIANTS: Registry[Variant] = Registry("baseline variant")
+class BaselineError(ValueError):
+    """A bad clip-baselines request (an unknown variant, a reserved train-clip flag, a run to reuse that differs)."""
+
+    # The command guard recognises project errors by module; keep it when run as `python -m clip_stage.baselines`.
+    __module__ = "clip_stage.baselines"
+
+
+KIND = "clip-baselines"
+# What a clip-baselines folder held before output markers existed.
+LEGACY_FILES = ("baselines.json", "runs/*-seed*")
+
+VARIANTS: Registry[Variant] = Registry("baseline variant", error=BaselineError)
 get_variant = VARIANTS.lookup
 
 
@@ -74,7 +93,7 @@ def _check_train_args(train_args: list[str]) -> None:
     for a in train_args:
         flag = a.split("=", 1)[0]
         if flag in _RESERVED:
-            raise ValueError(f"{flag} is set by the baseline harness for every variant; do not pass it after '--'")
+            raise BaselineError(f"{flag} is set by the baseline harness for every variant; do not pass it after '--'")
 
 
 def train_argv(variant: Variant, dataset: str, model: str, pretrained: str | None, run_dir: Path, seed: int,
@@ -117,35 +136,68 @@ def _mean_metrics(rows: list[dict]) -> dict:
     return out
 
 
+def _run_dir(out_dir: Path, v: Variant, seed: int) -> Path:
+    return out_dir / "runs" / f"{v.name}-seed{seed}"
+
+
+def check_request(dataset: str | Path, out_dir: str | Path, *, model: str, pretrained: str | None,
+                  variants: list[str], seeds: list[int], train_args: list[str], split: str = "test",
+                  reuse: bool = False) -> list[Variant]:
+    """Everything run_baselines needs, checked before any model loads or anything is written; returns the variants.
+
+    Each fine-tuned variant's train-clip arguments are parsed as train-clip will; with --reuse, each finished run
+    must have been trained with them."""
+    chosen = [get_variant(v) for v in variants]
+    _check_train_args(train_args)
+    split_records(dataset, split)
+    if ":" not in model:
+        model_config(model)
+    check_pretrained(model, pretrained)
+    out_dir = Path(out_dir)
+    state = check_out_dir(out_dir, KIND, inputs=[dataset, on_disk(pretrained)], resume=True, legacy=LEGACY_FILES)
+    if state == "resume" and not reuse:
+        raise BaselineError(f"--out {out_dir} holds an earlier clip-baselines run; pass --reuse to keep its finished "
+                            "runs (checked against these arguments), or choose another --out")
+    for seed in seeds:
+        for v in (v for v in chosen if v.weights is not None):
+            run_dir = _run_dir(out_dir, v, seed)
+            argv = train_argv(v, str(dataset), model, pretrained, run_dir, seed, train_args)
+            check_train_options(parse_config(argv))
+            if (run_dir / "final").is_dir():
+                differ = reuse_mismatches(run_dir / "final", argv)
+                if differ:
+                    raise BaselineError(f"--reuse: {run_dir} was trained with other arguments ({'; '.join(differ)}); "
+                                        "delete it, or use another --out")
+    return chosen
+
+
 def run_baselines(dataset: str | Path, out_dir: str | Path, *, model: str, pretrained: str | None,
                   variants: list[str], seeds: list[int], train_args: list[str], split: str = "test",
                   style: str = "full", reuse: bool = False, device: str = "cpu") -> dict:
     """Trains and evaluates every (variant, seed); returns the report written to baselines.json."""
-    chosen = [get_variant(v) for v in variants]
-    _check_train_args(train_args)
+    chosen = check_request(dataset, out_dir, model=model, pretrained=pretrained, variants=variants, seeds=seeds,
+                           train_args=train_args, split=split, reuse=reuse)
     out_dir = Path(out_dir)
     gallery = gallery_from_dataset(dataset, style)
+    write_marker(out_dir, KIND)  # the runs are written in place: a killed harness is continued with --reuse
     encoder = GalleryEncoder(None, device=device)  # in memory: every model is evaluated once
     rows = []
     for seed in seeds:
         for v in chosen:
-            run_dir = out_dir / "runs" / f"{v.name}-seed{seed}"
+            run_dir = _run_dir(out_dir, v, seed)
             summary = None
             if v.weights is None:
                 torch.manual_seed(seed)  # train-clip seeds the same way before creating the model
                 bundle = create_clip(model, pretrained, device=device)
             else:
                 argv = train_argv(v, str(dataset), model, pretrained, run_dir, seed, train_args)
-                if reuse and (run_dir / "final").is_dir():
-                    differ = reuse_mismatches(run_dir / "final", argv)
-                    if differ:
-                        raise ValueError(f"--reuse: {run_dir} was trained with other arguments ({'; '.join(differ)}); "
-                                         "delete it, or use another --out")
-                else:
-                    if run_dir.exists() and not reuse:
-                        raise FileExistsError(f"{run_dir} exists: pass --reuse to keep finished runs, or another --out")
-                    print(f"clip-baselines: training {v.name} (seed {seed}): train-clip {' '.join(argv)}", flush=True)
-                    train_main(argv)
+                if not (reuse and (run_dir / "final").is_dir()):
+                    # An unfinished run of a killed harness (only reachable with --reuse) is continued.
+                    resume = ["--resume", "latest"] if run_dir.exists() else []
+                    print(f"clip-baselines: training {v.name} (seed {seed}): train-clip {' '.join(argv + resume)}",
+                          flush=True)
+                    if train_main(argv + resume) != 0:  # its guard has printed why, on one line
+                        raise BaselineError(f"train-clip failed for {v.name} (seed {seed}); {run_dir} is kept for --reuse")
                 bundle = load_checkpoint(run_dir, device=device)
                 summary = _read_json(run_dir / "run_summary.json")
             metrics = evaluate(bundle, dataset, run_dir / "eval", split=split, gallery=gallery, style=style,
@@ -169,7 +221,6 @@ def run_baselines(dataset: str | Path, out_dir: str | Path, *, model: str, pretr
         "pretrained": pretrained, "seeds": seeds, "train_args": train_args, "variants": [v.name for v in chosen],
         "mean": means, "comparisons": comparisons, "rows": rows,
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "baselines.json", report)
     atomic_write_text(out_dir / "baselines.md", render_markdown(report))
     return report
@@ -228,13 +279,9 @@ def main(argv: list[str] | None = None) -> int:
         argv, train_args = argv[:i], argv[i + 1:]
     args = build_parser().parse_args(argv)
     pretrained = None if str(args.pretrained).lower() in ("none", "") else args.pretrained
-    try:
-        report = run_baselines(args.dataset, args.out, model=args.model, pretrained=pretrained, variants=args.variants,
-                               seeds=args.seeds, train_args=train_args, split=args.split, style=args.style,
-                               reuse=args.reuse, device=args.device)
-    except (KeyError, ValueError, FileExistsError) as e:
-        print(f"clip-baselines: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
-        return 2
+    report = run_baselines(args.dataset, args.out, model=args.model, pretrained=pretrained, variants=args.variants,
+                           seeds=args.seeds, train_args=train_args, split=args.split, style=args.style,
+                           reuse=args.reuse, device=args.device)
     print(render_markdown(report))
     return 0
 

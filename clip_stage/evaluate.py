@@ -15,6 +15,13 @@ Writes to `--out`:
                         distance error
     map.png             right (green) and wrong (red) top-1 answers over the sub-street network
 
+`--out` follows the output-folder rule of `clip_stage.core.outdir`, checked with every other input before the
+model loads: it is never an input, inside the dataset or inside a checkpoint folder (its manifest would then
+list extra files and refuse to load); it may sit in a train-clip run folder beside the checkpoints
+(`runs/clip/eval`). An earlier eval-clip folder is replaced without `--overwrite` (results are cheap to
+recompute); any other non-empty folder is refused. The files are written into a temporary folder that
+replaces `--out` only once complete.
+
 Metric definitions for every gallery style are in `clip_stage.geo_metrics`.
 """
 
@@ -31,11 +38,12 @@ import torch
 
 from clip_stage.core.config import ArgumentParser
 from clip_stage.core.errors import command_main
-from clip_stage.core.fs import atomic_write_json, atomic_write_text, resolve_under_root
+from clip_stage.core.fs import atomic_dir, atomic_write_json, atomic_write_text, resolve_under_root
+from clip_stage.core.outdir import check_out_dir, on_disk, write_marker
 from clip_stage.gallery import (Gallery, GalleryEncoder, default_cache_dir, encode_in_batches, gallery_from_dataset,
                                 gallery_from_file)
 from clip_stage.geo_metrics import candidate_geometries, score, sub_street_geometries_utm
-from clip_stage.model import add_model_source_args, bundle_from_args
+from clip_stage.model import add_model_source_args, bundle_from_args, check_model_source, checkpoint_folders
 from clip_stage.core.schema import ADDRESS_STYLES, SPLITS, Address, DatasetPaths, read_records, render_address
 from clip_stage.plots import plot_prediction_map
 
@@ -43,6 +51,28 @@ METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.jsonl"
 MAP_FILE = "map.png"
 TABLE_METRICS = ("SSA-1", "SSA-5", "SA-1", "SA-5", "neighbourhood-1", "median_distance_m")
+KIND = "eval-clip"
+# What eval folders held before output markers existed (the demo's clip/eval): adopted as eval-clip's own.
+LEGACY_FILES = (METRICS_FILE, PREDICTIONS_FILE)
+
+
+class EvalError(ValueError):
+    """A bad eval-clip request: an option out of range, or a split with no images to evaluate."""
+
+    # The command guard recognises project errors by module; keep it when run as `python -m clip_stage.evaluate`.
+    __module__ = "clip_stage.evaluate"
+
+
+def split_records(dataset_dir: str | Path, split: str, limit: int | None = None):
+    """The records of `split` (the first `limit`); refuses a limit below 1 and an empty selection."""
+    if limit is not None and limit < 1:
+        raise EvalError(f"--limit must be >= 1 (got {limit})")
+    df = read_records(dataset_dir, split)
+    if limit is not None:
+        df = df.iloc[:limit]
+    if df.empty:
+        raise EvalError(f"{dataset_dir}: split {split!r} has no images")
+    return df
 
 
 def primary_metric(gallery: Gallery) -> str:
@@ -74,13 +104,12 @@ def evaluate(bundle, dataset_dir: str | Path, out_dir: str | Path | None = None,
              gallery: Gallery | None = None, style: str = "full", batch_size: int = 64,
              encoder: GalleryEncoder | None = None, device: str | torch.device = "cpu", top_k: int = 5,
              plot: bool = True, limit: int | None = None, model_key: str | None = None) -> dict:
-    """Evaluates `bundle` (clip_stage.model.ClipBundle) and returns the metrics; writes files when out_dir is set."""
+    """Evaluates `bundle` (clip_stage.model.ClipBundle) and returns the metrics; when out_dir is set, writes the
+    files into a new folder that replaces out_dir as a whole once complete (the caller checks out_dir first)."""
     dataset_dir = Path(dataset_dir)
-    df = read_records(dataset_dir, split)
-    if limit is not None:
-        df = df.iloc[:limit]
-    if df.empty:
-        raise ValueError(f"{dataset_dir}: split {split!r} has no images")
+    if batch_size < 1 or top_k < 1:
+        raise EvalError(f"batch size and top-k must be >= 1 (got {batch_size}, {top_k})")
+    df = split_records(dataset_dir, split, limit)
     gallery = gallery if gallery is not None else gallery_from_dataset(dataset_dir, style)
     encoder = encoder if encoder is not None else GalleryEncoder(None, device=device)
     model = bundle.model.to(device)
@@ -110,8 +139,15 @@ def evaluate(bundle, dataset_dir: str | Path, out_dir: str | Path | None = None,
     if out_dir is None:
         return metrics
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(out_dir) as tmp:
+        _write_outputs(tmp, bundle, dataset_dir, df, split, gallery, style, truth, per_image, top_idx, top_scores,
+                       metrics, geoms, cand_geoms, plot)
+    return metrics
+
+
+def _write_outputs(out_dir: Path, bundle, dataset_dir: Path, df, split: str, gallery: Gallery, style: str, truth,
+                   per_image, top_idx, top_scores, metrics: dict, geoms, cand_geoms, plot: bool) -> None:
+    """predictions.jsonl, metrics.json, map.png and the eval-clip marker, into the (temporary) folder out_dir."""
     truth_style = style if gallery.source.startswith("style:") else "full"
     lines = []
     for i, (t, r) in enumerate(zip(truth, per_image)):
@@ -128,6 +164,7 @@ def evaluate(bundle, dataset_dir: str | Path, out_dir: str | Path | None = None,
     atomic_write_text(out_dir / PREDICTIONS_FILE, "\n".join(lines) + "\n")
     atomic_write_json(out_dir / METRICS_FILE, metrics)
     if plot:
+        primary = metrics["primary_metric"]
         rank_key = {"SSA-1": "ssa_rank", "SA-1": "sa_rank"}.get(primary)
         correct = np.array([(r[rank_key] == 0) if rank_key else r["neighbourhood_ok"] for r in per_image])
         pts = df[["utm_x", "utm_y"]].to_numpy(dtype=float)
@@ -138,7 +175,7 @@ def evaluate(bundle, dataset_dir: str | Path, out_dir: str | Path | None = None,
             title += f", median error {med:.0f} m"
         plot_prediction_map(out_dir / MAP_FILE, geoms, pts, correct, [cand_geoms[j] for j in top_idx[:, 0]],
                             title=title, metric_name=primary)
-    return metrics
+    write_marker(out_dir, KIND)
 
 
 def _render_truth(row, style: str) -> str:
@@ -188,13 +225,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_options(args) -> None:
+    """The numeric options, before anything is read."""
+    for flag, value in (("--top-k", args.top_k), ("--batch-size", args.batch_size),
+                        ("--text-batch-size", args.text_batch_size), ("--limit", args.limit)):
+        if value is not None and value < 1:
+            raise EvalError(f"{flag} must be >= 1 (got {value})")
+
+
+def check_out(args) -> None:
+    """--out by the one output-folder rule (module docstring): never an input nor inside a checkpoint folder; an
+    earlier eval-clip folder is replaced."""
+    inputs = [args.dataset, DatasetPaths(args.dataset).images, args.candidates, on_disk(args.pretrained)]
+    run = None
+    if args.checkpoint:
+        folders, run = checkpoint_folders(args.checkpoint)
+        inputs += [args.checkpoint, *folders]
+    check_out_dir(args.out, KIND, inputs=inputs, inside_ok=[run], overwrite=True, legacy=LEGACY_FILES)
+
+
 @command_main("eval-clip")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.top_k < 1:
-        raise SystemExit("eval-clip: --top-k must be >= 1")
-    bundle = bundle_from_args(args, device=args.device)
+    # Every input and --out first: the model loads only for a request that can be evaluated and written.
+    check_options(args)
+    split_records(args.dataset, args.split, args.limit)
     gallery = gallery_from_file(args.candidates, args.dataset) if args.candidates else gallery_from_dataset(args.dataset, args.style)
+    check_out(args)
+    check_model_source(args)
+    bundle = bundle_from_args(args, device=args.device)
     cache = None if args.no_cache else (args.cache_dir or default_cache_dir())
     encoder = GalleryEncoder(cache, batch_size=args.text_batch_size, device=args.device)
     m = evaluate(bundle, args.dataset, args.out, split=args.split, gallery=gallery, style=args.style,

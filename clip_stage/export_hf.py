@@ -18,6 +18,11 @@ no custom attention variants), no attentional pooler; for the full model also th
 transformer with EOT (argmax) pooling and no logit bias. Anything else (ResNet, timm, HF text towers,
 SigLIP, CoCa, ...) is refused with an `UnsupportedArchitectureError` naming the feature.
 
+The command writes the whole export (folders, report, model card, output marker) into a temporary folder
+that replaces `--out` only once complete and verified: a failed export leaves `--out` as it was, and
+`--overwrite` never mixes an earlier export's files with the new ones. `--out` may sit in the train-clip run
+folder beside its checkpoints (the demo's `clip/hf`), never inside a checkpoint folder.
+
 After writing, the export reloads the saved directories and compares them with the open_clip model on the
 same input in float32 (penultimate hidden states, pooled projected image embedding, text embeddings); a
 difference above `--atol` (default 1e-4) is an error. Key mapping (measured to reproduce to 1e-6):
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,9 +43,9 @@ import torch
 from torch import nn
 
 from clip_stage.core.config import ArgumentParser
-from clip_stage.core.errors import command_main
+from clip_stage.core.errors import command_main, report
 from clip_stage.core.fs import atomic_dir, atomic_write_json
-from clip_stage.model import add_model_source_args, bundle_from_args
+from clip_stage.model import add_model_source_args, bundle_from_args, check_model_source, checkpoint_folders
 from clip_stage.core.model_card import CardError, ModelCard, add_hub_args, push_folder, read_metrics, write_card
 from clip_stage.core.outdir import check_out_dir, on_disk, write_marker
 
@@ -53,6 +59,15 @@ _RESAMPLE = {"bicubic": 3, "bilinear": 2, "nearest": 0}
 
 class UnsupportedArchitectureError(ValueError):
     """An open_clip architecture with no exact transformers CLIP equivalent."""
+
+    # The command guard recognises project errors by module; keep it when run as `python -m clip_stage.export_hf`.
+    __module__ = "clip_stage.export_hf"
+
+
+class ExportError(ValueError):
+    """A bad export-clip request (an option out of range), or an export that does not reproduce open_clip."""
+
+    __module__ = "clip_stage.export_hf"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -386,7 +401,8 @@ def _verify(model, vision_dir: Path, clip_dir: Path | None, context_length: int,
         diffs["clip.logit_scale"] = abs(hf.logit_scale.item() - model.logit_scale.item())
     bad = {k: v for k, v in diffs.items() if not v <= atol}
     if bad:
-        raise RuntimeError(f"exported model differs from open_clip by more than {atol}: {bad}")
+        raise ExportError(f"exported model differs from open_clip by more than --atol {atol}: "
+                          + ", ".join(f"{k} {v:.3g}" for k, v in bad.items()))
     return diffs
 
 
@@ -442,10 +458,13 @@ def export_open_clip(model: nn.Module, tokenizer, out_dir: str | Path, *, full: 
 
     result = ExportResult(vision_dir, clip_dir, has_tok, skipped=skipped)
     if verify:
+        if not atol >= 0:
+            raise ExportError(f"atol must be >= 0 (got {atol})")
         ctx = tcfg.max_position_embeddings if tcfg is not None else 0
         result.max_abs_diff = _verify(model, vision_dir, clip_dir, ctx, atol)
+    # Folder names relative to the export (it is written in a temporary folder, then moved or pushed).
     atomic_write_json(out_dir / REPORT_FILE, {
-        "source": source or {}, "vision_tower": str(vision_dir), "clip_model": str(clip_dir) if clip_dir else None,
+        "source": source or {}, "vision_tower": VISION_DIR, "clip_model": CLIP_DIR if clip_dir else None,
         "tokenizer": has_tok, "hidden_act": vcfg.hidden_act, "skipped": skipped,
         "verified_atol": atol if verify else None, "max_abs_diff": result.max_abs_diff,
     })
@@ -466,56 +485,73 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def export_card(source: dict, res: ExportResult, args) -> ModelCard:
-    """The export folder's model card: source checkpoint, what was written, metrics of `--benchmark`."""
+def export_card(source: dict, res: ExportResult, args, metrics: dict | None = None) -> ModelCard:
+    """The export folder's model card: source checkpoint, what was written, metrics of `--benchmark` (read by
+    the caller before the model loaded)."""
     base = source.get("pretrained") and f"{source.get('model_name')} ({source.get('pretrained')})"
     repo = args.push_to_hub or "PATH/TO/EXPORT"
     return ModelCard(
         title=(args.push_to_hub or "addressclip").split("/")[-1], license=args.license,
         summary="An AddressCLIP image encoder (open_clip fine-tuned with the AddressCLIP losses) exported to "
-                "transformers: `vision_tower/` is the CLIP vision tower the LLaVA stage uses, `clip_model/` the "
-                "full CLIPModel for address retrieval.",
+                "transformers: `vision_tower/` is the CLIP vision tower the LLaVA stage uses"
+                + (", `clip_model/` the full CLIPModel for address retrieval." if res.clip_dir else
+                   " (the image tower only: no full CLIPModel was exported)."),
         pipeline_tag="zero-shot-image-classification" if res.clip_dir else "image-feature-extraction",
         tags=("clip", "addressclip", "address-llava", "geolocalization"),
         details={k: str(v) for k, v in {"source": source.get("checkpoint") or base, "architecture": source.get("model_name"),
                                         "written": ", ".join(p.name for p in (res.vision_dir, res.clip_dir) if p),
                                         "verified": "max |diff| " + ", ".join(f"{k} {v:.2g}" for k, v in res.max_abs_diff.items())
                                         if res.max_abs_diff else None}.items() if v},
-        metrics=read_metrics(args.benchmark) if args.benchmark else {}, metrics_source=args.benchmark,
+        metrics=metrics or {}, metrics_source=args.benchmark,
         usage=f'from transformers import CLIPVisionModel\n\ntower = CLIPVisionModel.from_pretrained("{repo}", '
               f'subfolder="{VISION_DIR}")',
     )
 
 
 
+def check_request(args) -> dict:
+    """Options, model source, --benchmark and --out, before the model loads; returns the --benchmark metrics."""
+    if not (args.atol >= 0 and math.isfinite(args.atol)):
+        raise ExportError(f"--atol must be a number >= 0 (got {args.atol})")
+    metrics = read_metrics(args.benchmark) if args.benchmark else {}
+    # One rule for every command's --out (clip_stage.core.outdir); export_report.json marks exports written before
+    # markers. The export may sit inside the run folder (the demo's clip/hf), never inside a checkpoint folder.
+    folders, run = checkpoint_folders(args.checkpoint) if args.checkpoint else ([], None)
+    check_out_dir(args.out, "export-clip", inputs=[args.checkpoint, on_disk(args.pretrained), args.benchmark, *folders],
+                  inside_ok=[run or args.checkpoint], overwrite=args.overwrite, legacy=[REPORT_FILE, "vision_tower"])
+    check_model_source(args)
+    return metrics
+
+
 @command_main("export-clip")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # One rule for every command's --out (clip_stage.core.outdir), before the model loads; export_report.json marks
-    # exports written before it. The export may sit inside the run folder (the demo's clip/hf): nothing reads it.
-    check_out_dir(args.out, "export-clip", inputs=[on_disk(args.pretrained)], inside_ok=[args.checkpoint],
-                  overwrite=args.overwrite, legacy=[REPORT_FILE, "vision_tower"])
+    metrics = check_request(args)
     bundle = bundle_from_args(args)
     source = {"checkpoint": str(args.checkpoint)} if args.checkpoint else {"model": args.model, "pretrained": args.pretrained}
     source.update(model_name=bundle.model_name, pretrained=bundle.pretrained)
     full = False if args.vision_only else (True if args.require_full else None)
-    try:
-        res = export_open_clip(bundle.model, bundle.tokenizer, args.out, full=full, verify=not args.no_verify,
-                               atol=args.atol, source=source)
-    except UnsupportedArchitectureError as e:
-        print(f"export-clip: cannot export {bundle.model_name}: {e}", file=sys.stderr)
-        return 2
-    write_marker(args.out, "export-clip")
+    out = Path(args.out)
+    # Everything goes into a temporary folder that replaces --out only when complete (fs.atomic_dir).
+    with atomic_dir(out) as tmp:
+        try:
+            res = export_open_clip(bundle.model, bundle.tokenizer, tmp, full=full, verify=not args.no_verify,
+                                   atol=args.atol, source=source)
+        except UnsupportedArchitectureError as e:
+            raise UnsupportedArchitectureError(f"cannot export {bundle.model_name}: {e}") from e
+        write_marker(tmp, "export-clip")
+        write_card(tmp, export_card(source, res, args, metrics))
+    res.vision_dir = out / VISION_DIR
+    res.clip_dir = out / CLIP_DIR if res.clip_dir else None
     print(f"vision tower -> {res.vision_dir}")
     if res.clip_dir:
         print(f"CLIPModel    -> {res.clip_dir}" + ("" if res.tokenizer else " (no tokenizer)"))
-    try:
-        write_card(args.out, export_card(source, res, args))
-        if args.push_to_hub:
-            print(f"pushed -> {push_folder(args.out, args.push_to_hub, private=args.hub_private)}")
-    except (CardError, OSError, ValueError) as e:  # huggingface_hub's HTTP and auth errors are OSError/ValueError
-        print(f"export-clip: {e}", file=sys.stderr)
-        return 2 if isinstance(e, CardError) else 1
+    if args.push_to_hub:
+        try:
+            print(f"pushed -> {push_folder(out, args.push_to_hub, private=args.hub_private)}")
+        except (CardError, OSError, ValueError) as e:  # huggingface_hub's HTTP and auth errors are OSError/ValueError
+            report("export-clip", f"{e} (the export at {out} is complete)")
+            return 2 if isinstance(e, CardError) else 1
     for s in res.skipped:
         print(f"skipped: {s}")
     if res.max_abs_diff:

@@ -38,6 +38,10 @@ from clip_stage.text_encoder import encode_text, padding_trim
 log = logging.getLogger(__name__)
 
 
+class CandidateFileError(ValueError):
+    """A --candidates file that cannot be read as candidate addresses (one line naming the file and line)."""
+
+
 @dataclass(frozen=True)
 class Candidate:
     text: str
@@ -105,6 +109,38 @@ def _norm(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip().casefold()
 
 
+def _json_candidate(line: str, where: str, addresses: dict[str, Address], by_text: dict[str, set[str]],
+                    by_street: dict[str, set[str]], by_hood: dict[str, set[str]]) -> tuple[str, set[str]]:
+    """(text, sub-streets) of one JSONL candidate line; CandidateFileError names `where` (file:line)."""
+    (parsed,) = parse_jsonl([line])
+    if parsed.error is not None:
+        raise CandidateFileError(f"{where}: malformed JSON ({parsed.error})")
+    obj = parsed.value
+    if not isinstance(obj, dict):
+        raise CandidateFileError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    text = obj.get("address")
+    if not isinstance(text, str) or not text.strip():
+        raise CandidateFileError(f"{where}: JSON candidate without an 'address' text")
+    text = text.strip()
+    if obj.get("sub_streets") or obj.get("sub_street"):
+        subs = obj.get("sub_streets") or [obj["sub_street"]]
+        subs = [subs] if isinstance(subs, str) else subs
+        if not isinstance(subs, list) or not all(isinstance(x, str) for x in subs):
+            raise CandidateFileError(f"{where}: 'sub_streets' must be a list of sub-street ids")
+        unknown = set(subs) - set(addresses)
+        if unknown:
+            raise CandidateFileError(f"{where}: sub-streets {sorted(unknown)} are not in the dataset")
+        return text, set(subs)
+    if obj.get("street"):
+        subs = by_street.get(str(obj["street"]), set())
+        if obj.get("neighbourhood"):
+            subs = subs & by_hood.get(str(obj["neighbourhood"]), set())
+        return text, subs
+    if obj.get("neighbourhood"):
+        return text, by_hood.get(str(obj["neighbourhood"]), set())
+    return text, by_text.get(_norm(text), set())
+
+
 def gallery_from_file(path: str | Path, dataset_dir: str | Path) -> Gallery:
     """A user's candidate file (plain lines or JSONL) mapped onto the city's sub-streets."""
     path = Path(path)
@@ -120,31 +156,16 @@ def gallery_from_file(path: str | Path, dataset_dir: str | Path) -> Gallery:
         by_hood.setdefault(a.neighbourhood, set()).add(sub)
 
     cands, seen = [], set()
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as e:
+        raise CandidateFileError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); give one address per line "
+                                 "or JSON lines") from None
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
         if line.lstrip().startswith("{"):
-            (parsed,) = parse_jsonl([line], lineno)
-            if parsed.error is not None:
-                raise ValueError(f"{path}:{lineno}: malformed JSON ({parsed.error})")
-            obj = parsed.value
-            text = str(obj.get("address") or "").strip()
-            if not text:
-                raise ValueError(f"{path}:{lineno}: JSON candidate without an 'address'")
-            if obj.get("sub_streets") or obj.get("sub_street"):
-                subs = set(obj.get("sub_streets") or [obj["sub_street"]])
-                unknown = subs - set(addresses)
-                if unknown:
-                    raise ValueError(f"{path}:{lineno}: sub-streets {sorted(unknown)} are not in the dataset")
-            elif obj.get("street"):
-                subs = by_street.get(str(obj["street"]), set())
-                if obj.get("neighbourhood"):
-                    subs = subs & by_hood.get(str(obj["neighbourhood"]), set())
-            elif obj.get("neighbourhood"):
-                subs = by_hood.get(str(obj["neighbourhood"]), set())
-            else:
-                subs = by_text.get(_norm(text), set())
+            text, subs = _json_candidate(line, f"{path}:{lineno}", addresses, by_text, by_street, by_hood)
         else:
             text = line.strip()
             subs = by_text.get(_norm(text), set())
@@ -153,7 +174,7 @@ def gallery_from_file(path: str | Path, dataset_dir: str | Path) -> Gallery:
         seen.add(text)
         cands.append(_candidate(text, subs, addresses))
     if not cands:
-        raise ValueError(f"{path}: no candidate addresses")
+        raise CandidateFileError(f"{path}: no candidate addresses (the file is empty or blank)")
     g = Gallery(cands, f"file:{path}", {"file": str(path)})
     if g.describe()["unmatched"]:
         log.warning("%s: %d of %d candidates match no sub-street of the dataset (they can never count as right)",
@@ -257,5 +278,5 @@ class GalleryEncoder:
         return emb
 
 
-__all__ = ["Candidate", "Gallery", "GalleryEncoder", "city_addresses", "gallery_from_dataset", "gallery_from_file",
+__all__ = ["Candidate", "CandidateFileError", "Gallery", "GalleryEncoder", "city_addresses", "gallery_from_dataset", "gallery_from_file",
            "encode_in_batches", "encode_texts", "model_fingerprint", "texts_fingerprint", "default_cache_dir"]

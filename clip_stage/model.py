@@ -24,8 +24,11 @@ complete step folder).
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -33,7 +36,7 @@ from typing import Any, Callable
 import torch
 
 from clip_stage.core.fs import ManifestError, atomic_dir, load_error_text, verify_manifest
-from clip_stage.core.training import CheckpointError, list_checkpoints
+from clip_stage.core.training import CHECKPOINT_RE, CheckpointError, list_checkpoints
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 WEIGHTS_FILE = "model.safetensors"
@@ -42,6 +45,14 @@ STATE_FILE = "training_state.pt"
 CHECKPOINT_FORMAT = 1
 
 _registered = False
+
+
+class UnknownModelError(KeyError, ValueError):
+    """An architecture name or pretrained tag open_clip does not know (a KeyError for callers that catch one;
+    a project ValueError, so every command prints it as one line)."""
+
+    def __str__(self) -> str:  # KeyError's str() would quote the message
+        return str(self.args[0]) if self.args else ""
 
 
 @dataclass
@@ -90,14 +101,85 @@ def list_local_models() -> list[str]:
 
 
 def model_config(model_name: str) -> dict:
-    """open_clip's architecture dict for `model_name`; unknown names raise an error listing valid ones."""
+    """open_clip's architecture dict for `model_name`; unknown names raise UnknownModelError."""
     cfg = _open_clip().get_model_config(model_name)
     if cfg is None:
-        raise KeyError(
-            f"unknown CLIP architecture {model_name!r}; ours: {list_local_models()}; "
-            f"open_clip's: {list_clip_models()} (or 'hf-hub:org/repo', 'local-dir:/path')"
-        )
+        # Short on purpose: open_clip knows well over a hundred names, and this message is one line on stderr.
+        known = list_clip_models()
+        close = difflib.get_close_matches(model_name, known, n=3)
+        raise UnknownModelError(
+            f"unknown CLIP architecture {model_name!r}" + (f" (did you mean {', '.join(close)}?)" if close else "")
+            + f"; ours: {', '.join(list_local_models())}; or one of open_clip's {len(known)} (open_clip.list_models(), "
+            "e.g. ViT-B-16), 'hf-hub:org/repo', 'local-dir:/path'")
     return cfg
+
+
+def check_pretrained(model_name: str, pretrained: str | None) -> None:
+    """Refuses a `pretrained` that is neither on disk nor one of open_clip's tags for `model_name` (before loading
+    anything: open_clip would raise a bare RuntimeError)."""
+    if pretrained is None or pretrained.strip().lower() in ("", "none") or os.path.exists(pretrained):
+        return
+    if ":" in model_name:  # hf-hub: / local-dir: models bring their own weights
+        return
+    model_config(model_name)
+    tags = _open_clip().list_pretrained_tags_by_model(model_name)
+    if pretrained.lower() not in {t.lower() for t in tags}:
+        raise UnknownModelError(f"--pretrained {pretrained!r}: no such file, nor a pretrained tag of {model_name} "
+                                f"(tags: {', '.join(tags) or 'none; use a weights file or none'})")
+
+
+def check_model_source(args) -> None:
+    """What `add_model_source_args`' options name exists (architecture, tag or file, checkpoint folder), checked
+    without loading a model; `bundle_from_args` loads it."""
+    if args.checkpoint:
+        _resolve_checkpoint_dir(args.checkpoint)
+    else:
+        if ":" not in args.model:
+            model_config(args.model)
+        check_pretrained(args.model, args.pretrained)
+
+
+def checkpoint_folders(path: str | Path) -> tuple[list[Path], Path | None]:
+    """For an output check: the checkpoint folders `--checkpoint path` names or sits among (an output written
+    inside one would break its manifest), and the train-clip run folder holding them, if any (an output may
+    sit there, beside them). Incomplete folders count too; nothing is read or verified."""
+    def steps(run: Path) -> list[Path]:
+        return sorted(c for c in run.glob("checkpoint-*") if CHECKPOINT_RE.match(c.name) and c.is_dir())
+
+    p = Path(path)
+    is_checkpoint = (p / CONFIG_FILE).exists() or p.name == "final" or CHECKPOINT_RE.match(p.name) is not None
+    run: Path | None = p
+    if is_checkpoint:
+        run = p.parent if (p.parent / "final").is_dir() or steps(p.parent) else None
+    folders = [p] if is_checkpoint else []
+    if run is not None:
+        folders += [run / "final", *steps(run)]
+    return list(dict.fromkeys(folders)), run
+
+
+_PICKLE_GARBAGE = ("invalid load key", "Unsupported operand", "truncated", "could not find MARK", "stack underflow")
+
+
+def weights_error_text(e: BaseException) -> str:
+    """One line for why open_clip could not load a weights file (torch's messages span many lines and list
+    every missing key)."""
+    import pickle
+
+    text = str(e)
+    if isinstance(e, pickle.UnpicklingError) and any(g in text for g in _PICKLE_GARBAGE):
+        return "not a PyTorch or safetensors weights file"
+    if "Error(s) in loading state_dict" in text:
+        parts = []
+        for label, what in (("Missing key(s)", "missing"), ("Unexpected key(s)", "unexpected")):
+            line = next((ln for ln in text.splitlines() if label in ln), "")
+            keys = re.findall(r'"([^"]+)"', line)
+            if keys:
+                parts.append(f"{len(keys)} {what} (e.g. {keys[0]})")
+        shapes = re.findall(r"size mismatch for ([^:]+):", text)
+        if shapes:
+            parts.append(f"{len(shapes)} tensors of another shape (e.g. {shapes[0]})")
+        return "weights do not fit the architecture: " + ("; ".join(parts) or "state dict mismatch")
+    return load_error_text(e)
 
 
 def _is_checkpoint_dir(path: str | Path) -> bool:
@@ -122,12 +204,19 @@ def create_clip(
         pretrained = None
     if ":" not in model_name:
         model_config(model_name)  # clear error for unknown names
+    check_pretrained(model_name, pretrained)
     if pretrained is not None and _is_checkpoint_dir(pretrained):
         bundle = load_checkpoint(pretrained, device=device, model_name=model_name)
         return bundle
-    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-        model_name, pretrained=pretrained, device=device, precision=precision, output_dict=True, **open_clip_kwargs
-    )
+    try:
+        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+            model_name, pretrained=pretrained, device=device, precision=precision, output_dict=True, **open_clip_kwargs
+        )
+    except Exception as e:
+        if pretrained is None or not os.path.exists(pretrained):
+            raise
+        # A user's weights file that open_clip cannot read or fit (a pickle stays refused: weights_only loading).
+        raise CheckpointError(f"{pretrained}: cannot be loaded as {model_name} weights: {weights_error_text(e)}") from e
     tokenizer = open_clip.get_tokenizer(model_name)
     return ClipBundle(model, preprocess_train, preprocess_val, tokenizer, model_name, pretrained)
 
@@ -141,7 +230,7 @@ def add_model_source_args(parser, model_help: str) -> None:
 
 
 def bundle_from_args(args, device: str | torch.device = "cpu") -> ClipBundle:
-    """The model `add_model_source_args`' options name."""
+    """The model `add_model_source_args`' options name (`check_model_source` checks it without loading)."""
     if args.checkpoint:
         return load_checkpoint(args.checkpoint, device=device)
     return create_clip(args.model, pretrained=args.pretrained, device=device)

@@ -70,3 +70,40 @@ def test_harness_refuses_bad_requests(toy_dataset, tmp_path, capsys):
     argv = train_argv(VARIANTS["address+geo"], "d", "m", None, tmp_path, 3, ["--max-steps", "5"])
     assert argv[argv.index("--geo-weight") + 1] == "0.8" and argv[argv.index("--semantic-weight") + 1] == "0.0"
     assert argv[argv.index("--seed") + 1] == "3" and argv[-2:] == ["--max-steps", "5"]
+
+
+def test_out_and_arguments_are_checked_before_anything_runs(toy_dataset, tmp_path, capsys, monkeypatch):
+    import clip_stage.baselines as bl
+    from clip_stage.core.outdir import write_marker
+
+    def must_not_run(*a, **k):
+        raise AssertionError("a model loaded or trained before the request was checked")
+
+    for name in ("create_clip", "train_main", "evaluate", "load_checkpoint"):
+        monkeypatch.setattr(bl, name, must_not_run)
+    dataset_files = sorted(p.name for p in toy_dataset.iterdir())
+
+    def refused(out, *extra, needle, train_args=TRAIN_ARGS):
+        assert main(["--dataset", str(toy_dataset), "--out", str(out), "--model", "addressclip-tiny",
+                     "--pretrained", "none", *extra, "--", *train_args]) == 2
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("clip-baselines: error: ") and needle in lines[0], err
+
+    refused(toy_dataset, needle="is the input")
+    refused(toy_dataset / "baselines", needle="inside the input")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("keep me")
+    refused(mine, needle="not a clip-baselines output")
+    (tmp_path / "afile.txt").write_text("x")
+    refused(tmp_path / "afile.txt", needle="is a file")
+    earlier = tmp_path / "earlier"
+    write_marker(earlier, "clip-baselines")
+    refused(earlier, needle="pass --reuse")
+    refused(tmp_path / "new", "--model", "nonexist", needle="unknown CLIP architecture")
+    refused(tmp_path / "new", "--variants", "address-only", train_args=[*TRAIN_ARGS, "--address-style", "nope"],
+            needle="address style")  # train-clip's own check, before the zero-shot evaluation
+    assert sorted(p.name for p in toy_dataset.iterdir()) == dataset_files
+    assert [p.name for p in mine.iterdir()] == ["thesis.txt"] and not (tmp_path / "new").exists()
+    assert [p.name for p in earlier.iterdir()] == [".address-llava.json"]

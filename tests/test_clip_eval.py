@@ -185,3 +185,121 @@ def test_eval_with_street_style_and_candidate_file(tiny_bundle, toy_dataset, tmp
     m2 = evaluate(tiny_bundle, toy_dataset, None, gallery=gallery_from_file(f, toy_dataset))
     assert m2["num_candidates"] == 4 and m2["gallery"]["unmatched"] == 1
     assert m2["SA-1"] <= 1.0 and m2["num_without_distance"] >= 0
+
+
+def _eval_error(capsys, argv, *needles):
+    """eval-clip refuses argv: exit 2, ONE stderr line with a single prefix, naming each needle."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("eval-clip: error: ") and "Traceback" not in err, err
+    assert lines[0].count("eval-clip:") == 1, err
+    for n in needles:
+        assert n in lines[0], (n, err)
+    return lines[0]
+
+
+@pytest.fixture
+def small_run(tmp_path):
+    """A train-clip run folder with final/ and one step folder (verified saves) of the tiny model."""
+    from clip_stage.core.outdir import write_marker
+    from clip_stage.model import save_checkpoint
+
+    torch.manual_seed(0)
+    model = create_clip("addressclip-tiny").model
+    run = tmp_path / "run"
+    save_checkpoint(run / "checkpoint-000001", model, "addressclip-tiny", None, step=1)
+    save_checkpoint(run / "final", model, "addressclip-tiny", None)
+    write_marker(run, "train-clip")
+    return run
+
+
+def test_eval_out_is_checked_before_the_model_loads(toy_dataset, small_run, tmp_path, capsys, monkeypatch):
+    import clip_stage.evaluate as ev
+    from clip_stage.model import load_checkpoint
+
+    def must_not_load(*a, **k):
+        raise AssertionError("the model loaded before --out was checked")
+
+    monkeypatch.setattr(ev, "bundle_from_args", must_not_load)
+    base = ["--checkpoint", str(small_run), "--dataset", str(toy_dataset), "--no-plot", "--out"]
+    final = small_run / "final"
+    before = {p: p.read_bytes() for p in final.iterdir()}
+    _eval_error(capsys, [*base, str(final)], "is the input")
+    _eval_error(capsys, [*base, str(final / "eval")], "inside the input")  # its manifest would list extra files
+    _eval_error(capsys, [*base, str(small_run / "checkpoint-000001" / "eval")], "inside the input")
+    _eval_error(capsys, ["--checkpoint", str(final), *base[2:], str(small_run / "checkpoint-000001" / "e")], "inside")
+    _eval_error(capsys, [*base, str(toy_dataset)], "is the input")
+    _eval_error(capsys, [*base, str(toy_dataset / "eval")], "inside the input")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.txt").write_text("keep me")
+    _eval_error(capsys, [*base, str(tmp_path / "mine")], "not a eval-clip output")
+    (tmp_path / "afile.txt").write_text("x")
+    _eval_error(capsys, [*base, str(tmp_path / "afile.txt")], "is a file")
+    cands = tmp_path / "c.txt"
+    cands.write_text("Esplanadi\n")
+    _eval_error(capsys, [*base, str(tmp_path), "--candidates", str(cands)], "contains the input")
+    assert {p: p.read_bytes() for p in final.iterdir()} == before and (tmp_path / "mine" / "thesis.txt").exists()
+    monkeypatch.undo()
+    load_checkpoint(small_run)  # still loads: nothing was written into it
+
+    # The documented layout: an eval folder in the run folder, beside its checkpoints; a rerun replaces it whole.
+    out = small_run / "eval"
+    assert main([*base, str(out), "--limit", "10"]) == 0
+    assert json.loads((out / ".address-llava.json").read_text())["kind"] == "eval-clip"
+    (out / "stale.txt").write_text("from an earlier run")
+    assert main([*base, str(out), "--limit", "5"]) == 0
+    assert json.loads((out / METRICS_FILE).read_text())["num_images"] == 5 and not (out / "stale.txt").exists()
+    assert not [p for p in small_run.iterdir() if p.name.startswith(".eval.")]  # no staging left behind
+    load_checkpoint(small_run)
+
+
+def test_eval_bad_inputs_are_one_line_errors_before_the_model_loads(toy_dataset, tmp_path, capsys, monkeypatch):
+    import clip_stage.evaluate as ev
+
+    def must_not_load(*a, **k):
+        raise AssertionError("the model loaded before the inputs were checked")
+
+    monkeypatch.setattr(ev, "bundle_from_args", must_not_load)
+    base = ["--model", "addressclip-tiny", "--dataset", str(toy_dataset), "--no-plot", "--out", str(tmp_path / "o")]
+    _eval_error(capsys, [*base, "--top-k", "0"], "--top-k must be >= 1")
+    _eval_error(capsys, [*base, "--batch-size", "0"], "--batch-size")
+    _eval_error(capsys, [*base, "--limit", "0"], "--limit")
+    _eval_error(capsys, [*base, "--limit", "-3"], "--limit")  # not a silent subset
+    line = _eval_error(capsys, ["--model", "nonexist", *base[2:]], "unknown CLIP architecture 'nonexist'")
+    assert len(line) < 400  # not the list of every open_clip model
+    _eval_error(capsys, [*base, "--pretrained", "bogus.pt"], "bogus.pt")
+    for name, content in [("empty", b""), ("blank", b"  \n\n"), ("bad", b"{bad\n"), ("noaddr", b'{"street": "x"}\n'),
+                          ("unknown", b'{"address": "a", "sub_street": "Atlantis/0"}\n'), ("binary", b"\xff\xfe\x00\x8a\x01")]:
+        f = tmp_path / f"{name}.txt"
+        f.write_bytes(content)
+        _eval_error(capsys, [*base, "--candidates", str(f)], str(f))
+    _eval_error(capsys, [*base, "--candidates", str(tmp_path / "missing.txt")], "missing.txt")
+    assert not (tmp_path / "o").exists()
+
+
+def test_eval_bad_pretrained_files_are_one_line_errors(toy_dataset, tmp_path, capsys):
+    import argparse
+
+    (tmp_path / "garbage.pt").write_text("not weights")
+    torch.save({"a": torch.zeros(2)}, tmp_path / "wrong_keys.pt")
+    torch.save({"state_dict": {"x": argparse.Namespace()}}, tmp_path / "pickle.pt")
+    base = ["--model", "addressclip-tiny", "--dataset", str(toy_dataset), "--no-plot", "--out", str(tmp_path / "o")]
+    _eval_error(capsys, [*base, "--pretrained", str(tmp_path / "garbage.pt")], "not a PyTorch")
+    line = _eval_error(capsys, [*base, "--pretrained", str(tmp_path / "wrong_keys.pt")], "missing", "unexpected")
+    assert len(line) < 400
+    _eval_error(capsys, [*base, "--pretrained", str(tmp_path / "pickle.pt")], "refused")  # never unpickled
+    assert not (tmp_path / "o").exists()
+
+
+def test_eval_empty_split_is_refused(toy_dataset, tmp_path):
+    import shutil
+
+    from clip_stage.evaluate import EvalError, split_records
+
+    ds = tmp_path / "ds"
+    shutil.copytree(toy_dataset, ds)
+    df = read_records(ds)
+    df[df.split != "val"].to_parquet(ds / "records.parquet")
+    with pytest.raises(EvalError, match="has no images"):
+        split_records(ds, "val")

@@ -130,3 +130,60 @@ def test_export_main_from_checkpoint(tmp_path, capsys):
     assert main(["--checkpoint", str(ck), "--out", str(tmp_path / "v"), "--vision-only"]) == 0
     assert (tmp_path / "v" / VISION_DIR).is_dir() and not (tmp_path / "v" / CLIP_DIR).exists()
     assert "vision tower" in capsys.readouterr().out
+
+
+def _export_error(capsys, argv, *needles):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("export-clip: error: ") and "Traceback" not in err, err
+    for n in needles:
+        assert n in lines[0], (n, err)
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_export_is_atomic_and_overwrite_replaces_the_whole_folder(tmp_path, capsys, monkeypatch):
+    import clip_stage.export_hf as ex
+
+    torch.manual_seed(2)
+    bundle = create_clip("addressclip-tiny")
+    save_checkpoint(tmp_path / "run" / "final", bundle.model, "addressclip-tiny", None)
+    run, out = tmp_path / "run", tmp_path / "run" / "hf"
+    assert main(["--checkpoint", str(run), "--out", str(out), "--no-verify"]) == 0
+    assert (out / CLIP_DIR).is_dir()
+    before = _snapshot(out)
+    capsys.readouterr()
+
+    # bad options and inputs are refused before the model loads, and the earlier export is untouched
+    real_load = ex.bundle_from_args
+    monkeypatch.setattr(ex, "bundle_from_args", lambda *a, **k: pytest.fail("model loaded before the checks"))
+    _export_error(capsys, ["--checkpoint", str(run), "--out", str(out), "--overwrite", "--atol", "-1"], "--atol")
+    _export_error(capsys, ["--checkpoint", str(run), "--out", str(out), "--overwrite", "--benchmark",
+                           str(tmp_path / "nonexist.json")], "nonexist.json")
+    _export_error(capsys, ["--checkpoint", str(run), "--out", str(run / "final" / "hf")], "inside the input")
+    monkeypatch.setattr(ex, "bundle_from_args", real_load)
+
+    # an export that fails after writing (verification) leaves the earlier one as it was, and no staging
+    assert main(["--checkpoint", str(run), "--out", str(out), "--overwrite", "--atol", "0"]) == 2
+    assert "differs from open_clip" in capsys.readouterr().err
+    assert _snapshot(out) == before
+    assert not [p for p in run.iterdir() if p.name.startswith(".hf.")]
+
+    # --overwrite with --vision-only: the new export alone, no clip_model/ of the old one; the card says so
+    assert main(["--checkpoint", str(run), "--out", str(out), "--overwrite", "--vision-only", "--no-verify"]) == 0
+    assert (out / VISION_DIR).is_dir() and not (out / CLIP_DIR).exists()
+    assert "clip_model/" not in (out / "README.md").read_text()
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert report["vision_tower"] == VISION_DIR and report["clip_model"] is None
+    assert json.loads((out / ".address-llava.json").read_text())["kind"] == "export-clip"
+
+
+def test_export_bad_model_source_is_one_line(tmp_path, capsys):
+    _export_error(capsys, ["--model", "nonexist", "--out", str(tmp_path / "o")], "unknown CLIP architecture")
+    torch.save({"a": torch.zeros(1)}, tmp_path / "w.pt")
+    _export_error(capsys, ["--model", "addressclip-tiny", "--pretrained", str(tmp_path / "w.pt"), "--out",
+                           str(tmp_path / "o")], "do not fit")
+    assert not (tmp_path / "o").exists()
