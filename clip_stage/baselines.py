@@ -62,9 +62,6 @@ class Variant:
 class BaselineError(ValueError):
     """A bad clip-baselines request (an unknown variant, a reserved train-clip flag, a run to reuse that differs)."""
 
-    # The command guard recognises project errors by module; keep it when run as `python -m clip_stage.baselines`.
-    __module__ = "clip_stage.baselines"
-
 
 KIND = "clip-baselines"
 # What a clip-baselines folder held before output markers existed.

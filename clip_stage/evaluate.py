@@ -59,9 +59,6 @@ LEGACY_FILES = (METRICS_FILE, PREDICTIONS_FILE)
 class EvalError(ValueError):
     """A bad eval-clip request: an option out of range, or a split with no images to evaluate."""
 
-    # The command guard recognises project errors by module; keep it when run as `python -m clip_stage.evaluate`.
-    __module__ = "clip_stage.evaluate"
-
 
 def split_records(dataset_dir: str | Path, split: str, limit: int | None = None):
     """The records of `split` (the first `limit`); refuses a limit below 1 and an empty selection."""

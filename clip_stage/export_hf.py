@@ -60,14 +60,9 @@ _RESAMPLE = {"bicubic": 3, "bilinear": 2, "nearest": 0}
 class UnsupportedArchitectureError(ValueError):
     """An open_clip architecture with no exact transformers CLIP equivalent."""
 
-    # The command guard recognises project errors by module; keep it when run as `python -m clip_stage.export_hf`.
-    __module__ = "clip_stage.export_hf"
-
 
 class ExportError(ValueError):
     """A bad export-clip request (an option out of range), or an export that does not reproduce open_clip."""
-
-    __module__ = "clip_stage.export_hf"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -506,7 +501,6 @@ def export_card(source: dict, res: ExportResult, args, metrics: dict | None = No
         usage=f'from transformers import CLIPVisionModel\n\ntower = CLIPVisionModel.from_pretrained("{repo}", '
               f'subfolder="{VISION_DIR}")',
     )
-
 
 
 def check_request(args) -> dict:

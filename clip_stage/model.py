@@ -36,6 +36,7 @@ from typing import Any, Callable
 import torch
 
 from clip_stage.core.fs import ManifestError, atomic_dir, load_error_text, verify_manifest
+from clip_stage.core.registry import UnknownNameError
 from clip_stage.core.training import CHECKPOINT_RE, CheckpointError, list_checkpoints
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
@@ -47,12 +48,9 @@ CHECKPOINT_FORMAT = 1
 _registered = False
 
 
-class UnknownModelError(KeyError, ValueError):
+class UnknownModelError(UnknownNameError):
     """An architecture name or pretrained tag open_clip does not know (a KeyError for callers that catch one;
     a project ValueError, so every command prints it as one line)."""
-
-    def __str__(self) -> str:  # KeyError's str() would quote the message
-        return str(self.args[0]) if self.args else ""
 
 
 @dataclass

@@ -230,3 +230,16 @@ def test_progress_bars_off_a_terminal_write_plain_lines(monkeypatch):
     for _ in progress(range(1000), desc="quiet", file=log):
         pass
     assert len(log.getvalue().splitlines()) <= 2  # start and end, not a frame per item
+
+
+def test_errors_of_a_command_run_with_python_m_are_user_errors_too(monkeypatch):
+    """`python -m clip_stage.evaluate` defines EvalError in `__main__`: still a project error (one line)."""
+    import types
+
+    run_as_script = types.ModuleType("__main__")
+    run_as_script.__spec__ = types.SimpleNamespace(name="clip_stage.evaluate")
+    monkeypatch.setitem(sys.modules, "__main__", run_as_script)
+    error = type("EvalError", (ValueError,), {"__module__": "__main__"})
+    assert errors.is_user_error(error("--batch-size must be >= 1"))
+    run_as_script.__spec__ = types.SimpleNamespace(name="someone_elses.tool")
+    assert not errors.is_user_error(error("a bug"))

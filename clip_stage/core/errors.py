@@ -43,9 +43,18 @@ def take_debug_flag(argv: list[str]) -> tuple[list[str], bool]:
     return [a for i, a in enumerate(argv) if not (i < end and a == DEBUG_FLAG)], True
 
 
+def _package_of(cls: type) -> str:
+    """The top package a class is defined in; `python -m clip_stage.x` defines x's classes in `__main__`."""
+    module = cls.__module__
+    if module == "__main__":
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        module = spec.name if spec is not None else module
+    return module.split(".")[0]
+
+
 def _is_project_value_error(e: BaseException) -> bool:
     return isinstance(e, ValueError) and any(
-        issubclass(c, ValueError) and c.__module__.split(".")[0] in PROJECT_PACKAGES for c in type(e).__mro__)
+        issubclass(c, ValueError) and _package_of(c) in PROJECT_PACKAGES for c in type(e).__mro__)
 
 
 def is_user_error(e: BaseException) -> bool:
