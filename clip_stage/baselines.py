@@ -259,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"which variants (default all: {list(VARIANTS)})")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds; every variant runs with each")
     p.add_argument("--split", default="test", choices=SPLITS, help="evaluation split")
-    p.add_argument("--style", default="full", choices=sorted(ADDRESS_STYLES), help="gallery address style")
+    p.add_argument("--style", "--address-style", default="full", choices=sorted(ADDRESS_STYLES), help="gallery address style")
     p.add_argument("--reuse", action="store_true",
                    help="keep runs that already have final/ instead of retraining; a run trained with other "
                         "train-clip arguments (model, data, loss, optimiser) is an error")

@@ -319,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (candidates.jsonl, candidates_info.json, fold-K/)")
     p.add_argument("--folds", type=int, default=2, help="cross-fitting folds of the training split (>= 2)")
     p.add_argument("--top-k", type=int, default=5, help="candidate addresses per image")
-    p.add_argument("--style", default="full", help="address style of the gallery (clip_stage.core.schema.ADDRESS_STYLES)")
+    p.add_argument("--style", "--address-style", default="full", help="address style of the gallery (clip_stage.core.schema.ADDRESS_STYLES)")
     p.add_argument("--splits", default="train,val,test", help="splits to rank (comma list)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     p.add_argument("--progress", action="store_true", help="progress bars of the fold trainings")

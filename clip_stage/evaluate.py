@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_source_args(p, "evaluate it zero-shot (no fine-tuning)")
     p.add_argument("--dataset", required=True, help="address dataset folder (records.parquet, sub_streets.geojson)")
     p.add_argument("--split", default="test", choices=SPLITS, help="split to evaluate")
-    p.add_argument("--style", default="full", choices=sorted(ADDRESS_STYLES),
+    p.add_argument("--style", "--address-style", default="full", choices=sorted(ADDRESS_STYLES),
                    help="address style of the gallery texts (every distinct address of the city)")
     p.add_argument("--candidates", default=None,
                    help="candidate file instead of --style: one address per line, or JSONL with address + "

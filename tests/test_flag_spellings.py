@@ -122,3 +122,15 @@ def test_weights_dtype_is_one_concept_with_both_spellings(module, required):
     values = {vars(parser.parse_args([*required, flag, "bfloat16"])).get(dest)
               for flag in ("--dtype", "--torch-dtype", "--torch_dtype") for dest in ("dtype", "torch_dtype")}
     assert values - {None} == {"bfloat16"}
+
+
+@pytest.mark.parametrize("module, required", [
+    ("clip_stage.evaluate", ["--dataset", "d", "--out", "o", "--checkpoint", "c"]),
+    ("clip_stage.candidates", ["--checkpoint", "c", "--dataset", "d", "--out", "o"]),
+    ("clip_stage.baselines", ["--dataset", "d", "--out", "o"]),
+])
+def test_address_style_is_one_concept_with_train_clips_spelling_too(module, required):
+    """train-clip calls it --address-style; the gallery commands' --style answers to that name as well."""
+    parser = importlib.import_module(module).build_parser()
+    assert {parser.parse_args([*required, flag, "street"]).style
+            for flag in ("--style", "--address-style", "--address_style")} == {"street"}
