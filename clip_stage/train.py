@@ -483,7 +483,7 @@ def train(cfg: TrainConfig, hooks: Hooks | None = None) -> dict:
 
 @command_main("train-clip")
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(argv, prog="train-clip", description=__doc__.split("\n\n")[0])
+    cfg = parse_config(argv, prog="address-llava train-clip", description=__doc__.split("\n\n")[0])
     train(cfg)  # user errors (CheckpointError, TrainClipError, ...) are printed by the guard: one line, exit 2
     return 0
 

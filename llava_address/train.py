@@ -103,7 +103,7 @@ class RunConfig:
 
 
 def parse_args(argv: list[str] | None = None) -> RunConfig:
-    parsed = build_parser(GROUPS, prog="train-llava", description=__doc__.split("\n\n")[0]).parse_config(argv)
+    parsed = build_parser(GROUPS, prog="address-llava train-llava", description=__doc__.split("\n\n")[0]).parse_config(argv)
     if parsed["data"].data_path is None:
         raise SystemExit("train-llava: --data-path is required (LLaVA-format conversations)")
     return RunConfig(parsed["model"], parsed["trainables"], parsed["data"], parsed["train"], parsed.config_file)

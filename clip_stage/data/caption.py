@@ -178,7 +178,7 @@ def run(args: CaptionArgs) -> dict:
 
 @command_main("caption")
 def main(argv: list[str] | None = None) -> int:
-    parser = ConfigParser([Section("caption", CaptionArgs)], prog="caption", description=__doc__.split("\n\n")[0])
+    parser = ConfigParser([Section("caption", CaptionArgs)], prog="address-llava caption", description=__doc__.split("\n\n")[0])
     args = parser.parse_config(argv)["caption"]
     run(args)
     return 0
