@@ -99,3 +99,21 @@ def test_atomic_outputs_get_the_umask_mode_not_owner_only(tmp_path):
     assert stat.S_IMODE((tmp_path / "model").stat().st_mode) == 0o755
     assert stat.S_IMODE((tmp_path / "model" / "config.json").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "report.json").stat().st_mode) == 0o644
+
+
+def test_records_without_labels_or_with_unknown_splits_are_refused(toy_dataset, tmp_path):
+    """A dataset whose rows have no sub-street label or an unknown split would be scored 0% with no word why."""
+    import shutil
+
+    from clip_stage.core.schema import DatasetFormatError, read_records, write_records
+
+    data = tmp_path / "ds"
+    shutil.copytree(toy_dataset, data)
+    good = read_records(data)
+    for column, value, message in (("sub_street", None, "field 'sub_street' is empty"),
+                                   ("split", "validation", "field 'split' is 'validation'")):
+        bad = good.copy()
+        bad.loc[2:4, column] = value
+        write_records(bad, data / "records.parquet")
+        with pytest.raises(DatasetFormatError, match=rf"record 2 \(image_id=.*\): {message}.*2 more rows"):
+            read_records(data)

@@ -161,6 +161,23 @@ class DatasetFormatError(ValueError):
     """A dataset folder or table that does not follow the layout above."""
 
 
+def _check_labels(df: pd.DataFrame, where: Path) -> None:
+    """Every row has a split of SPLITS and a street and sub-street label: a dataset without them would be
+    evaluated (and trained on) as if every answer were wrong, with no word of why."""
+    def refuse(mask: pd.Series, problem: str) -> None:
+        i = int(mask.to_numpy().argmax())
+        more = f" ({int(mask.sum()) - 1} more rows like it)" if mask.sum() > 1 else ""
+        raise DatasetFormatError(f"{where}: record {i} (image_id={str(df['image_id'].iloc[i])!r}): {problem}{more}")
+
+    bad_split = ~df["split"].isin(SPLITS)
+    if bad_split.any():
+        refuse(bad_split, f"field 'split' is {df['split'][bad_split].iloc[0]!r}, not one of {', '.join(SPLITS)}")
+    for column in ("street", "sub_street"):
+        empty = df[column].isna() | (df[column].astype(str).str.strip() == "")
+        if empty.any():
+            refuse(empty, f"field {column!r} is empty")
+
+
 def read_records(dataset_dir: str | Path, split: str | None = None) -> pd.DataFrame:
     """Reads `records.parquet`, checks the columns, optionally keeps one split (index reset)."""
     paths = DatasetPaths(dataset_dir)
@@ -170,6 +187,7 @@ def read_records(dataset_dir: str | Path, split: str | None = None) -> pd.DataFr
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
         raise DatasetFormatError(f"{paths.records}: missing columns {missing}")
+    _check_labels(df, paths.records)
     if split is not None:
         if split not in SPLITS:
             raise DatasetFormatError(f"unknown split {split!r}; valid: {SPLITS}")
