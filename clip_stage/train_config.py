@@ -19,7 +19,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from clip_stage.core.config import ConfigParser, Section
+from clip_stage.core.config import ALIASES, ConfigParser, Section
 from clip_stage.core.trackers import parse_report_to
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
@@ -149,8 +149,8 @@ class OptimArgs:
 class RunArgs:
     """Outputs, checkpoints, logging."""
 
-    output_dir: str = "runs/addressclip"
-    """Run folder: checkpoint-NNNNNN/, final/, tensorboard/ (and wandb/, mlruns/ when asked), metrics.jsonl, run_summary.json."""
+    output_dir: str = field(default="runs/addressclip", metadata={ALIASES: ("out",)})
+    """Run folder (also --out, as every other command's output): checkpoint-NNNNNN/, final/, tensorboard/ (and wandb/, mlruns/ when asked), metrics.jsonl, run_summary.json."""
     save_every: int = 1000
     """Write a checkpoint every N steps (and always at the end)."""
     save_total_limit: int | None = 2

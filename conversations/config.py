@@ -7,8 +7,9 @@ read-only properties, the config itself is frozen.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from clip_stage.core.config import ALIASES
 from clip_stage.core.schema import ADDRESS_STYLES, SPLITS
 from conversations.templates import QUESTION_TYPES
 
@@ -89,8 +90,8 @@ class BuildConfig:
     """AddressCLIP candidates (folder or candidates.jsonl of `address-llava candidates`, cross-fitted) written into the first user turn of training conversations ('' = none)"""
     candidate_fraction: float = 0.5
     """share of training conversations that carry candidates (the rest stay plain: one model serves both)"""
-    candidate_k: int = 5
-    """candidates per conversation (the first K of each list; 0 = all in the file)"""
+    candidate_k: int = field(default=5, metadata={ALIASES: ("top-k",)})
+    """candidates per conversation (the first K of each list; 0 = all in the file); also --top-k, as in infer/chat"""
     candidate_scores: bool = False
     """write each candidate's retrieval probability after it ("(p=0.42)")"""
     limit: int = 0

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from clip_stage.core.config import ConfigParser, FieldKind, Section
+from clip_stage.core.config import ALIASES, ConfigParser, FieldKind, Section
 from clip_stage.core.trackers import parse_report_to
 
 RECIPE_DIR = Path(__file__).with_name("recipes")
@@ -35,8 +35,8 @@ class BatchSizeError(ValueError):
 class TrainArgs:
     """Optimisation, schedule, precision, logging and checkpointing of one training run."""
 
-    output_dir: str = "runs/llava"
-    """folder for checkpoints (checkpoint-<step>/), TensorBoard logs (tensorboard/), wandb/ and mlruns/ when asked, and metrics.jsonl"""
+    output_dir: str = dataclasses.field(default="runs/llava", metadata={ALIASES: ("out",)})
+    """also --out, as every other command's output: folder for checkpoints (checkpoint-<step>/), TensorBoard logs (tensorboard/), wandb/ and mlruns/ when asked, and metrics.jsonl"""
     learning_rate: float = 2e-4
     """peak learning rate of the LLM / LoRA parameter group"""
     projector_lr: float | None = None

@@ -134,3 +134,19 @@ def test_address_style_is_one_concept_with_train_clips_spelling_too(module, requ
     parser = importlib.import_module(module).build_parser()
     assert {parser.parse_args([*required, flag, "street"]).style
             for flag in ("--style", "--address-style", "--address_style")} == {"street"}
+
+
+def test_one_concept_one_flag_through_field_aliases(tmp_path):
+    """Config fields answer to the name other commands use for the same thing (dataclass metadata ALIASES)."""
+    from clip_stage.train_config import parse_config as parse_train_clip
+    from conversations.build import build_parser as conversations_parser
+    from llava_address.train import parse_args as parse_train_llava
+
+    conv = lambda *a: conversations_parser().parse_config(["--dataset", "d", "--out", "o", *a])["conversations"]
+    assert conv("--top-k", "3").candidate_k == conv("--candidate-k", "3").candidate_k == conv("--top_k", "3").candidate_k == 3
+    clip = parse_train_clip(["--dataset", "d", "--out", "runs/x"])
+    assert clip.run.output_dir == "runs/x"
+    (tmp_path / "data.json").write_text("[]")
+    llava = parse_train_llava(["--model-name-or-path", "m", "--data-path", str(tmp_path / "data.json"),
+                               "--out", "runs/y"])
+    assert llava.train.output_dir == "runs/y"

@@ -235,6 +235,16 @@ class _ExtendItems(argparse.Action):
         setattr(namespace, self.dest, items)
 
 
+ALIASES = "aliases"
+"""dataclasses.field(metadata={ALIASES: ("out",)}): other flag names of a field, so that one concept has one
+name in every command (train-clip's --output-dir also answers to --out, as every other command's output)."""
+
+
+def field_aliases(f: dataclasses.Field, prefix: str = "") -> list[str]:
+    """The extra `--flags` of a field (its metadata's ALIASES, with the section prefix)."""
+    return [f"--{prefix}{a}" for a in f.metadata.get(ALIASES, ())]
+
+
 def _add_field(group, flags: list[str], dest: str, kind: FieldKind, help_text: str, hidden: list[str] = ()) -> None:
     """One field's options: `flags` shown in --help (the first is the main one), `hidden` accepted silently."""
     for names, shown in ((flags, help_text), (list(hidden), argparse.SUPPRESS)):
@@ -279,8 +289,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, prefix: str = "", t
             continue
         name = prefix + f.name
         dashed = "--" + name.replace("_", "-")
-        _add_field(group, [dashed], name, FieldKind.of(hints[f.name]), _help(docs.get(f.name), f),
-                   hidden=["--" + name] if "--" + name != dashed else [])
+        _add_field(group, [dashed, *field_aliases(f, prefix)], name, FieldKind.of(hints[f.name]),
+                   _help(docs.get(f.name), f), hidden=["--" + name] if "--" + name != dashed else [])
     return group
 
 
@@ -403,7 +413,8 @@ class ConfigParser(ArgumentParser):
         self.add_argument(config_flag, dest=self.config_dest, default=None, metavar="NAME|FILE" if names else "FILE",
                           help=f"{what} with the sections {', '.join(s.name for s in self.sections)}; flags override it")
         self._fields: dict[str, tuple[str, str, FieldKind]] = {}
-        counts = Counter(f.name for s in self.sections for f in dataclasses.fields(s.cls) if f.init)
+        counts = Counter(name for s in self.sections for f in dataclasses.fields(s.cls) if f.init
+                         for name in (f.name, *(a.replace("-", "_") for a in f.metadata.get(ALIASES, ()))))
         qualified = len(self.sections) > 1
         for s in self.sections:
             group = self.add_argument_group(s.name, _title(s.cls))
@@ -414,7 +425,8 @@ class ConfigParser(ArgumentParser):
                     continue
                 flag = f.name.replace("_", "-")
                 flags = ([f"--{flag}"] if counts[f.name] == 1 else []) + (
-                    [f"--{s.name.replace('_', '-')}.{flag}"] if qualified else [])
+                    [f"--{s.name.replace('_', '-')}.{flag}"] if qualified else []) + [
+                    a for a in field_aliases(f) if counts[a[2:].replace("-", "_")] == 1]  # unique in the command
                 dest = f"{s.name}.{f.name}"
                 kind = FieldKind.of(hints[f.name])
                 self._fields[dest] = (s.name, f.name, kind)
