@@ -268,3 +268,18 @@ def test_a_rerun_with_other_settings_refuses_the_fold_models_and_deletes_nothing
     assert main(["--checkpoint", str(clip_run), "--dataset", str(toy_dataset), "--out", str(copy)]) == 2
     assert "dataset records (sha256)" in capsys.readouterr().err
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == stamp  # untouched, nothing trained
+
+
+def test_chat_session_writes_candidate_scores_when_asked(monkeypatch):
+    """chat --candidate-scores: the block carries each candidate's probability, as infer --candidate-scores."""
+    from llava_address.apps import chat
+
+    seen = {}
+    monkeypatch.setattr(chat, "fit_history", lambda gen, q, history, *rest: history)
+    monkeypatch.setattr(chat, "answer", lambda image, q, history, **kw: seen.update(kw) or "ok")
+    session = chat.ChatSession(object(), object(), ranker=_FakeRanker(), top_k=2, candidate_scores=True)
+    assert session.ask("Where?") == "ok"
+    assert seen["candidate_scores"] is True and len(seen["candidates"]) == 2
+    block = chat.conversation("Where?", (), seen["candidates"], seen["candidate_scores"])[0]["value"]
+    assert "1. Street 0 (p=0.50)" in block
+    assert chat.build_parser().parse_args(["--image", "x", "--candidate-scores"]).candidate_scores

@@ -198,6 +198,8 @@ class ChatSession:
     ranker: object | None = None
     """an AddressRanker: candidate-grounded answers (candidates computed once per image)"""
     top_k: int = 5
+    candidate_scores: bool = False
+    """write each candidate's probability after it (for a model trained with `conversations --candidate-scores`)"""
     dropped: int = 0
     """history turns left out so far to fit the model's context"""
     _candidates: list | None = None
@@ -206,11 +208,12 @@ class ChatSession:
         if self.ranker is not None and self._candidates is None:
             self._candidates = self.ranker.top_k(self.image, self.top_k)
         # Trimmed here too, so the session holds what the model saw (and the next turn starts from it).
-        kept = list(fit_history(self.generator, question, self.history, self.max_new_tokens, self._candidates))
+        kept = list(fit_history(self.generator, question, self.history, self.max_new_tokens, self._candidates,
+                                self.candidate_scores))
         self.dropped += len(self.history) - len(kept)
         self.history = kept
         reply = answer(self.image, question, self.history, model=self.generator, max_new_tokens=self.max_new_tokens,
-                       stream=stream, candidates=self._candidates)
+                       stream=stream, candidates=self._candidates, candidate_scores=self.candidate_scores)
         self.history.append((question, reply))
         return reply
 
@@ -278,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="candidate-grounded answers: this AddressCLIP model's top-K addresses go into the first question")
     p.add_argument("--dataset", default=None, help="with --candidates: the address dataset (candidate gallery)")
     p.add_argument("--top-k", type=int, default=5, help="with --candidates: how many candidates")
+    p.add_argument("--candidate-scores", action="store_true",
+                   help="with --candidates: write each candidate's probability after it (as infer --candidate-scores)")
     return p
 
 
@@ -295,7 +300,8 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None, stdout: Tex
     image = open_image(args.image)  # fail on a bad image before loading the model
     ranker = load_ranker(args.candidates, args.dataset) if args.candidates else None
     gen = load_generator(args.model, args.adapter, args.device, args.dtype)
-    session = ChatSession(gen, image, max_new_tokens=args.max_new_tokens, ranker=ranker, top_k=args.top_k)
+    session = ChatSession(gen, image, max_new_tokens=args.max_new_tokens, ranker=ranker, top_k=args.top_k,
+                          candidate_scores=args.candidate_scores)
     if args.question is not None:
         session.ask(args.question, stream=stdout)
         stdout.write("\n")
