@@ -274,6 +274,12 @@ def test_summary_command_prints_a_table(built, capsys):
     assert s["neighbourhoods"] == df["neighbourhood"].value_counts().sort_index().to_dict()
     assert summary_main([str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["streets"] == 3
+    assert "EPSG:" in text  # and without its dataset_info.json the table says so, not "EPSG:None"
+    bare = out.parent / "bare"
+    shutil.copytree(out, bare)
+    (bare / "dataset_info.json").unlink()
+    assert summary_main([str(bare)]) == 0
+    assert "no dataset_info.json" in capsys.readouterr().out
 
 
 def test_helsinki_build(tmp_path):

@@ -90,7 +90,8 @@ def format_summary(s: dict) -> str:
     """The summary as an aligned text table."""
     rows: list[tuple[str, str]] = [
         ("dataset", s["dataset"]),
-        ("city", f"{s['city'] or '-'} (EPSG:{s['utm_epsg']})"),
+        ("city", f"{s['city'] or '-'} " + (f"(EPSG:{s['utm_epsg']})" if s["utm_epsg"] is not None
+                                            else "(no dataset_info.json: city and projection unknown)")),
         ("images", f"{s['images']}  (" + " / ".join(f"{k} {v}" for k, v in s["splits"].items()) + ")"),
         ("streets", str(s["streets"])),
         ("sub-streets", f"{s['sub_streets']}  (" + " / ".join(f"{k} {v}" for k, v in s["sub_streets_per_split"].items()) + ")"),
