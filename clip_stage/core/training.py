@@ -44,6 +44,22 @@ TENSORBOARD_DIR = "tensorboard"
 RESUME_LATEST = "latest"
 
 
+class DeviceError(ValueError):
+    """A --device this machine cannot use (a user error: one line, exit 2)."""
+
+
+def check_device(device: str, flag: str = "--device") -> None:
+    """Refuses a device torch cannot parse, or CUDA where there is none, before anything loads ('auto' passes)."""
+    if device == "auto":
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise DeviceError(f"{flag} {device}: not a device (cpu, cuda, cuda:1, mps, auto)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"{flag} {device}: no CUDA GPU is available here (use --device cpu)")
+
+
 class CheckpointError(ValueError):
     """A checkpoint that is missing, damaged, untrusted or does not fit the run (a one-line user error)."""
 

@@ -26,6 +26,7 @@ from clip_stage.core.fs import atomic_write_json, atomic_write_with, resolve_und
 from clip_stage.core.outdir import looks_local
 from clip_stage.core.progress import progress as tqdm  # a line every 30 s when not on a terminal
 from clip_stage.core.schema import SPLITS, DatasetPaths, empty_captions, read_info, read_records, write_records
+from clip_stage.core.training import check_device
 
 DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-large"
 DEFAULT_PROMPT = "a street view of"
@@ -137,12 +138,8 @@ def run(args: CaptionArgs) -> dict:
         print(f"caption: nothing to do ({skipped} rows already captioned)")
         return {"captioned": 0, "skipped": skipped, "remaining": 0}
 
+    check_device(args.device)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-            raise CaptionerError(f"--device {device}: no CUDA GPU is available here (use --device cpu)")
-    except RuntimeError:
-        raise CaptionerError(f"--device {device}: not a device (cpu, cuda, cuda:1, auto)") from None
     dtype_name = args.dtype if args.dtype != "auto" else ("float16" if device.startswith("cuda") else "float32")
     net, processor = load_captioner(args.model, device, getattr(torch, dtype_name))
     captions = df["caption"].fillna("").astype(str).tolist()

@@ -215,20 +215,15 @@ def load_generator(model_path: str | os.PathLike | None, adapter: str | os.PathL
 def check_run_options(*, batch_size: int | None = None, max_new_tokens: int | None = None, limit: int | None = None,
                       top_k: int | None = None, device: str | None = None) -> None:
     """The numeric and device options infer, chat, benchmark and web-demo share, checked before anything loads
-    (each a one-line InferenceInputError naming the flag)."""
+    (each a one-line error naming the flag; the device by the trainers' own `check_device`)."""
     for flag, value, least in (("--batch-size", batch_size, 1), ("--max-new-tokens", max_new_tokens, 1),
                                ("--limit", limit, 1), ("--top-k", top_k, 1)):
         if value is not None and value < least:
             raise InferenceInputError(f"{flag} {value}: must be at least {least}")
-    if device is not None and device != "auto":
-        import torch  # lazy: `--help` and input errors need no torch
+    if device is not None:
+        from clip_stage.core.training import check_device  # lazy: torch, which `--help` does not need
 
-        try:
-            dev = torch.device(device)
-        except (RuntimeError, ValueError):
-            raise InferenceInputError(f"--device {device}: not a device (cpu, cuda, cuda:1, mps, auto)") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise InferenceInputError(f"--device {device}: no CUDA GPU is available here (use --device cpu)")
+        check_device(device)
 
 
 def read_done_ids(path: str | os.PathLike, retry_errors: bool = False) -> set[str]:
