@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from clip_stage.core.outdir import looks_local
+from clip_stage.core.outdir import check_model_folder
 from llava_address.components import (IMAGE_TOKEN, add_llava_tokens, check_processor, fresh_projector, load_tower,
                                       new_processor, num_image_tokens)
 from llava_address.config import ModelArgs
@@ -70,26 +70,14 @@ def _load_kwargs(args: ModelArgs, skip_modules: list[str]) -> dict[str, Any]:
     return kw
 
 
-class ModelPathError(ValueError):
-    """A model option naming a local path that holds no model (a user error: one line, exit 2)."""
-
-
 def check_model_paths(args: ModelArgs) -> None:
     """Refuses, before transformers touches them, model options that name a folder without config.json (loaded
     anyway, transformers would build a default 7B LLaVA and report every weight missing) or a local path that
     does not exist (it would be tried as a hub id, with minutes of retries offline)."""
     for flag, spec in (("--model-name-or-path", args.model_name_or_path), ("--model.llm", args.llm),
                        ("--model.vision-tower", args.vision_tower)):
-        if not spec:
-            continue
-        path = os.path.expanduser(spec)
-        if os.path.isdir(path):
-            if not os.path.isfile(os.path.join(path, "config.json")):
-                raise ModelPathError(f"{flag} {spec}: not a model folder (no config.json)")
-        elif os.path.exists(path):
-            raise ModelPathError(f"{flag} {spec}: a file, not a model folder or hub id")
-        elif looks_local(spec):
-            raise ModelPathError(f"{flag} {spec}: no such folder (and not a hub id of the form org/name)")
+        if spec:
+            check_model_folder(spec, flag)
 
 
 def build_llava(args: ModelArgs):

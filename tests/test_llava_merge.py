@@ -106,7 +106,7 @@ def test_merge_never_writes_over_the_base_the_checkpoint_was_trained_on(tiny_lla
 
 
 def test_a_model_folder_without_config_is_one_line_before_any_load(tmp_path):
-    from llava_address.model import ModelPathError
+    from clip_stage.core.outdir import ModelPathError
 
     (tmp_path / "noconf").mkdir()
     (tmp_path / "noconf" / "model.safetensors").write_bytes(b"weights")

@@ -71,6 +71,24 @@ def looks_local(spec: str) -> bool:
     return spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or "\\" in spec
 
 
+class ModelPathError(ValueError):
+    """A model option naming a local path that holds no model (a user error: one line, exit 2)."""
+
+
+def check_model_folder(spec: str, flag: str) -> None:
+    """A model option is a folder with config.json or a hub id ("org/name"), checked before any library loads
+    it: a config-less folder would become a default-config model with every weight missing, and a local path
+    that does not exist would be tried as a hub id (minutes of retries offline)."""
+    path = os.path.expanduser(spec)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ModelPathError(f"{flag} {spec}: not a model folder (no config.json)")
+    elif os.path.exists(path):
+        raise ModelPathError(f"{flag} {spec}: a file, not a model folder or hub id")
+    elif looks_local(spec):
+        raise ModelPathError(f"{flag} {spec}: no such folder (and not a hub id of the form org/name)")
+
+
 def check_not_input(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None], flag: str = "--out",
                     inside_ok: Iterable[str | os.PathLike | None] = ()) -> None:
     """Refuses `out` equal to, containing or inside an input (folders), or equal to / containing an input file.

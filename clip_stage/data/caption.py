@@ -23,7 +23,7 @@ import torch
 from clip_stage.core.config import ConfigParser, Section
 from clip_stage.core.errors import command_main
 from clip_stage.core.fs import atomic_write_json, atomic_write_with, resolve_under_root
-from clip_stage.core.outdir import looks_local
+from clip_stage.core.outdir import check_model_folder
 from clip_stage.core.progress import progress as tqdm  # a line every 30 s when not on a terminal
 from clip_stage.core.schema import SPLITS, DatasetPaths, empty_captions, read_info, read_records, write_records
 from clip_stage.core.training import check_device
@@ -93,15 +93,11 @@ def load_captioner(model: str, device: str = "cpu", dtype: torch.dtype = torch.f
     """(model, processor) of a BLIP captioning checkpoint (hub id or local folder)."""
     from transformers import BlipForConditionalGeneration, BlipProcessor
 
+    check_model_folder(model, "--model")
     if os.path.isdir(model):
-        config = os.path.join(model, "config.json")
-        if not os.path.isfile(config):
-            raise CaptionerError(f"--model {model}: not a model folder (no config.json)")
-        model_type = json.loads(Path(config).read_text(encoding="utf-8")).get("model_type")
+        model_type = json.loads((Path(model) / "config.json").read_text(encoding="utf-8")).get("model_type")
         if model_type != "blip":  # transformers would load it anyway, with fresh random BLIP weights
             raise CaptionerError(f"--model {model}: a {model_type!r} model, not a BLIP captioner")
-    if not os.path.exists(model) and looks_local(model):
-        raise CaptionerError(f"--model {model}: no such folder (and not a hub id of the form org/name)")
     try:
         processor = BlipProcessor.from_pretrained(model)
         net = BlipForConditionalGeneration.from_pretrained(model, dtype=dtype).to(device).eval()
