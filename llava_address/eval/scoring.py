@@ -70,6 +70,9 @@ class AnswersError(ValueError):
     """An answers file that cannot be scored (unknown ids, malformed lines, ...)."""
 
 
+_LINE = "_line"  # where a row read with bad_rows came from, so that the scorer's own checks can name the line
+
+
 def read_answers(path: str | Path, bad_rows: list[dict] | None = None) -> list[dict]:
     """The rows of an answers JSONL file. A malformed line raises a one-line AnswersError naming it, or, with
     a `bad_rows` list, is recorded there ({"where": "line N", "error"}) and skipped."""
@@ -84,9 +87,6 @@ def read_answers(path: str | Path, bad_rows: list[dict] | None = None) -> list[d
         else:
             rows.append({**line.value, _LINE: line.lineno})
     return rows
-
-
-_LINE = "_line"  # where a row read with bad_rows came from, so that the scorer's own checks can name the line
 
 
 def eval_references(records: Iterable[dict], where: str = "records") -> dict[str, EvalRecord]:
