@@ -338,6 +338,7 @@ def save(run: ClipRun, final: bool = False) -> None:
         save_checkpoint(run.out_dir / checkpoint_name(run.step), run.model, run.bundle.model_name,
                         run.bundle.pretrained, cfg.to_dict(), state, step=run.step, epoch=run.epoch)
         prune_checkpoints(run.out_dir, cfg.run.save_total_limit, complete=_resumable)
+        run.metrics.plot()
         if final:
             save_checkpoint(run.out_dir / "final", run.model, run.bundle.model_name, run.bundle.pretrained,
                             cfg.to_dict(), None, step=run.step, epoch=run.epoch)

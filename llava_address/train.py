@@ -272,6 +272,7 @@ def save(run: LlavaRun) -> None:
     run.checkpoints.append(path)
     if run.is_main:
         prune_checkpoints(run.out, run.cfg.train.save_total_limit)
+        run.metrics.plot()
 
 
 def log_step(run: LlavaRun, window: torch.Tensor, elapsed: float, step_lrs: dict[str, float]) -> dict[str, Any]:

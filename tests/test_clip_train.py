@@ -73,6 +73,7 @@ def test_training_learns_the_toy_city(toy_dataset, tmp_path):
     log = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert {"address_loss", "semantic_loss", "geo_loss", "loss", "lr", "images_per_s"} <= set(log[0])
     assert log[-1]["loss"] < 0.75 * log[0]["loss"]
+    assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # drawn from the same log
     assert log[-1]["lr"] < log[0]["lr"] or log[0]["lr"] < 1e-3  # cosine decay (or still warming up at the first point)
     summary = _summary(out)
     assert summary["world_size"] == 1 and summary["complete"] and summary["steps"] == 12 * (108 // 16)

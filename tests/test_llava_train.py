@@ -126,6 +126,8 @@ def test_lora_recipe_trains_checkpoints_and_logs(tiny_llava_dir, tiny_llava_data
     tags = set(acc.Tags()["scalars"])
     assert {"loss", "tokens_per_s", "memory_mb", "lr/llm", "lr/projector"} <= tags
     assert len(acc.Scalars("loss")) == 16
+    # ... and the run draws its curves (clip_stage.core.curves) at each checkpoint and the end
+    assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_resume_after_stop_matches_uninterrupted_run(tiny_llava_dir, tiny_llava_data, tmp_path):

@@ -4,6 +4,8 @@ Both trainers write the same run folder and keep the same rules, so this module 
 
     <output-dir>/checkpoint-000120/   one folder per saved step (`checkpoint_name`), written atomically
     <output-dir>/metrics.jsonl        one JSON row per logged step (`MetricsLogger`), cut back on resume
+    <output-dir>/training_curves.png  loss terms and learning rate against the step (clip_stage.core.curves),
+                                      redrawn at every checkpoint and at the end
     <output-dir>/tensorboard/         TensorBoard events (clip_stage.core.trackers)
 
 and the pieces both loops are made of:
@@ -17,7 +19,7 @@ and the pieces both loops are made of:
   Only folders in this project's own format count (`own_checkpoint_step`: the exact zero-padded name and the
   manifest.json of a verified save): another tool's `checkpoint-500/` in the same folder is never listed,
   resumed or pruned;
-* `MetricsLogger`: metrics.jsonl on rank 0 plus the `--report-to` trackers;
+* `MetricsLogger`: metrics.jsonl on rank 0 plus the `--report-to` trackers, and the curves' PNG;
 * `Hooks`: the seam a caller (the training benchmark) uses to observe a loop without patching it.
 
 Floor 0: imports no stage; the trainers pass in what is theirs (how to verify a checkpoint folder).
@@ -35,11 +37,11 @@ from typing import Any, Callable
 
 import torch
 
+from clip_stage.core.curves import METRICS_FILE, PLOT_FILE, plot_run
 from clip_stage.core.fs import MANIFEST_FILE, cut_jsonl_log
 
 CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 RESUME_LATEST = "latest"
 
@@ -221,6 +223,8 @@ class MetricsLogger:
         if self.is_main:
             cut_jsonl_log(self.path, start_step)
             self.path.touch()  # the file exists from the first step on, even before a row is due
+            for stale in self.path.parent.glob(f".{Path(PLOT_FILE).stem}.*{Path(PLOT_FILE).suffix}"):
+                stale.unlink(missing_ok=True)  # a figure whose atomic write was killed (fs.atomic_write_with)
 
     def log(self, row: dict[str, Any], tracker_values: dict[str, Any] | None = None) -> None:
         """Writes `row` (with its "step") and sends `tracker_values` (default: row without "step")."""
@@ -231,6 +235,16 @@ class MetricsLogger:
                 f.write(json.dumps(row) + "\n")
         values = tracker_values if tracker_values is not None else {k: v for k, v in row.items() if k != "step"}
         self.accelerator.log(values, step=step)
+
+    def plot(self) -> None:
+        """Redraws `<run>/training_curves.png` from the whole metrics.jsonl (rank 0; the trainers call it at
+        each checkpoint and at the end). A plot that fails is reported, never the end of the training run."""
+        if not self.is_main:
+            return
+        try:
+            plot_run(self.path.parent)
+        except Exception as e:  # noqa: BLE001 - a figure is not worth a lost run
+            print(f"warning: could not draw {self.path.parent / PLOT_FILE}: {e}", flush=True)
 
 
 # --- the seam ----------------------------------------------------------------------------------------------

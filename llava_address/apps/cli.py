@@ -47,6 +47,7 @@ register_command("export-clip", "clip_stage.export_hf:main", "export an AddressC
 register_command("candidates", "clip_stage.candidates:main", "cross-fitted AddressCLIP top-K candidate addresses of every image (for candidate-grounded LLaVA)")
 register_command("clip-baselines", "clip_stage.baselines:main", "zero-shot, address-only and loss-ablation runs of AddressCLIP in one table")
 register_command("query-map", "clip_stage.query_map:main", "map how similar every image is to an address text, with the AUC of the named area")
+register_command("plot-run", "clip_stage.core.curves:main", "draw training curves (loss terms, learning rate) of train-clip / train-llava runs, several overlaid")
 # Stage 3: conversations
 register_command("conversations", "conversations.build:main", "turn an address dataset into multi-turn LLaVA address Q&A")
 register_command("validate", "conversations.validate:main", "validate any LLaVA-format conversation file")
