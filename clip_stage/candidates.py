@@ -322,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--style", "--address-style", default="full", help="address style of the gallery (clip_stage.core.schema.ADDRESS_STYLES)")
     p.add_argument("--splits", default="train,val,test", help="splits to rank (comma list)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
-    p.add_argument("--progress", action="store_true", help="progress bars of the fold trainings")
+    p.add_argument("--progress-bar", "--progress", dest="progress", action=argparse.BooleanOptionalAction,
+                   default=False, help="progress bars of the fold trainings (default off)")
     p.add_argument("--debug", action="store_true", help="show the traceback of user errors too (taken by the "
                                                         "command guard, clip_stage.core.errors)")
     return p

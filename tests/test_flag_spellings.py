@@ -150,3 +150,32 @@ def test_one_concept_one_flag_through_field_aliases(tmp_path):
     llava = parse_train_llava(["--model-name-or-path", "m", "--data-path", str(tmp_path / "data.json"),
                                "--out", "runs/y"])
     assert llava.train.output_dir == "runs/y"
+
+
+def test_every_progress_switch_answers_to_the_trainers_progress_bar_flags():
+    """One concept, one name: `--progress-bar` / `--no-progress-bar` (train-clip, train-llava) also switch the
+    bars of caption, candidates and build-dataset; their older spellings keep working."""
+    from clip_stage.candidates import build_parser as candidates_parser
+    from clip_stage.core.config import ConfigParser, Section
+    from clip_stage.data.build import build_parser as build_dataset_parser
+    from clip_stage.data.caption import CaptionArgs
+    from clip_stage.train_config import parse_config as train_clip_config
+    from llava_address.train import parse_args as train_llava_args
+
+    def caption(*argv):
+        return ConfigParser([Section("caption", CaptionArgs)]).parse_config(["--dataset", "d", *argv])["caption"].progress
+
+    assert caption() and not caption("--no-progress-bar") and not caption("--progress", "false")
+
+    def candidates(*argv):
+        return candidates_parser().parse_args(["--checkpoint", "c", "--dataset", "d", "--out", "o", *argv]).progress
+
+    assert not candidates() and candidates("--progress-bar") and candidates("--progress")
+
+    def build_dataset(*argv):
+        return build_dataset_parser().parse_config(["--images", "i", "--gps", "g.csv", "--out", "o", *argv]).args.progress_bar
+
+    assert build_dataset() and not build_dataset("--no-progress-bar")
+
+    assert not train_clip_config(["--dataset", "d", "--no-progress-bar"]).run.progress_bar
+    assert not train_llava_args(["--data-path", "d", "--model-name-or-path", "m", "--no-progress-bar"]).train.progress_bar

@@ -31,6 +31,7 @@ GPS-table file is an error naming the file; a bad row never stops the build.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -431,6 +432,8 @@ def build_parser() -> ConfigParser:
         description="Images with GPS + a street network -> an image-address dataset (see clip_stage.core.schema).",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+    parser.add_argument("--progress-bar", action=argparse.BooleanOptionalAction, default=True,
+                        help="progress bars (--no-progress-bar hides them but keeps the summary)")
     return parser
 
 
@@ -441,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = parsed.args
     cfgs = [parsed[name] for name, _ in SECTIONS]
     try:
-        report = build_dataset(*cfgs, progress=not ns.quiet)
+        report = build_dataset(*cfgs, progress=ns.progress_bar and not ns.quiet)
     except (NetworkFileError, GpsTableError, ZoneFileError, FileNotFoundError, FileExistsError, ValueError, OSError) as e:
         parser.exit(2, f"build-dataset: error: {e}\n")
     if report["kept"] == 0:  # an empty dataset is no result: a non-zero exit stops scripts and the demo here

@@ -14,13 +14,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from clip_stage.core.config import ConfigParser, Section
+from clip_stage.core.config import ALIASES, ConfigParser, Section
 from clip_stage.core.errors import command_main
 from clip_stage.core.fs import atomic_write_json, atomic_write_with, resolve_under_root
 from clip_stage.core.outdir import check_model_folder
@@ -62,8 +62,8 @@ class CaptionArgs:
     """Re-caption rows that already have a caption."""
     limit: int | None = None
     """Caption at most this many rows in this run (the rest on the next run)."""
-    progress: bool = True
-    """Show a tqdm progress bar."""
+    progress: bool = field(default=True, metadata={ALIASES: ("progress-bar",)})
+    """Show a tqdm progress bar (--no-progress-bar hides it)."""
 
     def __post_init__(self):
         if not self.dataset:
