@@ -51,7 +51,7 @@ from clip_stage.core.config import ArgumentParser
 from clip_stage.core.errors import command_main
 from clip_stage.core.fs import atomic_write_json, iter_jsonl, sha256_file
 from clip_stage.core.outdir import check_out_dir, write_marker
-from clip_stage.core.schema import ADDRESS_STYLES, SPLITS, DatasetPaths, read_records
+from clip_stage.core.schema import ADDRESS_STYLES, SPLITS, DatasetPaths, read_records, records_fingerprint
 from clip_stage.evaluate import encode_images
 from clip_stage.gallery import GalleryEncoder, default_cache_dir, gallery_from_dataset
 from clip_stage.model import CONFIG_FILE, create_clip, latest_checkpoint, load_checkpoint, read_checkpoint_config
@@ -274,8 +274,8 @@ def cross_fit_candidates(checkpoint: str | os.PathLike, dataset: str | os.PathLi
     by_source: dict[str, list[dict]] = {}
     for r in rows:
         by_source.setdefault("train (cross-fitted)" if r["source"] != "full" else f"{r['split']} (full model)", []).append(r)
-    info = {"checkpoint": str(checkpoint), "dataset": str(dataset.resolve()), "folds": folds, "top_k": top_k,
-            "style": style, "splits": list(splits), "images": len(rows),
+    info = {"checkpoint": str(checkpoint), "dataset": str(dataset.resolve()),
+            "records_fingerprint": records_fingerprint(records), "folds": folds, "top_k": top_k, "style": style, "splits": list(splits), "images": len(rows),
             "accuracy": {src: _accuracy(rs, truth) for src, rs in sorted(by_source.items())}}
     tmp = out / f".{CANDIDATES_FILE}.{os.getpid()}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
@@ -308,6 +308,29 @@ def read_candidates(path: str | os.PathLike) -> dict[str, list[dict]]:
         except (KeyError, TypeError, ValueError) as e:
             raise CandidatesError(f"{path}:{line.lineno}: not a candidates line ({e})") from None
     return out
+
+
+def check_candidates_match(path: str | os.PathLike, dataset: str | os.PathLike, records) -> None:
+    """Refuses candidates ranked for another dataset (same image ids, other pictures or splits: a fold model
+    would have seen the image, or the lists belong to other photos). Read from candidates_info.json's
+    fingerprint; a folder from before it is checked by each image's split."""
+    folder = Path(path) if Path(path).is_dir() else Path(path).parent
+    info_path = folder / INFO_FILE
+    info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
+    recorded = info.get("records_fingerprint")
+    if recorded is not None:
+        if recorded != records_fingerprint(records):
+            raise CandidatesError(f"{path}: ranked for another dataset ({info.get('dataset')}: other images, splits or "
+                                  f"labels than {dataset}); run `address-llava candidates --dataset {dataset}`")
+        return
+    split_of = dict(zip(records["image_id"].astype(str), records["split"].astype(str)))
+    file = folder / CANDIDATES_FILE
+    for line in iter_jsonl(file) if file.is_file() else ():
+        row = line.value if isinstance(line.value, dict) else {}
+        image_id, split = str(row.get("image_id")), row.get("split")
+        if image_id in split_of and split is not None and split != split_of[image_id]:
+            raise CandidatesError(f"{file}:{line.lineno}: image {image_id} is {split} there but {split_of[image_id]} "
+                                  f"in {dataset}: these candidates were ranked for another dataset")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -345,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = ["AddressRanker", "CandidatesError", "cross_fit_candidates", "fold_train_config", "read_candidates",
-           "CANDIDATES_FILE", "FOLDS_FILE", "INFO_FILE"]
+           "CANDIDATES_FILE", "FOLDS_FILE", "INFO_FILE", "check_candidates_match"]
 
 if __name__ == "__main__":
     sys.exit(main())

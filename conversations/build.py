@@ -395,9 +395,11 @@ def build(config: BuildConfig) -> dict:
         raise ValueError(f"{paths.records}: no images in splits {config.train_splits} / {config.eval_splits}")
     candidates = None
     if config.candidates:
-        from clip_stage.candidates import read_candidates  # lazy: it imports torch, which only --candidates needs
+        # lazy: it imports torch, which only --candidates needs
+        from clip_stage.candidates import check_candidates_match, read_candidates
 
         candidates = read_candidates(config.candidates)
+        check_candidates_match(config.candidates, config.dataset, records)
         missing = sum(s.image_id not in candidates for s in train_samples)
         if missing == len(train_samples) and train_samples:
             raise ValueError(f"{config.candidates}: no candidates for any training image of {config.dataset}")
@@ -459,7 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         info = build(config)
     except (ValueError, FileExistsError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e  # a KeyError's str() adds quotes
+        print(f"conversations: error: {message}", file=sys.stderr)
         return 2
     for split in ("train", "eval"):
         s = info[split]

@@ -283,3 +283,36 @@ def test_chat_session_writes_candidate_scores_when_asked(monkeypatch):
     block = chat.conversation("Where?", (), seen["candidates"], seen["candidate_scores"])[0]["value"]
     assert "1. Street 0 (p=0.50)" in block
     assert chat.build_parser().parse_args(["--image", "x", "--candidate-scores"]).candidate_scores
+
+
+def test_conversations_refuse_candidates_ranked_for_another_dataset(cross_fitted, toy_dataset, tmp_path, capsys):
+    from clip_stage.core.schema import DatasetPaths, write_records
+    from conversations.build import main
+
+    cands_dir, _ = cross_fitted
+    other = tmp_path / "other"  # the same image ids, other splits: a fold model may have trained on an image
+    shutil.copytree(toy_dataset, other, symlinks=True)
+    records = read_records(other)
+    records["split"] = records["split"].sample(frac=1.0, random_state=0).to_numpy()
+    assert (records["split"] != read_records(toy_dataset)["split"]).any()
+    write_records(records, DatasetPaths(other).records)
+    argv = ["--dataset", str(other), "--candidates", str(cands_dir)]
+    assert main([*argv, "--out", str(tmp_path / "c1")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("conversations: error: ") and "ranked for another dataset" in err
+    assert not (tmp_path / "c1").exists()
+
+    old = tmp_path / "old_cands"  # a candidates folder from before the fingerprint: checked by the splits
+    shutil.copytree(cands_dir, old)
+    info = json.loads((old / "candidates_info.json").read_text())
+    del info["records_fingerprint"]
+    (old / "candidates_info.json").write_text(json.dumps(info))
+    assert main(["--dataset", str(other), "--candidates", str(old), "--out", str(tmp_path / "c2")]) == 2
+    assert "ranked for another dataset" in capsys.readouterr().err
+
+    captioned = tmp_path / "captioned"  # new captions only: the same images, splits and labels
+    shutil.copytree(toy_dataset, captioned, symlinks=True)
+    records = read_records(captioned)
+    records["caption"] = "a new caption"
+    write_records(records, DatasetPaths(captioned).records)
+    assert main(["--dataset", str(captioned), "--candidates", str(cands_dir), "--out", str(tmp_path / "c3")]) == 0

@@ -315,3 +315,38 @@ def test_helsinki_build(tmp_path):
     assert df["image_id"].str.startswith("h").all()
     assert {"Mannerheimintie", "Bulevardi"} <= set(df["street"])
     assert df["neighbourhood"].ne("").all()
+
+
+def test_an_empty_rebuild_never_replaces_an_earlier_dataset(tmp_path, capsys, built):
+    images, table, network, *_ = make_inputs(tmp_path)
+    out = tmp_path / "ds"
+    shutil.copytree(built[0], out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    swapped = tmp_path / "swapped.csv"  # lat and lon exchanged: every row lands far from any street
+    with table.open(encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    swapped.write_text("image,lat,lon\n" + "".join(f"{r['image']},{r['lon']},{r['lat']}\n" for r in rows[:5]))
+    with pytest.raises(SystemExit) as e:
+        main(_argv(images, swapped, network, out, "--overwrite"))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "no image was kept of 5 rows" in err and "left as it was" in err
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_extra_columns_are_reported_and_never_replace_the_record_number(tmp_path, capsys):
+    images, table, network, *_ = make_inputs(tmp_path)
+    with table.open(encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))[:6]
+    typo = tmp_path / "typo.csv"
+    typo.write_text("image,lat,lon,captoin,row\n" + "".join(
+        f"{r['image'] if i != 2 else 'missing.png'},{r['lat']},{r['lon']},{r['caption']},street-{i}\n"
+        for i, r in enumerate(rows)))
+    out = tmp_path / "ds"
+    assert main(_argv(images, typo, network, out, "--min-points", "1")) == 0
+    warning = "column(s) ['captoin', 'row'] not read"
+    assert warning in capsys.readouterr().err
+    assert any(warning in w for w in json.loads(DatasetPaths(out).report.read_text())["warnings"])
+    rejects = [json.loads(line) for line in DatasetPaths(out).rejects.read_text().splitlines()]
+    assert [(r["row"], r["reason"]) for r in rejects if r["reason"] == "image_not_found"] == [(3, "image_not_found")]
+    kept_rows = set(read_records(out)["source_row"])
+    assert kept_rows and kept_rows <= {1, 2, 4, 5, 6}  # the record numbers, not the table's own "row" texts

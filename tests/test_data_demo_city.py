@@ -13,6 +13,7 @@ import pytest
 import shapely
 from PIL import Image
 
+from clip_stage.core.outdir import OutputFolderError
 from clip_stage.data import build, demo_city, render
 
 from clip_stage.core import schema
@@ -205,9 +206,12 @@ def test_cli_and_config_checks(tmp_path, capsys):
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "thesis.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match="not a demo-city folder"):
-        demo_city.generate_demo_city(precious, demo_city.DemoCityConfig(num_images=5, image_size=64))
+    for overwrite in (False, True):  # the Python API keeps the command's rule: never another kind of folder
+        with pytest.raises(OutputFolderError, match="not a demo-city output"):
+            demo_city.generate_demo_city(precious, demo_city.DemoCityConfig(num_images=5, image_size=64), overwrite)
     assert (precious / "thesis.txt").read_text() == "keep me"
+    with pytest.raises(OutputFolderError, match="pass --overwrite"):  # an earlier one only when asked
+        demo_city.generate_demo_city(out, demo_city.DemoCityConfig(num_images=5, image_size=64))
     capsys.readouterr()
     assert demo_city.main(["--out", str(out), "--image-size", "500"]) == 2
     assert capsys.readouterr().err.strip() == "demo-city: error: image_size must be in 64..224, got 500"

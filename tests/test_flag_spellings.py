@@ -166,6 +166,9 @@ def test_every_progress_switch_answers_to_the_trainers_progress_bar_flags():
         return ConfigParser([Section("caption", CaptionArgs)]).parse_config(["--dataset", "d", *argv])["caption"].progress
 
     assert caption() and not caption("--no-progress-bar") and not caption("--progress", "false")
+    for flag in ("--dtype", "--torch-dtype", "--torch_dtype"):  # and the weights dtype as every model loader
+        assert ConfigParser([Section("caption", CaptionArgs)]).parse_config(
+            ["--dataset", "d", flag, "float32"])["caption"].dtype == "float32"
 
     def candidates(*argv):
         return candidates_parser().parse_args(["--checkpoint", "c", "--dataset", "d", "--out", "o", *argv]).progress

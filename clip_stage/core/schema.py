@@ -195,6 +195,18 @@ def read_records(dataset_dir: str | Path, split: str | None = None) -> pd.DataFr
     return df
 
 
+def records_fingerprint(records: pd.DataFrame) -> str:
+    """sha256 of what identifies and labels each image (image_id, image, split, sub_street), in image_id order:
+    two datasets with one fingerprint have the same images, splits and labels (their captions may differ)."""
+    import hashlib
+
+    cols = records[["image_id", "image", "split", "sub_street"]].astype(str).sort_values("image_id")
+    h = hashlib.sha256()
+    for row in cols.itertuples(index=False):
+        h.update(("\t".join(row) + "\n").encode("utf-8"))
+    return h.hexdigest()
+
+
 def empty_captions(df: pd.DataFrame) -> np.ndarray:
     """Per row: the `caption` column is missing, null or blank (the row still needs captioning)."""
     if "caption" not in df.columns:

@@ -52,7 +52,7 @@ from clip_stage.core.progress import progress as tqdm  # a line every 30 s when 
 from clip_stage.core.schema import COLUMNS, INFO_FILE, DatasetPaths, RecordsWriter, address_columns
 from clip_stage.data.exif_gps import scan_exif_gps
 from clip_stage.data.geocode import GeocodeConfig, ReverseGeocoder
-from clip_stage.data.gps_table import GpsTableError, check_table_path, iter_gps_table
+from clip_stage.data.gps_table import GpsTableError, check_table_path, iter_gps_table, unread_columns
 from clip_stage.data.image_files import check_images, place_image
 from clip_stage.data.neighbourhoods import ZoneFileError, load_zones
 from clip_stage.data.network import (DEFAULT_HIGHWAYS, NetworkFileError, StreetNetwork, helsinki_pbf_path,
@@ -282,6 +282,12 @@ def summarise(args: BuildArgs, geocode: GeocodeConfig, sub_streets: SubStreetCon
     if rotated and args.image_mode == "root":
         warnings.append(f"{rotated} kept images carry an EXIF rotation; --image-mode root links the folder as it "
                         "is, so they are not stored upright")
+    unread = unread_columns(args.gps) if args.gps else []
+    if unread:  # a misspelled optional column would otherwise drop its values without a word
+        w = (f"{args.gps}: column(s) {unread} not read (build-dataset reads image, lat, lon, caption, image_id; "
+             "lat/lon also as latitude/lng/long/longitude)")
+        print(f"build-dataset: warning: {w}", file=sys.stderr)
+        warnings.append(w)
     fractions, split_warnings = split_fractions(split_counts, split)
     for w in split_warnings:  # said at once too: a lopsided split changes what every later score means
         print(f"build-dataset: warning: {w}", file=sys.stderr)
@@ -344,6 +350,10 @@ def _sub_street_columns(subs) -> dict[str, np.ndarray]:
         out[c] = np.empty(len(v), dtype=object)
         out[c][:] = v  # element by element: a list of lists must not become a 2-D array
     return out
+
+
+class EmptyBuildError(ValueError):
+    """Every row was rejected, and --out holds an earlier dataset that an empty one must not replace."""
 
 
 def write_dataset(args: BuildArgs, inputs: Inputs, data: Labelled, splits: np.ndarray, rejects: list[dict],
@@ -414,6 +424,11 @@ def build_dataset(
     timer.lap("sub_streets")
     splits = assign_splits(data.kept.utm_x, data.kept.utm_y, data.sub_of, split)
     report, info = summarise(args, geocode, sub_streets, split, inputs, data, splits, rejects, n_rows, timer.timings)
+    if len(data.kept.row) == 0 and inputs.out.is_dir() and any(inputs.out.iterdir()):
+        # An empty build never replaces an earlier dataset (--overwrite): a failed run must not cost the good one.
+        # Into a new folder it is written, so that rejects.jsonl shows why every row was refused.
+        reasons = ", ".join(f"{k} {v}" for k, v in Counter(r["reason"] for r in rejects).most_common())
+        raise EmptyBuildError(f"no image was kept of {n_rows} rows ({reasons}); {inputs.out} is left as it was")
     write_dataset(args, inputs, data, splits, rejects, report, info, timer, progress)
     return report
 

@@ -54,7 +54,7 @@ class CaptionArgs:
     """Beam search width (1: greedy)."""
     device: str = "auto"
     """cuda / cpu / auto."""
-    dtype: str = "auto"
+    dtype: str = field(default="auto", metadata={ALIASES: ("torch-dtype",)})
     """float32 / bfloat16 / float16 / auto (float16 on CUDA, else float32)."""
     save_every: int = 20
     """Rewrite records.parquet every N batches (progress survives an interruption)."""

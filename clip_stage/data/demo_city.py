@@ -326,12 +326,13 @@ def _load_network(cfg: DemoCityConfig) -> StreetNetwork:
 def generate_demo_city(out_dir: str | Path, cfg: DemoCityConfig = DemoCityConfig(), overwrite: bool = False) -> Path:
     """Writes the demo city to `out_dir` (atomically: a folder appears complete or not at all).
 
-    An existing `out_dir` is replaced only if it is an earlier demo-city output or `overwrite` is set.
-    Returns the path of gps.csv.
+    The rule of every command's output (clip_stage.core.outdir): a new or empty `out_dir` is written; an earlier
+    demo-city output only with `overwrite`; any other non-empty folder, or the network file's, never
+    (OutputFolderError). Returns the path of gps.csv.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite and not (out_dir / META_FILE).exists():
-        raise FileExistsError(f"{out_dir} exists and is not a demo-city folder; pass overwrite=True (--overwrite) to replace it")
+    # demo_city.json + gps.csv mark folders from before the marker file
+    check_out_dir(out_dir, "demo-city", inputs=[cfg.network or None], overwrite=overwrite, legacy=[META_FILE, "gps.csv"])
     t0 = time.perf_counter()
     net = _load_network(cfg)
     seg = _segments(net)
@@ -431,9 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier demo-city folder at --out (any other non-empty folder is refused)")
     parsed = parser.parse_config(argv)
     cfg, ns = parsed["demo_city"], parsed.args
-    # One rule for every command's --out (clip_stage.core.outdir); demo_city.json marks folders from before it.
-    check_out_dir(ns.out, "demo-city", inputs=[cfg.network or None], overwrite=ns.overwrite, legacy=[META_FILE, "gps.csv"])
-    gps = generate_demo_city(ns.out, cfg, overwrite=ns.overwrite)
+    gps = generate_demo_city(ns.out, cfg, overwrite=ns.overwrite)  # checks --out first (one rule for every command)
     meta = json.loads((gps.parent / META_FILE).read_text(encoding="utf-8"))
     print(f"demo city: {meta['images']} rows ({sum(meta['bad_rows'].values())} deliberately bad) on "
           f"{meta['streets_sampled']} streets / {meta['blocks_sampled']} blocks of {meta['city'] or meta['network']}; "

@@ -72,7 +72,7 @@ def _records(path: Path) -> Iterator[tuple[dict | None, dict | None]]:
             elif (problem := _jsonl_type_problem(line.value)) is not None:
                 yield None, {"row": line.lineno, "field": problem[0], "reason": "malformed_row", "detail": problem[1]}
             else:
-                yield {"row": line.lineno, **line.value}, None
+                yield {**line.value, "row": line.lineno}, None  # a column named "row" cannot replace the record number
     elif suffix in (".csv", ".tsv"):
         # the csv module, not pandas' chunked reader: it reports each over-long record with its exact
         # record number (quoted newlines included), which pandas' fast engine cannot
@@ -89,9 +89,27 @@ def _records(path: Path) -> Iterator[tuple[dict | None, dict | None]]:
                     continue
                 if not rec:
                     continue  # a blank line is no record (as csv.DictReader)
-                yield {"row": rowno, **dict(zip(header, rec))}, None
+                yield {**dict(zip(header, rec)), "row": rowno}, None  # as above
     else:
         raise GpsTableError(f"{path}: unknown GPS table format {suffix!r}; expected .csv, .tsv or .jsonl")
+
+
+def unread_columns(path: str | Path, sample: int = 1000) -> list[str]:
+    """The table's columns that build-dataset does not read (a misspelled "captoin", a "row" column: `row` is
+    the record number), from the CSV/TSV header or the keys of the first `sample` JSONL records."""
+    path = Path(path)
+    known = set(TABLE_COLUMNS[1:]) | {n for names in _ALIASES.values() for n in names}
+    columns: dict[str, None] = {}
+    if path.suffix.lower() in (".csv", ".tsv"):
+        with path.open(encoding="utf-8-sig", newline="") as f:
+            columns = dict.fromkeys(next(csv.reader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ","), []))
+    else:
+        for i, line in enumerate(iter_jsonl(path)):
+            if i >= sample:
+                break
+            if isinstance(line.value, dict):
+                columns.update(dict.fromkeys(line.value))
+    return [c for c in columns if c not in known]
 
 
 def check_table_path(path: Path) -> None:
