@@ -321,14 +321,24 @@ def eval_items(path: str | os.PathLike, limit: int | None = None, command: str =
 
 
 def unusable_images(items: Sequence[EvalItem], image_root: str | os.PathLike) -> list[tuple[str, str]]:
-    """(id, reason) of the items whose image path is unsafe or missing: cheap, checked before the model loads."""
+    """(id, reason) of the items whose image cannot be used: an unsafe path, a missing file, or a file that is
+    no image PIL knows. Only headers are read (cheap, before the model loads); a file damaged past its header
+    is found when it is answered, and becomes an error row then."""
+    from PIL import Image, UnidentifiedImageError
+
     bad = []
     for it in items:
         try:
-            if not resolve_under_root(image_root, it.image).is_file():
+            path = resolve_under_root(image_root, it.image)
+            if not path.is_file():
                 bad.append((it.id, f"image {it.image!r} not found under the image root"))
+                continue
+            with Image.open(path):
+                pass
         except UnsafePathError as e:
             bad.append((it.id, str(e)))
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
+            bad.append((it.id, f"image {it.image!r}: not a readable image ({e})"))
     return bad
 
 
@@ -476,10 +486,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.candidates and not args.dataset:
         raise SystemExit("--candidates needs --dataset (the address gallery)")
     items = eval_items(args.eval, args.limit)
-    bad = unusable_images(items, args.image_root)
+    # --out is resumed only if it is an answers file: refused now, not after minutes of loading weights
+    done = read_done_ids(args.out, retry_errors=args.retry_errors)
+    todo = [it for it in items if it.id not in done]
+    bad = unusable_images(todo, args.image_root)
     if bad:  # said before the model loads; the run still answers the others
-        print(f"infer: warning: {len(bad)} of {len(items)} records have unusable images (first: id {bad[0][0]}: "
-              f"{_error_reason(ValueError(bad[0][1]), args.image_root)}); they become error rows", file=sys.stderr)
+        print(f"infer: warning: {len(bad)} of the {len(todo)} records to answer have unusable images (first: id "
+              f"{bad[0][0]}: {_error_reason(ValueError(bad[0][1]), args.image_root)}); they become error rows",
+              file=sys.stderr)
     ranker = load_ranker(args.candidates, args.dataset, device=args.device if args.device != "auto" else "cpu") \
         if args.candidates else None
     if args.engine == "vllm":
