@@ -297,7 +297,8 @@ def test_resumed_answers_must_come_from_the_same_system(toy_dataset, eval_split,
         (tmp_path / model / "config.json").write_text("{}")
     benchmark.record_answers_source(answers, benchmark.parse_system_spec(f"ours=llava:{tmp_path / 'merged'}"))
     benchmark.check_answers_source(answers, benchmark.parse_system_spec(f"ours=llava:{tmp_path / 'merged'}"))
-    with pytest.raises(benchmark.BenchmarkError, match=r"holds the answers of llava:.*merged.*not of llava:.*base"):
+    # the message names what wrote the answers and what is given now (test_eval_benchmark_provenance.py)
+    with pytest.raises(benchmark.BenchmarkError, match=r"was written by llava:.*merged.*given now: llava:.*base"):
         benchmark.run_benchmark([benchmark.parse_system_spec(f"ours=llava:{tmp_path / 'base'}")], toy_dataset,
                                 eval_split, out, progress=False)
     assert answers.read_text() == '{"id": "x", "answer": "Esplanadi"}\n'  # nothing deleted

@@ -25,7 +25,10 @@ A system is `NAME=KIND:TARGET[,key=value...]`; the kinds are a registry (`SYSTEM
   prompted with the question alone through the model's own chat template.
 - jsonl: answers produced elsewhere (closed APIs), `{"id", "answer"}` per line, scored as they are.
 
-Every generated answer file (`OUT/answers/NAME.jsonl`) is resumable: rerunning skips answered ids. A
+Every generated answer file (`OUT/answers/NAME.jsonl`) is resumable: rerunning skips answered ids, and
+answers beyond a smaller `--limit` are left unscored. `NAME.system.json` beside it records what wrote it
+(kind, target, options, and a fingerprint of the model folder's files: `contents_fingerprint`); answers that
+another model wrote (or the same folder re-merged), or with no record, are refused before anything loads. A
 system that fails (missing weights, a missing image) is reported with its error while the others are
 still scored; the command then exits non-zero. Outputs: `OUT/benchmark.md` (table), `OUT/benchmark.json`
 (all reports), `OUT/benchmark.png` (bar chart).
@@ -34,6 +37,7 @@ still scored; the command then exits non-zero. Outputs: `OUT/benchmark.md` (tabl
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -41,6 +45,7 @@ import re
 import sys
 import traceback
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -323,34 +328,103 @@ def _answers_source_file(answers_path: Path) -> Path:
     return answers_path.with_suffix(".system.json")
 
 
+SOURCE_FORMAT = 2
+"""2: the record fingerprints the contents of the local paths it names (1: kind, target and options only)"""
+
+
+def contents_fingerprint(path: str | os.PathLike) -> dict:
+    """A cheap identity of a model file or folder's contents: a hash of the names, sizes and modification times
+    (ns) of its top-level files, never of the weights' bytes (a 14 GB model is fingerprinted in microseconds).
+
+    Writing a model again into the same folder (`merge --overwrite`, a retrained run, `rm -r` + copy) changes
+    it; moving the folder (`mv`, `cp -a`) does not. Hidden files (our `.address-llava.json` marker) and `*.md`
+    (the model card) are left out: they do not change a single answer. Sub-folders are not entered: a model's
+    weights sit at its top level, and a run folder's top-level logs are rewritten whenever its model is.
+    Returns {"sha256": first 16 hex digits, "files": how many, "newest": the latest modification time, for
+    messages}."""
+    path = Path(path)
+    if path.is_file():
+        entries = [path]
+    else:
+        entries = sorted((e for e in path.iterdir() if e.is_file() and not e.name.startswith(".")
+                          and not e.name.lower().endswith(".md")), key=lambda e: e.name)
+    h = hashlib.sha256()
+    newest = 0
+    for e in entries:
+        st = e.stat()
+        h.update(f"{e.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+        newest = max(newest, st.st_mtime_ns)
+    # UTC: the record must read the same in any time zone
+    stamp = datetime.fromtimestamp(newest / 1e9, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC") if entries else None
+    return {"sha256": h.hexdigest()[:16], "files": len(entries), "newest": stamp}
+
+
 def _answers_source(spec: SystemSpec) -> dict:
-    """What wrote a system's answers: its kind, target (a folder as its real path) and options."""
-    target = os.path.realpath(spec.target) if spec.target and os.path.exists(spec.target) else spec.target
-    return {"kind": spec.kind, "target": target, "options": spec.options}
+    """What writes a system's answers: its kind, target and options (local paths as real paths) and the
+    contents of each local path it names (`contents_fingerprint`; a hub id is identified by its id)."""
+    kind = get_system_kind(spec.kind)
+    named = {key: spec.target if key == "target" else spec.options.get(key) for key in kind.paths}
+    local = {key: os.path.realpath(p) for key, p in named.items() if p and os.path.exists(p)}
+    options = {k: local.get(k, v) for k, v in spec.options.items()}
+    return {"format": SOURCE_FORMAT, "kind": spec.kind, "target": local.get("target", spec.target),
+            "options": options, "contents": {key: contents_fingerprint(p) for key, p in sorted(local.items())}}
 
 
-def check_answers_source(answers_path: Path, spec: SystemSpec) -> None:
-    """Refuses to resume answers that another system (kind, target or options) wrote under this name: they
-    would be scored as this system's."""
+def _describe_source(source: dict) -> str:
+    """'llava:/runs/merged (files of 2026-12-01 15:44:03 UTC, 9c1e...)' for messages."""
+    opts = ",".join(f"{k}={v}" for k, v in (source.get("options") or {}).items())
+    text = f"{source.get('kind')}:{source.get('target')}" + (f",{opts}" if opts else "")
+    contents = source.get("contents")
+    if not isinstance(contents, dict):
+        return text + " (contents not recorded: written before the benchmark fingerprinted models)"
+    stamps = [f"{'' if key == 'target' else key + ' '}files of {c.get('newest')}, {c.get('sha256')}"
+              for key, c in contents.items() if isinstance(c, dict)]
+    return text + (f" ({'; '.join(stamps)})" if stamps else "")
+
+
+def check_answers_source(answers_path: Path, spec: SystemSpec) -> dict:
+    """Refuses to resume answers that were not provably written by this system: another kind, target, options,
+    or the same folder holding another model now (re-merged, replaced), or answers with no record of what wrote
+    them (from before records were kept, or copied in): resumed, they would be scored as this system's.
+    Returns the source to record (`record_answers_source`)."""
+    now = _answers_source(spec)
+    if not answers_path.is_file() or answers_path.stat().st_size == 0:
+        return now  # nothing to resume
     source = _answers_source_file(answers_path)
-    if not answers_path.exists():
-        return
+    todo = "use another --out or another system name to answer afresh (nothing was deleted)"
     if not source.is_file():
-        return  # answers from before the source was recorded: resumed as they are
+        raise BenchmarkError(f"system {spec.name}: {answers_path} has no record of the model that wrote it "
+                             f"({source.name} missing: written before models were recorded, or copied in), so its "
+                             f"answers cannot be told from those of {_describe_source(now)}; {todo}")
     try:
         was = json.loads(source.read_text(encoding="utf-8"))
+        if not isinstance(was, dict):
+            raise ValueError("not a JSON object")
     except ValueError as e:
-        raise BenchmarkError(f"{source}: unreadable ({e}); remove it with {answers_path} to answer afresh") from None
-    now = _answers_source(spec)
+        raise BenchmarkError(f"system {spec.name}: {source}: unreadable ({e}); {todo}") from None
+    if was.get("format") is None and not now["contents"] \
+            and was == {k: now[k] for k in ("kind", "target", "options")}:
+        return now  # a format-1 record of a hub id: nothing local to fingerprint, then or now
     if was != now:
-        raise BenchmarkError(f"system {spec.name}: {answers_path} holds the answers of {was.get('kind')}:"
-                             f"{was.get('target')} {was.get('options') or ''}, not of {spec.kind}:{spec.target} "
-                             f"{spec.options or ''}; use another system name or --out (nothing was deleted)")
+        raise BenchmarkError(f"system {spec.name}: {answers_path} was written by {_describe_source(was)}; "
+                             f"given now: {_describe_source(now)}; {todo}")
+    return now
 
 
-def record_answers_source(answers_path: Path, spec: SystemSpec) -> None:
-    if not _answers_source_file(answers_path).exists():
-        atomic_write_json(_answers_source_file(answers_path), _answers_source(spec))
+def record_answers_source(answers_path: Path, source: SystemSpec | dict) -> None:
+    """Writes `NAME.system.json` beside the answers: what is about to write them (checked by
+    `check_answers_source` first, so it is either what wrote them or there are none yet)."""
+    if isinstance(source, SystemSpec):
+        source = _answers_source(source)
+    answers_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(_answers_source_file(answers_path), source)
+
+
+def _within_limit(rows: list[dict], references: dict, split_ids: set[str]) -> list[dict]:
+    """The answer rows to score under --limit: answers to the split's questions beyond the limit are left out,
+    not counted as bad rows (an earlier run with a larger limit wrote them); any other row stays, for the
+    scorer to judge (an id that is in no split is still a bad row)."""
+    return [r for r in rows if "id" not in r or str(r["id"]) in references or str(r["id"]) not in split_ids]
 
 
 def run_benchmark(specs: Sequence[SystemSpec], dataset: str | Path, eval_file: str | Path, out_dir: str | Path,
@@ -367,12 +441,14 @@ def run_benchmark(specs: Sequence[SystemSpec], dataset: str | Path, eval_file: s
     ctx = ctx or RunContext(dataset)
     items = eval_items(eval_file, limit, command="benchmark")
     references = read_references(eval_file)
+    split_ids = set(references)
     if limit is not None:
         references = {it.id: references[it.id] for it in items}
+    sources: dict[str, dict] = {}
     for spec in specs:  # before any model loads: a bad spec, or resumed answers from another system
         check_system_spec(spec)
         if get_system_kind(spec.kind).load is not None:
-            check_answers_source(out_dir / "answers" / f"{spec.name}.jsonl", spec)
+            sources[spec.name] = check_answers_source(out_dir / "answers" / f"{spec.name}.jsonl", spec)
     scorer = scorer or Scorer.from_dataset(dataset)
     results: dict[str, dict] = {}
     for spec in specs:
@@ -383,16 +459,16 @@ def run_benchmark(specs: Sequence[SystemSpec], dataset: str | Path, eval_file: s
             if kind.load is None:
                 answers_path = Path(spec.target)
                 rows = read_answers(answers_path, bad)
-                if limit is not None:  # answers made elsewhere for the whole split: score the --limit ones
-                    rows = [r for r in rows if str(r.get("id")) in references]
             else:
                 answers_path = out_dir / "answers" / f"{spec.name}.jsonl"
                 system = kind.load(spec, ctx)
-                record_answers_source(answers_path, spec)
+                record_answers_source(answers_path, sources[spec.name])
                 res["supports"] = sorted(system.supports)
                 res["counts"] = run_answers(system.answer_batch, items, image_root, answers_path, ctx.batch_size,
                                             progress)
                 rows = read_answers(answers_path, bad)
+            if limit is not None:  # answers for the whole split (imported, or an earlier run's): the --limit ones
+                rows = _within_limit(rows, references, split_ids)
             report = scorer.score(rows, references, source=str(answers_path), bad_rows=bad)
             if bad:
                 log.warning("system %s: %d answer rows skipped as unscorable (first: %s: %s); listed in "
