@@ -6,8 +6,11 @@ training adds two
 entries for `--resume`:
 
     checkpoint-000120/
-      adapter_config.json, adapter_model.safetensors   peft LoRA adapter (+ projector via modules_to_save)
-      non_lora_trainables.safetensors                  other trained parameters (and the projector), plain names
+      adapter_config.json, adapter_model.safetensors   LoRA runs: the peft adapter (+ the projector via
+                                                       modules_to_save when it trains)
+      non_lora_trainables.safetensors                  what the adapter does not hold, plain names: the other
+                                                       trained parameters, and the projector unless the adapter
+                                                       has it (empty in a LoRA run with only LLM + projector)
       llava_args.json                                  ModelArgs + TrainablesArgs + data/train args + recipe text
       llava_config.json, processor files               the model config and the run's processor
       trainer_state.json                               step, epoch, data position, world size, accumulation,
@@ -115,9 +118,12 @@ def save_model_part(model, processor, out_dir: str | os.PathLike, model_args: Mo
     """Writes everything needed to rebuild the trained model from its base into `out_dir`.
 
     Files: `adapter_config.json` + `adapter_model.safetensors` (peft: LoRA and, if trained, the projector
-    via modules_to_save) when the LLM uses LoRA; `non_lora_trainables.safetensors` (every other trainable
-    parameter, by its plain LLaVA name, and always the projector, which may be freshly initialised);
-    `llava_args.json` (ModelArgs, TrainablesArgs, `extra`); `llava_config.json`; the processor.
+    via modules_to_save) when the LLM uses LoRA; `non_lora_trainables.safetensors`, always written, with
+    every trainable parameter the adapter does not hold (by its plain LLaVA name) and the projector when the
+    adapter does not hold it (it may be freshly initialised even when frozen): without LoRA everything that
+    trains plus the projector; with LoRA a trained tower, or a frozen projector; with LoRA and a trained
+    projector only (the address_lora recipe) no tensors; `llava_args.json` (ModelArgs, TrainablesArgs,
+    `extra`); `llava_config.json`; the processor.
 
     model: the unwrapped model (accelerator.unwrap_model). state_dict: the full state dict under ZeRO-3
     (accelerator.get_state_dict(model), keys as model.state_dict()); required when parameters are

@@ -19,9 +19,12 @@ training benchmark) observes the loop with. `--stop-at-step N` checkpoints and e
 changing the schedule (time-sliced jobs).
 `--resume` restores model, optimizer, scheduler, RNG and the position in the data, after checking the
 checkpoint's manifest (`--resume latest` falls back to the previous checkpoint if the newest is damaged),
-and cuts metrics.jsonl back to the checkpoint's step. An output folder that already holds checkpoints is
-refused without --resume; staging folders of a killed save are removed at the start. Checkpoint errors
-are one line on stderr, exit code 2.
+and cuts metrics.jsonl back to the checkpoint's step. A resume with settings that change the result
+(llava_address.train_args.resume_mismatches: data, learning rates, schedule, total steps, optimizer, seed,
+model, trainables, ...) is refused before any model loads; logging, saving and speed settings may change.
+An output folder that already holds checkpoints is refused without --resume; the inputs and the checkpoint
+are checked before the output folder is created or marked, and staging folders of a killed save are
+removed then. Checkpoint errors are one line on stderr, exit code 2.
 """
 
 from __future__ import annotations
@@ -65,10 +68,13 @@ from llava_address.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
+from llava_address.checkpoint_layout import ADAPTER_CONFIG, read_checkpoint_args
 from llava_address.config import DataArgs, ModelArgs, TrainablesArgs
+from llava_address.convert_llava import refuse_original_llava
 from llava_address.data import validate_data
+from llava_address.model import check_model_paths
 from llava_address.optim import fill_deepspeed_auto, make_optimizer, make_scheduler
-from llava_address.train_args import TrainArgs, build_parser, to_plain
+from llava_address.train_args import TrainArgs, build_parser, resume_mismatches, to_plain
 from llava_address.train_inputs import build_dataloader, build_dataset, build_model
 
 GROUPS = [
@@ -172,6 +178,57 @@ def check_text_only_can_train(cfg: RunConfig, text_only: int) -> None:
                           "projector/tower train), so they would teach nothing; give this stage image records only")
 
 
+def check_resume(ckpt: Path, cfg: RunConfig, accelerator, accumulation: int) -> dict[str, Any]:
+    """The checkpoint's trainer_state.json, once `ckpt` may be continued by this run: same processes x
+    accumulation, same result-changing settings (llava_address.train_args.resume_mismatches: one line naming
+    each with its recorded and its new value), a trusted origin under DeepSpeed, no pickled objects in state/.
+    Reads JSON and the RNG files only: it runs before the output folder is claimed and before any model loads."""
+    st = json.loads((ckpt / TRAINER_STATE).read_text())
+    if "scheduler" not in st:
+        raise CheckpointError(f"{ckpt / TRAINER_STATE}: no scheduler state (a checkpoint of an older "
+                              "version, whose scheduler was pickled): start a new run")
+    if st["world_size"] != accelerator.num_processes or st["accumulation"] != accumulation:
+        raise CheckpointError(
+            f"{ckpt} was written with {st['world_size']} processes x {st['accumulation']} accumulation; "
+            f"resuming needs the same (now {accelerator.num_processes} x {accumulation})"
+        )
+    try:
+        saved = read_checkpoint_args(ckpt)[2]
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{e}: its settings cannot be checked against this run's") from None
+    # The length the run now asks for, on the data the checkpoint's run had (a changed data file is caught once
+    # the loader is built, by its micro-batch count).
+    micro = st.get("micro_batches_per_epoch")
+    steps = (st["total_steps"], cfg.train.total_steps(micro, accumulation)) if micro and "total_steps" in st else None
+    differ = resume_mismatches(saved, cfg.to_json(), steps)
+    if differ:
+        start_from = ("`address-llava merge` it and pass the merged folder as --model-name-or-path"
+                      if (ckpt / ADAPTER_CONFIG).is_file() else f"--init-from {ckpt}")
+        raise CheckpointError(
+            f"{ckpt} was trained with other settings ({'; '.join(differ)}): the resumed run would not reach an "
+            f"uninterrupted run's result; resume with the checkpoint's settings, or start a new run in a new "
+            f"--output-dir (from its weights: {start_from})"
+        )
+    check_resume_trust(ckpt, cfg.train.output_dir, deepspeed=accelerator.state.deepspeed_plugin is not None,
+                       trust=cfg.train.trust_checkpoint)
+    check_state_files(ckpt / STATE_DIR)
+    return st
+
+
+def check_inputs(cfg: RunConfig) -> None:
+    """The data, the model options and --init-from, checked before the output folder is claimed: a run
+    refused for its inputs leaves no folder behind (and an existing one as it was). The data comes first:
+    its error names the record, before minutes of model loading."""
+    data_report = validate_data(cfg.data)
+    check_text_only_can_train(cfg, data_report.text_only)
+    check_model_paths(cfg.model)
+    if cfg.model.model_name_or_path is not None:
+        refuse_original_llava(cfg.model.model_name_or_path)
+    init_from = cfg.train.init_from
+    if init_from and not os.path.exists(os.path.expanduser(init_from)):
+        raise FileNotFoundError(f"--init-from {init_from}: no such checkpoint folder or mm_projector.bin")
+
+
 def setup(cfg: RunConfig) -> LlavaRun:
     """Output folder checks, accelerator, model, data, optimizer, schedule and the resume position of one run."""
     from accelerate.utils import set_seed
@@ -194,15 +251,20 @@ def setup(cfg: RunConfig) -> LlavaRun:
     if accelerator.num_processes != world:
         raise RuntimeError(f"launcher said {world} processes, accelerate sees {accelerator.num_processes}")
     is_main = accelerator.is_main_process
+    check_inputs(cfg)
+    resume_from, st = None, None
+    if args.resume:
+        resume_from = resolve_resume(args.resume, out, report=(lambda m: print(m, file=sys.stderr, flush=True))
+                                     if is_main else None)
+    if resume_from is not None:
+        st = check_resume(resume_from, cfg, accelerator, accumulation)
     if is_main:
-        # Before anything of this run is saved: what a killed save left is garbage.
+        # Everything is checked: the folder is this run's now. What a killed save left is garbage.
         remove_stale_temps(out, ("checkpoint-", METRICS_FILE))
         out.mkdir(parents=True, exist_ok=True)
         write_marker(out, "train-llava")
     set_seed(args.seed)
 
-    data_report = validate_data(cfg.data)  # one line naming the bad record, before minutes of model loading
-    check_text_only_can_train(cfg, data_report.text_only)
     model, processor, summary = build_model(cfg)
     if args.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input grads (the embeddings are frozen under LoRA).
@@ -226,23 +288,13 @@ def setup(cfg: RunConfig) -> LlavaRun:
     scheduler = make_scheduler(optimizer, args, total_steps)
 
     global_step, epoch, batches_done = 0, 0, 0
-    resume_from = None
-    if args.resume:
-        resume_from = resolve_resume(args.resume, out, report=(lambda m: print(m, file=sys.stderr, flush=True))
-                                     if is_main else None)
     if resume_from is not None:
-        st = json.loads((resume_from / TRAINER_STATE).read_text())
-        if "scheduler" not in st:
-            raise CheckpointError(f"{resume_from / TRAINER_STATE}: no scheduler state (a checkpoint of an older "
-                                  "version, whose scheduler was pickled): start a new run")
-        if st["world_size"] != accelerator.num_processes or st["accumulation"] != accumulation:
+        recorded = st.get("micro_batches_per_epoch", micro_per_epoch)
+        if recorded != micro_per_epoch:
             raise CheckpointError(
-                f"{resume_from} was written with {st['world_size']} processes x {st['accumulation']} accumulation; "
-                f"resuming needs the same (now {accelerator.num_processes} x {accumulation})"
-            )
-        check_resume_trust(resume_from, out, deepspeed=accelerator.state.deepspeed_plugin is not None,
-                           trust=args.trust_checkpoint)
-        check_state_files(resume_from / STATE_DIR)
+                f"{resume_from} was trained on {recorded} micro-batches per epoch, the data now gives "
+                f"{micro_per_epoch} (was {cfg.data.data_path} changed?): its data position means nothing here; "
+                "resume on the checkpoint's data, or start a new run in a new --output-dir")
         try:
             # weights_only=True: accelerate's default today, stated so that no version can turn it off.
             accelerator.load_state(str(resume_from / STATE_DIR), load_kwargs={"weights_only": True})

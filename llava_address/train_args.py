@@ -1,4 +1,5 @@
-"""Training options of `train-llava` (TrainArgs), its shipped recipes and its parser.
+"""Training options of `train-llava` (TrainArgs), its shipped recipes, its parser, and which settings a
+`--resume` may change (`resume_mismatches`).
 
 A run is described by four dataclasses, one per concern: ModelArgs, TrainablesArgs and DataArgs
 (llava_address.config) and TrainArgs (here). A YAML recipe with the sections `model:`, `trainables:`,
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,6 +147,72 @@ class TrainArgs:
         if self.max_steps is not None:
             return self.max_steps
         return max(1, math.ceil(micro_batches_per_epoch / accumulation)) * self.num_epochs
+
+
+# --------------------------------------------------------------------------------------------
+# what a resumed run may change
+# --------------------------------------------------------------------------------------------
+
+# Settings a resumed run may change: where and how it reports and saves, how fast it runs (attention kernel,
+# activation recompute, placement, workers, the length cache), and resuming itself. Everything else of the
+# four sections changes the result and must equal the checkpoint's. The batch split (global batch or
+# accumulation) is checked as the processes x accumulation it gives, the length (epochs, max steps) as the
+# total optimizer steps it gives: the same run spelled another way is the same run.
+RESUME_FREE = frozenset({
+    ("model", "attn_implementation"), ("model", "device_map"), ("data", "length_cache_dir"),
+    ("train", "output_dir"), ("train", "save_every"), ("train", "save_total_limit"), ("train", "log_every"),
+    ("train", "resume"), ("train", "trust_checkpoint"), ("train", "stop_at_step"), ("train", "num_workers"),
+    ("train", "report_to"), ("train", "progress_bar"), ("train", "gradient_checkpointing"),
+    ("train", "global_batch_size"), ("train", "gradient_accumulation_steps"),
+})
+RESUME_LENGTH = (("train", "max_steps"), ("train", "num_epochs"))
+RESUME_PATHS = frozenset({("model", "model_name_or_path"), ("model", "llm"), ("model", "vision_tower"),
+                          ("data", "data_path"), ("data", "image_root"), ("train", "init_from")})
+
+
+def _same_path(a: Any, b: Any) -> bool:
+    return isinstance(a, str) and isinstance(b, str) and \
+        os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
+
+
+def _image_root(data: dict[str, Any]) -> Any:
+    """The folder the images are read from: image_root, or by default the data file's folder."""
+    if data.get("image_root") is None and isinstance(data.get("data_path"), str):
+        return str(Path(data["data_path"]).parent)
+    return data.get("image_root")
+
+
+def resume_mismatches(saved: dict[str, Any], now: dict[str, Any], total_steps: tuple[int, int] | None = None
+                      ) -> list[str]:
+    """'section.field: was X, now Y' for every result-changing setting in which `now` differs from `saved`.
+
+    saved / now: {"model", "trainables", "data", "train": {field: value}} as a checkpoint's llava_args.json and
+    `RunConfig.to_json` hold them; a field `saved` does not record (an older version's checkpoint) is not
+    compared. total_steps: (recorded, now) optimizer steps of the whole run; given, epochs and max steps count
+    only when these differ (None: they are compared as they are spelled).
+    """
+    out = []
+    length_differs = total_steps is not None and total_steps[0] != total_steps[1]
+    for section in ("model", "trainables", "data", "train"):
+        was_s, now_s = saved.get(section) or {}, now.get(section) or {}
+        for name, value in now_s.items():
+            key = (section, name)
+            if key in RESUME_FREE or name not in was_s or (key in RESUME_LENGTH and total_steps is not None
+                                                           and not length_differs):
+                continue
+            was = was_s[name]
+            if key == ("data", "image_root"):
+                was, value = _image_root(was_s), _image_root(now_s)
+            if isinstance(was, list):
+                was = tuple(was)  # JSON has no tuples
+            if isinstance(value, list):
+                value = tuple(value)
+            if was == value or (key in RESUME_PATHS and _same_path(was, value)):
+                continue  # equal, or the same file spelled another way
+            out.append(f"{section}.{name}: was {was!r}, now {value!r}")
+    if length_differs:  # after the epochs or max steps that make it, or alone (the data changed)
+        out.append(f"total optimizer steps: was {total_steps[0]}, now {total_steps[1]}")
+    return out
 
 
 # --------------------------------------------------------------------------------------------
