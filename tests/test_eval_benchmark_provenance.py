@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from clip_stage.core.fs import contents_fingerprint
 from llava_address.eval import benchmark
 
 
@@ -45,16 +46,16 @@ def _argv(toy_dataset, eval_split, out, system, limit):
 
 def test_contents_fingerprint_follows_the_files_not_the_card_or_the_folder_name(tmp_path):
     model = _model(tmp_path / "m", b"w" * 64, 1_700_000_000)
-    first = benchmark.contents_fingerprint(model)
-    assert first["files"] == 2 and first == benchmark.contents_fingerprint(model)
+    first = contents_fingerprint(model)
+    assert first["files"] == 2 and first == contents_fingerprint(model)
     (model / "README.md").write_text("a model card, rewritten")  # documentation and markers: not the model
     (model / ".address-llava.json").write_text('{"kind": "merge"}')
-    assert benchmark.contents_fingerprint(model) == first
+    assert contents_fingerprint(model) == first
     moved = tmp_path / "elsewhere"
     model.rename(moved)  # mv keeps the files: the same model
-    assert benchmark.contents_fingerprint(moved) == first
+    assert contents_fingerprint(moved) == first
     os.utime(moved / "model.safetensors", ns=(1_700_000_100 * 10**9,) * 2)  # rewritten, same size
-    assert benchmark.contents_fingerprint(moved)["sha256"] != first["sha256"]
+    assert contents_fingerprint(moved)["sha256"] != first["sha256"]
 
 
 def test_a_model_replaced_in_the_same_folder_is_refused_before_it_loads(loads, toy_dataset, toy_conversations,

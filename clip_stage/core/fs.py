@@ -6,6 +6,7 @@ either the old file/folder or the new one, never half of one. A verified folder 
 verified=True)`, used for checkpoints) also gets a `manifest.json` (size + sha256 of every file), and its
 files and the folder itself are fsynced before the rename, so a power cut cannot leave a renamed folder
 with empty files; `verify_manifest` checks it on load. `remove_stale_temps` deletes what killed saves left.
+`contents_fingerprint` is the cheap identity of a model folder (top-level files' names, sizes and times).
 
 `iter_jsonl` / `read_jsonl` are the project's one JSON lines reader (each stage's JSONL files and the
 conversation records of `conversations.records` go through it): blank lines are skipped and a malformed
@@ -22,6 +23,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -141,6 +143,33 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def contents_fingerprint(path: str | os.PathLike) -> dict:
+    """A cheap identity of a model file or folder's contents: a hash of the names, sizes and modification times
+    (ns) of its top-level files, never of the weights' bytes (a 14 GB model is fingerprinted in microseconds).
+
+    Writing a model again into the same folder (`merge --overwrite`, a retrained run, `rm -r` + copy) changes
+    it; moving the folder (`mv`, `cp -a`) does not. Hidden files (our `.address-llava.json` marker) and `*.md`
+    (the model card) are left out: they do not change a single answer. Sub-folders are not entered: a model's
+    weights sit at its top level, and a run folder's top-level logs are rewritten whenever its model is.
+    Returns {"sha256": first 16 hex digits, "files": how many, "newest": the latest modification time, for
+    messages}. Tells which model wrote a file of answers (a rewritten model folder changes it)."""
+    path = Path(path)
+    if path.is_file():
+        entries = [path]
+    else:
+        entries = sorted((e for e in path.iterdir() if e.is_file() and not e.name.startswith(".")
+                          and not e.name.lower().endswith(".md")), key=lambda e: e.name)
+    h = hashlib.sha256()
+    newest = 0
+    for e in entries:
+        st = e.stat()
+        h.update(f"{e.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+        newest = max(newest, st.st_mtime_ns)
+    # UTC: the record must read the same in any time zone
+    stamp = datetime.fromtimestamp(newest / 1e9, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC") if entries else None
+    return {"sha256": h.hexdigest()[:16], "files": len(entries), "newest": stamp}
 
 
 def _files_under(folder: Path) -> list[str]:

@@ -27,8 +27,9 @@ A system is `NAME=KIND:TARGET[,key=value...]`; the kinds are a registry (`SYSTEM
 
 Every generated answer file (`OUT/answers/NAME.jsonl`) is resumable: rerunning skips answered ids, and
 answers beyond a smaller `--limit` are left unscored. `NAME.system.json` beside it records what wrote it
-(kind, target, options, and a fingerprint of the model folder's files: `contents_fingerprint`); answers that
-another model wrote (or the same folder re-merged), or with no record, are refused before anything loads. A
+(kind, target, options, and a fingerprint of the model folder's files), checked before anything loads by the
+one rule `infer` keeps too (`infer.check_answers_record`): answers that another model wrote (or the same folder
+re-merged), or with no record, are refused. A
 system that fails (missing weights, a missing image) is reported with its error while the others are
 still scored; the command then exits non-zero. Outputs: `OUT/benchmark.md` (table), `OUT/benchmark.json`
 (all reports), `OUT/benchmark.png` (bar chart).
@@ -37,15 +38,12 @@ still scored; the command then exits non-zero. Outputs: `OUT/benchmark.md` (tabl
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import logging
 import os
 import re
 import sys
 import traceback
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -56,8 +54,9 @@ from clip_stage.core.outdir import check_out_dir, looks_local, write_marker
 from clip_stage.core.registry import Registry
 from llava_address.eval.gazetteer import Gazetteer
 from llava_address.eval.parse import asks_yes_no
-from llava_address.eval.infer import (InferenceInputError, candidate_answer_batch, check_run_options, eval_items,
-                                 llava_answer_batch, load_generator, load_ranker, run_answers)
+from llava_address.eval.infer import (InferenceInputError, answers_source, candidate_answer_batch, check_answers_record,
+                                      check_run_options, eval_items, llava_answer_batch, load_generator, load_ranker,
+                                      record_answers, run_answers)
 from llava_address.eval.scoring import METRICS, Scorer, read_answers, read_references
 from llava_address.eval.vllm_engine import load_vllm, vllm_answer_batch, vllm_unavailable
 
@@ -324,100 +323,23 @@ register_system_kind(SystemKind("jsonl", "imported answers JSONL (closed models)
 
 # --- running, scoring, reporting -----------------------------------------------------------------------
 
-def _answers_source_file(answers_path: Path) -> Path:
-    return answers_path.with_suffix(".system.json")
-
-
-SOURCE_FORMAT = 2
-"""2: the record fingerprints the contents of the local paths it names (1: kind, target and options only)"""
-
-
-def contents_fingerprint(path: str | os.PathLike) -> dict:
-    """A cheap identity of a model file or folder's contents: a hash of the names, sizes and modification times
-    (ns) of its top-level files, never of the weights' bytes (a 14 GB model is fingerprinted in microseconds).
-
-    Writing a model again into the same folder (`merge --overwrite`, a retrained run, `rm -r` + copy) changes
-    it; moving the folder (`mv`, `cp -a`) does not. Hidden files (our `.address-llava.json` marker) and `*.md`
-    (the model card) are left out: they do not change a single answer. Sub-folders are not entered: a model's
-    weights sit at its top level, and a run folder's top-level logs are rewritten whenever its model is.
-    Returns {"sha256": first 16 hex digits, "files": how many, "newest": the latest modification time, for
-    messages}."""
-    path = Path(path)
-    if path.is_file():
-        entries = [path]
-    else:
-        entries = sorted((e for e in path.iterdir() if e.is_file() and not e.name.startswith(".")
-                          and not e.name.lower().endswith(".md")), key=lambda e: e.name)
-    h = hashlib.sha256()
-    newest = 0
-    for e in entries:
-        st = e.stat()
-        h.update(f"{e.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
-        newest = max(newest, st.st_mtime_ns)
-    # UTC: the record must read the same in any time zone
-    stamp = datetime.fromtimestamp(newest / 1e9, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC") if entries else None
-    return {"sha256": h.hexdigest()[:16], "files": len(entries), "newest": stamp}
-
-
 def _answers_source(spec: SystemSpec) -> dict:
-    """What writes a system's answers: its kind, target and options (local paths as real paths) and the
-    contents of each local path it names (`contents_fingerprint`; a hub id is identified by its id)."""
-    kind = get_system_kind(spec.kind)
-    named = {key: spec.target if key == "target" else spec.options.get(key) for key in kind.paths}
-    local = {key: os.path.realpath(p) for key, p in named.items() if p and os.path.exists(p)}
-    options = {k: local.get(k, v) for k, v in spec.options.items()}
-    return {"format": SOURCE_FORMAT, "kind": spec.kind, "target": local.get("target", spec.target),
-            "options": options, "contents": {key: contents_fingerprint(p) for key, p in sorted(local.items())}}
-
-
-def _describe_source(source: dict) -> str:
-    """'llava:/runs/merged (files of 2026-12-01 15:44:03 UTC, 9c1e...)' for messages."""
-    opts = ",".join(f"{k}={v}" for k, v in (source.get("options") or {}).items())
-    text = f"{source.get('kind')}:{source.get('target')}" + (f",{opts}" if opts else "")
-    contents = source.get("contents")
-    if not isinstance(contents, dict):
-        return text + " (contents not recorded: written before the benchmark fingerprinted models)"
-    stamps = [f"{'' if key == 'target' else key + ' '}files of {c.get('newest')}, {c.get('sha256')}"
-              for key, c in contents.items() if isinstance(c, dict)]
-    return text + (f" ({'; '.join(stamps)})" if stamps else "")
+    """What writes a system's answers (`infer.answers_source`): its kind, target and options (local paths as
+    real paths) and the contents of each local path its kind names (a hub id is identified by its id)."""
+    return answers_source(spec.kind, spec.target, spec.options, get_system_kind(spec.kind).paths)
 
 
 def check_answers_source(answers_path: Path, spec: SystemSpec) -> dict:
-    """Refuses to resume answers that were not provably written by this system: another kind, target, options,
-    or the same folder holding another model now (re-merged, replaced), or answers with no record of what wrote
-    them (from before records were kept, or copied in): resumed, they would be scored as this system's.
-    Returns the source to record (`record_answers_source`)."""
-    now = _answers_source(spec)
-    if not answers_path.is_file() or answers_path.stat().st_size == 0:
-        return now  # nothing to resume
-    source = _answers_source_file(answers_path)
-    todo = "use another --out or another system name to answer afresh (nothing was deleted)"
-    if not source.is_file():
-        raise BenchmarkError(f"system {spec.name}: {answers_path} has no record of the model that wrote it "
-                             f"({source.name} missing: written before models were recorded, or copied in), so its "
-                             f"answers cannot be told from those of {_describe_source(now)}; {todo}")
-    try:
-        was = json.loads(source.read_text(encoding="utf-8"))
-        if not isinstance(was, dict):
-            raise ValueError("not a JSON object")
-    except ValueError as e:
-        raise BenchmarkError(f"system {spec.name}: {source}: unreadable ({e}); {todo}") from None
-    if was.get("format") is None and not now["contents"] \
-            and was == {k: now[k] for k in ("kind", "target", "options")}:
-        return now  # a format-1 record of a hub id: nothing local to fingerprint, then or now
-    if was != now:
-        raise BenchmarkError(f"system {spec.name}: {answers_path} was written by {_describe_source(was)}; "
-                             f"given now: {_describe_source(now)}; {todo}")
-    return now
+    """Refuses to resume answers that were not provably written by this system (`infer.check_answers_record`,
+    the one check of `infer` and `benchmark`): another kind, target, options, or the same folder holding another
+    model now, or answers with no record of what wrote them. Returns the source to record."""
+    return check_answers_record(answers_path, _answers_source(spec), label=f"system {spec.name}: ",
+                                todo="use another --out or another system name", error=BenchmarkError)
 
 
 def record_answers_source(answers_path: Path, source: SystemSpec | dict) -> None:
-    """Writes `NAME.system.json` beside the answers: what is about to write them (checked by
-    `check_answers_source` first, so it is either what wrote them or there are none yet)."""
-    if isinstance(source, SystemSpec):
-        source = _answers_source(source)
-    answers_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(_answers_source_file(answers_path), source)
+    """Writes `NAME.system.json` beside the answers (`infer.record_answers`), after `check_answers_source`."""
+    record_answers(answers_path, _answers_source(source) if isinstance(source, SystemSpec) else source)
 
 
 def _within_limit(rows: list[dict], references: dict, split_ids: set[str]) -> list[dict]:

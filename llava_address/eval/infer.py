@@ -12,6 +12,11 @@ left-padded, and generated greedily in batches with the KV cache. Output lines a
 
 Resumable: ids already in the output are skipped; each batch is appended in one write and fsynced, and a
 torn last line left by a killed run is cut off on the next start, so the file always holds whole batches.
+Only answers provably written by the same settings are resumed: `NAME.system.json` beside `NAME.jsonl`
+records what wrote them (`answers_source`: the model and the paths it names as real paths with a fingerprint
+of their files, and the options that change an answer), and is checked before the model loads
+(`check_answers_record`); answers from another model, or with no record, are refused in one line. `benchmark`
+keeps its `OUT/answers/NAME.jsonl` by the same record and the same check.
 """
 
 from __future__ import annotations
@@ -27,8 +32,9 @@ from typing import Any, Iterable, Sequence
 
 from clip_stage.core.config import ArgumentParser
 from clip_stage.core.errors import command_main
-from clip_stage.core.fs import UnsafePathError, atomic_write_text, parse_jsonl, resolve_under_root
-from clip_stage.core.outdir import check_not_input, on_disk
+from clip_stage.core.fs import (UnsafePathError, atomic_write_json, atomic_write_text, contents_fingerprint,
+                                 parse_jsonl, resolve_under_root)
+from clip_stage.core.outdir import OutputFolderError, check_out_files, on_disk
 from clip_stage.core.progress import progress as progress_bar
 from conversations.candidates import with_candidates
 from conversations.records import IMAGE_TOKEN, Reference, first_question, load_records, record_where
@@ -226,11 +232,12 @@ def check_run_options(*, batch_size: int | None = None, max_new_tokens: int | No
         check_device(device)
 
 
-def read_done_ids(path: str | os.PathLike, retry_errors: bool = False) -> set[str]:
+def read_done_ids(path: str | os.PathLike, retry_errors: bool = False, repair: bool = True) -> set[str]:
     """Ids already answered in `path` (error rows too, unless `retry_errors`); a torn last line is cut off.
 
     With `retry_errors` the error rows are removed from the file (rewritten atomically) so that their retried
-    answers do not stand beside them.
+    answers do not stand beside them. With `repair=False` the file is only read (a check before the model
+    loads, when the answers may still be refused as another model's: nothing of theirs is cut or removed).
     """
     path = Path(path)
     if not path.exists():
@@ -256,6 +263,8 @@ def read_done_ids(path: str | os.PathLike, retry_errors: bool = False) -> set[st
             continue
         done.add(str(row["id"]))
         kept.append(lines[jl.lineno - 1])
+    if not repair:
+        return done
     if good_end < len(data):
         log.warning("%s: dropping a torn last line (%d bytes) from an interrupted run", path, len(data) - good_end)
         with path.open("r+b") as f:
@@ -278,6 +287,86 @@ def append_lines(path: str | os.PathLike, rows: Iterable[dict]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# --- what wrote an answers file --------------------------------------------------------------------------
+
+ANSWERS_SOURCE_FORMAT = 2
+"""2: the record fingerprints the contents of the local paths it names (1, benchmark only: kind, target and
+options)"""
+
+
+class AnswersSourceError(InferenceInputError):
+    """Answers that cannot be resumed: written by another model or settings, or with no record of what wrote them."""
+
+
+def answers_record_path(answers_path: str | os.PathLike) -> Path:
+    """The record of what wrote an answers file: `NAME.jsonl` -> `NAME.system.json` beside it."""
+    return Path(answers_path).with_suffix(".system.json")
+
+
+def answers_source(kind: str, target: str | None, options: dict[str, Any], paths: Sequence[str] = ()) -> dict:
+    """What writes a file of answers, as recorded beside it: `kind` (the writer: a benchmark system kind or
+    "infer"), `target` (the model) and `options` (what else changes an answer; JSON values). `paths` are the
+    keys ("target" or option names) that may name local files or folders: those that exist are recorded as
+    real paths with the `contents_fingerprint` of their files (a hub id is recorded as its id)."""
+    named = {key: target if key == "target" else options.get(key) for key in paths}
+    local = {key: os.path.realpath(p) for key, p in named.items() if p and os.path.exists(p)}
+    return {"format": ANSWERS_SOURCE_FORMAT, "kind": kind, "target": local.get("target", target),
+            "options": {k: local.get(k, v) for k, v in options.items()},
+            "contents": {key: contents_fingerprint(p) for key, p in sorted(local.items())}}
+
+
+def describe_answers_source(source: dict) -> str:
+    """'llava:/runs/merged,adapter=... (files of 2026-12-01 15:44:03 UTC, 9c1e...)' for messages."""
+    opts = ",".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}"
+                    for k, v in (source.get("options") or {}).items())
+    target = source.get("target")
+    text = f"{source.get('kind')}" + ("" if target is None else f":{target}") + (f",{opts}" if opts else "")
+    contents = source.get("contents")
+    if not isinstance(contents, dict):
+        return text + " (contents not recorded: written before the benchmark fingerprinted models)"
+    stamps = [f"{'' if key == 'target' else key + ' '}files of {c.get('newest')}, {c.get('sha256')}"
+              for key, c in contents.items() if isinstance(c, dict)]
+    return text + (f" ({'; '.join(stamps)})" if stamps else "")
+
+
+def check_answers_record(answers_path: str | os.PathLike, source: dict, *, todo: str = "use another --out",
+                         label: str = "", error: type[Exception] = AnswersSourceError) -> dict:
+    """Refuses to resume answers that were not provably written by `source` (`answers_source`): another model,
+    options, or the same folder holding another model now (re-merged, replaced), or answers with no record of
+    what wrote them (from before records were kept, or copied in): resumed, they would pass for `source`'s.
+    Call it before the model loads, and `record_answers` once it has loaded. Raises `error` (one line:
+    `label`, what wrote the answers, what is given now, then `todo`); returns `source`, to record.
+    `infer` and every generating system of `benchmark` go through it."""
+    answers_path = Path(answers_path)
+    if not answers_path.is_file() or answers_path.stat().st_size == 0:
+        return source  # nothing to resume
+    record = answers_record_path(answers_path)
+    todo = f"{todo} to answer afresh (nothing was deleted)"
+    if not record.is_file():
+        raise error(f"{label}{answers_path} has no record of the model that wrote it ({record.name} missing: written "
+                    f"before models were recorded, or copied in), so its answers cannot be told from those of "
+                    f"{describe_answers_source(source)}; {todo}")
+    try:
+        was = json.loads(record.read_text(encoding="utf-8"))
+        if not isinstance(was, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        raise error(f"{label}{record}: unreadable ({e}); {todo}") from None
+    if was.get("format") is None and not source.get("contents") \
+            and was == {k: source.get(k) for k in ("kind", "target", "options")}:
+        return source  # a format-1 record of a hub id: nothing local to fingerprint, then or now
+    if was != source:
+        raise error(f"{label}{answers_path} was written by {describe_answers_source(was)}; "
+                    f"given now: {describe_answers_source(source)}; {todo}")
+    return source
+
+
+def record_answers(answers_path: str | os.PathLike, source: dict) -> None:
+    """Writes `NAME.system.json` beside the answers: what is about to write them (checked by
+    `check_answers_record` first, so it is either what wrote them or there are none yet)."""
+    atomic_write_json(answers_record_path(answers_path), source)
 
 
 # --- evaluation items ----------------------------------------------------------------------------------
@@ -468,6 +557,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 
+# the keys of infer's record that may name local files or folders (fingerprinted: `answers_source`)
+_INFER_PATHS = ("target", "adapter", "candidates", "dataset")
+
+
+def infer_answers_source(args: argparse.Namespace) -> dict:
+    """What writes infer's answers (`answers_source`): everything that can change an answer. Left out, free to
+    change on a resumed run: --batch-size and --device (the same greedy answers batched or one by one, on any
+    device, up to float rounding: left padding and the mask keep a batch from changing its rows), --limit and
+    --retry-errors (which records are answered, not how), --eval and --image-root (each row keeps its own
+    question, reference and image). The candidates' dataset, --top-k and --candidate-scores count only with
+    --candidates."""
+    options: dict[str, Any] = {"engine": args.engine, "adapter": args.adapter, "max_new_tokens": args.max_new_tokens,
+                               "dtype": args.dtype, "pad_to_square": not args.no_pad_to_square}
+    if args.candidates:
+        options.update(candidates=args.candidates, dataset=args.dataset, top_k=args.top_k,
+                       candidate_scores=args.candidate_scores)
+    return answers_source("infer", args.model, {k: v for k, v in options.items() if v is not None}, _INFER_PATHS)
+
+
+def check_out(out: str | os.PathLike, inputs: Sequence[str | os.PathLike | None]) -> None:
+    """--out and its record (`answers_record_path`) are files that are no input and lie inside none (the
+    output-folder rule of clip_stage.core.outdir, for files), and --out is not itself a record."""
+    if Path(out).name.endswith(".system.json"):
+        raise OutputFolderError(f"--out {out}: a .system.json file is the record of what wrote an answers file, "
+                                "not answers; give the answers file (e.g. answers.jsonl)")
+    check_out_files({"--out": out, "--out's record": answers_record_path(out)}, inputs)
+
+
 @command_main("infer")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -480,20 +597,23 @@ def main(argv: list[str] | None = None) -> int:
                       top_k=args.top_k, device=args.device)
     if not Path(args.image_root).is_dir():
         raise InferenceInputError(f"--image-root {args.image_root}: not a folder")
-    # The output-folder rule (clip_stage.core.outdir) for a file: --out must not be, or lie inside, an input.
-    check_not_input(args.out, [args.eval, args.image_root, on_disk(args.model), args.adapter, args.candidates,
-                               args.dataset])
+    # The output-folder rule (clip_stage.core.outdir) for files: --out and its record are no input, lie inside none.
+    check_out(args.out, [args.eval, args.image_root, on_disk(args.model), args.adapter, args.candidates,
+                         args.dataset])
     if args.candidates and not args.dataset:
         raise SystemExit("--candidates needs --dataset (the address gallery)")
     items = eval_items(args.eval, args.limit)
-    # --out is resumed only if it is an answers file: refused now, not after minutes of loading weights
-    done = read_done_ids(args.out, retry_errors=args.retry_errors)
+    # --out is resumed only if it is an answers file (refused now, not after minutes of loading weights), read
+    # without cutting or retrying anything: it may still be refused as another model's below
+    done = read_done_ids(args.out, retry_errors=args.retry_errors, repair=False)
     todo = [it for it in items if it.id not in done]
     bad = unusable_images(todo, args.image_root)
     if bad:  # said before the model loads; the run still answers the others
         print(f"infer: warning: {len(bad)} of the {len(todo)} records to answer have unusable images (first: id "
               f"{bad[0][0]}: {_error_reason(ValueError(bad[0][1]), args.image_root)}); they become error rows",
               file=sys.stderr)
+    # ... and only if these settings wrote it (its record): another model's answers would pass for this one's
+    source = check_answers_record(args.out, infer_answers_source(args))
     ranker = load_ranker(args.candidates, args.dataset, device=args.device if args.device != "auto" else "cpu") \
         if args.candidates else None
     if args.engine == "vllm":
@@ -510,6 +630,7 @@ def main(argv: list[str] | None = None) -> int:
         answer_batch = llava_answer_batch(gen, args.max_new_tokens)
     if ranker is not None:
         answer_batch = candidate_answer_batch(answer_batch, ranker, args.top_k, args.candidate_scores)
+    record_answers(args.out, source)
     counts = run_answers(answer_batch, items, args.image_root, args.out, args.batch_size,
                          retry_errors=args.retry_errors)
     print(f"{counts['answered']} answered, {counts['errors']} error rows, {counts['skipped']} already in {args.out}, "
