@@ -45,6 +45,9 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
     (out / "clip" / "stale.txt").write_text("from the earlier run")
     assert pipeline.main(["--out", str(out), *TINY, "--force", "--until", "clip"]) == 0
     assert not (out / "clip" / "stale.txt").exists()
+    # ... and every later stage, which read the earlier model, is forgotten: markers and resumed outputs
+    assert sorted(m.stem for m in (out / ".done").glob("*.json")) == ["city", "clip", "dataset"]
+    assert not (out / "candidates").exists() and not (out / "llava").exists() and not (out / "benchmark").exists()
     steps = [json.loads(line)["step"] for line in (out / "clip" / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps))  # one run's log, not two
 

@@ -276,8 +276,9 @@ def stage_benchmark(cfg: DemoConfig, p: Paths) -> dict:
     return {"table": (p.benchmark / "benchmark.md").read_text() if (p.benchmark / "benchmark.md").exists() else ""}
 
 
-# The demo's own sub-folders that a stage's commands resume rather than replace (cleared by --force).
-RESUMED_OUTPUTS = {"clip": ("clip_run",), "candidates": ("candidates",), "llava": ("llava",)}
+# The demo's own sub-folders that a stage's commands resume rather than replace (cleared by --force, and when
+# an earlier stage runs again: resumed, they would continue from what that stage wrote before).
+RESUMED_OUTPUTS = {"clip": ("clip_run",), "candidates": ("candidates",), "llava": ("llava",), "benchmark": ("benchmark",)}
 
 STAGES: dict[str, Callable[[DemoConfig, Paths], dict]] = {
     "city": stage_city,
@@ -288,6 +289,21 @@ STAGES: dict[str, Callable[[DemoConfig, Paths], dict]] = {
     "llava": stage_llava,
     "benchmark": stage_benchmark,
 }
+
+
+def clear_resumed_outputs(stage: str, p: Paths) -> None:
+    for folder in RESUMED_OUTPUTS.get(stage, ()):
+        shutil.rmtree(getattr(p, folder), ignore_errors=True)
+
+
+def forget_later_stages(stage: str, p: Paths) -> None:
+    """Every stage after `stage` reads what it writes: their markers go (a later demo re-runs them instead of
+    printing results of the earlier models) and so do their resumed outputs (the benchmark would otherwise
+    continue answers of the earlier model, which it refuses)."""
+    names = list(STAGES)
+    for later in names[names.index(stage) + 1:]:
+        (p.done / f"{later}.json").unlink(missing_ok=True)
+        clear_resumed_outputs(later, p)
 
 
 def _fmt(key: str, v) -> str:
@@ -331,8 +347,8 @@ def main(argv: list[str] | None = None) -> int:
             ran.add(name)
             if cfg.force and marker.exists():
                 # --force re-runs a finished stage from scratch: its resumable runs must not simply continue
-                for folder in RESUMED_OUTPUTS.get(name, ()):
-                    shutil.rmtree(getattr(p, folder), ignore_errors=True)
+                clear_resumed_outputs(name, p)
+            forget_later_stages(name, p)
             print(f"\n=== stage {name} ===", flush=True)
             t0 = time.time()
             results[name] = stage(cfg, p)
