@@ -41,7 +41,7 @@ def test_unreadable_images_are_counted_up_front_among_the_records_still_to_answe
     (tmp_path / "images" / "garbage.png").write_bytes(b"not an image at all")
     out = tmp_path / "answers.jsonl"
     out.write_text(json.dumps({"id": "done", "answer": "On Postikatu."}) + "\n")  # answered before; its image is gone
-    assert infer.main(_argv(tmp_path, eval_path, out)) == 2  # then the missing model stops it
+    assert infer.main(_argv(tmp_path, eval_path, out)) == 2  # then it stops: that file has no record of its model
     err = capsys.readouterr().err
     assert "2 of the 3 records to answer have unusable images" in err and "first: id garbage" in err
     bad = dict(infer.unusable_images(infer.eval_items(eval_path), tmp_path / "images"))
