@@ -131,3 +131,33 @@ def test_export_clip_writes_card_and_pushes(tmp_path, fake_hub):
     assert "25.0%" in card.text and "50.0%" in card.text and 'subfolder="vision_tower"' in card.text
     remote = fake_hub.remote / "me" / "addressclip"
     assert (remote / "README.md").is_file() and (remote / "vision_tower" / "config.json").is_file()
+
+
+def test_card_shows_the_benchmark_tables_numbers_not_the_answered_only_ones(tmp_path):
+    """A card must not publish better numbers than benchmark.md: the strict metrics (unanswered = wrong), and
+    nothing for a type the system cannot answer."""
+    answered_only = {"street_acc": {"value": 1.0, "correct": 1, "total": 1}}
+    strict = {"street_acc": {"value": 1 / 6, "correct": 1, "total": 6}}
+    old = {"half": {"kind": "jsonl", "report": {"metrics": answered_only, "strict_metrics": strict,
+                                                "distance": {"median_m": None}}}}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert read_metrics(tmp_path / "old.json") == {"half": {"street_acc": 1 / 6}}
+    new = {"clip": {"kind": "clip", "table": {"street": 0.7, "yes/no": None, "median error (m)": 4.0},
+                    "report": {"metrics": {"yesno_acc": {"value": 0.0}}}}}
+    (tmp_path / "new.json").write_text(json.dumps(new))
+    assert read_metrics(tmp_path / "new.json") == {"clip": {"street": 0.7, "median error (m)": 4.0}}
+
+
+def test_benchmark_json_carries_the_table_it_printed():
+    from llava_address.eval.benchmark import json_table, markdown_table
+
+    metric = lambda c, t: {"value": c / t if t else None, "correct": c, "total": t}  # noqa: E731
+    report = {"metrics": {"street_acc": metric(1, 1), "yesno_acc": metric(1, 1)},
+              "strict_metrics": {"street_acc": metric(1, 4), "sub_street_acc": metric(0, 0), "cross_acc": metric(0, 2),
+                                 "neighbourhood_acc": metric(0, 0), "yesno_acc": metric(1, 2), "mc_acc": metric(0, 0)},
+              "distance": {"median_m": 12.0, "n": 1}, "n_answers": 1, "n_eval": 4, "unparseable": []}
+    res = {"kind": "clip", "supports": ["street", "cross", "full", "mc", "neighbourhood"], "report": report}
+    table = json_table(res)
+    assert table["street"] == 0.25 and table["cross streets"] == 0.0 and table["median error (m)"] == 12.0
+    assert table["yes/no"] is None and table["sub-street"] is None  # not supported / never asked
+    assert "| 25.0% (1/4) | - | 0.0% (0/2) | - | - | - |" in markdown_table({"r": res})

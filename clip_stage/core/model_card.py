@@ -108,8 +108,10 @@ def write_card(folder: str | os.PathLike, card: ModelCard) -> Path:
 def read_metrics(path: str | os.PathLike) -> dict[str, dict[str, float | str]]:
     """{system: {metric: value}} from `benchmark`'s benchmark.json or `eval-clip`'s metrics.json.
 
-    benchmark.json: {system: {"kind", "report": {"metrics": {name: {"value", ...}}, "distance": {...}}}} (failed
-    systems, with "error", are listed as failed). metrics.json: a flat {metric: number}. Anything else is a
+    benchmark.json: {system: {"kind", "table": {label: value or null}, "report": {...}}}: the "table" is what
+    benchmark.md shows (unanswered questions counted wrong, a type the system cannot answer left out); an
+    older file without it gives its report's "strict_metrics" (else "metrics") and median error. Failed
+    systems, with "error", are listed as failed. metrics.json: a flat {metric: number}. Anything else is a
     CardError naming the file."""
     path = Path(path)
     try:
@@ -124,8 +126,12 @@ def read_metrics(path: str | os.PathLike) -> dict[str, dict[str, float | str]]:
             if "error" in res:
                 out[system] = {"status": "failed"}
                 continue
-            report = res["report"]
-            row: dict[str, float | str] = {name: m["value"] for name, m in report.get("metrics", {}).items()
+            if isinstance(res.get("table"), dict):  # exactly what benchmark.md shows
+                out[system] = {name: v for name, v in res["table"].items() if v is not None}
+                continue
+            report = res["report"]  # an older benchmark.json: its strict metrics, as its table showed them
+            metrics = report.get("strict_metrics") or report.get("metrics", {})
+            row: dict[str, float | str] = {name: m["value"] for name, m in metrics.items()
                                            if isinstance(m, dict) and m.get("value") is not None}
             median = (report.get("distance") or {}).get("median_m")
             if median is not None:

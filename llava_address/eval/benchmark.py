@@ -419,6 +419,23 @@ def shown_by_phrasing(report: dict) -> dict:
     return report.get("strict_by_phrasing") or report.get("by_phrasing", {})
 
 
+def table_metrics(res: dict) -> dict[str, dict | None]:
+    """The table's metric cells of one scored system: {metric: the shown (strict) metric, None where the
+    system cannot answer that type or nothing was asked}. What benchmark.md shows and benchmark.json's
+    per-system "table" holds (model cards read that)."""
+    shown = shown_metrics(res["report"])
+    return {m: shown[m] if _supported_metric(res, m) and shown[m]["value"] is not None else None
+            for m in METRIC_LABELS}
+
+
+def json_table(res: dict) -> dict[str, float | None]:
+    """{label: value or None} as benchmark.md shows it, and the median error in metres."""
+    row: dict[str, float | None] = {METRIC_LABELS[m]: None if v is None else v["value"]
+                                    for m, v in table_metrics(res).items()}
+    row["median error (m)"] = res["report"]["distance"]["median_m"]
+    return row
+
+
 def markdown_table(results: dict[str, dict]) -> str:
     head = ["system", "kind", *METRIC_LABELS.values(), "median error", "answered", "unparseable"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -428,13 +445,8 @@ def markdown_table(results: dict[str, dict]) -> str:
                          + " |")
             continue
         r = res["report"]
-        cells = []
-        for m in METRIC_LABELS:
-            v = shown_metrics(r)[m]
-            if not _supported_metric(res, m) or v["value"] is None:
-                cells.append("-")
-            else:
-                cells.append(f"{100 * v['value']:.1f}% ({v['correct']}/{v['total']})")
+        cells = ["-" if v is None else f"{100 * v['value']:.1f}% ({v['correct']}/{v['total']})"
+                 for v in table_metrics(res).values()]
         med = r["distance"]["median_m"]
         cells.append("-" if med is None else f"{med:.0f} m ({r['distance']['n']})")
         cells.append(f"{r['n_answers']}/{r['n_eval']}")
@@ -499,7 +511,8 @@ def write_outputs(results: dict[str, dict], out_dir: str | Path) -> None:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "benchmark.md", markdown_table(results))
-    atomic_write_json(out_dir / "benchmark.json", results)
+    atomic_write_json(out_dir / "benchmark.json",
+                      {name: {**res, "table": json_table(res)} if "report" in res else res for name, res in results.items()})
     tmp = out_dir / ".benchmark.png.tmp.png"
     bar_chart(results, tmp)
     tmp.replace(out_dir / "benchmark.png")
