@@ -170,10 +170,16 @@ def test_tensorboard_writes_its_exact_folder_and_a_resume_purges_later_steps(tmp
             accelerator.log({"x": value}, step=step)
         finish_trackers(accelerator)
 
-    run(None, range(1, 9), 1.0)  # a run killed at step 8 whose last checkpoint was step 4
+    run(None, range(1, 3), 0.5)  # a run killed at step 2, before its first checkpoint
+    run(None, range(1, 9), 1.0)  # started afresh: the killed run's steps are hidden; killed at step 8 after step 4's checkpoint
     run(4, range(5, 7), 2.0)  # the resumed run: steps 7 and 8 of the killed one are hidden
     assert list(tb.glob("events.out.tfevents.*"))
     assert tensorboard_scalars(tb, "x") == {1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0, 5: 2.0, 6: 2.0}
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb))
+    acc.Reload()
+    assert sorted(e.step for e in acc.Scalars("x")) == [1, 2, 3, 4, 5, 6]  # each step once
 
 
 def test_missing_package_names_the_pip_install(monkeypatch):

@@ -193,18 +193,19 @@ def start_trackers(accelerator, plan: TrackerPlan, config: dict[str, Any] | None
 
     `resume_step`: the checkpoint's step when the run resumes; TensorBoard then hides the events a killed run
     wrote after it (SummaryWriter's purge_step), and wandb / MLflow continue the runs `trackers.json` names.
+    A fresh start hides every earlier event in the folder (a run killed before its first checkpoint), as
+    metrics.jsonl is cut back to nothing.
     """
     if not plan.names or not accelerator.is_main_process:
         return
     ids = _tracker_ids(plan) if resume_step is not None else {}
     init_kwargs = {name: dict(kwargs) for name, kwargs in plan.init_kwargs.items()}
-    if resume_step is not None:
-        from accelerate.tracking import TensorBoardTracker
+    from accelerate.tracking import TensorBoardTracker
 
-        for tracker in plan.log_with or []:
-            if isinstance(tracker, TensorBoardTracker):
-                # accelerate passes the tracker's init_kwargs to SummaryWriter when it starts (below).
-                tracker.init_kwargs["purge_step"] = resume_step + 1
+    for tracker in plan.log_with or []:
+        if isinstance(tracker, TensorBoardTracker):
+            # accelerate passes the tracker's init_kwargs to SummaryWriter when it starts (below).
+            tracker.init_kwargs["purge_step"] = (resume_step or 0) + 1
     if "wandb" in init_kwargs:
         init_kwargs["wandb"].update(id=ids.get("wandb") or uuid.uuid4().hex[:8], resume="allow")
     if "mlflow" in init_kwargs and ids.get("mlflow"):
