@@ -512,7 +512,7 @@ def check_request(args) -> dict:
     # markers. The export may sit inside the run folder (the demo's clip/hf), never inside a checkpoint folder.
     folders, run = checkpoint_folders(args.checkpoint) if args.checkpoint else ([], None)
     check_out_dir(args.out, "export-clip", inputs=[args.checkpoint, on_disk(args.pretrained), args.benchmark, *folders],
-                  inside_ok=[run or args.checkpoint], overwrite=args.overwrite, legacy=[REPORT_FILE, "vision_tower"])
+                  inside_ok=[run], overwrite=args.overwrite, legacy=[REPORT_FILE, "vision_tower"])
     check_model_source(args)
     return metrics
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -164,6 +165,9 @@ def test_export_is_atomic_and_overwrite_replaces_the_whole_folder(tmp_path, caps
     _export_error(capsys, ["--checkpoint", str(run), "--out", str(out), "--overwrite", "--benchmark",
                            str(tmp_path / "nonexist.json")], "nonexist.json")
     _export_error(capsys, ["--checkpoint", str(run), "--out", str(run / "final" / "hf")], "inside the input")
+    alone = tmp_path / "copied_final"  # a checkpoint folder outside any run: still never written into
+    shutil.copytree(run / "final", alone)
+    _export_error(capsys, ["--checkpoint", str(alone), "--out", str(alone / "hf")], "inside the input")
     monkeypatch.setattr(ex, "bundle_from_args", real_load)
 
     # an export that fails after writing (verification) leaves the earlier one as it was, and no staging
