@@ -32,7 +32,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +41,7 @@ import torch
 
 from clip_stage.core.config import ArgumentParser, add_dataclass_args, asdict, dataclass_from_args
 from clip_stage.core.errors import command_main
-from clip_stage.core.fs import atomic_write_json
+from clip_stage.core.fs import atomic_write_json, atomic_write_with
 from clip_stage.core.outdir import MARKER_FILE, check_out_dir, write_marker
 from clip_stage.core.schema import (ADDRESS_STYLES, SPLITS, STORED_STYLES, DatasetPaths, read_records, read_sub_streets,
                                      render_address)
@@ -351,14 +350,7 @@ class QueryMapper:
 def save_figure(fig, path: str | Path) -> Path:
     """PNG written beside its destination and moved into place (never half a file)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png"))
     return path
 
 

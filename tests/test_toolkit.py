@@ -89,16 +89,32 @@ def test_atomic_outputs_get_the_umask_mode_not_owner_only(tmp_path):
 
     from clip_stage.core.fs import atomic_write_text
 
+    import torch
+    from safetensors.torch import save_file
+
+    from clip_stage.query_map import save_figure
+
+    private_input = tmp_path / "photo.png"
+    private_input.write_bytes(b"png")
+    private_input.chmod(0o600)
     old = os.umask(0o022)
     try:
         with atomic_dir(tmp_path / "model") as tmp:
             atomic_write_text(tmp / "config.json", "{}")
+            save_file({"w": torch.zeros(2)}, str(tmp / "model.safetensors"))  # safetensors writes 0600 files
+            os.link(private_input, tmp / "image.png")  # a dataset's hard link is the user's file: left alone
         atomic_write_text(tmp_path / "report.json", "{}")
+        import matplotlib.pyplot as plt
+
+        fig = plt.figure()
+        save_figure(fig, tmp_path / "map.png")
+        plt.close(fig)
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "model").stat().st_mode) == 0o755
-    assert stat.S_IMODE((tmp_path / "model" / "config.json").stat().st_mode) == 0o644
-    assert stat.S_IMODE((tmp_path / "report.json").stat().st_mode) == 0o644
+    for name in ("model/config.json", "model/model.safetensors", "report.json", "map.png"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+    assert stat.S_IMODE(private_input.stat().st_mode) == 0o600
 
 
 def test_records_without_labels_or_with_unknown_splits_are_refused(toy_dataset, tmp_path):

@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -34,6 +35,19 @@ def shared_mode(is_dir: bool) -> int:
     mask = os.umask(0)
     os.umask(mask)
     return (0o777 if is_dir else 0o666) & ~mask
+
+
+def share_owner_only_files(folder: str | os.PathLike) -> None:
+    """Gives the files of a folder this process just wrote that came out owner-only (safetensors' `save_file`
+    creates 0600 files, as mkstemp does) the mode of the umask. A hard-linked file (a dataset's image, which is
+    also the user's input) is never touched: its mode is the input's."""
+    mode = shared_mode(is_dir=False)
+    for root, _, files in os.walk(folder):
+        for name in files:
+            p = os.path.join(root, name)
+            st = os.lstat(p)
+            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and not st.st_mode & 0o077 and (st.st_mode & 0o777) != mode:
+                os.chmod(p, mode)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -108,6 +122,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = True, verified: bool =
     try:
         tmp.chmod(shared_mode(is_dir=True))
         yield tmp
+        share_owner_only_files(tmp)
         if verified:
             write_manifest(tmp)
             fsync_tree(tmp)
