@@ -7,8 +7,9 @@
 For each combination, the demo's own base model gets the AddressCLIP tower with those features, a fresh
 projector is aligned and the model is address-tuned exactly as in `address-llava demo` (same recipes, steps
 and seed, from `llava_address.apps.pipeline`), then the benchmark scores it with and without candidates on the same
-evaluation questions. Runs go to `<demo>/tower_features/<layer>_<strategy>/`; the table is printed and written
-to `<demo>/tower_features/table.md`. A combination already benchmarked is reused.
+evaluation questions. Runs go to `<demo>/tower_features/<layer>_<strategy>_a<align>_t<tune>_q<questions>/` (the
+settings are in the name, so a measurement is reused only for the same settings); the table is printed and
+written to `<demo>/tower_features/table.md`.
 """
 
 from __future__ import annotations
@@ -28,15 +29,14 @@ METRICS = [("street_acc", "street"), ("sub_street_acc", "sub-street"), ("neighbo
            ("yesno_acc", "yes/no"), ("mc_acc", "multiple choice")]
 
 
-def measure(demo: Path, layer: int, strategy: str, args) -> dict:
+def measure(demo: Path, layer: int, strategy: str, args) -> tuple[dict, Path]:
     done = json.loads((demo / ".done" / "conversations.json").read_text())["config"]
     cfg = dataclasses.replace(DemoConfig(**{k: v for k, v in done.items() if k in DemoConfig.__dataclass_fields__}),
                               vision_feature_layer=layer, vision_feature_select_strategy=strategy,
                               align_steps=args.align_steps or done["align_steps"],
                               tune_steps=args.tune_steps or done["tune_steps"])
     p = Paths(demo)
-    name = f"{layer}_{strategy}"
-    out = demo / "tower_features" / name
+    out = combination_folder(demo, layer, strategy, cfg, args.questions)
     result_file = out / "benchmark" / "benchmark.json"
     if not result_file.exists():
         t0 = time.time()
@@ -48,7 +48,11 @@ def measure(demo: Path, layer: int, strategy: str, args) -> dict:
                                   "--system", f"ours_candidates=llava:{merged},candidates={p.clip_run},"
                                               f"top_k={cfg.top_k}"])
         (out / "seconds.txt").write_text(f"{time.time() - t0:.0f}\n")
-    return json.loads(result_file.read_text())
+    return json.loads(result_file.read_text()), out
+
+
+def combination_folder(demo: Path, layer: int, strategy: str, cfg: DemoConfig, questions: int) -> Path:
+    return demo / "tower_features" / f"{layer}_{strategy}_a{cfg.align_steps}_t{cfg.tune_steps}_q{questions}"
 
 
 class _Redirect(Paths):
@@ -75,22 +79,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--questions", type=int, default=200)
     args = ap.parse_args(argv)
     demo = Path(args.demo)
-    if not (demo / ".done" / "conversations.json").exists() or not (demo / "llava" / "base" / "config.json").exists():
-        print(f"error: {demo}: the demo's conversations and its base LLaVA (llava/base) are not there yet", file=sys.stderr)
-        return 2
+    for need, what in ((demo / ".done" / "conversations.json", "finished conversations stage (.done/conversations.json)"),
+                       (demo / "llava" / "base" / "config.json", "its base LLaVA (llava/base)")):
+        if not need.exists():
+            print(f"bench_tower_features: error: {demo}: no {what}; run `address-llava demo --out {demo}` first",
+                  file=sys.stderr)
+            return 2
     rows = ["| layer | strategy | image tokens | system | " + " | ".join(m[1] for m in METRICS) + " | median error |",
             "|---|---|---:|---|" + "---:|" * (len(METRICS) + 1)]
     for layer in args.layers:
         for strategy in args.strategies:
-            res = measure(demo, layer, strategy, args)
-            cfg = json.loads((demo / "tower_features" / f"{layer}_{strategy}" / "llava" / "merged" / "config.json")
-                             .read_text())
+            res, folder = measure(demo, layer, strategy, args)
+            cfg = json.loads((folder / "llava" / "merged" / "config.json").read_text())
             for system in ("ours", "ours_candidates"):
                 r = res[system]
                 if "error" in r:
                     rows.append(f"| {layer} | {strategy} | | {system} | failed: {r['error'][:60]} |")
                     continue
-                m = r["report"]["metrics"]
+                m = r["report"].get("strict_metrics") or r["report"]["metrics"]  # as the benchmark's table
                 cells = ["-" if m[k]["value"] is None else f"{100 * m[k]['value']:.1f}" for k, _ in METRICS]
                 med = r["report"]["distance"]["median_m"]
                 rows.append(f"| {layer} | {strategy} | {cfg['image_seq_length']} | {system} | " + " | ".join(cells)
