@@ -49,6 +49,7 @@ import torch
 
 from clip_stage.core.config import asdict
 from clip_stage.core.fs import ManifestError, atomic_dir, atomic_write_json, load_error_text, verify_manifest
+from clip_stage.core.outdir import ModelPathError, check_model_folder
 # The folder pattern, rotation and `--resume latest` are the same for both trainers (clip_stage.core.training).
 from clip_stage.core.training import (  # noqa: F401 - part of this module's interface
     CheckpointError,
@@ -285,6 +286,20 @@ def check_state_files(state_dir: str | os.PathLike) -> None:
             raise CheckpointError(f"{f}: not a plain RNG state file ({load_error_text(e)})") from None
 
 
+def check_stored_models(checkpoint: str | os.PathLike, stored, skip: set[str]) -> None:
+    """The models a checkpoint names as its base (not replaced by the caller) exist: a base that moved, or a path
+    stored relative to the folder training ran in, is named with the options that replace it, not with the
+    training flag that stored it."""
+    for name in ("model_name_or_path", "llm", "vision_tower"):
+        spec = getattr(stored, name)
+        if spec and name not in skip:
+            try:
+                check_model_folder(spec, f"{checkpoint} was trained on {name}")
+            except ModelPathError as e:
+                raise ModelPathError(f"{e}; give that model's place (merge --base / --vision-tower; chat, infer: "
+                                     "--model)") from None
+
+
 def load_for_inference(base: ModelArgs | str | None, checkpoint: str | os.PathLike, **model_overrides):
     """The trained model of a checkpoint, in eval mode: (model, processor).
 
@@ -298,8 +313,10 @@ def load_for_inference(base: ModelArgs | str | None, checkpoint: str | os.PathLi
     stored, _, _ = read_checkpoint_args(checkpoint)
     if base is None:
         model_args = stored
+        check_stored_models(checkpoint, stored, skip=set(model_overrides))
     elif isinstance(base, str):
         model_args = dataclasses.replace(stored, model_name_or_path=base, llm=None)
+        check_stored_models(checkpoint, stored, skip={"model_name_or_path", "llm", *model_overrides})
     else:
         model_args = base
     if model_overrides:

@@ -46,3 +46,4 @@ def test_unreadable_images_are_counted_up_front_among_the_records_still_to_answe
     assert "2 of the 3 records to answer have unusable images" in err and "first: id garbage" in err
     bad = dict(infer.unusable_images(infer.eval_items(eval_path), tmp_path / "images"))
     assert set(bad) == {"garbage", "missing", "done"} and "not a readable image" in bad["garbage"]
+

@@ -116,3 +116,31 @@ def test_a_model_folder_without_config_is_one_line_before_any_load(tmp_path):
                           (ModelArgs(llm=str(tmp_path / "nope"), vision_tower="openai/clip"), "no such folder")):
         with pytest.raises(ModelPathError, match=message):
             build_llava(args)
+
+
+def test_a_checkpoint_whose_stored_base_is_gone_names_the_options_that_replace_it(tiny_llava_dir, tmp_path, capsys):
+    """A checkpoint stores its base's path (relative, in older versions, to where training ran): when it is not
+    there, merge says to pass --base, not the training flag that stored it."""
+    import shutil
+
+    from llava_address.checkpoint import read_checkpoint_args
+    from llava_address.merge import main as merge_main
+    from llava_address.train import main as train_main
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llava_dir, base)
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"id": "t", "conversations": [{"from": "human", "value": "Hi"},
+                                                              {"from": "gpt", "value": "Hello there."}]}]))
+    run = tmp_path / "run"
+    assert train_main(["--config", "address_full", "--model-name-or-path", str(base), "--data-path", str(data),
+                       "--output-dir", str(run), "--max-steps", "1", "--per-device-batch-size", "1",
+                       "--global-batch-size", "1", "--torch-dtype", "float32", "--mixed-precision", "no",
+                       "--no-gradient-checkpointing", "--no-progress-bar", "--report-to", "none"]) == 0
+    ckpt = next(run.glob("checkpoint-*"))
+    assert read_checkpoint_args(ckpt)[0].model_name_or_path == str(base.resolve())
+    base.rename(tmp_path / "moved")
+    assert merge_main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "merged")]) == 2
+    err = capsys.readouterr().err
+    assert "was trained on model_name_or_path" in err and "--base" in err and "--model-name-or-path" not in err
+    assert merge_main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "merged"), "--base", str(tmp_path / "moved")]) == 0
