@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from clip_stage.core.config import ConfigParser, Section
+from clip_stage.core.config import ConfigParser, Section, str2bool
 from clip_stage.core.errors import command_main
 from clip_stage.core.fs import atomic_dir, atomic_write_json
 from clip_stage.core.outdir import check_out_dir, write_marker
@@ -447,8 +447,10 @@ def build_parser() -> ConfigParser:
         description="Images with GPS + a street network -> an image-address dataset (see clip_stage.core.schema).",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars or summary")
-    parser.add_argument("--progress-bar", action=argparse.BooleanOptionalAction, default=True,
-                        help="progress bars (--no-progress-bar hides them but keeps the summary)")
+    # the trainers' spelling of the switch, as a config boolean: `--progress-bar [BOOL]`, `--no-progress-bar`
+    parser.add_argument("--progress-bar", dest="progress_bar", type=str2bool, nargs="?", const=True, default=True,
+                        metavar="BOOL", help="progress bars (false hides them but keeps the summary; --quiet hides both)")
+    parser.add_argument("--no-progress-bar", dest="progress_bar", action="store_false", help=argparse.SUPPRESS)
     return parser
 
 
