@@ -47,7 +47,7 @@ from typing import Sequence
 
 import torch
 
-from clip_stage.core.config import ArgumentParser
+from clip_stage.core.config import ArgumentParser, str2bool
 from clip_stage.core.errors import command_main
 from clip_stage.core.fs import atomic_write_json, iter_jsonl, sha256_file
 from clip_stage.core.outdir import check_out_dir, write_marker
@@ -345,8 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--style", "--address-style", default="full", help="address style of the gallery (clip_stage.core.schema.ADDRESS_STYLES)")
     p.add_argument("--splits", default="train,val,test", help="splits to rank (comma list)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
-    p.add_argument("--progress-bar", "--progress", dest="progress", action=argparse.BooleanOptionalAction,
-                   default=False, help="progress bars of the fold trainings (default off)")
+    p.add_argument("--progress-bar", "--progress", dest="progress", type=str2bool, nargs="?", const=True,
+                   default=False, metavar="BOOL", help="progress bars of the fold trainings (default off)")
+    p.add_argument("--no-progress-bar", "--no-progress", dest="progress", action="store_false", help=argparse.SUPPRESS)
     p.add_argument("--debug", action="store_true", help="show the traceback of user errors too (taken by the "
                                                         "command guard, clip_stage.core.errors)")
     return p
