@@ -340,6 +340,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parts", nargs="+", choices=["train", "gallery"], default=["train", "gallery"], help="what to run")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = p.parse_args(argv)
+    from clip_stage.core.training import check_device
+
+    try:
+        check_device(args.device)  # `--device cuda` without a GPU: one line, not a driver traceback
+    except ValueError as e:
+        p.error(str(e))
     args.train_kinds = ["plain"] + [k for k in args.train_kinds if k != "plain"]
     torch.set_num_threads(args.threads)
     print(f"bench_clip: model {args.model}, batch {args.batch_size}, device {args.device}, threads {args.threads}, "

@@ -160,6 +160,12 @@ def parse(argv=None):
     a = p.parse_args(argv)
     if a.questions < 1 or a.batch_size < 1 or a.max_new_tokens < 1 or a.repeats < 1:
         p.error("--questions, --batch-size, --max-new-tokens and --repeats must be >= 1")
+    from clip_stage.core.training import check_device
+
+    try:
+        check_device(a.device)  # `--device cuda` without a GPU: one line, not a driver traceback
+    except ValueError as e:
+        p.error(str(e))
     return a
 
 
