@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from llava_address.eval import benchmark, infer
+from llava_address.eval import answers, benchmark, infer
 
 # A Vicuna-style chat template so transformers' image-text-to-text pipeline can prompt the tiny model.
 CHAT_TEMPLATE = (
@@ -123,15 +123,15 @@ def test_unloadable_models_and_foreign_output_files_are_clear_errors(tmp_path):
     foreign = tmp_path / "foreign.jsonl"
     foreign.write_text("hello\n")
     with pytest.raises(infer.InferenceInputError, match="refusing to append"):
-        infer.read_done_ids(foreign)
+        answers.read_done_ids(foreign)
     conversations = tmp_path / "eval.jsonl"  # JSON lines with ids, but no answers: another command's output
     conversations.write_text('{"id": "1", "image": "1.png", "conversations": []}\n')
     with pytest.raises(infer.InferenceInputError, match="not an answers line"):
-        infer.read_done_ids(conversations)
+        answers.read_done_ids(conversations)
     notes = tmp_path / "notes.txt"  # one unterminated line is not a torn answer: left as it is
     notes.write_text("important notes, no newline at the end")
     with pytest.raises(infer.InferenceInputError, match="not an answers file"):
-        infer.read_done_ids(notes)
+        answers.read_done_ids(notes)
     assert notes.read_text() == "important notes, no newline at the end"
 
 

@@ -28,7 +28,7 @@ A system is `NAME=KIND:TARGET[,key=value...]`; the kinds are a registry (`SYSTEM
 Every generated answer file (`OUT/answers/NAME.jsonl`) is resumable: rerunning skips answered ids, and
 answers beyond a smaller `--limit` are left unscored. `NAME.system.json` beside it records what wrote it
 (kind, target, options, and a fingerprint of the model folder's files), checked before anything loads by the
-one rule `infer` keeps too (`infer.check_answers_record`): answers that another model wrote (or the same folder
+one rule `infer` keeps too (`answers.check_answers_record`): answers that another model wrote (or the same folder
 re-merged), or with no record, are refused. A
 system that fails (missing weights, a missing image) is reported with its error while the others are
 still scored; the command then exits non-zero. Outputs: `OUT/benchmark.md` (table), `OUT/benchmark.json`
@@ -54,9 +54,9 @@ from clip_stage.core.outdir import check_out_dir, looks_local, write_marker
 from clip_stage.core.registry import Registry
 from llava_address.eval.gazetteer import Gazetteer
 from llava_address.eval.parse import asks_yes_no
-from llava_address.eval.infer import (InferenceInputError, answers_source, candidate_answer_batch, check_answers_record,
-                                      check_run_options, eval_items, llava_answer_batch, load_generator, load_ranker,
-                                      record_answers, run_answers)
+from llava_address.eval.answers import answers_source, check_answers_record, record_answers
+from llava_address.eval.infer import (InferenceInputError, candidate_answer_batch, check_run_options, eval_items,
+                                      llava_answer_batch, load_generator, load_ranker, run_answers)
 from llava_address.eval.scoring import METRICS, Scorer, read_answers, read_references
 from llava_address.eval.vllm_engine import load_vllm, vllm_answer_batch, vllm_unavailable
 
@@ -324,13 +324,13 @@ register_system_kind(SystemKind("jsonl", "imported answers JSONL (closed models)
 # --- running, scoring, reporting -----------------------------------------------------------------------
 
 def _answers_source(spec: SystemSpec) -> dict:
-    """What writes a system's answers (`infer.answers_source`): its kind, target and options (local paths as
+    """What writes a system's answers (`answers.answers_source`): its kind, target and options (local paths as
     real paths) and the contents of each local path its kind names (a hub id is identified by its id)."""
     return answers_source(spec.kind, spec.target, spec.options, get_system_kind(spec.kind).paths)
 
 
 def check_answers_source(answers_path: Path, spec: SystemSpec) -> dict:
-    """Refuses to resume answers that were not provably written by this system (`infer.check_answers_record`,
+    """Refuses to resume answers that were not provably written by this system (`answers.check_answers_record`,
     the one check of `infer` and `benchmark`): another kind, target, options, or the same folder holding another
     model now, or answers with no record of what wrote them. Returns the source to record."""
     return check_answers_record(answers_path, _answers_source(spec), label=f"system {spec.name}: ",
@@ -338,7 +338,7 @@ def check_answers_source(answers_path: Path, spec: SystemSpec) -> dict:
 
 
 def record_answers_source(answers_path: Path, source: SystemSpec | dict) -> None:
-    """Writes `NAME.system.json` beside the answers (`infer.record_answers`), after `check_answers_source`."""
+    """Writes `NAME.system.json` beside the answers (`answers.record_answers`), after `check_answers_source`."""
     record_answers(answers_path, _answers_source(source) if isinstance(source, SystemSpec) else source)
 
 
