@@ -1,7 +1,8 @@
-"""Helpers shared by the LLaVA training tests: reference logits and the tensors a checkpoint holds."""
+"""Helpers shared by the LLaVA tests: reference logits, the tensors a checkpoint holds, a stand-in model folder."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -34,3 +35,13 @@ def checkpoint_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
         if (ckpt / f).is_file():
             out.update({f"{f}:{k}": v for k, v in load_file(str(ckpt / f)).items()})
     return out
+
+
+def fake_model_folder(folder, weights: bytes, when: int):
+    """A model folder (config + stand-in weights) whose files were written at `when` (seconds since the epoch)."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text('{"model_type": "llava"}')
+    (folder / "model.safetensors").write_bytes(weights)
+    for f in folder.iterdir():
+        os.utime(f, ns=(when * 10**9, when * 10**9))
+    return folder

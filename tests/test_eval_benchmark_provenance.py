@@ -12,6 +12,7 @@ import pytest
 
 from clip_stage.core.fs import contents_fingerprint
 from llava_address.eval import benchmark
+from tests.llava_helpers import fake_model_folder
 
 
 @pytest.fixture
@@ -29,23 +30,13 @@ def loads(monkeypatch):
     return loaded
 
 
-def _model(folder, weights: bytes, when: int):
-    """A model folder (config + weights) whose files were written at `when` (seconds since the epoch)."""
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text('{"model_type": "llava"}')
-    (folder / "model.safetensors").write_bytes(weights)
-    for f in folder.iterdir():
-        os.utime(f, ns=(when * 10**9, when * 10**9))
-    return folder
-
-
 def _argv(toy_dataset, eval_split, out, system, limit):
     return ["--dataset", str(toy_dataset), "--eval", str(eval_split), "--out", str(out), "--device", "cpu",
             "--system", system, "--limit", str(limit)]
 
 
 def test_contents_fingerprint_follows_the_files_not_the_card_or_the_folder_name(tmp_path):
-    model = _model(tmp_path / "m", b"w" * 64, 1_700_000_000)
+    model = fake_model_folder(tmp_path / "m", b"w" * 64, 1_700_000_000)
     first = contents_fingerprint(model)
     assert first["files"] == 2 and first == contents_fingerprint(model)
     (model / "README.md").write_text("a model card, rewritten")  # documentation and markers: not the model
@@ -60,7 +51,7 @@ def test_contents_fingerprint_follows_the_files_not_the_card_or_the_folder_name(
 
 def test_a_model_replaced_in_the_same_folder_is_refused_before_it_loads(loads, toy_dataset, toy_conversations,
                                                                       tmp_path, capsys):
-    model = _model(tmp_path / "m", b"merged" * 10, 1_700_000_000)
+    model = fake_model_folder(tmp_path / "m", b"merged" * 10, 1_700_000_000)
     out = tmp_path / "bench"
     argv = _argv(toy_dataset, toy_conversations / "eval.json", out, f"x=llava:{model}", 4)
     assert benchmark.main(argv) == 0
@@ -71,7 +62,7 @@ def test_a_model_replaced_in_the_same_folder_is_refused_before_it_loads(loads, t
     capsys.readouterr()
 
     shutil.rmtree(model)  # like `merge --overwrite` of another checkpoint into the same folder
-    _model(model, b"base" * 10, 1_700_000_500)
+    fake_model_folder(model, b"base" * 10, 1_700_000_500)
     assert benchmark.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
@@ -82,7 +73,7 @@ def test_a_model_replaced_in_the_same_folder_is_refused_before_it_loads(loads, t
 
 
 def test_answers_without_a_record_are_refused_not_adopted(loads, toy_dataset, toy_conversations, tmp_path, capsys):
-    model = _model(tmp_path / "m", b"merged" * 10, 1_700_000_000)
+    model = fake_model_folder(tmp_path / "m", b"merged" * 10, 1_700_000_000)
     out = tmp_path / "bench"  # an answers folder from before records were kept (or copied in)
     (out / "answers").mkdir(parents=True)
     (out / "answers" / "x.jsonl").write_text('{"id": "000001", "answer": "Esplanadi"}\n')
@@ -98,7 +89,7 @@ def test_records_from_before_contents_were_fingerprinted(tmp_path):
     answers = tmp_path / "answers" / "x.jsonl"
     answers.parent.mkdir()
     answers.write_text('{"id": "1", "answer": "Esplanadi"}\n')
-    model = _model(tmp_path / "m", b"merged", 1_700_000_000)
+    model = fake_model_folder(tmp_path / "m", b"merged", 1_700_000_000)
     old = answers.with_suffix(".system.json")
     old.write_text(json.dumps({"kind": "llava", "target": str(model.resolve()), "options": {}}))
     with pytest.raises(benchmark.BenchmarkError, match="contents not recorded: written before the benchmark"):
@@ -112,7 +103,7 @@ def test_records_from_before_contents_were_fingerprinted(tmp_path):
 
 
 def test_answers_beyond_a_smaller_limit_are_not_scored(loads, toy_dataset, toy_conversations, tmp_path):
-    model = _model(tmp_path / "m", b"merged" * 10, 1_700_000_000)
+    model = fake_model_folder(tmp_path / "m", b"merged" * 10, 1_700_000_000)
     out = tmp_path / "bench"
     eval_split = toy_conversations / "eval.json"
     assert benchmark.main(_argv(toy_dataset, eval_split, out, f"x=llava:{model}", 6)) == 0

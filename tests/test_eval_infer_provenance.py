@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from llava_address.eval import benchmark, infer
+from tests.llava_helpers import fake_model_folder
 
 
 @pytest.fixture
@@ -31,16 +32,6 @@ def loads(monkeypatch):
     return loaded
 
 
-def _model(folder, weights: bytes, when: int):
-    """A model folder (config + weights) whose files were written at `when` (seconds since the epoch)."""
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text('{"model_type": "llava"}')
-    (folder / "model.safetensors").write_bytes(weights)
-    for f in folder.iterdir():
-        os.utime(f, ns=(when * 10**9, when * 10**9))
-    return folder
-
-
 def _argv(toy_dataset, toy_conversations, model, out, *more):
     return ["--model", str(model), "--eval", str(toy_conversations / "eval.json"), "--image-root",
             str(toy_dataset / "images"), "--out", str(out), "--device", "cpu", *more]
@@ -52,8 +43,8 @@ def _rows(path):
 
 def test_answers_of_another_model_are_refused_before_it_loads(loads, toy_dataset, toy_conversations, tmp_path,
                                                               capsys):
-    a = _model(tmp_path / "model-a", b"a" * 64, 1_700_000_000)
-    b = _model(tmp_path / "model-b", b"b" * 64, 1_700_000_000)
+    a = fake_model_folder(tmp_path / "model-a", b"a" * 64, 1_700_000_000)
+    b = fake_model_folder(tmp_path / "model-b", b"b" * 64, 1_700_000_000)
     out = tmp_path / "answers.jsonl"
     assert infer.main(_argv(toy_dataset, toy_conversations, a, out, "--limit", "4")) == 0
     written, recorded = out.read_bytes(), (tmp_path / "answers.system.json").read_bytes()
@@ -69,7 +60,7 @@ def test_answers_of_another_model_are_refused_before_it_loads(loads, toy_dataset
 
 
 def test_the_same_settings_resume_after_a_kill(loads, toy_dataset, toy_conversations, tmp_path):
-    model = _model(tmp_path / "m", b"w" * 64, 1_700_000_000)
+    model = fake_model_folder(tmp_path / "m", b"w" * 64, 1_700_000_000)
     out = tmp_path / "answers.jsonl"
     assert infer.main(_argv(toy_dataset, toy_conversations, model, out, "--limit", "4")) == 0
     record = json.loads((tmp_path / "answers.system.json").read_text())
@@ -88,12 +79,12 @@ def test_the_same_settings_resume_after_a_kill(loads, toy_dataset, toy_conversat
 
 
 def test_a_model_replaced_in_the_same_folder_is_refused(loads, toy_dataset, toy_conversations, tmp_path, capsys):
-    model = _model(tmp_path / "merged", b"merged" * 10, 1_700_000_000)
+    model = fake_model_folder(tmp_path / "merged", b"merged" * 10, 1_700_000_000)
     out = tmp_path / "answers.jsonl"
     assert infer.main(_argv(toy_dataset, toy_conversations, model, out, "--limit", "4")) == 0
     capsys.readouterr()
     shutil.rmtree(model)  # like `merge --overwrite` of another checkpoint into the same folder
-    _model(model, b"base" * 10, 1_700_000_500)
+    fake_model_folder(model, b"base" * 10, 1_700_000_500)
     assert infer.main(_argv(toy_dataset, toy_conversations, model, out, "--limit", "8")) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "files of 2023-11-14 22:13:20 UTC" in err  # what wrote them ...
@@ -108,7 +99,7 @@ def test_a_model_replaced_in_the_same_folder_is_refused(loads, toy_dataset, toy_
 ])
 def test_options_that_change_an_answer_are_part_of_the_record(loads, toy_dataset, toy_conversations, tmp_path,
                                                               capsys, change, words):
-    model = _model(tmp_path / "m", b"w" * 64, 1_700_000_000)
+    model = fake_model_folder(tmp_path / "m", b"w" * 64, 1_700_000_000)
     out = tmp_path / "answers.jsonl"
     assert infer.main(_argv(toy_dataset, toy_conversations, model, out, "--limit", "2")) == 0
     capsys.readouterr()
@@ -120,7 +111,7 @@ def test_options_that_change_an_answer_are_part_of_the_record(loads, toy_dataset
 
 def test_answers_without_a_record_are_refused_and_left_as_they_are(loads, toy_dataset, toy_conversations, tmp_path,
                                                                    capsys):
-    model = _model(tmp_path / "m", b"w" * 64, 1_700_000_000)
+    model = fake_model_folder(tmp_path / "m", b"w" * 64, 1_700_000_000)
     out = tmp_path / "answers.jsonl"  # written before records were kept, or copied in; an error row and a torn line
     text = ('{"id": "000001", "answer": "Esplanadi"}\n{"id": "000002", "error": "image missing"}\n'
             '{"id": "000003", "ans')
@@ -136,7 +127,7 @@ def test_answers_without_a_record_are_refused_and_left_as_they_are(loads, toy_da
 
 def test_a_benchmark_answers_file_is_not_resumed_as_infer_answers(loads, toy_dataset, toy_conversations, tmp_path,
                                                                  capsys):
-    model = _model(tmp_path / "m", b"w" * 64, 1_700_000_000)
+    model = fake_model_folder(tmp_path / "m", b"w" * 64, 1_700_000_000)
     answers = tmp_path / "bench" / "answers" / "ours.jsonl"  # the same model, through benchmark's llava system
     answers.parent.mkdir(parents=True)
     answers.write_text('{"id": "000001", "answer": "Esplanadi"}\n')
@@ -148,7 +139,7 @@ def test_a_benchmark_answers_file_is_not_resumed_as_infer_answers(loads, toy_dat
 
 
 def test_out_is_not_a_record_and_its_record_is_no_input(loads, toy_dataset, toy_conversations, tmp_path, capsys):
-    model = _model(tmp_path / "m", b"w" * 64, 1_700_000_000)
+    model = fake_model_folder(tmp_path / "m", b"w" * 64, 1_700_000_000)
     record = tmp_path / "answers.system.json"
     assert infer.main(_argv(toy_dataset, toy_conversations, model, record)) == 2
     assert "a .system.json file is the record of what wrote an answers file" in capsys.readouterr().err
@@ -166,7 +157,7 @@ def test_out_is_not_a_record_and_its_record_is_no_input(loads, toy_dataset, toy_
 
 
 def test_candidate_options_count_only_with_candidates(tmp_path):
-    model = _model(tmp_path / "m", b"w" * 64, 1_700_000_000)
+    model = fake_model_folder(tmp_path / "m", b"w" * 64, 1_700_000_000)
     clip, data = tmp_path / "clip.pt", tmp_path / "data"
     clip.write_bytes(b"clip")
     data.mkdir()
