@@ -3,25 +3,15 @@ their speed targets are read from their printed tables, never asserted here)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.script_loader import load_script
 
 
 @pytest.mark.filterwarnings("ignore:No pretrained weights")
 def test_bench_clip_runs_every_step_kind_and_the_gallery(tmp_path, capsys):
-    bench = _load("bench_clip")
+    bench = load_script("bench_clip")
     out = tmp_path / "bench.json"
     assert bench.main(["--model", "addressclip-tiny", "--batch-size", "8", "--threads", "1", "--warmup", "1",
                        "--rounds", "1", "--steps-per-round", "1", "--candidates", "300", "--queries", "2",
@@ -38,7 +28,7 @@ def test_bench_clip_runs_every_step_kind_and_the_gallery(tmp_path, capsys):
 
 
 def test_bench_infer_compares_our_engine_with_the_pipeline_loop(tmp_path, capsys):
-    bench = _load("bench_infer")
+    bench = load_script("bench_infer")
     out = tmp_path / "bench.json"
     assert bench.main(["--questions", "4", "--batch-size", "2", "--max-new-tokens", "3", "--repeats", "1",
                        "--out", str(out)]) == 0

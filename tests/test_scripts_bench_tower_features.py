@@ -3,23 +3,12 @@ conversations or base model is one line."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 from llava_address.apps.pipeline import DemoConfig
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("bench_tower_features", ROOT / "scripts" / "bench_tower_features.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.script_loader import load_script
 
 
 def test_each_setting_gets_its_own_folder_so_no_result_is_reused_for_other_settings(tmp_path):
-    folder = _module().combination_folder
+    folder = load_script("bench_tower_features").combination_folder
     base = folder(tmp_path, -1, "full", DemoConfig(align_steps=60, tune_steps=300), 200)
     assert base == folder(tmp_path, -1, "full", DemoConfig(align_steps=60, tune_steps=300), 200)
     assert len({base, folder(tmp_path, -1, "full", DemoConfig(align_steps=60, tune_steps=700), 200),
@@ -31,6 +20,6 @@ def test_each_setting_gets_its_own_folder_so_no_result_is_reused_for_other_setti
 def test_a_demo_without_its_base_model_is_named_in_one_line(tmp_path, capsys):
     (tmp_path / ".done").mkdir()
     (tmp_path / ".done" / "conversations.json").write_text("{}")
-    assert _module().main(["--demo", str(tmp_path)]) == 2
+    assert load_script("bench_tower_features").main(["--demo", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("bench_tower_features: error: ") and "llava/base" in err and len(err.splitlines()) == 1

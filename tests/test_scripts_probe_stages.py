@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 from conversations.candidates import with_candidates
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _probe_module():
-    spec = importlib.util.spec_from_file_location("probe_stages", ROOT / "scripts" / "probe_stages.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.script_loader import load_script
 
 
 def test_yes_no_questions_come_with_their_verdicts_and_without_candidate_blocks(toy_conversations, tmp_path):
-    probe = _probe_module()
+    probe = load_script("probe_stages")
     train = json.loads((toy_conversations / "train.json").read_text())
     # One training conversation asked with candidates: the probe asks its question plainly.
     record = next(r for r in train if any(t["value"].startswith(("Yes", "No,", "No.")) for t in r["conversations"]))
@@ -49,7 +39,7 @@ def test_probe_stages_runs_on_a_demo_folder_and_reports_every_stage(toy_dataset,
     (demo / "dataset").symlink_to(toy_dataset)
     (demo / "conversations").symlink_to(toy_conversations)
     out = tmp_path / "probe.json"
-    assert _probe_module().main(["--demo", str(demo), "--model", str(tiny_llava_dir), "--limit", "24",
+    assert load_script("probe_stages").main(["--demo", str(demo), "--model", str(tiny_llava_dir), "--limit", "24",
                                  "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert {"tower CLS (last layer)", "projector output (mean)", "LLM last hidden (prompt end)", "yes_no"} <= set(result)
@@ -57,4 +47,4 @@ def test_probe_stages_runs_on_a_demo_folder_and_reports_every_stage(toy_dataset,
     for stage, accs in result.items():
         values = accs.values() if stage != "yes_no" else [accs["LLM last hidden (yes/no prompt end)"]]
         assert all(0.0 <= v <= 1.0 for v in values)
-    assert _probe_module().main(["--demo", str(tmp_path / "nothing")]) == 2
+    assert load_script("probe_stages").main(["--demo", str(tmp_path / "nothing")]) == 2
