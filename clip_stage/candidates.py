@@ -49,7 +49,7 @@ import torch
 
 from clip_stage.core.config import ArgumentParser, str2bool
 from clip_stage.core.errors import command_main
-from clip_stage.core.fs import atomic_write_json, iter_jsonl, sha256_file
+from clip_stage.core.fs import atomic_write_json, iter_jsonl, remove_stale_temps, sha256_file
 from clip_stage.core.outdir import check_out_dir, write_marker
 from clip_stage.core.schema import ADDRESS_STYLES, SPLITS, DatasetPaths, read_records, records_fingerprint
 from clip_stage.evaluate import encode_images
@@ -248,6 +248,7 @@ def cross_fit_candidates(checkpoint: str | os.PathLike, dataset: str | os.PathLi
     image_root = DatasetPaths(dataset).images
     fold_cfgs, sources = plan_folds(checkpoint, dataset, out, folds, progress) if "train" in splits else ([], {})
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out, (CANDIDATES_FILE,))  # a killed run's half-written .candidates.jsonl.<pid>.tmp
     write_marker(out, "candidates")
     if sources:  # before a fold trains: a killed run's partial fold models are checked on the rerun too
         atomic_write_json(out / FOLDS_FILE, {**_read_fold_sources(out), **sources})

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from clip_stage.core.errors import command_main
+from clip_stage.core.curves import read_metric_rows
 from clip_stage.core.fs import atomic_write_json, load_error_text, remove_stale_temps
 from clip_stage.core.outdir import check_out_dir, on_disk, write_marker
 from clip_stage.core.progress import progress as tqdm  # a line every 30 s when not on a terminal
@@ -438,6 +439,10 @@ def fit(run: ClipRun, hooks: Hooks | None = None) -> dict:
             run.epoch, run.batch_in_epoch = run.epoch + 1, 0
     bar.close()
     wall = time.perf_counter() - t_start
+    if not last_terms and main_proc and run.metrics.history == [] and run.step > 0:
+        # Resumed with nothing left to train (killed while saving the last step): the last losses are the logged ones.
+        logged = read_metric_rows(run.out_dir)[0]
+        last_terms = {k: v for k, v in (logged[-1] if logged else {}).items() if k.endswith("loss")}
 
     if stopped:
         if last_saved != run.step:

@@ -89,12 +89,15 @@ def test_cross_fitting_ranks_each_training_image_with_a_model_that_never_saw_it(
     assert read_candidates(out).keys() == {r["image_id"] for r in rows}
 
 
-def test_a_rerun_reuses_the_fold_models(cross_fitted, clip_run, toy_dataset):
+def test_a_rerun_reuses_the_fold_models_and_clears_a_killed_write(cross_fitted, clip_run, toy_dataset):
     out, info = cross_fitted
     stamp = (out / "fold-1" / "final" / "model.safetensors").stat().st_mtime_ns
+    killed = out / ".candidates.jsonl.99999.tmp"  # what a kill during the last write leaves
+    killed.write_text('{"partial')
     again = cross_fit_candidates(clip_run, toy_dataset, out, folds=2, top_k=3)
     assert (out / "fold-1" / "final" / "model.safetensors").stat().st_mtime_ns == stamp
     assert again["accuracy"] == info["accuracy"]
+    assert not killed.exists()
 
 
 def test_conversations_write_candidates_and_say_none_fits_only_when_the_truth_is_missing(cross_fitted, toy_dataset,

@@ -226,3 +226,16 @@ def test_bad_options_are_one_line_errors_before_anything_loads(option, message, 
     err = capsys.readouterr().err.strip()
     assert err.startswith("train-clip: error: ") and message in err and "\n" not in err
     assert not out.exists()
+
+
+def test_a_run_killed_while_writing_final_resumes_with_its_last_losses(toy_dataset, tmp_path):
+    out = tmp_path / "run"
+    assert main(_argv(toy_dataset, out, "--max-steps", "2", "--save-every", "2", "--log-every", "1")) == 0
+    logged = _summary(out)["last_losses"]
+    shutil.rmtree(out / "final")  # what a kill during the last save leaves: the step's checkpoint, no final/
+    (out / "run_summary.json").unlink()
+    assert main(_argv(toy_dataset, out, "--max-steps", "2", "--save-every", "2", "--log-every", "1",
+                      "--resume", "latest")) == 0
+    summary = _summary(out)
+    assert (out / "final").is_dir() and summary["complete"]
+    assert summary["last_losses"] == pytest.approx(logged) and "loss" in logged  # not {} from a run that trained nothing
