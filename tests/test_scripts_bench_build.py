@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 
-from tests.test_scripts_bench import _load
+from tests.script_loader import load_script
 
 
 def test_bench_build_runs_the_real_command_at_a_tiny_size(tmp_path, capsys):
-    bench = _load("bench_build")
+    bench = load_script("bench_build")
     out = tmp_path / "bench.json"
     assert bench.main(["--sizes", "800,1500", "--workdir", str(tmp_path / "work"), "--chunk-rows", "500",
                        "--workers", "1", "--json", str(out)]) == 0
