@@ -82,7 +82,7 @@ def test_metrics_logger_draws_the_whole_log_of_a_resumed_run_and_clears_a_killed
     from clip_stage.core.training import MetricsLogger
 
     run = _run(tmp_path / "run", [3.0, 2.0, 1.0, 0.9])  # steps 1-4 of an earlier start
-    killed = run / ".training_curves.k1ll3d.png"
+    killed = run / ".training_curves.png.k1ll3d.tmp.png"  # fs.atomic_write_with's staging name
     killed.write_bytes(b"half")
     accelerator = SimpleNamespace(is_main_process=True, log=lambda values, step: None)
     logger = MetricsLogger(run, accelerator, start_step=2)  # resumed from the checkpoint at step 2

@@ -78,11 +78,12 @@ def require_file(path: str | os.PathLike) -> Path:
 
 
 def atomic_write_with(path: str | os.PathLike, write: Callable[[Path], Any]) -> None:
-    """`write(tmp)` writes a temporary file beside `path` (same suffix, so writers that infer the format from
-    it, savefig or parquet, work); it then replaces `path`, or is removed if `write` fails."""
+    """`write(tmp)` writes a temporary file beside `path` (`.<name>.XXXX.tmp<suffix>`: the same last suffix, so
+    writers that infer the format from it, savefig or parquet, work, and one `remove_stale_temps` knows); it
+    then replaces `path`, or is removed if `write` fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
     try:
         os.fchmod(fd, shared_mode(is_dir=False))
         os.close(fd)
@@ -284,7 +285,7 @@ def fsync_tree(folder: str | os.PathLike) -> None:
 
 def remove_stale_temps(folder: str | os.PathLike, stems: tuple[str, ...]) -> list[Path]:
     """Removes what killed atomic writes left in folder: `.<stem>*.tmp` (atomic_dir / atomic_write_text
-    staging), `.<stem>*.state-partial` (train-llava's per-rank staging) and `.<stem>*.old-<pid>` (a
+    staging, `.<stem>*.tmp.png` of atomic_write_with), `.<stem>*.state-partial` (train-llava's per-rank staging) and `.<stem>*.old-<pid>` (a
     replaced folder whose new version is in place). Returns the removed paths.
 
     Call it once at the start of a run, before anything of this run is saved, from one process: a second
@@ -298,7 +299,7 @@ def remove_stale_temps(folder: str | os.PathLike, stems: tuple[str, ...]) -> lis
         name = p.name
         if not any(name.startswith(f".{s}") for s in stems):
             continue
-        stale = name.endswith((".tmp", ".state-partial"))
+        stale = ".tmp" in Path(name).suffixes or name.endswith(".state-partial")  # .tmp<suffix>: atomic_write_with
         if ".old-" in name:
             # Killed between the two renames: keep the old folder when the new one is not in place.
             target = folder / name[1:name.index(".old-")]

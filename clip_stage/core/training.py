@@ -38,7 +38,7 @@ from typing import Any, Callable
 import torch
 
 from clip_stage.core.curves import METRICS_FILE, PLOT_FILE, plot_run
-from clip_stage.core.fs import MANIFEST_FILE, cut_jsonl_log
+from clip_stage.core.fs import MANIFEST_FILE, cut_jsonl_log, remove_stale_temps
 
 CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -223,8 +223,7 @@ class MetricsLogger:
         if self.is_main:
             cut_jsonl_log(self.path, start_step)
             self.path.touch()  # the file exists from the first step on, even before a row is due
-            for stale in self.path.parent.glob(f".{Path(PLOT_FILE).stem}.*{Path(PLOT_FILE).suffix}"):
-                stale.unlink(missing_ok=True)  # a figure whose atomic write was killed (fs.atomic_write_with)
+            remove_stale_temps(self.path.parent, (PLOT_FILE,))  # a figure whose atomic write was killed
 
     def log(self, row: dict[str, Any], tracker_values: dict[str, Any] | None = None) -> None:
         """Writes `row` (with its "step") and sends `tracker_values` (default: row without "step")."""

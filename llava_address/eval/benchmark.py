@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from clip_stage.core.config import ArgumentParser
 from clip_stage.core.errors import command_main
-from clip_stage.core.fs import atomic_write_json, atomic_write_text
+from clip_stage.core.fs import atomic_write_json, atomic_write_text, atomic_write_with
 from clip_stage.core.outdir import check_out_dir, looks_local, write_marker
 from clip_stage.core.registry import Registry
 from llava_address.eval.gazetteer import Gazetteer
@@ -511,11 +511,9 @@ def write_outputs(results: dict[str, dict], out_dir: str | Path) -> None:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "benchmark.md", markdown_table(results))
-    atomic_write_json(out_dir / "benchmark.json",
-                      {name: {**res, "table": json_table(res)} if "report" in res else res for name, res in results.items()})
-    tmp = out_dir / ".benchmark.png.tmp.png"
-    bar_chart(results, tmp)
-    tmp.replace(out_dir / "benchmark.png")
+    atomic_write_json(out_dir / "benchmark.json", {name: {**res, "table": json_table(res)} if "report" in res else res
+                                                   for name, res in results.items()})
+    atomic_write_with(out_dir / "benchmark.png", lambda tmp: bar_chart(results, tmp))
 
 
 def build_parser() -> argparse.ArgumentParser:
