@@ -276,7 +276,8 @@ def cross_fit_candidates(checkpoint: str | os.PathLike, dataset: str | os.PathLi
     for r in rows:
         by_source.setdefault("train (cross-fitted)" if r["source"] != "full" else f"{r['split']} (full model)", []).append(r)
     info = {"checkpoint": str(checkpoint), "dataset": str(dataset.resolve()),
-            "records_fingerprint": records_fingerprint(records), "folds": folds, "top_k": top_k, "style": style, "splits": list(splits), "images": len(rows),
+            "records_fingerprint": records_fingerprint(records), "folds": folds, "top_k": top_k, "style": style,
+            "splits": list(splits), "images": len(rows),
             "accuracy": {src: _accuracy(rs, truth) for src, rs in sorted(by_source.items())}}
     tmp = out / f".{CANDIDATES_FILE}.{os.getpid()}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:

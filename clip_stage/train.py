@@ -39,8 +39,8 @@ from typing import Any
 
 import torch
 
-from clip_stage.core.errors import command_main
 from clip_stage.core.curves import read_metric_rows
+from clip_stage.core.errors import command_main
 from clip_stage.core.fs import atomic_write_json, load_error_text, remove_stale_temps
 from clip_stage.core.outdir import check_out_dir, on_disk, write_marker
 from clip_stage.core.progress import progress as tqdm  # a line every 30 s when not on a terminal
