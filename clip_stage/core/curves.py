@@ -32,12 +32,15 @@ class CurvesError(ValueError):
     """A run without metrics to draw, or a malformed option."""
 
 
+def metrics_path(run: str | Path) -> Path:
+    """`run/metrics.jsonl` for a run folder; a path that is no folder is taken as the metrics file itself."""
+    return Path(run) / METRICS_FILE if Path(run).is_dir() else Path(run)
+
+
 def read_metric_rows(run: str | Path) -> tuple[list[dict], int]:
     """The rows of `run/metrics.jsonl` (or of the file itself) that have a numeric "step", and how many lines
     were skipped (malformed: the half-written last line of a run still training, or not a metrics row)."""
-    path = Path(run)
-    if path.is_dir():
-        path = path / METRICS_FILE
+    path = metrics_path(run)
     if not path.is_file():
         raise CurvesError(f"{run}: no {METRICS_FILE} (is it a train-clip or train-llava run folder?)")
     rows, skipped = [], 0
@@ -162,8 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         raise CurvesError(f"--smoothing {args.smoothing}: must be in [0, 1)")
     if Path(args.out).suffix.lower() != ".png":
         raise CurvesError(f"--out {args.out}: give a .png file")
-    files = [Path(r) / METRICS_FILE if Path(r).is_dir() else Path(r) for r in args.runs]
-    check_out_files({"--out": args.out}, files)
+    check_out_files({"--out": args.out}, [metrics_path(r) for r in args.runs])
     if args.labels is not None and len(set(args.labels)) != len(args.labels):
         raise CurvesError(f"--labels {' '.join(args.labels)}: give each run its own label")
     labels = args.labels or [Path(r).name if Path(r).is_dir() else Path(r).parent.name for r in args.runs]
