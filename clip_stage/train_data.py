@@ -108,8 +108,10 @@ class AddressImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         image = self.load_image(index)
         # Random augmentation from a per-(seed, epoch, row) stream: identical in resumed runs and workers.
+        # Only the CPU generator is seeded (torchvision draws from it): torch.manual_seed would also queue a
+        # CUDA re-seed, which records a stack trace per item (~1 ms) and resets a GPU's dropout stream.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(item_seed(self.seed, self.epoch, index))
+            torch.random.default_generator.manual_seed(item_seed(self.seed, self.epoch, index))
             pixels = self.transform(image)
         return {"image": pixels, "address": self.addresses[index], "semantic": self.semantic[index],
                 "coords": self.coords[index], "index": index}

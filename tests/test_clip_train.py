@@ -67,6 +67,23 @@ def _copy_dataset(src, dst, edit=None) -> Path:
     return Path(dst)
 
 
+def test_an_items_augmentation_depends_on_seed_epoch_and_row_alone(toy_dataset, monkeypatch):
+    from torchvision import transforms
+
+    crop = transforms.Compose([transforms.RandomResizedCrop(16), transforms.PILToTensor()])
+    data = AddressImageDataset(toy_dataset, "train", crop, seed=5)
+    gpu_seeds = []  # a GPU's generator (dropout in a num_workers=0 run) is not re-seeded per item
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", gpu_seeds.append)
+    first = data[3]["image"]
+    assert gpu_seeds == []
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    assert torch.equal(data[3]["image"], first)  # whatever the global stream was
+    assert torch.equal(torch.get_rng_state(), state)  # and the global stream is left as it was
+    data.set_epoch(1)
+    assert not torch.equal(data[3]["image"], first)
+
+
 def test_training_learns_the_toy_city(toy_dataset, tmp_path):
     out = tmp_path / "run"
     assert main(_argv(toy_dataset, out, "--num-epochs", "12", "--log-every", "6", "--save-every", "30")) == 0
