@@ -29,6 +29,7 @@ from clip_stage.data.network import (
     helsinki_pbf_path,
     load_street_network,
     resolve_city,
+    utm_epsg_for,
 )
 
 ORIGIN = (385000.0, 6672000.0)
@@ -164,6 +165,22 @@ def test_osm_xml_named_streets_only_and_places(toy_osm):
     np.testing.assert_allclose(y - ORIGIN[1], 0, atol=0.01)
     lon, lat = net.to_wgs84(x, y)
     np.testing.assert_allclose(np.stack([lon, lat], 1), main.coords, atol=1e-9)
+
+
+def test_a_highway_mapped_as_an_area_is_not_a_street_line(tmp_path):
+    # a pedestrian street mapped as its outline (area=yes): its loop would be read as a 4x longer street
+    square = [(100, 20), (300, 20), (300, 60), (100, 60), (100, 20)]
+    net = load_street_network(write_osm(tmp_path / "plaza.osm", areas=[
+        ("Market Walk", {"highway": "pedestrian", "area": "yes"}, square)]))
+    assert "Market Walk" not in net.street_names()
+    linear = load_street_network(write_osm(tmp_path / "walk.osm", areas=[
+        ("Market Walk", {"highway": "pedestrian"}, square[:2])]))
+    assert "Market Walk" in linear.street_names()
+
+
+def test_a_city_across_the_antimeridian_gets_its_own_utm_zone():
+    ways = [Way("Harbour Road", "residential", np.array([[179.98, -16.8], [-179.99, -16.8]]))]
+    assert StreetNetwork.from_ways(ways).utm_epsg == utm_epsg_for(179.995, -16.8) == 32760
 
 
 def test_place_and_boundary_areas(tmp_path):

@@ -7,12 +7,12 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from shapely.geometry import LineString
+from shapely.geometry import LineString, Point
 
 from clip_stage.data.geocode import ReverseGeocoder
 from clip_stage.data.network import helsinki_pbf_path, load_street_network
 from clip_stage.core.schema import address_columns
-from clip_stage.data.neighbourhoods import load_zones
+from clip_stage.data.neighbourhoods import ZoneFileError, load_zones
 from clip_stage.data.street_pieces import split_streets
 from clip_stage.data.substreet_types import SubStreetConfig
 from clip_stage.data.substreets import partition_sub_streets, side_by_side, sub_streets_geojson
@@ -133,6 +133,22 @@ def test_neighbourhood_from_a_zone_layer(toy, tmp_path):
     part = partition_sub_streets(toy, x, y, streets, SubStreetConfig(), zones=load_zones(path, toy))
     # inside the polygon: its name; outside: the nearest OSM place node
     assert [s.neighbourhood for s in part.sub_streets] == ["Old Town", "Old Town", "Eastside", "Eastside"]
+
+
+def test_a_projected_zone_layer_is_read_through_its_crs_member(toy, tmp_path):
+    x, y = utm([-50, 300, 300, -50, -50], [-300, -300, 300, 300, -300])
+    zones = {"type": "FeatureCollection", "crs": {"type": "name", "properties": {"name": "EPSG:32635"}},
+             "features": [{"type": "Feature", "properties": {"name": "Old Town"},
+                           "geometry": {"type": "Polygon", "coordinates": [np.stack([x, y], 1).tolist()]}}]}
+    path = tmp_path / "zones.geojson"
+    path.write_text(json.dumps(zones), encoding="utf-8")
+    polys, names = load_zones(path, toy)
+    assert names == ["Old Town"] and polys[0].contains(Point(*utm(100, 0)))
+    del zones["crs"]  # projected numbers without a declaration: an error naming the file, not a silent miss
+    path.write_text(json.dumps(zones), encoding="utf-8")
+    with pytest.raises(ZoneFileError, match="outside lon/lat range") as e:
+        load_zones(path, toy)
+    assert str(path) in str(e.value)
 
 
 def test_neighbourhood_from_osm_place_areas(tmp_path):
@@ -261,3 +277,85 @@ def test_side_by_side_ignores_pieces_meeting_end_to_end():
     assert side_by_side([sub(0, [(0, 0), (100, 0)]), sub(1, [(100, 0), (200, 0)])]) == []
     assert side_by_side([sub(0, [(0, 0), (100, 0)]), sub(1, [(0, 10), (100, 10)])]) == [("A/0", "A/1", 100.0)]
     assert side_by_side([sub(0, [(0, 0), (40, 0)]), sub(1, [(0, 10), (40, 10)])]) == []  # under 50 m
+
+
+def _along(x0, y0, x1, y1, n=7):
+    t = np.linspace(0.15, 0.85, n)
+    return list(x0 + t * (x1 - x0)), list(y0 + t * (y1 - y0))
+
+
+def _partition(tmp_path, ways, segments, places=(), **cfg):
+    """Partition of `segments` ((street, x0, y0, x1, y1), 7 points each) on an OSM network of `ways`."""
+    net = load_street_network(write_osm(tmp_path / "net.osm", ways, list(places)))
+    xs, ys, names = [], [], []
+    for street, *ends in segments:
+        a, b = _along(*ends)
+        xs += a
+        ys += b
+        names += [street] * len(a)
+    x, y = utm(xs, ys)
+    return partition_sub_streets(net, x, y, np.array(names, dtype=object), SubStreetConfig(**cfg))
+
+
+def _labels(part, street):
+    return [s.cross_streets for s in part.sub_streets if s.street == street]
+
+
+def test_blocks_between_the_same_cross_streets_in_two_places_stay_apart(tmp_path):
+    # a crescent meets Main Road twice, Middle Street crosses between: two blocks, both bounded by the same two names
+    ways = [("Main Road", "residential", [(-300, 0), (0, 0), (200, 0), (400, 0), (700, 0)]),
+            ("The Crescent", "residential", [(0, 0), (0, 150), (400, 150), (400, 0)]),
+            ("Middle Street", "residential", [(200, -200), (200, 150)]),
+            ("West Street", "residential", [(-300, -200), (-300, 200)]),
+            ("East Street", "residential", [(700, -200), (700, 200)])]
+    segments = [("Main Road", -300, 0, 0, 0), ("Main Road", 0, 0, 200, 0), ("Main Road", 200, 0, 400, 0),
+                ("Main Road", 400, 0, 700, 0)]
+    part = _partition(tmp_path, ways, segments)
+    assert _labels(part, "Main Road") == [("West Street", "The Crescent"), ("The Crescent", "Middle Street"),
+                                          ("Middle Street", "The Crescent"), ("The Crescent", "East Street")]
+
+
+def test_a_street_name_used_in_two_parts_of_town_is_two_sub_streets(tmp_path):
+    ways = [(f"{side} Avenue", "residential", [(x, -100), (x, 100)]) for side, x in (("First", 0), ("Second", 300))]
+    ways = [("Alpha Street", "residential", [(0, 0), (300, 0)]), *ways,
+            ("Alpha Street", "residential", [(6000, 0), (6300, 0)]),
+            ("First Avenue", "residential", [(6000, -100), (6000, 100)]),
+            ("Second Avenue", "residential", [(6300, -100), (6300, 100)])]
+    places = [("Westside", "suburb", 150, 50), ("Eastside", "suburb", 6150, 50)]
+    part = _partition(tmp_path, ways, [("Alpha Street", 0, 0, 300, 0), ("Alpha Street", 6000, 0, 6300, 0)], places)
+    assert [(s.cross_streets, s.neighbourhood, s.n_points) for s in part.sub_streets] == [
+        (("First Avenue", "Second Avenue"), "Westside", 7), (("First Avenue", "Second Avenue"), "Eastside", 7)]
+    # the same address text in the same neighbourhood is one class: an address names one place
+    same = _partition(tmp_path, ways, [("Alpha Street", 0, 0, 300, 0), ("Alpha Street", 6000, 0, 6300, 0)],
+                      [("Westside", "suburb", 3150, 50)], neighbourhood_max_distance_m=5000)
+    assert [(s.neighbourhood, s.n_points) for s in same.sub_streets] == [("Westside", 14)]
+    assert same.stats["same_address_merges"] == 1
+
+
+def test_a_block_without_images_does_not_widen_its_neighbours_label(toy):
+    x, y, streets = _main_points({1: MAIN_X[1], 2: MAIN_X[2]})  # nothing on the dead ends beyond First/Third Avenue
+    part = partition_sub_streets(toy, x, y, streets, SubStreetConfig(min_points=5))
+    assert [s.cross_streets for s in part.sub_streets] == [("First Avenue", "Second Avenue"),
+                                                           ("Second Avenue", "Third Avenue")]
+    assert part.stats["small_merges"] == 0
+
+
+@pytest.mark.parametrize("continuation", ["Oak Avenue", "Aardvark Avenue", "Zulu Avenue"])
+def test_a_street_carrying_on_under_another_name_is_not_its_cross_street(continuation, tmp_path):
+    ways = [("Main Street", "residential", [(0, 0), (300, 0)]), (continuation, "residential", [(300, 0), (600, 0)]),
+            ("Alpha Road", "residential", [(0, -150), (0, 150)]), ("Zeta Road", "residential", [(300, -150), (300, 0), (300, 150)]),
+            ("Omega Road", "residential", [(600, -150), (600, 150)])]
+    part = _partition(tmp_path, ways, [("Main Street", 0, 0, 300, 0), (continuation, 300, 0, 600, 0)])
+    assert _labels(part, "Main Street") == [("Alpha Road", "Zeta Road")]
+    assert _labels(part, continuation) == [("Zeta Road", "Omega Road")]
+
+
+def test_a_street_meeting_a_roundabout_where_its_way_closes_bounds_both_ends(tmp_path):
+    ring = [(round(40 * np.cos(t), 3), round(40 * np.sin(t), 3)) for t in np.linspace(0, 2 * np.pi, 25)[:-1]]
+    ring.append(ring[0])  # the way starts and ends where East Road meets it
+    ways = [("Circle Place", "primary", ring), ("East Road", "residential", [ring[0], (400, 0)]),
+            ("North Road", "residential", [ring[6], (0, 400)]), ("West Road", "residential", [ring[12], (-400, 0)]),
+            ("South Road", "residential", [ring[18], (0, -400)])]
+    quarter = [("Circle Place", *ring[19], *ring[23])]  # the arc from South Road to East Road
+    part = _partition(tmp_path, ways, quarter, min_points=1)
+    assert _labels(part, "Circle Place") == [("South Road", "East Road")]

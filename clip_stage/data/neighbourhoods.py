@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import shapely
 
-from clip_stage.data.network import StreetNetwork
+from clip_stage.data.network import NetworkFileError, StreetNetwork, geojson_crs_transform
 from clip_stage.data.substreet_types import SubStreetConfig
 
 
@@ -31,6 +31,10 @@ def load_zones(path: str | Path, network: StreetNetwork, name_property: str = "n
         feats = fc["features"]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise ZoneFileError(f"{path}: cannot read as a GeoJSON FeatureCollection ({type(e).__name__}: {e})") from None
+    try:  # a projected layer (GDAL and QGIS write the 2008 spec's crs member) is read in its own CRS
+        to_wgs = geojson_crs_transform(fc.get("crs") if isinstance(fc, dict) else None, path)
+    except NetworkFileError as e:
+        raise ZoneFileError(str(e)) from None
     polys, names = [], []
     for i, f in enumerate(feats):
         try:
@@ -42,6 +46,12 @@ def load_zones(path: str | Path, network: StreetNetwork, name_property: str = "n
         name = str((f.get("properties") or {}).get(name_property) or "")
         if not name:
             raise ZoneFileError(f"{path}: feature {i}: no {name_property!r} property")
+        if to_wgs is not None:
+            geom = shapely.transform(geom, to_wgs)
+        lonlat = shapely.get_coordinates(geom)
+        if not np.all(np.isfinite(lonlat)) or np.any(np.abs(lonlat[:, 0]) > 180) or np.any(np.abs(lonlat[:, 1]) > 90):
+            raise ZoneFileError(f"{path}: feature {i} ({name!r}) has coordinates outside lon/lat range: a projected "
+                                "layer must declare its CRS (GeoJSON 'crs' member) or be WGS84 lon/lat")
         polys.append(shapely.transform(geom, lambda xy: np.stack(network.to_utm(xy[:, 0], xy[:, 1]), axis=1)))
         names.append(name)
     if not polys:

@@ -115,7 +115,10 @@ class StreetNetwork:
         if not ways:
             raise NetworkFileError(f"{source or 'street network'}: no named road ways")
         allc = np.concatenate([w.coords for w in ways])
-        lon, lat = float(np.mean(allc[:, 0])), float(np.mean(allc[:, 1]))
+        # the mean direction, not the mean number: a city across the antimeridian (179.9, -179.9) is at 180, not 0
+        rad = np.radians(allc[:, 0])
+        lon = float(np.degrees(np.arctan2(np.mean(np.sin(rad)), np.mean(np.cos(rad)))))
+        lat = float(np.mean(allc[:, 1]))
         return cls(ways=list(ways), places=list(places or []), utm_epsg=utm_epsg_for(lon, lat), source=source,
                    areas=list(areas or []))
 
@@ -255,6 +258,13 @@ def _keep_highway(highway, classes: frozenset[str] | None) -> str | None:
     return None
 
 
+def _is_outline(area) -> bool:
+    """A highway tagged area=yes (a pedestrian street or square mapped as a polygon) is the outline of a
+    surface, not a line along the street: its end caps would become cross-street-less loops with 4x the
+    block's length. Skipped, as osmnx's network filters and routers skip it; the street's linear ways stay."""
+    return "yes" in _all_values(area)
+
+
 def _area_kind(tags) -> str | None:
     place = tags.get("place")
     if place in AREA_PLACE_KINDS:
@@ -305,7 +315,7 @@ def _read_osm(path: Path, classes: frozenset[str] | None) -> tuple[list[Way], li
             elif obj.is_way():
                 name = obj.tags.get("name")
                 hw = obj.tags.get("highway")
-                if not name or hw is None:
+                if not name or hw is None or _is_outline(obj.tags.get("area")):
                     continue
                 hw_kept = _keep_highway(hw, classes)
                 if hw_kept is None:
@@ -388,7 +398,7 @@ def _read_graphml(path: Path, classes: frozenset[str] | None) -> tuple[list[Way]
         if not name:
             continue
         hw = _keep_highway(data.get("highway"), classes)
-        if hw is None:
+        if hw is None or _is_outline(data.get("area")):
             continue
         geom = data.get("geometry")
         if geom and node_lonlat:
@@ -431,7 +441,7 @@ def _read_geojson(path: Path, classes: frozenset[str] | None) -> tuple[list[Way]
         fc = {"type": "FeatureCollection", "features": [fc]}
     if not isinstance(fc, dict) or not isinstance(fc.get("features"), list):
         raise NetworkFileError(f"{path}: not a GeoJSON FeatureCollection (no 'features' list)")
-    to_wgs = _geojson_crs(fc.get("crs"), path)
+    to_wgs = geojson_crs_transform(fc.get("crs"), path)
     ways: list[Way] = []
     places: list[Place] = []
     areas: list[Area] = []
@@ -459,7 +469,7 @@ def _read_geojson(path: Path, classes: frozenset[str] | None) -> tuple[list[Way]
             if gtype not in ("LineString", "MultiLineString"):
                 continue
             hw = _keep_highway(props.get("highway"), classes)
-            if hw is None:
+            if hw is None or _is_outline(props.get("area")):
                 continue
             parts = [geom["coordinates"]] if gtype == "LineString" else geom["coordinates"]
             for part in parts:
@@ -481,7 +491,7 @@ def _read_geojson(path: Path, classes: frozenset[str] | None) -> tuple[list[Way]
     return ways, places, areas
 
 
-def _geojson_crs(member, path: Path):
+def geojson_crs_transform(member, path: Path):
     """The transform to WGS84 for a GeoJSON `crs` member (the 2008 spec's named or EPSG form), or None.
 
     RFC 7946 dropped `crs` (coordinates are WGS84), but GDAL and QGIS still write it for projected data.

@@ -48,25 +48,38 @@ def _principal_axis(lines: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return c, v
 
 
-def _find_crossings(geoms: list, names: list[str], tol: float) -> dict[int, list[tuple[str, float, float]]]:
-    """For each street index: (cross street name, x, y) of every point where another street meets it."""
-    tree = shapely.STRtree(geoms)
-    gi, gj = tree.query(np.array(geoms, dtype=object), predicate="dwithin", distance=tol)
-    keep = gi < gj
-    gi, gj = gi[keep], gj[keep]
-    out: dict[int, list[tuple[str, float, float]]] = {}
-    if not len(gi):
+def _find_crossings(geoms: list, names: list[str], tol: float) -> dict[int, list[tuple[str, float, float, float]]]:
+    """For each street index: (cross street name, x, y, squareness) of every point where another street meets it.
+
+    Ways are compared one pair at a time, so a way that stops just short of another (a near miss within
+    `tol`, common where ways share no node) counts even where the two streets also cross elsewhere.
+    squareness = |sin| of the angle between the two ways there: ~1 for a street crossing or ending in a T,
+    ~0 for a street that carries on in line under another name (a continuation is not a cross street).
+    """
+    parts, owner = shapely.get_parts(np.array(geoms, dtype=object), return_index=True)
+    tree = shapely.STRtree(parts)
+    pi, pj = tree.query(parts, predicate="dwithin", distance=tol)
+    keep = owner[pi] < owner[pj]
+    pi, pj = pi[keep], pj[keep]
+    out: dict[int, list[tuple[str, float, float, float]]] = {}
+    if not len(pi):
         return out
-    ga, gb = np.array(geoms, dtype=object)[gi], np.array(geoms, dtype=object)[gj]
+    ga, gb = parts[pi], parts[pj]
     inter = shapely.intersection(ga, gb)
     empty = shapely.is_empty(inter)
     near = shapely.shortest_line(ga[empty], gb[empty]) if empty.any() else np.array([], dtype=object)
     near_iter = iter(near)
-    for i, j, geom, is_empty in zip(gi, gj, inter, empty):
+
+    def add(a: LineString, b: LineString, i: int, j: int, pa: tuple[float, float], pb: tuple[float, float]) -> None:
+        da, db = _direction(a, a.project(Point(pa)), half=10.0), _direction(b, b.project(Point(pb)), half=10.0)
+        square = float(abs(da[0] * db[1] - da[1] * db[0]))
+        out.setdefault(i, []).append((names[j], pa[0], pa[1], square))
+        out.setdefault(j, []).append((names[i], pb[0], pb[1], square))
+
+    for a, b, i, j, geom, is_empty in zip(ga, gb, owner[pi].tolist(), owner[pj].tolist(), inter, empty):
         if is_empty:  # a near miss within the tolerance: the two closest points
             c = np.asarray(next(near_iter).coords)
-            out.setdefault(i, []).append((names[j], float(c[0, 0]), float(c[0, 1])))
-            out.setdefault(j, []).append((names[i], float(c[1, 0]), float(c[1, 1])))
+            add(a, b, i, j, (float(c[0, 0]), float(c[0, 1])), (float(c[1, 0]), float(c[1, 1])))
             continue
         pts = []
         for part in shapely.get_parts(geom):
@@ -76,22 +89,31 @@ def _find_crossings(geoms: list, names: list[str], tol: float) -> dict[int, list
                 c = np.asarray(part.coords)
                 pts += [tuple(c[0]), tuple(c[-1])]
         for x, y in pts:
-            out.setdefault(i, []).append((names[j], float(x), float(y)))
-            out.setdefault(j, []).append((names[i], float(x), float(y)))
+            add(a, b, i, j, (float(x), float(y)), (float(x), float(y)))
     return out
 
 
 def _split_component(line: LineString, crossings, gap: float, tol: float) -> tuple[list[tuple[float, str]], int]:
-    """Boundaries (position along the line, cross-street name or "") and the number of dropped split points."""
+    """Boundaries (position along the line, cross-street name or "") and the number of dropped split points.
+
+    A boundary where several streets meet is named by the one crossing most squarely (summed over its
+    reports: both carriageways of a dual road count twice), so a street carrying on in line under another
+    name loses to the street that crosses there; ties go to the first along the street.
+    """
     length = line.length
-    # boundary = [position, names]; the two ends are fixed
-    inner: dict[tuple[str, int], float] = {}
-    for name, x, y in crossings:
+    closed = line.is_closed and length > 0
+    inner: dict[tuple[str, int], tuple[float, float]] = {}
+    for name, x, y, square in crossings:
         p = Point(x, y)
         if line.distance(p) <= tol:
             pos = line.project(p)
-            inner.setdefault((name, int(round(pos * 10))), pos)  # the same crossing reported twice counts once
-    bounds = [[0.0, [], True]] + sorted([[pos, [name], False] for (name, _), pos in inner.items()]) + [[length, [], True]]
+            at = [pos]
+            if closed and min(pos, length - pos) <= tol:
+                at = [0.0, length]  # a street meeting a ring (roundabout) where it is closed bounds both ends
+            for a in at:
+                inner.setdefault((name, int(round(a * 10))), (a, square))  # one crossing reported twice counts once
+    # boundary = [position, [(name, squareness)...], fixed end?]
+    bounds = [[0.0, [], True]] + sorted([[a, [(name, sq)], False] for (name, _), (a, sq) in inner.items()]) + [[length, [], True]]
     dropped = 0
     while len(bounds) > 2:
         gaps = [
@@ -115,7 +137,15 @@ def _split_component(line: LineString, crossings, gap: float, tol: float) -> tup
             na, nb = max(len(a[1]), 1), max(len(b[1]), 1)
             bounds[k] = [(a[0] * na + b[0] * nb) / (na + nb), a[1] + b[1], False]
             del bounds[k + 1]
-    return [(pos, Counter(names).most_common(1)[0][0] if names else "") for pos, names, _ in bounds], dropped
+    return [(pos, _boundary_name(members)) for pos, members, _ in bounds], dropped
+
+
+def _boundary_name(members: list[tuple[str, float]]) -> str:
+    """The street crossing a boundary most squarely (see _split_component); "" for none."""
+    weight: dict[str, float] = {}
+    for name, square in members:
+        weight[name] = weight.get(name, 0.0) + max(square, 1e-3)  # a lone continuation still names its end
+    return min(weight, key=lambda n: -round(weight[n], 6)) if weight else ""  # ties: the first along the street
 
 
 class UnionFind:

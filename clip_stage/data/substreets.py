@@ -107,18 +107,25 @@ def _join_same_street_junctions(units: _Units, tol: float) -> None:
                         units.uf.union(i, idx[j])
 
 
-def _merge_same_labels(units: _Units) -> int:
-    """Units of one street with the same cross streets (dual carriageways...) become one; returns merges."""
+def _merge_same_labels(units: _Units, within_m: float) -> int:
+    """Units of one street with the same cross streets in the same order lying within `within_m` of each other
+    (the two carriageways of a dual road, the branches of a fork) become one; returns merges.
+
+    Two blocks between the same cross streets elsewhere on the street (a crescent meeting it twice, a
+    name used in two parts of town) stay apart: they are different places.
+    """
     merged = 0
-    seen: dict[tuple, int] = {}
-    for root, members in units.groups().items():
-        key = (units.pieces[root].street, frozenset(units.label(members)))
-        if key in seen:
-            units.uf.union(seen[key], root)
-            merged += 1
-            seen[key] = units.uf.find(root)
-        else:
-            seen[key] = root
+    groups = units.groups()
+    by_key: dict[tuple, list[int]] = {}
+    for root, members in groups.items():
+        by_key.setdefault((units.pieces[root].street, units.label(members)), []).append(root)
+    for roots in by_key.values():
+        geom = {r: units.geom(groups[r]) for r in roots}
+        for k, a in enumerate(roots):
+            for b in roots[k + 1:]:
+                if units.uf.find(a) != units.uf.find(b) and float(shapely.distance(geom[a], geom[b])) <= within_m:
+                    units.uf.union(a, b)
+                    merged += 1
     return merged
 
 
@@ -138,11 +145,15 @@ def _merge_small(units: _Units, cfg: SubStreetConfig) -> int:
         geom = {r: units.geom(m) for r, m in groups.items()}
         blocked: set[int] = set()  # units with no neighbour in reach
         while True:
-            small = [(count[r], r) for r in groups if r not in blocked and count[r] < cfg.min_points]
+            # a stretch with no images is no class (dropped later): never merged, so it cannot widen a label
+            small = [(count[r], r) for r in groups if r not in blocked and 0 < count[r] < cfg.min_points]
             if not small or len(groups) < 2:
                 break
             _, root = min(small)
-            dists = [(float(shapely.distance(geom[root], geom[r])), count[r], r) for r in groups if r != root]
+            dists = [(float(shapely.distance(geom[root], geom[r])), count[r], r) for r in groups if r != root and count[r]]
+            if not dists:
+                blocked.add(root)
+                continue
             touching = [d for d in dists if d[0] <= cfg.snap_tolerance_m]
             if touching:
                 target = min(touching, key=lambda d: (d[1], d[2]))[2]  # the touching neighbour with fewest points
@@ -160,6 +171,42 @@ def _merge_small(units: _Units, cfg: SubStreetConfig) -> int:
             blocked.discard(root), blocked.discard(target)
             merges += 1
     return merges
+
+
+def _piece_roots(units: _Units) -> np.ndarray:
+    return np.array([units.uf.find(i) for i in range(len(units.pieces))], dtype=np.int64)
+
+
+def _neighbourhood_of_units(units: _Units, point_piece: np.ndarray, x: np.ndarray, y: np.ndarray,
+                            network: StreetNetwork, cfg: SubStreetConfig, zones) -> dict[int, str]:
+    """Neighbourhood of every unit with images (by root): where its images are (their mean position)."""
+    ok = point_piece >= 0
+    roots = _piece_roots(units)[point_piece[ok]]
+    uniq, inv = np.unique(roots, return_inverse=True)
+    if not len(uniq):
+        return {}
+    cnt = np.bincount(inv, minlength=len(uniq))
+    centre = np.stack([np.bincount(inv, weights=x[ok]) / cnt, np.bincount(inv, weights=y[ok]) / cnt], axis=1)
+    return dict(zip(uniq.tolist(), neighbourhoods(centre, network, cfg, zones)))
+
+
+def _merge_same_addresses(units: _Units, hood: dict[int, str]) -> int:
+    """Units whose addresses would read the same (street, cross streets, neighbourhood) become one class:
+    an address text names one sub-street. `hood` (by root) is kept up to date; returns merges."""
+    merged = 0
+    first: dict[tuple, int] = {}
+    for root, members in units.groups().items():
+        if root not in hood:
+            continue  # no images: no class, no address
+        key = (units.pieces[root].street, units.label(members), hood[root])
+        if key not in first:
+            first[key] = root
+            continue
+        units.uf.union(first[key], root)
+        first[key] = units.uf.find(root)
+        hood[first[key]] = key[2]
+        merged += 1
+    return merged
 
 
 # --------------------------------------------------------------------------------------------------
@@ -200,15 +247,17 @@ def partition_sub_streets(
 
     units = _Units(pieces, counts)
     _join_same_street_junctions(units, cfg.snap_tolerance_m)
-    stats["same_label_merges"] = _merge_same_labels(units)
+    alongside = max(cfg.parallel_merge_m, cfg.snap_tolerance_m)
+    stats["same_label_merges"] = _merge_same_labels(units, alongside)
     stats["small_merges"] = _merge_small(units, cfg)
-    stats["same_label_merges"] += _merge_same_labels(units)
+    stats["same_label_merges"] += _merge_same_labels(units, alongside)
 
-    groups = units.groups()
+    # a stretch of street with no images is not a class of the dataset
+    hood = _neighbourhood_of_units(units, point_piece, x, y, network, cfg, zones)
+    stats["same_address_merges"] = _merge_same_addresses(units, hood)
+    groups = {r: m for r, m in units.groups().items() if units.count(m) > 0}
     by_street: dict[str, list[int]] = {}
-    for root, members in groups.items():
-        if units.count(members) == 0:
-            continue  # a stretch of street with no images is not a class of the dataset
+    for root in groups:
         by_street.setdefault(pieces[root].street, []).append(root)
     sub_streets: list[SubStreet] = []
     root_to_sub: dict[int, int] = {}
@@ -219,27 +268,16 @@ def partition_sub_streets(
         for k, r in enumerate(order):
             root_to_sub[r] = len(sub_streets)
             geom = shapely.line_merge(units.geom(groups[r]))
-            sub_streets.append(SubStreet(f"{street}/{k}", street, units.label(groups[r]), geom, units.count(groups[r]), "", city))
+            sub_streets.append(SubStreet(f"{street}/{k}", street, units.label(groups[r]), geom, units.count(groups[r]),
+                                         hood[r], city))
 
     point_sub = np.full(len(x), -1, dtype=np.int64)
     ok = point_piece >= 0
     if ok.any():
-        piece_root = np.array([units.uf.find(i) for i in range(len(pieces))], dtype=np.int64)
         lut = np.full(len(pieces), -1, dtype=np.int64)
         for r, s in root_to_sub.items():
             lut[r] = s
-        point_sub[ok] = lut[piece_root[point_piece[ok]]]
-
-    # neighbourhood of each sub-street: where its images are (their mean position)
-    if sub_streets:
-        sel = point_sub >= 0
-        n_sub = len(sub_streets)
-        cnt = np.bincount(point_sub[sel], minlength=n_sub)
-        mx = np.bincount(point_sub[sel], weights=x[sel], minlength=n_sub) / np.maximum(cnt, 1)
-        my = np.bincount(point_sub[sel], weights=y[sel], minlength=n_sub) / np.maximum(cnt, 1)
-        hoods = neighbourhoods(np.stack([mx, my], axis=1), network, cfg, zones)
-        for s, hood in zip(sub_streets, hoods):
-            s.neighbourhood = hood
+        point_sub[ok] = lut[_piece_roots(units)[point_piece[ok]]]
     stats["sub_streets"] = len(sub_streets)
     stats["streets_with_images"] = len(by_street)
     stats["sub_streets_below_min_points"] = sum(1 for s in sub_streets if s.n_points < cfg.min_points)
