@@ -381,7 +381,7 @@ def build(config: BuildConfig) -> dict:
     # One rule for every command's --out (clip_stage.core.outdir), checked before anything is read; build_info.json
     # marks conversation folders written before it. --out = the dataset (or its parent) is refused.
     check_out_dir(config.out, "conversations", inputs=[config.dataset, paths.images, config.candidates or None],
-                  overwrite=config.overwrite, legacy=["build_info.json"])
+                  overwrite=config.overwrite, legacy=["build_info.json", "train.json", "eval.json"])
     records = read_records(config.dataset)
     check_records(records, paths.records)
     builder = ConversationBuilder(config, build_neighbourhood(records, config.dataset))

@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     bases = [args.base, args.vision_tower]
     if stored_model is not None:
         bases += [stored_model.model_name_or_path, stored_model.llm, stored_model.vision_tower]
-    check_out_dir(out, "merge", inputs=[ckpt, *(on_disk(b) for b in bases)],
+    check_out_dir(out, "merge", inputs=[ckpt, *(on_disk(b) for b in bases), args.benchmark],
                   inside_ok=[ckpt.parent], overwrite=args.overwrite and not args.no_overwrite)
     stored = read_checkpoint_args(ckpt)[2]  # without llava_args.json: one line, "not a LLaVA training checkpoint"
 

@@ -78,6 +78,7 @@ def test_answers_without_a_record_are_refused_not_adopted(loads, toy_dataset, to
     (out / "answers").mkdir(parents=True)
     (out / "answers" / "x.jsonl").write_text('{"id": "000001", "answer": "Esplanadi"}\n')
     (out / "benchmark.json").write_text("{}")
+    (out / "benchmark.md").write_text("")
     assert benchmark.main(_argv(toy_dataset, toy_conversations / "eval.json", out, f"x=llava:{model}", 4)) == 2
     err = capsys.readouterr().err
     assert "x.jsonl has no record of the model that wrote it" in err and "another --out" in err

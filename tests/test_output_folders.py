@@ -72,6 +72,8 @@ def test_the_rule(tmp_path):
         check_out_dir(legacy, "train-llava", resume=True, legacy=["metrics.jsonl"])
     with pytest.raises(OutputFolderError):  # all of them, not one: an HF Trainer folder has checkpoint-* too
         check_out_dir(legacy, "train-llava", resume=True, legacy=["checkpoint-*", "metrics.jsonl"])
+    with pytest.raises(OutputFolderError, match="not replaced on that guess"):  # files may continue a folder, never delete it
+        check_out_dir(legacy, "train-llava", overwrite=True, legacy=["checkpoint-*"])
     (tmp_path / "afile").write_text("x")
     with pytest.raises(OutputFolderError, match="is a file"):
         check_out_dir(tmp_path / "afile", "merge")
@@ -221,9 +223,11 @@ def test_conversations_replace_their_own_kind_with_overwrite(toy_dataset, tmp_pa
     assert cli.main(argv) == 0
     assert json.loads((out / MARKER_FILE).read_text())["kind"] == "conversations"
     refused(capsys, argv, "pass --overwrite")
-    (out / MARKER_FILE).unlink()  # a folder from before markers: build_info.json marks it
-    assert cli.main([*argv, "--overwrite"]) == 0
-    assert (out / MARKER_FILE).is_file() and (out / "train.json").is_file()
+    (out / MARKER_FILE).unlink()  # a folder from before markers (or anyone's with these names): never replaced
+    (out / "my_results.csv").write_text("keep me")
+    before = snapshot(out)
+    refused(capsys, [*argv, "--overwrite"], "not replaced on that guess")
+    assert snapshot(out) == before
 
 
 # --- stage 4: LLaVA -----------------------------------------------------------------------------------------
@@ -263,7 +267,11 @@ def test_merge_refuses_the_run_folder(tmp_path, capsys):
             "not a merge output")
     write_marker(tmp_path / "merged", "merge")
     refused(capsys, ["merge", "--checkpoint", str(ck), "--out", str(tmp_path / "merged")], "pass --overwrite")
-    assert snapshot(run) == before
+    card_numbers = tmp_path / "merged" / "benchmark.json"  # --benchmark is an input too: replacing --out deletes it
+    card_numbers.write_text("{}")
+    refused(capsys, ["merge", "--checkpoint", str(ck), "--out", str(tmp_path / "merged"), "--overwrite",
+                     "--benchmark", str(card_numbers)], "contains the input")
+    assert snapshot(run) == before and card_numbers.read_text() == "{}"
 
 
 def test_convert_llava(tmp_path, capsys):
@@ -295,6 +303,11 @@ def test_benchmark(tmp_path, capsys):
     refused(capsys, [*base, "--out", str(data)], "is the input")
     refused(capsys, [*base, "--out", str(foreign(tmp_path / "mine"))], "not a benchmark output")
     assert not (data / MARKER_FILE).exists() and (data / "records.parquet").read_bytes() == b"PAR1"
+    ckpt = tmp_path / "run" / "checkpoint-000002"  # every path a system reads is an input, not only its target
+    ckpt.mkdir(parents=True)
+    refused(capsys, [*base[:-1], f"ours=llava:{tmp_path / 'model'},adapter={ckpt}", "--out", str(ckpt / "bench")],
+            "lies inside")
+    assert not (ckpt / "bench").exists()
 
 
 def test_demo(tmp_path, capsys):
@@ -304,3 +317,13 @@ def test_demo(tmp_path, capsys):
     net.write_text("<osm/>")
     refused(capsys, ["demo", "--out", str(net.parent), "--network", str(net)], "contains the input")
     assert (tmp_path / "mine" / "thesis.txt").read_text() == "keep me" and net.read_text() == "<osm/>"
+
+
+def test_demo_refuses_a_folder_that_merely_has_a_done_folder(tmp_path, capsys):
+    proj = tmp_path / "proj"
+    (proj / ".done").mkdir(parents=True)
+    (proj / "llava").mkdir()
+    (proj / "llava" / "notes.txt").write_text("precious")
+    before = snapshot(proj)
+    refused(capsys, ["demo", "--out", str(proj), "--until", "city", "--num-images", "60"], "is not a demo output")
+    assert snapshot(proj) == before

@@ -81,6 +81,19 @@ def test_atomic_dir_keeps_old_folder_on_failure(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["ds"]
 
 
+def test_atomic_dir_clears_its_own_killed_staging_only_and_takes_dot(tmp_path, monkeypatch):
+    (tmp_path / ".conv.ab12cd34.tmp").mkdir()  # a killed write of conv
+    (tmp_path / ".conv.geo.ab12cd34.tmp").mkdir()  # conv.geo being written right now
+    with atomic_dir(tmp_path / "conv") as tmp:
+        (tmp / "f.txt").write_text("one")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".conv.geo.ab12cd34.tmp", "conv"]
+    monkeypatch.chdir(tmp_path / "conv")
+    with atomic_dir(".") as tmp:  # --out . from inside the folder
+        (tmp / "f.txt").write_text("two")
+    assert (tmp_path / "conv" / "f.txt").read_text() == "two"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".conv.geo.ab12cd34.tmp", "conv"]
+
+
 def test_atomic_outputs_get_the_umask_mode_not_owner_only(tmp_path):
     """mkstemp/mkdtemp make 0600/0700 files; outputs (a merged model, a report) must be as readable as any file
     the user creates."""

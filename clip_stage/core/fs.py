@@ -20,6 +20,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -109,15 +110,17 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = True, verified: bool =
     beside it (`remove_stale_temps`) is removed first. verified: write `manifest.json` into the
     temporary folder and fsync every file and folder before the rename (checkpoints).
     """
-    path = Path(path)
+    path = Path(os.path.abspath(path))  # `--out .` / `..` name a folder with a parent to stage beside
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists (pass overwrite=True to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
     # What a killed atomic_dir of this same folder left (its staging, or the old folder once the new one is in
     # place): every command writing through atomic_dir cleans up after an earlier kill without a start-up call.
-    # Only these two kinds: train-llava's ranks stage `.<name>.state-partial` just before this call.
+    # Only these two kinds, and only this folder's (`.conv.XXXXXXXX.tmp`, not `.conv.geo.XXXXXXXX.tmp` of a
+    # sibling being written): train-llava's ranks stage `.<name>.state-partial` just before this call.
+    own = re.compile(rf"\.{re.escape(path.name)}\.([a-z0-9_]{{8}}\.tmp|old-\d+)")
     for p in path.parent.glob(f".{glob.escape(path.name)}.*"):
-        if (p.name.endswith(".tmp") and p.is_dir()) or ".old-" in p.name:
+        if own.fullmatch(p.name) and (p.is_dir() or ".old-" in p.name):
             remove_stale_temps(path.parent, (p.name[1:],))
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:

@@ -9,9 +9,9 @@ A command calls `check_out_dir(out, kind, inputs=[...], overwrite=..., resume=..
   delete the input. Paths are compared after resolving symlinks.
 * A missing or empty folder is fine.
 * A non-empty folder is this command's own kind when it holds the marker `.address-llava.json` with its
-  kind, or all of the files the command wrote before markers existed (e.g. `dataset_info.json` with
-  `records.parquet` and `sub_streets.geojson`). Anything else is refused, even with `--overwrite`: it is
-  someone else's data.
+  kind. A folder that holds all of the files a resuming command wrote before markers existed (e.g.
+  a manifested `checkpoint-NNNNNN/` with `metrics.jsonl`) is continued, but never replaced: files are a
+  guess. Anything else is refused, even with `--overwrite`: it is someone else's data.
 * Its own kind is replaced only with `--overwrite`; commands that resume (train-clip, train-llava, demo,
   candidates) continue it instead (`resume=True`).
 
@@ -147,7 +147,12 @@ def check_out_dir(out: str | os.PathLike, kind: str, *, inputs: Iterable[str | o
         return "new"
     found = read_marker_kind(path)
     legacy = list(legacy)
-    if found is None and legacy and all(next(path.glob(pattern), None) is not None for pattern in legacy):
+    by_files = found is None and bool(legacy) and all(next(path.glob(pattern), None) is not None for pattern in legacy)
+    if by_files:
+        if not resume:  # files alone are a guess: enough to continue a folder, never to delete one
+            raise OutputFolderError(
+                f"{flag} {out} has no {MARKER_FILE}: it looks like a {kind} output from before markers, but it is not "
+                "replaced on that guess; delete it yourself or choose another folder (nothing was deleted)")
         found = kind
     if found is None:
         raise OutputFolderError(f"{flag} {out} exists, is not empty and is not a {kind} output (no {MARKER_FILE}); "

@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     p = Paths(Path(cfg.out))
     # One rule for every command's --out (clip_stage.core.outdir): an earlier demo folder is continued (its .done/
     # markers skip finished stages); anything else non-empty, or a folder holding the network file, is refused.
-    check_out_dir(p.root, "demo", resume=True, legacy=[".done"], inputs=[cfg.network or None])
+    check_out_dir(p.root, "demo", resume=True, legacy=[".done/city.json", "city/gps.csv"], inputs=[cfg.network or None])
     p.done.mkdir(parents=True, exist_ok=True)
     write_marker(p.root, "demo")
     started = time.time()

@@ -148,6 +148,12 @@ def register_system_kind(kind: SystemKind) -> None:
 _POSITIVE_INT_OPTIONS = ("max_new_tokens", "top_k")
 
 
+def spec_paths(spec: SystemSpec) -> list[str]:
+    """The local paths a system reads (its target, adapter=, candidates= ... as its kind names them)."""
+    paths = (spec.target if key == "target" else spec.options.get(key) for key in get_system_kind(spec.kind).paths)
+    return [p for p in paths if p and os.path.exists(p)]
+
+
 def check_system_spec(spec: SystemSpec) -> None:
     """Everything a --system spec says that can be checked without loading it: its kind, option names, numbers
     and the paths it names (a typo is one line before any model loads, not a failure after the others ran)."""
@@ -566,9 +572,8 @@ def main(argv: list[str] | None = None) -> int:
     specs = [parse_system_spec(s) for s in args.system]
     # One rule for every command's --out (clip_stage.core.outdir), before any system loads: an earlier benchmark
     # folder is continued (answers already there are skipped); anything else non-empty, or an input, is refused.
-    check_out_dir(args.out, "benchmark", resume=True, legacy=["benchmark.json", "answers"],
-                  inputs=[args.dataset, args.eval, args.image_root,
-                          *(s.target for s in specs if s.target and os.path.exists(s.target))])
+    check_out_dir(args.out, "benchmark", resume=True, legacy=["benchmark.json", "benchmark.md", "answers/*.jsonl"],
+                  inputs=[args.dataset, args.eval, args.image_root, *(p for s in specs for p in spec_paths(s))])
     Path(args.out).mkdir(parents=True, exist_ok=True)
     write_marker(args.out, "benchmark")
     ctx = RunContext(Path(args.dataset), device, args.dtype, args.max_new_tokens, args.batch_size, args.engine)
