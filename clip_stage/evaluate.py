@@ -44,7 +44,8 @@ from clip_stage.gallery import (Gallery, GalleryEncoder, default_cache_dir, enco
                                 gallery_from_file)
 from clip_stage.geo_metrics import candidate_geometries, score, sub_street_geometries_utm
 from clip_stage.model import add_model_source_args, bundle_from_args, check_model_source, checkpoint_folders
-from clip_stage.core.schema import ADDRESS_STYLES, SPLITS, Address, DatasetPaths, read_records, render_address
+from clip_stage.core.schema import (ADDRESS_STYLES, SPLITS, Address, DatasetPaths, check_record_images, read_records,
+                                    render_address)
 from clip_stage.plots import plot_prediction_map
 
 METRICS_FILE = "metrics.json"
@@ -246,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Every input and --out first: the model loads only for a request that can be evaluated and written.
     check_options(args)
-    split_records(args.dataset, args.split, args.limit)
+    check_record_images(args.dataset, split_records(args.dataset, args.split, args.limit))
     gallery = gallery_from_file(args.candidates, args.dataset) if args.candidates else gallery_from_dataset(args.dataset, args.style)
     check_out(args)
     check_model_source(args)

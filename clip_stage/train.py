@@ -44,7 +44,7 @@ from clip_stage.core.errors import command_main
 from clip_stage.core.fs import atomic_write_json, load_error_text, remove_stale_temps
 from clip_stage.core.outdir import check_out_dir, on_disk, write_marker
 from clip_stage.core.progress import progress as tqdm  # a line every 30 s when not on a terminal
-from clip_stage.core.schema import ADDRESS_STYLES, SPLITS, read_records
+from clip_stage.core.schema import ADDRESS_STYLES, SPLITS, check_record_images, read_records
 from clip_stage.core.trackers import TrackerPlan, finish_trackers, plan_trackers, start_trackers
 from clip_stage.core.training import (
     METRICS_FILE,
@@ -256,6 +256,7 @@ def setup(cfg: TrainConfig) -> ClipRun | dict:
 
     # --- data and loss plan ---
     df = drop_fold(read_records(cfg.data.dataset, cfg.data.split), cfg.data.holdout_fold)
+    check_record_images(cfg.data.dataset, df)
     with warnings.catch_warnings():
         if not main_proc:
             warnings.simplefilter("ignore")

@@ -34,7 +34,7 @@ from clip_stage.core.config import ConfigParser, Section
 from clip_stage.core.errors import command_main
 from clip_stage.core.fs import atomic_dir, atomic_write_json
 from clip_stage.core.outdir import check_out_dir, write_marker
-from clip_stage.core.schema import Address, DatasetPaths, read_records, render_address
+from clip_stage.core.schema import Address, DatasetPaths, check_record_images, read_records, render_address
 
 from conversations import formats
 from conversations.candidates import NONE_FITS, with_candidates
@@ -384,6 +384,7 @@ def build(config: BuildConfig) -> dict:
                   overwrite=config.overwrite, legacy=["build_info.json", "train.json", "eval.json"])
     records = read_records(config.dataset)
     check_records(records, paths.records)
+    check_record_images(config.dataset, records, must_exist=False)  # never an image outside the dataset
     builder = ConversationBuilder(config, build_neighbourhood(records, config.dataset))
 
     def split_samples(splits):

@@ -160,6 +160,14 @@ def test_empty_captions_with_semantic_weight_is_an_error(toy_dataset, tmp_path, 
     assert "semantic_loss" not in _summary(tmp_path / "r2")["last_losses"]
 
 
+def test_a_record_image_outside_the_dataset_is_a_one_line_error_before_training(toy_dataset, tmp_path, capsys):
+    data = _copy_dataset(toy_dataset, tmp_path / "d", lambda df: df.assign(image=["../../outside/secret.png"] + list(df["image"][1:])))
+    assert main(_argv(data, tmp_path / "r", "--max-steps", "2")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "records.parquet" in err and "escapes the image root" in err
+    assert not (tmp_path / "r").exists()
+
+
 def test_missing_coordinates_disable_geo_with_warning_or_error_when_asked(toy_dataset, tmp_path, capsys):
     data = _copy_dataset(toy_dataset, tmp_path / "d", lambda df: df.assign(utm_x=float("nan"), utm_y=float("nan")))
     with pytest.warns(UserWarning, match="geo loss is disabled"):

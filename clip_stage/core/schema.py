@@ -195,6 +195,26 @@ def read_records(dataset_dir: str | Path, split: str | None = None) -> pd.DataFr
     return df
 
 
+def check_record_images(dataset_dir: str | Path, df: pd.DataFrame, must_exist: bool = True) -> None:
+    """Every record's image lies inside the dataset's image folder and (`must_exist`) is there (one stat per row),
+    so a bad row is one line naming the file and the record before a model loads, not a DataLoader failure
+    mid-training. Commands that only pass paths on (conversations) check where they point, not the files."""
+    from clip_stage.core.fs import UnsafePathError, resolve_under_root
+
+    paths = DatasetPaths(dataset_dir)
+    bad: list[tuple[str, str]] = []
+    for image_id, rel in zip(df["image_id"].astype(str), df["image"].astype(str)):
+        try:
+            full = resolve_under_root(paths.images, rel)
+            if must_exist and not full.is_file():
+                bad.append((image_id, f"image {rel!r} not found in {paths.images}"))
+        except UnsafePathError as e:
+            bad.append((image_id, str(e)))
+    if bad:
+        more = f" ({len(bad) - 1} more records like it)" if len(bad) > 1 else ""
+        raise DatasetFormatError(f"{paths.records}: record image_id={bad[0][0]!r}: {bad[0][1]}{more}")
+
+
 def records_fingerprint(records: pd.DataFrame) -> str:
     """sha256 of what identifies and labels each image (image_id, image, split, sub_street), in image_id order:
     two datasets with one fingerprint have the same images, splits and labels (their captions may differ)."""
