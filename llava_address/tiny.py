@@ -157,8 +157,11 @@ def build_tiny_llava(tokenizer, vision_tower: str | os.PathLike | None = None, v
         vision_feature_select_strategy=strategy, num_additional_image_tokens=1,  # the CLS token
     )
     if out_dir is not None:
-        model.save_pretrained(str(out_dir))
-        processor.save_pretrained(str(out_dir))
+        from clip_stage.core.fs import atomic_dir
+
+        with atomic_dir(out_dir) as tmp:  # a killed build leaves no half-written folder a resumed demo would take
+            model.save_pretrained(str(tmp))
+            processor.save_pretrained(str(tmp))
     return model, processor
 
 

@@ -133,6 +133,19 @@ def test_unloadable_models_and_foreign_output_files_are_clear_errors(tmp_path):
     with pytest.raises(infer.InferenceInputError, match="not an answers file"):
         answers.read_done_ids(notes)
     assert notes.read_text() == "important notes, no newline at the end"
+    first = tmp_path / "first.jsonl"  # a first batch torn by a kill: nothing answered yet, the torn line goes
+    first.write_text('{"id": "000001", "answ')
+    assert answers.read_done_ids(first) == set() and first.read_bytes() == b""
+
+
+def test_appended_answers_survive_short_writes(tmp_path, monkeypatch):
+    import os as os_module
+
+    real_write = os_module.write
+    monkeypatch.setattr(answers.os, "write", lambda fd, data: real_write(fd, bytes(data[:7])))  # 7 bytes a call
+    out = tmp_path / "a.jsonl"
+    answers.append_lines(out, [{"id": "1", "answer": "Esplanadi"}, {"id": "2", "answer": "Mannerheimintie"}])
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["1", "2"]
 
 
 def test_retrieval_answers_yes_no_by_whether_its_top1_is_the_named_place(toy_dataset):

@@ -371,3 +371,20 @@ def test_tower_with_missing_weights_is_refused(tiny_llava_dir, tmp_path):
     save_file(dropped, str(tmp_path / "t" / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match="missing"):
         build_llava(ModelArgs(model_name_or_path=str(tiny_llava_dir), vision_tower=str(tmp_path / "t")))
+
+
+def test_a_tiny_llava_folder_is_written_whole_with_shared_modes(tiny_llava_dir, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer, LlavaProcessor
+
+    from llava_address.tiny import build_tiny_llava
+
+    assert all(p.stat().st_mode & 0o044 for p in tiny_llava_dir.iterdir() if p.is_file())  # not owner-only (0600)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llava_dir)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed while saving the processor")
+
+    monkeypatch.setattr(LlavaProcessor, "save_pretrained", killed)
+    with pytest.raises(KeyboardInterrupt):
+        build_tiny_llava(tokenizer, seed=0, out_dir=tmp_path / "base_init")
+    assert list(tmp_path.iterdir()) == []  # no config.json without its weights and processor: a resume rebuilds it

@@ -23,6 +23,9 @@ from llava_address.eval.errors import InferenceInputError
 log = logging.getLogger(__name__)
 
 
+ANSWERS_LINE_START = b'{"id": '  # json.dumps of every answers row: the id comes first
+
+
 def read_done_ids(path: str | os.PathLike, retry_errors: bool = False, repair: bool = True) -> set[str]:
     """Ids already answered in `path` (error rows too, unless `retry_errors`); a torn last line is cut off.
 
@@ -45,7 +48,9 @@ def read_done_ids(path: str | os.PathLike, retry_errors: bool = False, repair: b
         if jl.error is not None or not isinstance(row, dict) or "id" not in row or not ({"answer", "error"} & set(row)):
             raise InferenceInputError(f"{path}: line {jl.lineno}: not an answers line (id + answer or error); "
                                       "refusing to append to it")
-    if good_end < len(data) and not parsed:  # one unterminated line and nothing of ours
+    # One unterminated line and nothing else: ours when it opens as every answers line does (a first batch torn
+    # by a kill), else someone else's file.
+    if good_end < len(data) and not parsed and not data.startswith(ANSWERS_LINE_START):
         raise InferenceInputError(f"{path}: not an answers file (no complete answers line); refusing to write it")
     for jl in parsed:
         row = jl.value
@@ -74,7 +79,9 @@ def append_lines(path: str | os.PathLike, rows: Iterable[dict]) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, payload)
+        view = memoryview(payload)
+        while view:  # os.write may write less than asked (a signal, a nearly full disk): the rest follows
+            view = view[os.write(fd, view):]
         os.fsync(fd)
     finally:
         os.close(fd)
