@@ -67,7 +67,8 @@ model = LlavaForConditionalGeneration.from_pretrained("{repo}")
 processor = AutoProcessor.from_pretrained("{repo}")  # carries the training prompt as its chat template
 messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "Where was this photo taken?"}}]}}]
 prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-inputs = processor(images=Image.open("street.jpg"), text=prompt, return_tensors="pt")
+# the template already starts with <s>: add_special_tokens=False, or the tokenizer adds a second one
+inputs = processor(images=Image.open("street.jpg"), text=prompt, add_special_tokens=False, return_tensors="pt")
 print(processor.decode(model.generate(**inputs, max_new_tokens=64)[0], skip_special_tokens=True))"""
 
 

@@ -362,7 +362,8 @@ def special_boundary(tokenizer) -> str:
 def chat_template(template: str | Template, boundary: str = "") -> str:
     """A Jinja chat template (transformers' `apply_chat_template`) that renders `template`'s training layout.
 
-    It starts with `bos_token` (so the processor adds no second one), ends assistant turns with `eos_token`
+    It starts with `bos_token` (so tokenize the rendered string with `add_special_tokens=False`, as
+    `apply_chat_template(tokenize=True)` and the image-text-to-text pipeline do, or BOS comes twice), ends assistant turns with `eos_token`
     inside `{% generation %}` (assistant-token masks for TRL), and `add_generation_prompt` appends the
     assistant opener. boundary: `special_boundary(tokenizer)` of the tokenizer it will serve. Token ids
     equal `encode_conversation`'s (tested): the rendered string is the concatenation of the pieces that

@@ -61,6 +61,11 @@ def test_card_front_matter_and_metrics(tmp_path):
     assert loaded.data.pipeline_tag == "image-text-to-text" and loaded.data.tags == ["llava"]
     assert "| ours | 75.0% | 50.0% | 42.0 | - |" in loaded.text and "| broken | - | - | - | failed |" in loaded.text
     assert "a\\|b" in loaded.text  # a table cell cannot break the table
+    odd = ModelCard(title="m", summary="S.", pipeline_tag="image-text-to-text", base_model=str(tmp_path),
+                    metrics={"ev|<b>": {"a|b": 0.5}})
+    text = render_card(odd)
+    assert "base_model" not in text.split("---")[1]  # a local folder is no Hub base_model
+    assert "| ev\\|<b> |" in text and "| a\\|b |" in text
     (tmp_path / "bad.json").write_text("[1, 2]")
     with pytest.raises(CardError, match="bad.json"):
         read_metrics(tmp_path / "bad.json")
@@ -84,7 +89,9 @@ def test_merge_writes_card_chat_template_and_pushes(tiny_llava_dir, tmp_path, fa
                  "--push-to-hub", "me/address-llava", "--hub-private"]) == 0
     card = (out / "README.md").read_text()
     assert card.startswith("---\n") and "pipeline_tag: image-text-to-text" in card
-    assert f"base_model: {tiny_llava_dir}" in card and "75.0%" in card and "vicuna_v1" in card
+    # a local base is named in the Training table, never as the Hub's base_model (the upload would be refused)
+    assert "base_model:" not in card and f"| base model | {tiny_llava_dir} |" in card
+    assert "75.0%" in card and "vicuna_v1" in card
     # the merged processor prompts as training did (a checkpoint saved without a template gets it here)
     processor = AutoProcessor.from_pretrained(str(out))
     assert processor.chat_template == chat_template("vicuna_v1", special_boundary(processor.tokenizer))
@@ -93,6 +100,12 @@ def test_merge_writes_card_chat_template_and_pushes(tiny_llava_dir, tmp_path, fa
     ids = processor.tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, return_dict=False)
     ids = ids[0] if ids and isinstance(ids[0], list) else ids
     assert list(ids) == encode_conversation(conv, processor.tokenizer, 1).input_ids
+    # the card's usage snippet: the rendered prompt tokenised without special tokens starts with one BOS, not two
+    assert "add_special_tokens=False" in card
+    prompt = processor.apply_chat_template(conv[:1], add_generation_prompt=True, tokenize=False)
+    snippet_ids = processor.tokenizer(prompt, add_special_tokens=False).input_ids
+    bos = processor.tokenizer.bos_token_id
+    assert snippet_ids[0] == bos and snippet_ids[1] != bos
     # pushed: the repo was created private and the whole finished folder uploaded
     assert fake_hub.calls[0] == ("create_repo", "me/address-llava", "model", True, True)
     assert fake_hub.calls[1][:3] == ("upload_folder", "me/address-llava", "model")

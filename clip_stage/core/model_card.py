@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from clip_stage.core.fs import atomic_write_text
+from clip_stage.core.outdir import looks_local
 
 CARD_FILE = "README.md"
 DEFAULT_LICENSE = "apache-2.0"
@@ -62,7 +63,10 @@ def render_card(card: ModelCard) -> str:
     """README.md text: YAML front matter (huggingface_hub's ModelCardData) + Markdown body."""
     from huggingface_hub import ModelCardData
 
-    data = ModelCardData(license=card.license, base_model=card.base_model, tags=list(card.tags) or None,
+    # The Hub accepts only hub ids as base_model (a local path fails the upload and publishes the path): a model
+    # trained from a local folder names it in the Training table only.
+    hub_base = card.base_model if card.base_model and is_hub_id(card.base_model) else None
+    data = ModelCardData(license=card.license, base_model=hub_base, tags=list(card.tags) or None,
                          pipeline_tag=card.pipeline_tag, library_name=card.library_name)
     lines = ["---", data.to_yaml(), "---", "", f"# {card.title}", "", card.summary, ""]
     if card.details:
@@ -72,9 +76,9 @@ def render_card(card: ModelCard) -> str:
     lines += ["## Results", ""]
     if card.metrics:
         names = list(dict.fromkeys(m for row in card.metrics.values() for m in row))
-        lines += ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        lines += ["| | " + " | ".join(_cell(n) for n in names) + " |", "|---|" + "---|" * len(names)]
         for system, row in card.metrics.items():
-            lines.append(f"| {system} | " + " | ".join(_fmt(row.get(m)) for m in names) + " |")
+            lines.append(f"| {_cell(system)} | " + " | ".join(_fmt(row.get(m)) for m in names) + " |")
         lines += ["", f"Source: `{card.metrics_source}`." if card.metrics_source else "", ""]
     else:
         lines += ["No evaluation was attached when this card was written (pass `--benchmark FILE`).", ""]
@@ -84,6 +88,11 @@ def render_card(card: ModelCard) -> str:
               + (f"; the base model `{card.base_model}` keeps its own licence and terms of use, which also apply."
                  if card.base_model else "."), ""]
     return "\n".join(lines)
+
+
+def is_hub_id(spec: str) -> bool:
+    """`org/name` (or a bare name) that is not a path on this machine."""
+    return not looks_local(spec) and not os.path.exists(os.path.expanduser(spec))
 
 
 def _cell(value: Any) -> str:
