@@ -65,7 +65,9 @@ def expand_to_square(image, background: tuple[int, ...]):
 
 
 def mean_colour(image_processor) -> tuple[int, int, int]:
-    return tuple(int(round(x * 255)) for x in image_processor.image_mean)
+    """The padding colour: int(mean * 255), as LLaVA's expand2square and transformers' LlavaImageProcessor(do_pad)
+    compute it, so a deployment that pads with either feeds the model exactly the training images."""
+    return tuple(int(x * 255) for x in image_processor.image_mean)
 
 
 def load_image(root: str | os.PathLike, relative: str, record_id: Any):

@@ -12,7 +12,7 @@ from PIL import Image
 
 from llava_address.config import DataArgs, ModelArgs
 from conversations.records import RecordError, load_records
-from llava_address.data import (LengthGroupedSampler, LlavaCollator, LlavaDataset, expand_to_square,
+from llava_address.data import (LengthGroupedSampler, LlavaCollator, LlavaDataset, expand_to_square, mean_colour,
                                 length_grouped_indices)
 from llava_address.prompting import (IGNORE_INDEX, ConversationError, encode_conversation, generation_prompt,
                                      get_template, render_text)
@@ -186,6 +186,20 @@ def test_pad_to_square_with_mean_colour(tmp_path, processor):
     assert torch.allclose(resized[:, 0, 16] * std + mean, torch.tensor([1.0, 0.0, 0.0]), atol=0.02)  # center crop
     sq = expand_to_square(Image.new("RGB", (10, 4), (0, 0, 0)), (1, 2, 3))
     assert sq.size == (10, 10) and sq.getpixel((0, 0)) == (1, 2, 3) and sq.getpixel((5, 5)) == (0, 0, 0)
+
+
+def test_padding_equals_stock_llava_image_processors(processor):
+    # what a deployer gets from transformers' LlavaImageProcessor(do_pad=True) is exactly the training padding
+    import numpy as np
+    from transformers import LlavaImageProcessor
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (13, 40, 3), dtype=np.uint8))
+    ip = processor.image_processor
+    stock = LlavaImageProcessor(image_mean=ip.image_mean, image_std=ip.image_std)
+    padded = stock(images=image, do_pad=True, do_resize=False, do_center_crop=False, do_rescale=False,
+                   do_normalize=False, return_tensors="pt")["pixel_values"][0]
+    ours = expand_to_square(image, mean_colour(ip))
+    assert torch.equal(torch.from_numpy(np.asarray(ours)).permute(2, 0, 1), padded)
 
 
 def test_bad_records_and_images_are_errors_naming_the_record(tmp_path, processor, tiny_llava_data):
