@@ -15,6 +15,12 @@ from shapely.geometry.base import BaseGeometry
 from clip_stage.core.fs import atomic_write_with
 
 
+def plain_text(text: str) -> str:
+    """`text` as matplotlib draws it literally: an unescaped `$...$` pair would be typeset as mathtext (and a
+    malformed one raises), so user text (queries, addresses) gets its dollars escaped."""
+    return str(text).replace("$", r"\$")
+
+
 def _lines(geom: BaseGeometry):
     if geom is None or geom.is_empty:
         return

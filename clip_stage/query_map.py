@@ -49,7 +49,7 @@ from clip_stage.evaluate import encode_images
 from clip_stage.gallery import city_addresses, encode_texts
 from clip_stage.geo_metrics import sub_street_geometries_utm
 from clip_stage.model import add_model_source_args, bundle_from_args
-from clip_stage.plots import _lines
+from clip_stage.plots import _lines, plain_text
 
 JSON_FILE = "query_map.json"
 SINGLE_PNG = "query_map.png"
@@ -323,7 +323,7 @@ class QueryMapper:
             dashed = m.level in ("neighbourhood", "city")
             ax.add_collection(LineCollection(lines, colors="#d62728", linewidths=1.6 if dashed else 4.0,
                                              linestyles="--" if dashed else "-", alpha=0.9 if dashed else 0.55,
-                                             zorder=2, label=f"{m.level}: {m.name}"[:80]))
+                                             zorder=2, label=plain_text(f"{m.level}: {m.name}"[:80])))
         order = np.argsort(result.similarity)  # the most similar images are drawn last, on top
         rel = self.points[order] - (x0, y0)
         sc = ax.scatter(rel[:, 0], rel[:, 1], c=result.similarity[order], cmap="viridis", s=16, edgecolors="white",
@@ -339,7 +339,7 @@ class QueryMapper:
             auc = "n/a" if st["auc"] is None else f"{st['auc']:.3f}"
             detail = (f"{m.level} '{m.name}' ({len(m.sub_streets)} sub-streets, {m.method}): AUC {auc}, "
                       f"{st['n_inside']} images inside / {st['n_outside']} outside")
-        ax.set_title(f"\"{m.query}\"\n{detail}", fontsize=9)
+        ax.set_title(plain_text(f"\"{m.query}\"\n{detail}"), fontsize=9)
         if geom is not None:
             ax.legend(loc="best", fontsize=7, framealpha=0.8)
         ax.grid(alpha=0.2)

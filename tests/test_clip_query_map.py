@@ -190,3 +190,22 @@ def test_web_demo_address_query_box(toy_dataset):
         demo.on_query("  ")
     with pytest.raises(gr.Error, match="no AddressCLIP"):
         Demo(None, None, None).on_query("Esplanadi")
+
+
+def test_query_text_is_drawn_literally_not_as_mathtext():
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from clip_stage.plots import plain_text
+
+    fig, ax = plt.subplots()
+    ax.set_title(r"Mannerheimintie $\foo$")  # what the query text did: matplotlib typesets it and fails
+    with pytest.raises(ValueError):
+        fig.savefig(io.BytesIO(), format="png")
+    ax.set_title(plain_text(r"Mannerheimintie $\foo$, Kamppi $5 and $10"))
+    fig.savefig(io.BytesIO(), format="png")
+    plt.close(fig)

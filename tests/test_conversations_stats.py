@@ -86,6 +86,15 @@ def test_answer_lengths_with_a_tokenizer(toy_conversations, tiny_tokenizer, tmp_
     assert f"{tiny_tokenizer} tokens" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("tokenizer, message", [("./nosuch", "no such folder"), ("{empty}", "not a tokenizer folder")])
+def test_a_bad_tokenizer_is_one_line_before_anything_loads(tokenizer, message, toy_conversations, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    argv = [str(toy_conversations / "eval.json"), "--tokenizer", tokenizer.format(empty=tmp_path / "empty")]
+    assert stats.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err and "--tokenizer" in err
+
+
 def test_missing_file(tmp_path, capsys):
     assert stats.main([str(tmp_path / "none.json")]) == 2
     assert "none.json: no such file" in capsys.readouterr().err

@@ -75,6 +75,21 @@ class ModelPathError(ValueError):
     """A model option naming a local path that holds no model (a user error: one line, exit 2)."""
 
 
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
+
+
+def check_tokenizer_folder(spec: str, flag: str) -> None:
+    """check_model_folder for a tokenizer option: a folder holding tokenizer files, or a hub id."""
+    path = os.path.expanduser(spec)
+    if os.path.isdir(path):
+        if not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+            raise ModelPathError(f"{flag} {spec}: not a tokenizer folder (none of {', '.join(TOKENIZER_FILES)})")
+    elif os.path.exists(path):
+        raise ModelPathError(f"{flag} {spec}: a file, not a tokenizer folder or hub id")
+    elif looks_local(spec):
+        raise ModelPathError(f"{flag} {spec}: no such folder (and not a hub id of the form org/name)")
+
+
 def check_model_folder(spec: str, flag: str) -> None:
     """A model option is a folder with config.json or a hub id ("org/name"), checked before any library loads
     it: a config-less folder would become a default-config model with every weight missing, and a local path

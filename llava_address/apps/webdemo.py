@@ -29,6 +29,7 @@ import numpy as np
 from clip_stage.candidates import AddressRanker  # AddressCLIP's ranker: infer, chat and benchmark use the same one
 from clip_stage.core.config import ArgumentParser
 from clip_stage.core.errors import command_main, is_user_error, one_line
+from clip_stage.plots import plain_text
 from clip_stage.query_map import QueryMapConfig, QueryMapper
 from llava_address.apps import chat
 from llava_address.eval.gazetteer import Gazetteer
@@ -149,7 +150,7 @@ def city_map(gazetteer, top: list[dict], title: str = ""):
     colours = ["#d62728", "#ff7f0e", "#2ca02c", "#1f77b4", "#9467bd"]
     for t in reversed(top):
         c = colours[(t["rank"] - 1) % len(colours)]
-        label = f"{t['rank']}. {t['address'][:72]}"
+        label = plain_text(f"{t['rank']}. {t['address'][:72]}")
         for sid in t["sub_streets"]:
             g = gazetteer.sub_streets[sid].geometry_utm if sid in gazetteer.sub_streets else None
             if g is None:
@@ -162,7 +163,7 @@ def city_map(gazetteer, top: list[dict], title: str = ""):
     ax.set_aspect("equal", adjustable="datalim")
     ax.set_xlabel("east (m)")
     ax.set_ylabel("north (m)")
-    ax.set_title(title or "AddressCLIP top-5", fontsize=10)
+    ax.set_title(plain_text(title or "AddressCLIP top-5"), fontsize=10)
     handles, labels = ax.get_legend_handles_labels()
     if handles:
         order = sorted(range(len(labels)), key=lambda i: labels[i])
