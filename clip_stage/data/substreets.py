@@ -7,15 +7,18 @@ The paper's construction, offline and in UTM metres:
 2. all crossings with other named streets are found at once (an STRtree query + vectorised
    `shapely.intersection`); split points along a polyline closer than `min_intersection_gap_m` are
    merged into one (the "drop intersections that are too close" rule), and a crossing that close to an
-   end of the polyline becomes that end's cross street;
+   end of the polyline becomes that end's cross street; where several streets meet at one split point,
+   the one crossing most squarely names it (a street carrying on in line under another name does not);
    parallel ways of one street (the two carriageways of a dual road, other ways of the same name
    within `parallel_merge_m` running alongside) share one set of split points: a split point of one
    is carried across to the other (cutting it there, or merged with the split point it already has
    within `min_intersection_gap_m`, under one cross-street name), so both get the same pieces;
 3. pieces between consecutive split points are joined across same-street junctions (forks, the ends of
-   a dual carriageway) and pieces with the same cross streets are one sub-street;
+   a dual carriageway) and pieces with the same cross streets in the same order lying alongside each other
+   are one sub-street (blocks between the same names elsewhere stay apart);
 4. each image point goes to the nearest piece of its own (geocoded) street; a sub-street with fewer
-   than `min_points` images is merged into a touching neighbour on the same street (paper: 5);
+   than `min_points` images is merged into a touching neighbour on the same street that has images
+   (paper: 5); sub-streets whose whole address would read the same are one class;
 5. labels: "X between A and B" (cross streets in order along the street), "X near A" (a dead end or
    one cross street), ids "X/0", "X/1", ... in order along the street (west to east, or south to
    north for a north-south street); neighbourhood from a zone
@@ -252,9 +255,9 @@ def partition_sub_streets(
     stats["small_merges"] = _merge_small(units, cfg)
     stats["same_label_merges"] += _merge_same_labels(units, alongside)
 
-    # a stretch of street with no images is not a class of the dataset
     hood = _neighbourhood_of_units(units, point_piece, x, y, network, cfg, zones)
     stats["same_address_merges"] = _merge_same_addresses(units, hood)
+    # a stretch of street with no images is not a class of the dataset
     groups = {r: m for r, m in units.groups().items() if units.count(m) > 0}
     by_street: dict[str, list[int]] = {}
     for root in groups:
