@@ -301,7 +301,8 @@ def _load_exact(hf_model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
 
 
 def image_processor(model: nn.Module):
-    """A CLIPImageProcessor reproducing open_clip's validation transform (size, crop, mean, std, resampling)."""
+    """A CLIPImageProcessor reproducing open_clip's validation transform (size, crop, mean, std, resampling; a
+    half-pixel crop offset is floored where torchvision rounds it: docs/addressclip.md)."""
     from transformers import CLIPImageProcessor
 
     cfg = dict(getattr(model.visual, "preprocess_cfg", None) or {})
