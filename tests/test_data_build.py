@@ -17,7 +17,7 @@ from clip_stage.data.build import main
 from clip_stage.data.splits import SplitConfig, assign_splits
 from clip_stage.data.summary import summary, summary_main
 from clip_stage.core.schema import COLUMNS, DatasetPaths, read_info, read_records, read_sub_streets
-from tests.test_data_network import lonlat, write_osm
+from tests.test_data_network import lonlat, write_graphml, write_osm
 from tests.test_data_substreets import MAIN_X
 
 GOOD = (
@@ -350,3 +350,12 @@ def test_extra_columns_are_reported_and_never_replace_the_record_number(tmp_path
     assert [(r["row"], r["reason"]) for r in rejects if r["reason"] == "image_not_found"] == [(3, "image_not_found")]
     kept_rows = set(read_records(out)["source_row"])
     assert kept_rows and kept_rows <= {1, 2, 4, 5, 6}  # the record numbers, not the table's own "row" texts
+
+
+def test_a_graphml_with_edges_of_several_names_is_reported(tmp_path, capsys):
+    images, table, _, *_ = make_inputs(tmp_path)
+    out = tmp_path / "ds"
+    assert main(_argv(images, table, write_graphml(tmp_path / "toy.graphml"), out, "--min-points", "1")) == 0
+    warning = "edges carry several street names"
+    assert warning in capsys.readouterr().err
+    assert any(warning in w for w in json.loads(DatasetPaths(out).report.read_text())["warnings"])

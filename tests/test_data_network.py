@@ -219,6 +219,8 @@ def test_geojson_and_graphml_give_the_same_streets(tmp_path, toy_osm):
     assert first.coords.shape == (3, 2)  # the WKT geometry, not just the end nodes
     close = next(w for w in gm.ways if w.name == "Close Lane")
     assert close.coords.shape == (2, 2)  # no geometry attribute: straight between node x/y
+    # ... and is reported: the build report warns that such edges are labelled by one name along their length
+    assert len(gm.notes) == 1 and "1 edges carry several street names" in gm.notes[0] and osm.notes == gj.notes == []
 
 
 @pytest.mark.parametrize(

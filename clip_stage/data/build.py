@@ -278,6 +278,9 @@ def summarise(args: BuildArgs, geocode: GeocodeConfig, sub_streets: SubStreetCon
     elif no_hood:
         warnings.append(f"{len(no_hood)} of {len(subs)} sub-streets have no neighbourhood: their neighbourhood "
                         "style renders only the city")
+    for w in inputs.network.notes:  # said at once too: labels may be inexact
+        print(f"build-dataset: warning: {w}", file=sys.stderr)
+        warnings.append(w)
     rotated = int((data.orientation != 1).sum())
     if rotated and args.image_mode == "root":
         warnings.append(f"{rotated} kept images carry an EXIF rotation; --image-mode root links the folder as it "

@@ -106,10 +106,12 @@ class StreetNetwork:
     utm_epsg: int  # chosen from the network's centroid
     source: str = ""  # the file it was read from ("" if built in memory)
     areas: list[Area] = field(default_factory=list)  # named place / admin-boundary polygons, if any
+    notes: list[str] = field(default_factory=list)  # what was read but may make labels inexact (build report)
 
     @classmethod
     def from_ways(
-        cls, ways: list[Way], places: list[Place] | None = None, source: str = "", areas: list[Area] | None = None
+        cls, ways: list[Way], places: list[Place] | None = None, source: str = "", areas: list[Area] | None = None,
+        notes: list[str] | None = None,
     ) -> "StreetNetwork":
         """Builds a network choosing the UTM zone from the ways' centroid."""
         if not ways:
@@ -120,7 +122,7 @@ class StreetNetwork:
         lon = float(np.degrees(np.arctan2(np.mean(np.sin(rad)), np.mean(np.cos(rad)))))
         lat = float(np.mean(allc[:, 1]))
         return cls(ways=list(ways), places=list(places or []), utm_epsg=utm_epsg_for(lon, lat), source=source,
-                   areas=list(areas or []))
+                   areas=list(areas or []), notes=list(notes or []))
 
     @cached_property
     def _fwd(self):
@@ -382,7 +384,7 @@ def _graphml_crs(g, path: Path):
     return None, True
 
 
-def _read_graphml(path: Path, classes: frozenset[str] | None) -> tuple[list[Way], list[Place], list[Area]]:
+def _read_graphml(path: Path, classes: frozenset[str] | None) -> tuple[list[Way], list[Place], list[Area], list[str]]:
     import networkx as nx
     from shapely import wkt
 
@@ -393,10 +395,13 @@ def _read_graphml(path: Path, classes: frozenset[str] | None) -> tuple[list[Way]
     to_wgs, node_lonlat = _graphml_crs(g, path)
     ways: list[Way] = []
     seen: set = set()
+    multi_named: set = set()
     for u, v, data in g.edges(data=True):
         name = _first(data.get("name"))
         if not name:
             continue
+        if len(set(_all_values(data.get("name")))) > 1:
+            multi_named.add(frozenset((u, v)))
         hw = _keep_highway(data.get("highway"), classes)
         if hw is None or _is_outline(data.get("area")):
             continue
@@ -427,7 +432,10 @@ def _read_graphml(path: Path, classes: frozenset[str] | None) -> tuple[list[Way]
             continue
         seen.add(key)
         ways.append(Way(name, hw, coords))
-    return _transform_ways(ways, to_wgs), [], []
+    notes = [f"{path}: {len(multi_named)} edges carry several street names (osmnx joins ways with different names "
+             "when it simplifies a graph); each is read as its first name along its whole length, so images on the "
+             "others are labelled with it: build the graph with simplify=False for exact names"] if multi_named else []
+    return _transform_ways(ways, to_wgs), [], [], notes
 
 
 def _read_geojson(path: Path, classes: frozenset[str] | None) -> tuple[list[Way], list[Place], list[Area]]:
@@ -535,10 +543,11 @@ def load_street_network(
     if not path.is_file():
         raise NetworkFileError(f"{path}: not a file")
     name = path.name.lower()
+    notes: list[str] = []
     if name.endswith((".osm", ".pbf", ".xml", ".osm.bz2", ".osm.gz")):
         ways, places, areas = _read_osm(path, classes)
     elif name.endswith(".graphml"):
-        ways, places, areas = _read_graphml(path, classes)
+        ways, places, areas, notes = _read_graphml(path, classes)
     elif name.endswith((".geojson", ".json")):
         ways, places, areas = _read_geojson(path, classes)
     else:
@@ -549,4 +558,4 @@ def load_street_network(
             f"({'any' if classes is None else sorted(classes)})"
         )
     _check_coords(path, ways)
-    return StreetNetwork.from_ways(ways, places, source=str(path), areas=areas)
+    return StreetNetwork.from_ways(ways, places, source=str(path), areas=areas, notes=notes)
