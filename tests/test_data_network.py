@@ -176,6 +176,13 @@ def test_a_highway_mapped_as_an_area_is_not_a_street_line(tmp_path):
     linear = load_street_network(write_osm(tmp_path / "walk.osm", areas=[
         ("Market Walk", {"highway": "pedestrian"}, square[:2])]))
     assert "Market Walk" in linear.street_names()
+    # its tram/service way (a class not kept) running along the surface is its line, with the area's class
+    tram = [*TOY_WAYS, ("Market Walk", "service", [(100, 40), (200, 40), (300, 40)]),
+            ("Back Lane", "service", [(100, 90), (300, 90)])]
+    both = load_street_network(write_osm(tmp_path / "tram.osm", tram, areas=[
+        ("Market Walk", {"highway": "pedestrian", "area": "yes"}, square)]))
+    walk = [w for w in both.ways if w.name == "Market Walk"]
+    assert [(w.highway, len(w.coords)) for w in walk] == [("pedestrian", 3)] and "Back Lane" not in both.street_names()
 
 
 def test_a_city_across_the_antimeridian_gets_its_own_utm_zone():

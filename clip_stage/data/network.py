@@ -263,7 +263,8 @@ def _keep_highway(highway, classes: frozenset[str] | None) -> str | None:
 def _is_outline(area) -> bool:
     """A highway tagged area=yes (a pedestrian street or square mapped as a polygon) is the outline of a
     surface, not a line along the street: its end caps would become cross-street-less loops with 4x the
-    block's length. Skipped, as osmnx's network filters and routers skip it; the street's linear ways stay."""
+    block's length. Not read as a line, as osmnx's network filters and routers skip it (OSM files: see
+    `_lines_inside_outlines`)."""
     return "yes" in _all_values(area)
 
 
@@ -300,6 +301,8 @@ def _read_osm(path: Path, classes: frozenset[str] | None) -> tuple[list[Way], li
     ways: list[Way] = []
     places: list[Place] = []
     areas: list[Area] = []
+    outlines: list[tuple[str, str, np.ndarray]] = []  # highways mapped as areas: (name, class, ring)
+    unkept: list[Way] = []  # named highways of classes not kept (their lines may run through an outline)
     try:
         fp = osmium.FileProcessor(str(path)).with_locations().with_areas()
         for obj in fp:
@@ -317,17 +320,52 @@ def _read_osm(path: Path, classes: frozenset[str] | None) -> tuple[list[Way], li
             elif obj.is_way():
                 name = obj.tags.get("name")
                 hw = obj.tags.get("highway")
-                if not name or hw is None or _is_outline(obj.tags.get("area")):
+                if not name or hw is None:
                     continue
                 hw_kept = _keep_highway(hw, classes)
-                if hw_kept is None:
+                pts = np.asarray([(n.lon, n.lat) for n in obj.nodes if n.location.valid()], dtype=np.float64)
+                if len(pts) < 2:
                     continue
-                pts = [(n.lon, n.lat) for n in obj.nodes if n.location.valid()]
-                if len(pts) >= 2:
-                    ways.append(Way(name, hw_kept, np.asarray(pts, dtype=np.float64)))
+                if _is_outline(obj.tags.get("area")):
+                    if hw_kept is not None and len(pts) >= 4:
+                        outlines.append((name, hw_kept, pts))
+                elif hw_kept is None:
+                    unkept.append(Way(name, str(hw), pts))
+                else:
+                    ways.append(Way(name, hw_kept, pts))
     except (RuntimeError, ValueError, OSError) as e:
         raise NetworkFileError(f"{path}: cannot read as OSM data ({e})") from None
-    return ways, places, areas
+    return ways + _lines_inside_outlines(outlines, unkept), places, areas
+
+
+def _lines_inside_outlines(outlines: list[tuple[str, str, np.ndarray]], unkept: list[Way]) -> list[Way]:
+    """The line of a street mapped as an area: its same-named ways of other classes in or along the outline.
+
+    A pedestrian street drawn as a polygon (area=yes) is its surface, not a line: its outline would be read
+    as a loop with end caps. Where such a street also has linear ways of a class not kept (the tram and
+    service ways between the two pedestrian surfaces of central Helsinki's Aleksanterinkatu), those with at
+    least half their nodes within `OUTLINE_REACH_M` of the outline are its line, with the area's class; an
+    outline with none is skipped."""
+    import shapely
+    from shapely.geometry import Polygon
+
+    by_name: dict[str, list[Way]] = {}
+    for w in unkept:
+        by_name.setdefault(w.name, []).append(w)
+    found: dict[int, Way] = {}
+    for name, hw, ring in outlines:
+        # degrees scaled to a local square grid (east-west shrinks with latitude), then metres as degrees
+        k = np.cos(np.radians(float(np.mean(ring[:, 1]))))
+        poly = Polygon(np.c_[ring[:, 0] * k, ring[:, 1]])
+        poly = (poly if poly.is_valid else poly.buffer(0)).buffer(OUTLINE_REACH_M / 111_320.0)
+        for w in by_name.get(name, []):
+            near = shapely.intersects_xy(poly, w.coords[:, 0] * k, w.coords[:, 1])
+            if id(w) not in found and np.mean(near) >= 0.5:
+                found[id(w)] = Way(name, hw, w.coords)
+    return list(found.values())
+
+
+OUTLINE_REACH_M = 25.0
 
 
 def _crs_to_wgs84(crs_text, path: Path, where: str):
