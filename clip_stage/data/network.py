@@ -41,6 +41,7 @@ DEFAULT_HIGHWAYS: frozenset[str] = frozenset(
         "motorway_link", "trunk_link", "primary_link", "secondary_link", "tertiary_link",
     }
 )  # fmt: skip
+OUTLINE_REACH_M = 25.0  # a same-named way this close to a highway's area outline is that street's line
 
 # place=* values kept as Place nodes (areas such as admin boundaries are not read).
 PLACE_KINDS: frozenset[str] = frozenset(
@@ -365,9 +366,6 @@ def _lines_inside_outlines(outlines: list[tuple[str, str, np.ndarray]], unkept: 
     return list(found.values())
 
 
-OUTLINE_REACH_M = 25.0
-
-
 def _crs_to_wgs84(crs_text, path: Path, where: str):
     """A function (n, 2) array -> WGS84 lon/lat for a declared CRS, or None if it already is WGS84."""
     from pyproj import CRS, Transformer
@@ -438,11 +436,11 @@ def _read_graphml(path: Path, classes: frozenset[str] | None) -> tuple[list[Way]
         name = _first(data.get("name"))
         if not name:
             continue
-        if len(set(_all_values(data.get("name")))) > 1:
-            multi_named.add(frozenset((u, v)))
         hw = _keep_highway(data.get("highway"), classes)
         if hw is None or _is_outline(data.get("area")):
             continue
+        if len(set(_all_values(data.get("name")))) > 1:
+            multi_named.add(frozenset((u, v)))
         geom = data.get("geometry")
         if geom and node_lonlat:
             raise NetworkFileError(
