@@ -23,7 +23,7 @@ from pathlib import Path
 from clip_stage.core.config import ArgumentParser
 from clip_stage.core.errors import command_main
 from clip_stage.core.fs import atomic_write_json, atomic_write_with, require_file
-from clip_stage.core.outdir import check_out_files, check_tokenizer_folder
+from clip_stage.core.outdir import TOKENIZER_FILES, check_model_folder, check_out_files
 
 from conversations.records import iter_records
 from conversations.templates import classify_question
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     require_file(args.file)
     check_out_files({"--png": args.png, "--json": args.json}, [args.file, args.tokenizer])
     if args.tokenizer:
-        check_tokenizer_folder(args.tokenizer, "--tokenizer")
+        check_model_folder(args.tokenizer, "--tokenizer", needs=TOKENIZER_FILES, what="tokenizer")
     st = compute_stats(args.file, args.tokenizer)
     print(st.text())
     if args.json:

@@ -78,28 +78,17 @@ class ModelPathError(ValueError):
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
 
 
-def check_tokenizer_folder(spec: str, flag: str) -> None:
-    """check_model_folder for a tokenizer option: a folder holding tokenizer files, or a hub id."""
-    path = os.path.expanduser(spec)
-    if os.path.isdir(path):
-        if not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
-            raise ModelPathError(f"{flag} {spec}: not a tokenizer folder (none of {', '.join(TOKENIZER_FILES)})")
-    elif os.path.exists(path):
-        raise ModelPathError(f"{flag} {spec}: a file, not a tokenizer folder or hub id")
-    elif looks_local(spec):
-        raise ModelPathError(f"{flag} {spec}: no such folder (and not a hub id of the form org/name)")
-
-
-def check_model_folder(spec: str, flag: str) -> None:
+def check_model_folder(spec: str, flag: str, needs: tuple[str, ...] = ("config.json",), what: str = "model") -> None:
     """A model option is a folder with config.json or a hub id ("org/name"), checked before any library loads
     it: a config-less folder would become a default-config model with every weight missing, and a local path
-    that does not exist would be tried as a hub id (minutes of retries offline)."""
+    that does not exist would be tried as a hub id (minutes of retries offline). A tokenizer option:
+    `needs=TOKENIZER_FILES, what="tokenizer"` (any one of them)."""
     path = os.path.expanduser(spec)
     if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise ModelPathError(f"{flag} {spec}: not a model folder (no config.json)")
+        if not any(os.path.isfile(os.path.join(path, f)) for f in needs):
+            raise ModelPathError(f"{flag} {spec}: not a {what} folder (no {' or '.join(needs)})")
     elif os.path.exists(path):
-        raise ModelPathError(f"{flag} {spec}: a file, not a model folder or hub id")
+        raise ModelPathError(f"{flag} {spec}: a file, not a {what} folder or hub id")
     elif looks_local(spec):
         raise ModelPathError(f"{flag} {spec}: no such folder (and not a hub id of the form org/name)")
 
