@@ -65,7 +65,7 @@ from PIL import Image
 
 model = LlavaForConditionalGeneration.from_pretrained("{repo}")
 processor = AutoProcessor.from_pretrained("{repo}")  # carries the training prompt as its chat template
-processor.image_processor = LlavaImageProcessor(**processor.image_processor.to_dict(), do_pad=True)  # pad like training
+processor.image_processor = LlavaImageProcessor(**{{**processor.image_processor.to_dict(), "do_pad": True}})  # pad like training
 messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "Where was this photo taken?"}}]}}]
 prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
 # the template already starts with <s>: add_special_tokens=False, or the tokenizer adds a second one
