@@ -47,6 +47,7 @@ from clip_stage.core.progress import progress as tqdm  # a line every 30 s when 
 from clip_stage.core.schema import ADDRESS_STYLES, SPLITS, check_record_images, read_records
 from clip_stage.core.trackers import TrackerPlan, finish_trackers, plan_trackers, start_trackers
 from clip_stage.core.training import (
+    MANIFESTED_CHECKPOINT_GLOB,
     METRICS_FILE,
     TENSORBOARD_DIR,
     CheckpointError,
@@ -85,7 +86,7 @@ from clip_stage.train_data import AddressImageDataset, Collate, drop_fold
 log = logging.getLogger("clip_stage.train")
 # A run folder train-clip wrote before output markers existed: all of these (a manifested step checkpoint, not
 # any `checkpoint-*`, which HF Trainer folders have too).
-LEGACY_RUN_FILES = ["checkpoint-[0-9][0-9][0-9][0-9][0-9][0-9]*/manifest.json", METRICS_FILE, "run_summary.json"]
+LEGACY_RUN_FILES = [MANIFESTED_CHECKPOINT_GLOB, METRICS_FILE, "run_summary.json"]
 
 
 class TrainClipError(ValueError):

@@ -48,6 +48,7 @@ from clip_stage.core.outdir import check_out_dir, on_disk, write_marker
 from clip_stage.core.progress import progress as tqdm  # a line every 30 s when not on a terminal
 from clip_stage.core.trackers import TrackerPlan, plan_trackers, start_trackers
 from clip_stage.core.training import (
+    MANIFESTED_CHECKPOINT_GLOB,
     METRICS_FILE,
     TENSORBOARD_DIR,
     Hooks,
@@ -238,7 +239,8 @@ def setup(cfg: RunConfig) -> LlavaRun:
     # One rule for every command's output folder (clip_stage.core.outdir), before any model loads: a run folder
     # (marker, or the files of a run from before it) is continued; anything else non-empty, or a folder holding
     # an input, is refused.
-    check_out_dir(out, "train-llava", resume=True, legacy=["checkpoint-[0-9]*/manifest.json", METRICS_FILE], flag="--output-dir",
+    check_out_dir(out, "train-llava", resume=True, legacy=[MANIFESTED_CHECKPOINT_GLOB, METRICS_FILE],
+                  flag="--output-dir",
                   inputs=[cfg.data.data_path, cfg.data.image_root, *(on_disk(p) for p in (
                       cfg.model.model_name_or_path, cfg.model.llm, cfg.model.vision_tower, args.init_from))])
     refuse_foreign_checkpoints(out, args.resume)

@@ -42,6 +42,7 @@ from clip_stage.core.fs import MANIFEST_FILE, cut_jsonl_log, remove_stale_temps
 
 CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+MANIFESTED_CHECKPOINT_GLOB = "checkpoint-[0-9][0-9][0-9][0-9][0-9][0-9]*/manifest.json"  # a finished save (legacy runs)
 TENSORBOARD_DIR = "tensorboard"
 RESUME_LATEST = "latest"
 

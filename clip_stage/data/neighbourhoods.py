@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import shapely
 
-from clip_stage.data.network import NetworkFileError, StreetNetwork, geojson_crs_transform
+from clip_stage.data.network import NetworkFileError, StreetNetwork, geojson_crs_transform, outside_lonlat
 from clip_stage.data.substreet_types import SubStreetConfig
 
 
@@ -48,8 +48,7 @@ def load_zones(path: str | Path, network: StreetNetwork, name_property: str = "n
             raise ZoneFileError(f"{path}: feature {i}: no {name_property!r} property")
         if to_wgs is not None:
             geom = shapely.transform(geom, to_wgs)
-        lonlat = shapely.get_coordinates(geom)
-        if not np.all(np.isfinite(lonlat)) or np.any(np.abs(lonlat[:, 0]) > 180) or np.any(np.abs(lonlat[:, 1]) > 90):
+        if outside_lonlat(shapely.get_coordinates(geom)):
             raise ZoneFileError(f"{path}: feature {i} ({name!r}) has coordinates outside lon/lat range: a projected "
                                 "layer must declare its CRS (GeoJSON 'crs' member) or be WGS84 lon/lat")
         polys.append(shapely.transform(geom, lambda xy: np.stack(network.to_utm(xy[:, 0], xy[:, 1]), axis=1)))

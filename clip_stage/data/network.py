@@ -555,10 +555,14 @@ def geojson_crs_transform(member, path: Path):
     return _crs_to_wgs84(text, path, "GeoJSON crs")
 
 
+def outside_lonlat(xy: np.ndarray) -> bool:
+    """Whether any (x, y) is not a finite WGS84 lon/lat (projected numbers read without their CRS)."""
+    return not np.all(np.isfinite(xy)) or bool(np.any(np.abs(xy[:, 0]) > 180) or np.any(np.abs(xy[:, 1]) > 90))
+
+
 def _check_coords(path: Path, ways: Iterable[Way]) -> None:
     for w in ways:
-        c = w.coords
-        if not np.all(np.isfinite(c)) or np.any(np.abs(c[:, 0]) > 180) or np.any(np.abs(c[:, 1]) > 90):
+        if outside_lonlat(w.coords):
             raise NetworkFileError(
                 f"{path}: way {w.name!r} has coordinates outside lon/lat range: projected data must declare its CRS "
                 "(GeoJSON 'crs' member, GraphML graph attribute 'crs') or be WGS84 lon/lat"

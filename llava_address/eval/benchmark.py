@@ -148,10 +148,16 @@ def register_system_kind(kind: SystemKind) -> None:
 _POSITIVE_INT_OPTIONS = ("max_new_tokens", "top_k")
 
 
+def _named_paths(spec: SystemSpec) -> list[tuple[str, str]]:
+    """(option, path) of every path a system names: its target, adapter=, candidates= ... as its kind lists them."""
+    keys = get_system_kind(spec.kind).paths
+    named = ((key, spec.target if key == "target" else spec.options.get(key)) for key in keys)
+    return [(key, path) for key, path in named if path]
+
+
 def spec_paths(spec: SystemSpec) -> list[str]:
-    """The local paths a system reads (its target, adapter=, candidates= ... as its kind names them)."""
-    paths = (spec.target if key == "target" else spec.options.get(key) for key in get_system_kind(spec.kind).paths)
-    return [p for p in paths if p and os.path.exists(p)]
+    """The local paths a system reads."""
+    return [path for _, path in _named_paths(spec) if os.path.exists(path)]
 
 
 def check_system_spec(spec: SystemSpec) -> None:
@@ -167,9 +173,8 @@ def check_system_spec(spec: SystemSpec) -> None:
             raise BenchmarkError(f"system {spec.name!r}: {key}={value} must be a whole number >= 1")
     if "top_k" in spec.options and "candidates" not in spec.options:
         raise BenchmarkError(f"system {spec.name!r}: top_k is for candidate-grounded answers; give candidates= too")
-    for key in kind.paths:
-        path = spec.target if key == "target" else spec.options.get(key)
-        if path and not os.path.exists(path) and (key != "target" or spec.kind == "jsonl" or looks_local(path)):
+    for key, path in _named_paths(spec):
+        if not os.path.exists(path) and (key != "target" or spec.kind == "jsonl" or looks_local(path)):
             raise BenchmarkError(f"system {spec.name!r}: {'the target' if key == 'target' else key} {path}: not found")
     if spec.kind == "llava" and spec.target and os.path.isdir(spec.target) \
             and not os.path.isfile(os.path.join(spec.target, "config.json")):
