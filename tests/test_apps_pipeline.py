@@ -4,8 +4,10 @@ stage reads, and a second invocation resumes by skipping the finished stages; th
 import json
 
 import pytest
+from transformers import AutoTokenizer
 
 from llava_address.apps import pipeline
+from llava_address.prompting import VICUNA_V1_SYSTEM
 
 TINY = ["--num-images", "300", "--image-size", "64", "--clip-model", "addressclip-tiny", "--clip-epochs", "1",
         "--llava-config", "tiny-llava", "--base-steps", "2", "--align-steps", "2", "--tune-steps", "2",
@@ -32,6 +34,13 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
     assert "Candidate addresses" not in base_data and '"scene"' in base_data
     info = json.loads((out / "conversations" / "build_info.json").read_text())
     assert 0 < info["train"]["with_candidates"] < info["train"]["records"]
+    # one question per training conversation (no answer copied from an earlier turn), three per image
+    assert info["train"]["turns"] == info["train"]["records"] == 3 * info["train"]["images"]
+    # the tokenizer learnt the prompt the LLM reads in every sample (system prompt, roles), not only the turns
+    tokenizer = AutoTokenizer.from_pretrained(out / "llava" / "tokenizer")
+    system_ids = tokenizer(VICUNA_V1_SYSTEM, add_special_tokens=False).input_ids
+    assert len(system_ids) <= 1.5 * len(VICUNA_V1_SYSTEM.split())
+    assert len(tokenizer(" ASSISTANT:", add_special_tokens=False).input_ids) <= 2
     printed = capsys.readouterr().out
     assert "$ address-llava train-clip" in printed and "| AddressCLIP (ours) |" in printed
     assert "$ address-llava candidates" in printed
@@ -96,3 +105,8 @@ def test_demo_runs_on_another_network(tmp_path, capsys):
 def test_demo_refuses_unknown_stage(capsys):
     assert pipeline.main(["--until", "nope"]) == 2  # a config error: one line, exit status 2
     assert "valid stages" in capsys.readouterr().err
+
+
+def test_demo_refuses_conversations_without_turns(capsys):
+    assert pipeline.main(["--max-turns", "0"]) == 2
+    assert "--max-turns" in capsys.readouterr().err

@@ -34,7 +34,7 @@ from clip_stage.core.fs import atomic_write_json
 from clip_stage.core.outdir import check_out_dir, write_marker
 from conversations.records import IMAGE_TOKEN, load_records
 from llava_address.apps import cli
-from llava_address.prompting import VICUNA_V1_SYSTEM
+from llava_address.prompting import render_text
 
 
 @dataclass(frozen=True)
@@ -71,11 +71,16 @@ class DemoConfig:
     """'default' (patches only) or 'full' (patches + CLS, which carries the retrieval signal) after the swap"""
     type_weights: str = "full_address=3,street=2,cross_streets=1.5,place=1,yes_no=4,multiple_choice=3,caption=0.5"
     """question types of the address conversations (verification and choice weighted up: the tiny LLM needs practice)"""
+    max_turns: int = 1
+    """question-answer pairs per training conversation (1: every answer must be read from the image, none copied
+    from an earlier turn, and a step costs less; see docs/benchmarks.md)"""
+    conversations_per_image: int = 3
+    """training conversations per image (each with its own question types)"""
     base_steps: int = 200
     """steps of the base LLaVA's scene-description pre-training"""
     align_steps: int = 60
     """steps of projector alignment after the tower swap"""
-    tune_steps: int = 700
+    tune_steps: int = 1400
     """steps of address tuning (full fine-tuning of the tiny LLM + projector)"""
     tune_lr: str = "1.5e-3"
     """peak learning rate of address tuning"""
@@ -89,6 +94,8 @@ class DemoConfig:
     def __post_init__(self):
         if self.until and self.until not in STAGES:
             raise ValueError(f"--until {self.until!r}: valid stages are {list(STAGES)}")
+        if self.max_turns < 1 or self.conversations_per_image < 1:
+            raise ValueError("--max-turns and --conversations-per-image must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -175,7 +182,8 @@ def stage_conversations(cfg: DemoConfig, p: Paths) -> dict:
     run_command("conversations", ["--dataset", str(p.dataset), "--out", str(p.conversations),
                                   "--seed", str(cfg.seed), "--candidates", str(p.candidates),
                                   "--candidate-k", str(cfg.top_k), "--candidate-fraction", str(cfg.candidate_fraction),
-                                  "--type-weights", cfg.type_weights, "--overwrite"])
+                                  "--type-weights", cfg.type_weights, "--min-turns", "1", "--max-turns", str(cfg.max_turns),
+                                  "--conversations-per-image", str(cfg.conversations_per_image), "--overwrite"])
     run_command("validate", [str(p.conversations / "train.json"), str(p.conversations / "eval.json"),
                              "--image-root", str(p.dataset / "images")])
     # Plain scene descriptions that name no address: what the "general" base model and the projector
@@ -189,10 +197,15 @@ def stage_conversations(cfg: DemoConfig, p: Paths) -> dict:
 
 
 def _texts_for_tokenizer(*files: Path) -> list[str]:
+    """Every training conversation as the LLM reads it: the Vicuna system prompt, the USER/ASSISTANT roles and
+    the turns (special tokens left out). The tokenizer then learns the prompt's words as the frequent words
+    they are; trained on the turns alone, it split the system prompt into 82 pieces and the roles into 6 and
+    11, a third of a single-question sample's tokens (docs/benchmarks.md)."""
     texts = []
     for f in files:
         for record in load_records(f):
-            texts.extend(turn["value"].replace(IMAGE_TOKEN, "") for turn in record["conversations"])
+            text = render_text(record["conversations"], eos_token="", bos_token="")
+            texts.append(text.replace(IMAGE_TOKEN, ""))
     return texts
 
 
@@ -212,7 +225,7 @@ def build_base_init(cfg: DemoConfig, p: Paths) -> Path:
     base_init = p.llava / "base_init"
     if not (base_init / "config.json").exists():
         texts = _texts_for_tokenizer(p.conversations / "train.json", p.captions / "train.json")
-        tokenizer = train_tokenizer([VICUNA_V1_SYSTEM, *texts], p.llava / "tokenizer", vocab_size=1000)
+        tokenizer = train_tokenizer(texts, p.llava / "tokenizer", vocab_size=1000)
         build_tiny_llava(tokenizer, seed=cfg.seed, out_dir=base_init, config_name=cfg.llava_config)
         print(f"built a random-weight tiny LLaVA ({cfg.llava_config}) at {base_init}")
     return base_init
