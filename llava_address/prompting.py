@@ -310,7 +310,8 @@ def generation_prompt(conversation: Sequence[Mapping[str, Any]], tokenizer, num_
 def render_text(conversation: Sequence[Mapping[str, Any]], template: str | Template = "vicuna_v1",
                 eos_token: str = "</s>", bos_token: str = "<s>") -> str:
     """The template as one string, without the leading BOS: what LLaVA's `Conversation.get_prompt()` returns
-    (for logs, docs and tests; never tokenised for training)."""
+    (for logs, docs, tests and a tokenizer's training text; never tokenised for training: encode_conversation
+    builds the ids piece by piece)."""
     tpl = get_template(template)
     system, messages = _checked_turns(tpl, conversation, None)
     out = ""

@@ -72,8 +72,8 @@ class DemoConfig:
     type_weights: str = "full_address=3,street=2,cross_streets=1.5,place=1,yes_no=4,multiple_choice=3,caption=0.5"
     """question types of the address conversations (verification and choice weighted up: the tiny LLM needs practice)"""
     max_turns: int = 1
-    """question-answer pairs per training conversation (1: every answer must be read from the image, none copied
-    from an earlier turn, and a step costs less; see docs/benchmarks.md)"""
+    """most question-answer pairs per training conversation, from 1 (1: every answer must be read from the image,
+    none copied from an earlier turn, and a step costs less; see docs/benchmarks.md)"""
     conversations_per_image: int = 3
     """training conversations per image (each with its own question types)"""
     base_steps: int = 200
