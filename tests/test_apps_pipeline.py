@@ -110,3 +110,21 @@ def test_demo_refuses_unknown_stage(capsys):
 def test_demo_refuses_conversations_without_turns(capsys):
     assert pipeline.main(["--max-turns", "0"]) == 2
     assert "--max-turns" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--type-weights", "street=1,nope=2"], "nope"),
+    (["--clip-model", "no-such-clip"], "no-such-clip"),
+    (["--llava-config", "no-such-shape"], "no-such-shape"),
+    (["--folds", "1"], "--folds"),
+    (["--top-k", "0"], "--top-k"),
+    (["--candidate-fraction", "1.5"], "candidate_fraction"),
+    (["--tune-lr", "fast"], "--tune-lr"),
+    (["--tune-steps", "0"], "--tune-steps"),
+])
+def test_demo_checks_every_stage_option_before_the_first_stage(flags, named, tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert pipeline.main(["--out", str(out), *flags]) == 2
+    err = capsys.readouterr().err
+    assert named in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()  # refused before the city stage wrote anything

@@ -26,7 +26,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 from clip_stage.core.config import ConfigParser, Section
 from clip_stage.core.errors import command_main
@@ -67,7 +67,7 @@ class DemoConfig:
     """share of training conversations that carry candidates"""
     vision_feature_layer: int = -1
     """tower layer the projector reads after the swap (stock LLaVA config field; chosen by scripts/bench_tower_features.py)"""
-    vision_feature_select_strategy: str = "full"
+    vision_feature_select_strategy: Literal["default", "full"] = "full"
     """'default' (patches only) or 'full' (patches + CLS, which carries the retrieval signal) after the swap"""
     type_weights: str = "full_address=3,street=2,cross_streets=1.5,place=1,yes_no=4,multiple_choice=3,caption=0.5"
     """question types of the address conversations (verification and choice weighted up: the tiny LLM needs practice)"""
@@ -96,6 +96,34 @@ class DemoConfig:
             raise ValueError(f"--until {self.until!r}: valid stages are {list(STAGES)}")
         if self.max_turns < 1 or self.conversations_per_image < 1:
             raise ValueError("--max-turns and --conversations-per-image must be >= 1")
+        check_stage_options(self)
+
+
+def check_stage_options(cfg: DemoConfig) -> None:
+    """The stages' own checks of the values the demo hands them, all before the first stage runs: a bad
+    --type-weights, --clip-model or --folds then fails at once, not after minutes of earlier stages."""
+    # lazy: these import torch / open_clip, which `demo --help` must not wait for
+    from clip_stage.candidates import check_options
+    from clip_stage.model import model_config
+    from conversations.config import BuildConfig
+    from llava_address.tiny import load_tiny_config
+
+    for name in ("num_images", "image_size", "clip_epochs", "base_steps", "align_steps", "tune_steps",
+                 "eval_questions"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    try:
+        lr = float(cfg.tune_lr)
+    except ValueError:
+        raise ValueError(f"--tune-lr {cfg.tune_lr!r} is not a number") from None
+    if not lr > 0:
+        raise ValueError(f"--tune-lr must be > 0, got {cfg.tune_lr}")
+    p = Paths(Path(cfg.out))
+    check_options(cfg.folds, cfg.top_k, "full", ["train", "val", "test"])
+    BuildConfig(dataset=str(p.dataset), out=str(p.conversations), type_weights=cfg.type_weights,
+                candidate_fraction=cfg.candidate_fraction, candidate_k=cfg.top_k)
+    model_config(cfg.clip_model)
+    load_tiny_config(cfg.llava_config)
 
 
 @dataclass(frozen=True)
@@ -133,7 +161,7 @@ def run_command(name: str, argv: list[str]) -> None:
     print(f"\n$ address-llava {name} {shlex.join(argv)}", flush=True)
     code = cli.run_command(name, argv)
     if code:
-        raise SystemExit(f"demo: `address-llava {name}` failed with exit status {code}")
+        raise SystemExit(f"`address-llava {name}` failed with exit status {code}")
 
 
 def _network_args(cfg: DemoConfig) -> list[str]:
@@ -214,7 +242,7 @@ def last_checkpoint(run_dir: Path) -> Path:
 
     checkpoints = list_checkpoints(run_dir)
     if not checkpoints:
-        raise SystemExit(f"demo: {run_dir} holds no checkpoint")
+        raise SystemExit(f"{run_dir} holds no checkpoint")
     return checkpoints[-1]
 
 
