@@ -173,3 +173,36 @@ def test_candidate_options_count_only_with_candidates(tmp_path):
     assert grounded["options"]["candidates"] == str(clip.resolve())
     assert set(grounded["contents"]) == {"target", "candidates", "dataset"}
     assert grounded != source("--candidates", str(clip), "--dataset", str(data), "--top-k", "5")
+
+
+def _adapter_checkpoint(folder, base, tower):
+    folder.mkdir()
+    (folder / "llava_args.json").write_text(json.dumps(
+        {"format": 1, "model": {"model_name_or_path": str(base), "vision_tower": str(tower)}, "trainables": {}}))
+    (folder / "adapter_model.safetensors").write_bytes(b"lora" * 16)
+    return folder
+
+
+def test_an_adapter_base_replaced_in_place_is_refused(loads, toy_dataset, toy_conversations, tmp_path, capsys):
+    base = fake_model_folder(tmp_path / "base", b"base" * 16, 1_700_000_000)
+    tower = fake_model_folder(tmp_path / "tower", b"tower" * 16, 1_700_000_000)
+    adapter = _adapter_checkpoint(tmp_path / "checkpoint-000010", base, tower)
+    out = tmp_path / "answers.jsonl"
+    argv = ["--adapter", str(adapter), "--eval", str(toy_conversations / "eval.json"), "--image-root",
+            str(toy_dataset / "images"), "--out", str(out), "--device", "cpu"]
+    assert infer.main([*argv, "--limit", "2"]) == 0
+    record = json.loads((tmp_path / "answers.system.json").read_text())
+    assert set(record["contents"]) == {"adapter", "adapter_base", "adapter_vision_tower"}
+    assert record["options"]["adapter_base"] == str(base.resolve())
+    assert infer.main([*argv, "--limit", "4"]) == 0  # unchanged: resumed
+    capsys.readouterr()
+
+    shutil.rmtree(base)  # the base the checkpoint names, re-merged in place
+    fake_model_folder(base, b"other" * 16, 1_700_000_500)
+    assert infer.main([*argv, "--limit", "6"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "was written by" in err
+    assert len(loads) == 2 and len(out.read_text().splitlines()) == 4
+    # with --model, the stored base is replaced and not part of the record; the stored tower still is
+    with_model = infer.infer_answers_source(infer.build_parser().parse_args([*argv, "--model", str(base)]))
+    assert set(with_model["contents"]) == {"target", "adapter", "adapter_vision_tower"}

@@ -34,6 +34,7 @@ from clip_stage.core.progress import progress as progress_bar
 from conversations.candidates import with_candidates
 from conversations.records import IMAGE_TOKEN, Reference, first_question, load_records, record_where
 from conversations.validate import require_valid
+from llava_address.checkpoint_layout import read_checkpoint_args
 from llava_address.config import ModelArgs
 from llava_address.eval.answers import (answers_record_path, answers_source, append_lines, check_answers_record,
                                         read_done_ids, record_answers)
@@ -418,7 +419,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # the keys of infer's record that may name local files or folders (fingerprinted: `answers_source`)
-_INFER_PATHS = ("target", "adapter", "candidates", "dataset")
+_INFER_PATHS = ("target", "adapter", "adapter_base", "adapter_llm", "adapter_vision_tower", "candidates", "dataset")
+
+
+def adapter_models(adapter: str, model: str | None) -> dict[str, str]:
+    """The models an --adapter checkpoint loads besides its own files, as it stored them at training: its base
+    (unless --model replaces it) and its swapped-in vision tower. Recorded (and fingerprinted), so a resumed run
+    notices a base re-merged or replaced in place, as it does for --model."""
+    stored, _, _ = read_checkpoint_args(adapter)
+    names = {"adapter_vision_tower": stored.vision_tower}
+    if not model:
+        names.update(adapter_base=stored.model_name_or_path, adapter_llm=stored.llm)
+    return {k: v for k, v in names.items() if v}
 
 
 def infer_answers_source(args: argparse.Namespace) -> dict:
@@ -430,6 +442,8 @@ def infer_answers_source(args: argparse.Namespace) -> dict:
     --candidates."""
     options: dict[str, Any] = {"engine": args.engine, "adapter": args.adapter, "max_new_tokens": args.max_new_tokens,
                                "dtype": args.dtype, "pad_to_square": not args.no_pad_to_square}
+    if args.adapter:
+        options.update(adapter_models(args.adapter, args.model))
     if args.candidates:
         options.update(candidates=args.candidates, dataset=args.dataset, top_k=args.top_k,
                        candidate_scores=args.candidate_scores)
