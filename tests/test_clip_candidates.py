@@ -198,8 +198,8 @@ def test_benchmark_llava_systems_accept_candidate_options(tmp_path):
     model.mkdir()
     (model / "config.json").write_text("{}")
     clip.mkdir()
-    spec = parse_system_spec(f"ours_candidates=llava:{model},candidates={clip},top_k=5,scores=true")
-    assert spec.options == {"candidates": str(clip), "top_k": "5", "scores": "true"}
+    spec = parse_system_spec(f"ours_candidates=llava:{model},candidates={clip},top_k=5,candidate_scores=true")
+    assert spec.options == {"candidates": str(clip), "top_k": "5", "candidate_scores": "true"}
     check_system_spec(spec)
     with pytest.raises(BenchmarkError):
         check_system_spec(parse_system_spec(f"x=llava:{model},cands={clip}"))

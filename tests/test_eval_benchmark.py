@@ -327,6 +327,8 @@ def test_system_specs_are_checked_before_any_system_loads(toy_dataset, eval_spli
                           (f"ours=llava:llava-hf/llava-1.5-7b-hf,candidates={tmp_path / 'clip'}", "candidates"),
                           ("ours=llava:llava-hf/llava-1.5-7b-hf,top_k=3", "give candidates= too"),
                           ("ours=llava:llava-hf/llava-1.5-7b-hf,max_new_tokens=0", "max_new_tokens=0"),
+                          ("ours=llava:llava-hf/llava-1.5-7b-hf,pad_to_square=maybe", "must be true or false"),
+                          ("ours=llava:llava-hf/llava-1.5-7b-hf,candidate_scores=true", "give candidates= too"),
                           (f"gpt=jsonl:{tmp_path / 'nope.jsonl'}", "nope.jsonl: not found")):
         # the good system first: it must not run (or write anything) before the bad spec is refused
         with pytest.raises(benchmark.BenchmarkError, match=message):

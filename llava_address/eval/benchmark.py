@@ -11,7 +11,7 @@ A system is `NAME=KIND:TARGET[,key=value...]`; the kinds are a registry (`SYSTEM
 
 - llava: a LLaVA folder or hub id (merged, or the untuned base); `adapter=CKPT` applies a train-llava
   checkpoint. Prompts are the training template (`llava_address.prompting`), batched with the KV cache.
-  `candidates=CLIP_CHECKPOINT` (with `top_k=5`, `scores=true`) writes AddressCLIP's top-K addresses of the
+  `candidates=CLIP_CHECKPOINT` (with `top_k=5`, `candidate_scores=true`, infer's `--top-k` and `--candidate-scores`) writes AddressCLIP's top-K addresses of the
   photo into the question (`conversations.candidates`): the candidate-grounded system, e.g.
   `--system ours_candidates=llava:runs/merged,candidates=runs/clip`. `--engine vllm` serves every llava
   system through vLLM (merged folders only; `llava_address.eval.vllm_engine`).
@@ -146,6 +146,7 @@ def register_system_kind(kind: SystemKind) -> None:
 
 
 _POSITIVE_INT_OPTIONS = ("max_new_tokens", "top_k")
+_BOOLEAN_OPTIONS = ("pad_to_square", "candidate_scores")
 
 
 def _named_paths(spec: SystemSpec) -> list[tuple[str, str]]:
@@ -171,8 +172,13 @@ def check_system_spec(spec: SystemSpec) -> None:
         value = spec.options.get(key)
         if value is not None and not (value.isdigit() and int(value) >= 1):
             raise BenchmarkError(f"system {spec.name!r}: {key}={value} must be a whole number >= 1")
-    if "top_k" in spec.options and "candidates" not in spec.options:
-        raise BenchmarkError(f"system {spec.name!r}: top_k is for candidate-grounded answers; give candidates= too")
+    for key in _BOOLEAN_OPTIONS:
+        value = spec.options.get(key)
+        if value is not None and value.lower() not in ("true", "false"):
+            raise BenchmarkError(f"system {spec.name!r}: {key}={value} must be true or false")
+    for key in ("top_k", "candidate_scores"):
+        if key in spec.options and "candidates" not in spec.options:
+            raise BenchmarkError(f"system {spec.name!r}: {key} is for candidate-grounded answers; give candidates= too")
     for key, path in _named_paths(spec):
         if not os.path.exists(path) and (key != "target" or spec.kind == "jsonl" or looks_local(path)):
             raise BenchmarkError(f"system {spec.name!r}: {'the target' if key == 'target' else key} {path}: not found")
@@ -195,14 +201,14 @@ def _load_llava(spec: SystemSpec, ctx: RunContext) -> System:
         answer_batch = llava_answer_batch(gen, int(spec.options.get("max_new_tokens", ctx.max_new_tokens)))
     if ranker is not None:
         answer_batch = candidate_answer_batch(answer_batch, ranker, int(spec.options.get("top_k", 5)),
-                                              spec.options.get("scores", "false").lower() == "true")
+                                              spec.options.get("candidate_scores", "false").lower() == "true")
     return System(answer_batch)
 
 
 register_system_kind(SystemKind("llava", "LLaVA folder/hub id (merged or base), adapter=train-llava checkpoint, "
-                                         "candidates=CLIP_CHECKPOINT[,top_k=5,scores=true] for candidate-grounded "
+                                         "candidates=CLIP_CHECKPOINT[,top_k=5,candidate_scores=true] for candidate-grounded "
                                          "answers", _load_llava,
-                                options=("adapter", "max_new_tokens", "pad_to_square", "candidates", "top_k", "scores"),
+                                options=("adapter", "max_new_tokens", "pad_to_square", "candidates", "top_k", "candidate_scores"),
                                 paths=("target", "adapter", "candidates")))
 
 
