@@ -11,9 +11,9 @@ A system is `NAME=KIND:TARGET[,key=value...]`; the kinds are a registry (`SYSTEM
 
 - llava: a LLaVA folder or hub id (merged, or the untuned base); `adapter=CKPT` applies a train-llava
   checkpoint. Prompts are the training template (`llava_address.prompting`), batched with the KV cache.
-  `candidates=CLIP_CHECKPOINT` (with `top_k=5`, `candidate_scores=true`, infer's `--top-k` and `--candidate-scores`) writes AddressCLIP's top-K addresses of the
-  photo into the question (`conversations.candidates`): the candidate-grounded system, e.g.
-  `--system ours_candidates=llava:runs/merged,candidates=runs/clip`. `--engine vllm` serves every llava
+  `candidates=CLIP_CHECKPOINT` (with `top_k=5`, `candidate_scores=true`: infer's `--top-k`, `--candidate-scores`)
+  writes AddressCLIP's top-K addresses of the photo into the question (`conversations.candidates`): the
+  candidate-grounded system, e.g. `--system ours_candidates=llava:runs/merged,candidates=runs/clip`. `--engine vllm` serves every llava
   system through vLLM (merged folders only; `llava_address.eval.vllm_engine`).
 - clip: AddressCLIP retrieval: a train-clip checkpoint (or `model=NAME` + `pretrained=TAG` for open_clip);
   the answer is the top-1 address of the city's gallery (`style=full` by default). Multiple-choice
@@ -206,9 +206,10 @@ def _load_llava(spec: SystemSpec, ctx: RunContext) -> System:
 
 
 register_system_kind(SystemKind("llava", "LLaVA folder/hub id (merged or base), adapter=train-llava checkpoint, "
-                                         "candidates=CLIP_CHECKPOINT[,top_k=5,candidate_scores=true] for candidate-grounded "
-                                         "answers", _load_llava,
-                                options=("adapter", "max_new_tokens", "pad_to_square", "candidates", "top_k", "candidate_scores"),
+                                         "candidates=CLIP_CHECKPOINT[,top_k=5,candidate_scores=true] for "
+                                         "candidate-grounded answers", _load_llava,
+                                options=("adapter", "max_new_tokens", "pad_to_square", "candidates", "top_k",
+                                         "candidate_scores"),
                                 paths=("target", "adapter", "candidates")))
 
 
