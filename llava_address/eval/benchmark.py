@@ -13,8 +13,8 @@ A system is `NAME=KIND:TARGET[,key=value...]`; the kinds are a registry (`SYSTEM
   checkpoint. Prompts are the training template (`llava_address.prompting`), batched with the KV cache.
   `candidates=CLIP_CHECKPOINT` (with `top_k=5`, `candidate_scores=true`: infer's `--top-k`, `--candidate-scores`)
   writes AddressCLIP's top-K addresses of the photo into the question (`conversations.candidates`): the
-  candidate-grounded system, e.g. `--system ours_candidates=llava:runs/merged,candidates=runs/clip`. `--engine vllm` serves every llava
-  system through vLLM (merged folders only; `llava_address.eval.vllm_engine`).
+  candidate-grounded system, e.g. `--system ours_candidates=llava:runs/merged,candidates=runs/clip`.
+  `--engine vllm` serves every llava system through vLLM (merged folders only; `llava_address.eval.vllm_engine`).
 - clip: AddressCLIP retrieval: a train-clip checkpoint (or `model=NAME` + `pretrained=TAG` for open_clip);
   the answer is the top-1 address of the city's gallery (`style=full` by default). Multiple-choice
   questions are answered by ranking the options listed in the question; a yes/no question about a place it
