@@ -108,6 +108,20 @@ def test_uploads_are_checked_before_decoding(tmp_path):
         load_upload(None)
 
 
+def test_web_demo_top_k_sets_the_panel_and_the_grounded_question(served_demo, photo, monkeypatch):
+    import dataclasses
+
+    demo = dataclasses.replace(served_demo[0], top_k=3, candidate_scores=True)
+    _, rows, _, _ = demo.on_upload(str(photo))
+    assert [r[1] for r in rows] == [t["address"] for t in demo.ranker.top_k(infer.open_image(photo), 3)]
+    asked = {}
+    monkeypatch.setattr(chat, "answer", lambda *a, **kw: asked.update(kw) or "Esplanadi")
+    demo.on_ask(str(photo), "Where was this photo taken?", [], use_candidates=True)
+    assert asked["candidates"] is demo.ranker and asked["top_k"] == 3 and asked["candidate_scores"] is True
+    with pytest.raises(ValueError, match="top_k"):
+        dataclasses.replace(demo, top_k=0)
+
+
 @pytest.fixture(scope="module")
 def served_demo(tiny_llava_dir, toy_dataset):
     """The web demo (tiny AddressCLIP + tiny LLaVA) served on 127.0.0.1 for this module's tests."""

@@ -1,5 +1,6 @@
-"""A small web demo: upload a street photo, see AddressCLIP's top-5 addresses on a map of the city, and
-chat with the LLaVA model about it.
+"""A small web demo: upload a street photo, see AddressCLIP's top-K addresses (`--top-k`, 5) on a map of the
+city, and chat with the LLaVA model about it, with those addresses in the question if you tick the box
+(candidate-grounded answers; `--candidate-scores` adds their probabilities, as `infer` and `chat` do).
 
     address-llava web-demo --dataset runs/demo/dataset --clip runs/demo/clip --model runs/demo/llava-merged
     # then open http://127.0.0.1:7860
@@ -163,7 +164,7 @@ def city_map(gazetteer, top: list[dict], title: str = ""):
     ax.set_aspect("equal", adjustable="datalim")
     ax.set_xlabel("east (m)")
     ax.set_ylabel("north (m)")
-    ax.set_title(plain_text(title or "AddressCLIP top-5"), fontsize=10)
+    ax.set_title(plain_text(title or f"AddressCLIP top-{len(top)}"), fontsize=10)
     handles, labels = ax.get_legend_handles_labels()
     if handles:
         order = sorted(range(len(labels)), key=lambda i: labels[i])
@@ -196,12 +197,18 @@ class Demo:
     """seconds one answer may generate for (the answer so far is shown); None: no limit"""
     cache_cleanup: tuple[int, int] | None = (3600, 3600)
     """(every N seconds, delete uploads older than M seconds) from the server's upload cache; None: never"""
+    top_k: int = 5
+    """AddressCLIP addresses in the panel, and in the question of a candidate-grounded chat"""
+    candidate_scores: bool = False
+    """a candidate-grounded question gives each address's probability after it (as the model was trained)"""
 
     def __post_init__(self):
         if min(self.max_question_chars, self.max_question_tokens, self.max_history_turns, self.max_history_chars) < 1:
             raise ValueError("web demo: question and history limits must be at least 1")
         if self.max_time is not None and self.max_time <= 0:
             raise ValueError("web demo: max_time must be positive")
+        if self.top_k < 1:
+            raise ValueError("web demo: top_k must be at least 1")
 
     def check_question(self, message: str) -> None:
         """gr.Error when the question is empty or over the character or token cap."""
@@ -226,7 +233,7 @@ class Demo:
         return pairs
 
     def on_upload(self, path):
-        """(preview, top-5 table rows, map figure, cleared chat) for an uploaded photo.
+        """(preview, top-K table rows, map figure, cleared chat) for an uploaded photo.
 
         The upload arrives as a file (not a decoded image), so it is checked here before any decoding.
         """
@@ -238,7 +245,7 @@ class Demo:
             raise gr.Error(str(e)) from None
         if self.ranker is None:
             return image, [["-", "no AddressCLIP model loaded", "", ""]], None, []
-        top = self.ranker.top_k(image, 5)
+        top = self.ranker.top_k(image, self.top_k)
         rows = [[t["rank"], t["address"], t["similarity"], t["probability"]] for t in top]
         fig = city_map(self.gazetteer, top) if self.gazetteer is not None else None
         return image, rows, fig, []
@@ -262,7 +269,7 @@ class Demo:
     def on_ask(self, path, message: str, history: list | None, use_candidates: bool = False):
         """The chat history (messages) with the user's message and the model's answer appended.
 
-        use_candidates: give the model AddressCLIP's top-5 addresses in the first question (candidate-grounded
+        use_candidates: give the model AddressCLIP's top-K addresses in the first question (candidate-grounded
         answers, for a model trained with `conversations --candidates`)."""
         import gradio as gr
 
@@ -288,7 +295,7 @@ class Demo:
             raise gr.Error("candidate-grounded answers need an AddressCLIP model (--clip)")
         reply = chat.answer(image, message, self.capped_history(pairs), model=self.generator,
                             max_new_tokens=self.max_new_tokens, candidates=self.ranker if use_candidates else None,
-                            max_time=self.max_time)
+                            top_k=self.top_k, candidate_scores=self.candidate_scores, max_time=self.max_time)
         return history + [{"role": "user", "content": message}, {"role": "assistant", "content": reply}], ""
 
     def build(self):
@@ -304,15 +311,15 @@ class Demo:
                                     file_types=[".jpg", ".jpeg", ".png", ".webp", ".bmp"])
                     preview = gr.Image(label="preview", interactive=False, height=240)
                     table = gr.Dataframe(headers=["rank", "address", "similarity", "probability"],
-                                         label="AddressCLIP top-5", interactive=False)
+                                         label=f"AddressCLIP top-{self.top_k}", interactive=False)
                 with gr.Column():
                     plot = gr.Plot(label="map")
             chatbot = gr.Chatbot(label="chat", height=300)
             with gr.Row():
                 box = gr.Textbox(placeholder="Where was this photo taken?", show_label=False, scale=4)
                 ask = gr.Button("Ask", scale=1)
-            grounded = gr.Checkbox(label="give the model AddressCLIP's top-5 candidates (candidate-grounded answers)",
-                                   value=False)
+            grounded = gr.Checkbox(label=f"give the model AddressCLIP's top-{self.top_k} candidates "
+                                         "(candidate-grounded answers)", value=False)
             photo.upload(on_upload, inputs=photo, outputs=[preview, table, plot, chatbot], api_name="rank")
             ask.click(on_ask, inputs=[photo, box, chatbot, grounded], outputs=[chatbot, box], api_name="ask")
             box.submit(on_ask, inputs=[photo, box, chatbot, grounded], outputs=[chatbot, box])
@@ -344,7 +351,7 @@ def launch(demo: Demo, host: str = "127.0.0.1", port: int | None = 7860, block: 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="address-llava web-demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", required=True, help="address dataset folder (gallery and map)")
-    p.add_argument("--clip", default=None, help="train-clip checkpoint for the top-5 panel")
+    p.add_argument("--clip", default=None, help="train-clip checkpoint for the top-K panel")
     p.add_argument("--clip-model", default=None, help="or an open_clip model name (with --clip-pretrained)")
     p.add_argument("--clip-pretrained", default=None, help="open_clip pretrained tag or weights file")
     p.add_argument("--model", default=None, help="LLaVA folder / hub id for the chat (with --adapter: the base)")
@@ -354,6 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=7860, help="port")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload")
     p.add_argument("--max-side", type=int, default=4096, help="largest accepted image width/height")
+    p.add_argument("--top-k", type=int, default=5, help="AddressCLIP addresses in the panel and in a "
+                   "candidate-grounded question")
+    p.add_argument("--candidate-scores", action="store_true",
+                   help="write each candidate's probability after it (for a model trained that way)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="chat answer length limit")
     p.add_argument("--max-question-chars", type=int, default=1000, help="longest accepted question (characters)")
     p.add_argument("--max-question-tokens", type=int, default=256, help="longest accepted question (tokens)")
@@ -368,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
 @command_main("web-demo")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    check_run_options(max_new_tokens=args.max_new_tokens, device=args.device)
+    check_run_options(max_new_tokens=args.max_new_tokens, top_k=args.top_k, device=args.device)
     device = args.device
     if device == "auto":
         import torch
@@ -388,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
                 UploadLimits(max_bytes=int(args.max_upload_mb * 2**20), max_side=args.max_side),
                 args.max_new_tokens, query_mapper=mapper, max_question_chars=args.max_question_chars,
                 max_question_tokens=args.max_question_tokens, max_history_turns=args.max_history_turns,
-                max_time=args.max_time, cache_cleanup=(args.cache_age, args.cache_age))
+                max_time=args.max_time, cache_cleanup=(args.cache_age, args.cache_age), top_k=args.top_k,
+                candidate_scores=args.candidate_scores)
     launch(demo, args.host, args.port, block=True)
     return 0
 
