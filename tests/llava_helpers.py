@@ -45,3 +45,15 @@ def fake_model_folder(folder, weights: bytes, when: int):
     for f in folder.iterdir():
         os.utime(f, ns=(when * 10**9, when * 10**9))
     return folder
+
+
+def fake_adapter_checkpoint(folder, base, vision_tower):
+    """A train-llava checkpoint folder as inference reads it before loading: the base and vision tower it was
+    trained on (llava_args.json) and stand-in adapter weights."""
+    import json
+
+    folder.mkdir(parents=True)
+    (folder / "llava_args.json").write_text(json.dumps(
+        {"format": 1, "model": {"model_name_or_path": str(base), "vision_tower": str(vision_tower)}, "trainables": {}}))
+    (folder / "adapter_model.safetensors").write_bytes(b"lora" * 16)
+    return folder

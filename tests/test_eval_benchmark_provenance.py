@@ -12,7 +12,7 @@ import pytest
 
 from clip_stage.core.fs import contents_fingerprint
 from llava_address.eval import benchmark
-from tests.llava_helpers import fake_model_folder
+from tests.llava_helpers import fake_adapter_checkpoint, fake_model_folder
 
 
 @pytest.fixture
@@ -118,3 +118,20 @@ def test_answers_beyond_a_smaller_limit_are_not_scored(loads, toy_dataset, toy_c
     assert benchmark.main(_argv(toy_dataset, eval_split, out, f"x=llava:{model}", 3)) == 0
     bad = json.loads((out / "benchmark.json").read_text())["x"]["report"]["bad_rows"]
     assert len(bad) == 1 and "'not-a-question' is not in the evaluation split" in bad[0]["error"]
+
+
+def test_an_adapter_vision_tower_replaced_in_place_is_refused(tmp_path):
+    base = fake_model_folder(tmp_path / "base", b"base" * 16, 1_700_000_000)
+    tower = fake_model_folder(tmp_path / "tower", b"tower" * 16, 1_700_000_000)
+    adapter = fake_adapter_checkpoint(tmp_path / "checkpoint-000010", base, tower)
+    spec = benchmark.parse_system_spec(f"x=llava:{base},adapter={adapter}")
+    answers = tmp_path / "answers" / "x.jsonl"
+    answers.parent.mkdir()
+    answers.write_text('{"id": "1", "answer": "Esplanadi"}\n')
+    benchmark.record_answers_source(answers, spec)
+    recorded = benchmark.check_answers_source(answers, spec)  # unchanged: resumed
+    assert set(recorded["contents"]) == {"target", "adapter", "adapter_vision_tower"}
+    shutil.rmtree(tower)  # the tower the checkpoint swapped in, exported again in place
+    fake_model_folder(tower, b"other" * 16, 1_700_000_500)
+    with pytest.raises(benchmark.BenchmarkError, match="was written by"):
+        benchmark.check_answers_source(answers, spec)

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from llava_address.eval import benchmark, infer
-from tests.llava_helpers import fake_model_folder
+from tests.llava_helpers import fake_adapter_checkpoint, fake_model_folder
 
 
 @pytest.fixture
@@ -175,18 +175,10 @@ def test_candidate_options_count_only_with_candidates(tmp_path):
     assert grounded != source("--candidates", str(clip), "--dataset", str(data), "--top-k", "5")
 
 
-def _adapter_checkpoint(folder, base, tower):
-    folder.mkdir()
-    (folder / "llava_args.json").write_text(json.dumps(
-        {"format": 1, "model": {"model_name_or_path": str(base), "vision_tower": str(tower)}, "trainables": {}}))
-    (folder / "adapter_model.safetensors").write_bytes(b"lora" * 16)
-    return folder
-
-
 def test_an_adapter_base_replaced_in_place_is_refused(loads, toy_dataset, toy_conversations, tmp_path, capsys):
     base = fake_model_folder(tmp_path / "base", b"base" * 16, 1_700_000_000)
     tower = fake_model_folder(tmp_path / "tower", b"tower" * 16, 1_700_000_000)
-    adapter = _adapter_checkpoint(tmp_path / "checkpoint-000010", base, tower)
+    adapter = fake_adapter_checkpoint(tmp_path / "checkpoint-000010", base, tower)
     out = tmp_path / "answers.jsonl"
     argv = ["--adapter", str(adapter), "--eval", str(toy_conversations / "eval.json"), "--image-root",
             str(toy_dataset / "images"), "--out", str(out), "--device", "cpu"]

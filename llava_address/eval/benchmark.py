@@ -55,8 +55,8 @@ from clip_stage.core.registry import Registry
 from llava_address.eval.gazetteer import Gazetteer
 from llava_address.eval.parse import asks_yes_no
 from llava_address.eval.answers import answers_source, check_answers_record, record_answers
-from llava_address.eval.infer import (InferenceInputError, candidate_answer_batch, check_run_options, eval_items,
-                                      llava_answer_batch, load_generator, load_ranker, run_answers)
+from llava_address.eval.infer import (InferenceInputError, adapter_models, candidate_answer_batch, check_run_options,
+                                      eval_items, llava_answer_batch, load_generator, load_ranker, run_answers)
 from llava_address.eval.scoring import METRICS, Scorer, read_answers, read_references
 from llava_address.eval.vllm_engine import load_vllm, vllm_answer_batch, vllm_unavailable
 
@@ -343,8 +343,14 @@ register_system_kind(SystemKind("jsonl", "imported answers JSONL (closed models)
 
 def _answers_source(spec: SystemSpec) -> dict:
     """What writes a system's answers (`answers.answers_source`): its kind, target and options (local paths as
-    real paths) and the contents of each local path its kind names (a hub id is identified by its id)."""
-    return answers_source(spec.kind, spec.target, spec.options, get_system_kind(spec.kind).paths)
+    real paths) and the contents of each local path its kind names (a hub id is identified by its id), with the
+    vision tower an `adapter=` checkpoint loads besides itself (`infer.adapter_models`)."""
+    options, paths = dict(spec.options), get_system_kind(spec.kind).paths
+    if spec.options.get("adapter"):
+        stored = adapter_models(spec.options["adapter"], spec.target)
+        options.update(stored)
+        paths = (*paths, *stored)
+    return answers_source(spec.kind, spec.target, options, paths)
 
 
 def check_answers_source(answers_path: Path, spec: SystemSpec) -> dict:
