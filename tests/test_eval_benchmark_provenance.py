@@ -135,3 +135,15 @@ def test_an_adapter_vision_tower_replaced_in_place_is_refused(tmp_path):
     fake_model_folder(tower, b"other" * 16, 1_700_000_500)
     with pytest.raises(benchmark.BenchmarkError, match="was written by"):
         benchmark.check_answers_source(answers, spec)
+
+
+def test_an_adapter_that_is_no_checkpoint_is_refused_before_out_is_made(toy_dataset, toy_conversations, tmp_path,
+                                                                        capsys):
+    base = fake_model_folder(tmp_path / "base", b"base" * 16, 1_700_000_000)
+    (tmp_path / "not-a-checkpoint").mkdir()
+    out = tmp_path / "bench"
+    system = f"x=llava:{base},adapter={tmp_path / 'not-a-checkpoint'}"
+    assert benchmark.main(_argv(toy_dataset, toy_conversations / "eval.json", out, system, 2)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "system 'x': adapter" in err and "no llava_args.json" in err
+    assert not out.exists()

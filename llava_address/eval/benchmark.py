@@ -185,6 +185,11 @@ def check_system_spec(spec: SystemSpec) -> None:
     if spec.kind == "llava" and spec.target and os.path.isdir(spec.target) \
             and not os.path.isfile(os.path.join(spec.target, "config.json")):
         raise BenchmarkError(f"system {spec.name!r}: {spec.target}: not a model folder (no config.json)")
+    if spec.options.get("adapter"):
+        try:  # the models its checkpoint stores are part of the answers record (`_answers_source`)
+            adapter_models(spec.options["adapter"], spec.target)
+        except (OSError, ValueError) as e:
+            raise BenchmarkError(f"system {spec.name!r}: adapter {e}") from None
 
 
 # --- llava ---------------------------------------------------------------------------------------------
@@ -588,6 +593,8 @@ def main(argv: list[str] | None = None) -> int:
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     specs = [parse_system_spec(s) for s in args.system]
+    for spec in specs:  # a bad spec is refused before --out is made (run_benchmark checks again, for callers)
+        check_system_spec(spec)
     # One rule for every command's --out (clip_stage.core.outdir), before any system loads: an earlier benchmark
     # folder is continued (answers already there are skipped); anything else non-empty, or an input, is refused.
     check_out_dir(args.out, "benchmark", resume=True, legacy=["benchmark.json", "benchmark.md", "answers/*.jsonl"],
