@@ -103,7 +103,7 @@ def check_stage_options(cfg: DemoConfig) -> None:
     """The stages' own checks of the values the demo hands them, all before the first stage runs: a bad
     --type-weights, --clip-model or --folds then fails at once, not after minutes of earlier stages."""
     # lazy: these import torch / open_clip, which `demo --help` must not wait for
-    from clip_stage.candidates import check_options
+    from clip_stage.candidates import build_parser as candidates_parser, check_options
     from clip_stage.model import model_config
     from conversations.config import BuildConfig
     from llava_address.tiny import load_tiny_config
@@ -119,7 +119,8 @@ def check_stage_options(cfg: DemoConfig) -> None:
     if not lr > 0:
         raise ValueError(f"--tune-lr must be > 0, got {cfg.tune_lr}")
     p = Paths(Path(cfg.out))
-    check_options(cfg.folds, cfg.top_k, "full", ["train", "val", "test"])
+    candidates = candidates_parser()  # the demo leaves --style and --splits at the command's defaults
+    check_options(cfg.folds, cfg.top_k, candidates.get_default("style"), candidates.get_default("splits").split(","))
     BuildConfig(dataset=str(p.dataset), out=str(p.conversations), type_weights=cfg.type_weights,
                 candidate_fraction=cfg.candidate_fraction, candidate_k=cfg.top_k)
     model_config(cfg.clip_model)
