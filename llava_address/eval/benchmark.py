@@ -593,12 +593,12 @@ def main(argv: list[str] | None = None) -> int:
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     specs = [parse_system_spec(s) for s in args.system]
-    for spec in specs:  # a bad spec is refused before --out is made (run_benchmark checks again, for callers)
-        check_system_spec(spec)
     # One rule for every command's --out (clip_stage.core.outdir), before any system loads: an earlier benchmark
     # folder is continued (answers already there are skipped); anything else non-empty, or an input, is refused.
     check_out_dir(args.out, "benchmark", resume=True, legacy=["benchmark.json", "benchmark.md", "answers/*.jsonl"],
                   inputs=[args.dataset, args.eval, args.image_root, *(p for s in specs for p in spec_paths(s))])
+    for spec in specs:  # a bad spec is refused before --out is made (run_benchmark checks again, for callers)
+        check_system_spec(spec)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     write_marker(args.out, "benchmark")
     ctx = RunContext(Path(args.dataset), device, args.dtype, args.max_new_tokens, args.batch_size, args.engine)
